@@ -1,0 +1,168 @@
+//! The command line (contract section 2). Exit codes: 0 ok, 1 runtime failure, 2 bad config
+//! or arguments, with one line naming the key or file at fault.
+
+use crate::app::{self, Application, StartError};
+use crate::config::Config;
+use crate::import;
+use crate::store::ImportMode;
+use chrono::Utc;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Debug, Parser)]
+#[command(name = "cliproxyapi", version, about = "A credential server for LLM providers")]
+struct Cli {
+    /// The config file [default: $CLIPROXY_CONFIG, then ./config.yaml]
+    #[arg(long, global = true, env = "CLIPROXY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (the default command).
+    Serve,
+    /// Import credential files into the database without starting the server.
+    Import {
+        /// Check and report without writing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Files or folders to import [default: the config's auth_dir].
+        paths: Vec<PathBuf>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let (path, must_exist) = match &cli.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from("config.yaml"), false),
+    };
+    let loaded = match Config::load(&path, must_exist) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&loaded.config.logging.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => serve(loaded).await,
+            Command::Import { dry_run, paths } => import(loaded, dry_run, paths).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true)
+        .try_init();
+}
+
+async fn serve(loaded: crate::config::Loaded) -> Result<ExitCode, StartError> {
+    let app = Application::build(loaded).await?;
+    let report = app.import_report();
+    tracing::info!(
+        imported = report.imported,
+        updated = report.updated,
+        skipped = report.skipped,
+        errors = report.errors.len(),
+        "imported auth_dir"
+    );
+    tracing::info!(address = %app.local_addr(), "listening");
+    app.serve(shutdown_signal())
+        .await
+        .map_err(|e| StartError::Runtime(format!("server failed: {e}")))?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+async fn import(
+    loaded: crate::config::Loaded,
+    dry_run: bool,
+    paths: Vec<PathBuf>,
+) -> Result<ExitCode, StartError> {
+    let paths = if paths.is_empty() {
+        vec![loaded.auth_dir.clone()]
+    } else {
+        paths
+    };
+    let state = app::open_state(loaded, Arc::new(Utc::now)).await?;
+    let registry = state.registry.clone();
+    let batch = tokio::task::spawn_blocking(move || import::read_paths(&registry, &paths))
+        .await
+        .map_err(|e| StartError::Runtime(e.to_string()))?;
+    let report = state
+        .import(batch, ImportMode::Files, "cli", dry_run)
+        .await
+        .map_err(|e| StartError::Runtime(format!("import failed: {e}")))?;
+    state.store.close().await;
+    for c in &report.changes {
+        let what = if c.created { "imported" } else { "updated" };
+        println!("{what}\t{}\t{} ({})", c.source, c.credential_id, c.provider);
+    }
+    for n in &report.notices {
+        println!("skipped\t{}\t{}", n.source, n.notice);
+    }
+    for e in &report.errors {
+        println!("error\t{}\t{}", e.source, e.error);
+    }
+    println!(
+        "{}{} imported, {} updated, {} skipped, {} errors",
+        if dry_run { "dry run: " } else { "" },
+        report.imported,
+        report.updated,
+        report.skipped,
+        report.errors.len()
+    );
+    Ok(if report.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,565 @@
+//! The typed config: `config.yaml` with `CLIPROXY__SECTION__KEY` overrides, defaults in code,
+//! unknown keys refused, and every value checked at start with an error that names its key.
+
+use crate::crypto::Secret;
+use crate::providers::{self, Format};
+use crate::quota::ResetSchedule;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why a config could not be used. The message names the key or file at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+/// A duration written as `"30s"`, `"5m"`, `"1h"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "`{s}` is not a duration like \"30s\", \"5m\" or \"1h\" ({e})"
+                ))
+            })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub host: IpAddr,
+    pub port: u16,
+    pub auth_dir: PathBuf,
+    pub database: DatabaseConfig,
+    /// Client keys for `/v1/*`; empty admits loopback clients only.
+    pub api_keys: Vec<Secret>,
+    pub management: ManagementConfig,
+    pub auth: AuthConfig,
+    pub proxy: ProxyConfig,
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub oauth: OAuthConfig,
+    pub logging: LoggingConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: 8317,
+            auth_dir: PathBuf::from("auths"),
+            database: DatabaseConfig::default(),
+            api_keys: Vec::new(),
+            management: ManagementConfig::default(),
+            auth: AuthConfig::default(),
+            proxy: ProxyConfig::default(),
+            providers: BTreeMap::new(),
+            oauth: OAuthConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "sqlite://data/cliproxy.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManagementConfig {
+    /// argon2id PHC string, or plain text (hashed at start). Empty: loopback only, no key.
+    pub secret_key: Secret,
+    /// Whether non-loopback clients may use the management API (needs `secret_key`).
+    pub allow_remote: bool,
+}
+
+impl Default for Secret {
+    fn default() -> Self {
+        Secret::new("")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectionStrategy {
+    #[default]
+    RoundRobin,
+    QuotaAware,
+    Priority,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub selection_strategy: SelectionStrategy,
+    pub quota: QuotaConfig,
+    pub refresh: RefreshConfig,
+    pub encryption: EncryptionConfig,
+    pub notifications: NotificationsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    /// Tokens reserved for a request whose size is unknown.
+    pub default_reservation: u64,
+    /// Per provider; a provider not named here never resets.
+    pub reset_schedule: BTreeMap<String, ResetSchedule>,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        let mut reset_schedule = BTreeMap::new();
+        reset_schedule.insert("claude".into(), ResetSchedule::Monthly);
+        reset_schedule.insert("openai".into(), ResetSchedule::Monthly);
+        reset_schedule.insert("gemini".into(), ResetSchedule::Daily);
+        QuotaConfig {
+            default_reservation: 4096,
+            reset_schedule,
+        }
+    }
+}
+
+impl QuotaConfig {
+    pub fn schedule(&self, provider: &str) -> ResetSchedule {
+        self.reset_schedule
+            .get(provider)
+            .cloned()
+            .unwrap_or(ResetSchedule::Never)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RefreshConfig {
+    pub enabled: bool,
+    pub check_interval: HumanDuration,
+    pub refresh_lead_time: HumanDuration,
+}
+
+impl Default for RefreshConfig {
+    fn default() -> Self {
+        RefreshConfig {
+            enabled: true,
+            check_interval: HumanDuration(Duration::from_secs(300)),
+            refresh_lead_time: HumanDuration(Duration::from_secs(600)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionConfig {
+    pub enabled: bool,
+    /// base64 of 32 bytes.
+    pub key: Secret,
+    /// Name of an environment variable holding the key instead.
+    pub key_env: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationsConfig {
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// Credential events a webhook may subscribe to.
+pub const WEBHOOK_EVENTS: &[&str] = &[
+    "credential.exhausted",
+    "credential.invalid",
+    "credential.expired",
+    "credential.cooldown",
+    "credential.refreshed",
+    "credential.refresh_failed",
+    "credential.added",
+    "credential.deleted",
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    #[serde(default)]
+    pub events: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Credentials tried per request before giving up.
+    pub max_attempts: u32,
+    pub request_timeout: HumanDuration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            max_attempts: 3,
+            request_timeout: HumanDuration(Duration::from_secs(600)),
+        }
+    }
+}
+
+/// A `providers:` block. For a built-in every key is optional and overrides a default; a new
+/// name needs `format` and `base_url`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub enabled: Option<bool>,
+    pub format: Option<Format>,
+    pub base_url: Option<String>,
+    pub models: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OAuthConfig {
+    pub copilot: CopilotOAuthConfig,
+    pub kiro: KiroOAuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CopilotOAuthConfig {
+    pub github_base_url: String,
+    pub api_base_url: String,
+    pub client_id: String,
+}
+
+impl Default for CopilotOAuthConfig {
+    fn default() -> Self {
+        CopilotOAuthConfig {
+            github_base_url: "https://github.com".into(),
+            api_base_url: "https://api.github.com".into(),
+            client_id: "Iv1.b507a08c87ecfe98".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KiroOAuthConfig {
+    pub oidc_base_url: String,
+    pub region: String,
+    pub start_url: String,
+}
+
+impl Default for KiroOAuthConfig {
+    fn default() -> Self {
+        KiroOAuthConfig {
+            oidc_base_url: "https://oidc.{region}.amazonaws.com".into(),
+            region: "us-east-1".into(),
+            start_url: "https://view.awsapps.com/start".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    pub level: String,
+    pub dir: PathBuf,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".into(),
+            dir: PathBuf::from("logs"),
+        }
+    }
+}
+
+/// Where the database lives, from `database.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseLocation {
+    File(PathBuf),
+}
+
+/// A loaded config with its relative paths resolved against the config file's folder.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub database: DatabaseLocation,
+    pub auth_dir: PathBuf,
+    pub log_dir: PathBuf,
+    /// The folder relative `source` paths in import reports are shown against.
+    pub base_dir: PathBuf,
+}
+
+/// Keys whose environment value is a comma-separated list.
+const ENV_LISTS: &[&str] = &["api_keys"];
+
+impl Config {
+    /// Load `path` (if it exists; a missing default file means all defaults) and the
+    /// `CLIPROXY__*` environment, then validate.
+    pub fn load(path: &Path, must_exist: bool) -> Result<Loaded, ConfigError> {
+        Self::load_with_env(path, must_exist, std::env::vars())
+    }
+
+    /// As [`Config::load`], with the environment given, so tests need not touch the process's.
+    pub fn load_with_env(
+        path: &Path,
+        must_exist: bool,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Loaded, ConfigError> {
+        let mut builder = config::Config::builder();
+        if path.exists() {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| err(format!("{}: cannot read config: {e}", path.display())))?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Yaml));
+        } else if must_exist {
+            return Err(err(format!("{}: config file not found", path.display())));
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("CLIPROXY__"))
+            .collect();
+        let mut source = config::Environment::with_prefix("CLIPROXY")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .source(Some(env));
+        for key in ENV_LISTS {
+            source = source.with_list_parse_key(key);
+        }
+        let raw = builder
+            .add_source(source)
+            .build()
+            .map_err(|e| err(format!("{}: {e}", path.display())))?;
+        let config: Config = serde_path_to_error::deserialize(raw).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            if key == "." || key.is_empty() {
+                err(format!("{}: {inner}", path.display()))
+            } else {
+                err(format!("{}: `{key}`: {inner}", path.display()))
+            }
+        })?;
+        let base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        config.validate()?;
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base_dir.join(p)
+            }
+        };
+        let database = match parse_database_url(&config.database.url)? {
+            DatabaseLocation::File(p) => DatabaseLocation::File(resolve(&p)),
+        };
+        Ok(Loaded {
+            auth_dir: resolve(&config.auth_dir),
+            log_dir: resolve(&config.logging.dir),
+            database,
+            base_dir,
+            config,
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, block) in &self.providers {
+            if !providers::valid_name(name) {
+                return Err(err(format!(
+                    "`providers.{name}`: a provider name is lowercase letters, digits, '-' and '_'"
+                )));
+            }
+            if !providers::is_built_in(name) {
+                if block.format.is_none() {
+                    return Err(err(format!(
+                        "`providers.{name}.format`: a new provider needs a format (openai, anthropic, gemini)"
+                    )));
+                }
+                if block.base_url.is_none() {
+                    return Err(err(format!(
+                        "`providers.{name}.base_url`: a new provider needs a base URL"
+                    )));
+                }
+            }
+            if let Some(url) = &block.base_url {
+                check_url(&format!("providers.{name}.base_url"), url)?;
+            }
+        }
+        for name in self.auth.quota.reset_schedule.keys() {
+            if !providers::is_built_in(name) && !self.providers.contains_key(name) {
+                return Err(err(format!(
+                    "`auth.quota.reset_schedule.{name}`: unknown provider"
+                )));
+            }
+        }
+        if self.auth.quota.default_reservation == 0 {
+            return Err(err(
+                "`auth.quota.default_reservation`: must be at least 1 token",
+            ));
+        }
+        if self.proxy.max_attempts == 0 {
+            return Err(err("`proxy.max_attempts`: must be at least 1"));
+        }
+        if self.auth.refresh.check_interval.0.is_zero() {
+            return Err(err("`auth.refresh.check_interval`: must be longer than 0s"));
+        }
+        if self.management.allow_remote && self.management.secret_key.is_empty() {
+            return Err(err(
+                "`management.allow_remote`: remote management needs `management.secret_key`",
+            ));
+        }
+        if self.auth.encryption.enabled
+            && self.auth.encryption.key.is_empty()
+            && self.auth.encryption.key_env.is_empty()
+        {
+            return Err(err(
+                "`auth.encryption.key`: encryption is enabled but neither `key` nor `key_env` is set",
+            ));
+        }
+        for (i, hook) in self.auth.notifications.webhooks.iter().enumerate() {
+            check_url(&format!("auth.notifications.webhooks[{i}].url"), &hook.url)?;
+            for event in &hook.events {
+                if !WEBHOOK_EVENTS.contains(&event.as_str()) {
+                    return Err(err(format!(
+                        "`auth.notifications.webhooks[{i}].events`: unknown event `{event}` (known: {})",
+                        WEBHOOK_EVENTS.join(", ")
+                    )));
+                }
+            }
+        }
+        check_url("oauth.copilot.github_base_url", &self.oauth.copilot.github_base_url)?;
+        check_url("oauth.copilot.api_base_url", &self.oauth.copilot.api_base_url)?;
+        check_url("oauth.kiro.oidc_base_url", &self.oauth.kiro.oidc_base_url)?;
+        check_url("oauth.kiro.start_url", &self.oauth.kiro.start_url)?;
+        if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
+            return Err(err(format!(
+                "`logging.level`: `{}` is not a level (error, warn, info, debug, trace) or filter",
+                self.logging.level
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(err(format!(
+            "`{key}`: `{url}` is not an http:// or https:// URL"
+        )))
+    }
+}
+
+fn parse_database_url(url: &str) -> Result<DatabaseLocation, ConfigError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = path.split('?').next().unwrap_or_default();
+        if path.is_empty() || path == ":memory:" {
+            return Err(err(format!(
+                "`database.url`: `{url}` names no file; use sqlite://path/to/file.db"
+            )));
+        }
+        return Ok(DatabaseLocation::File(PathBuf::from(path)));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(err(
+            "`database.url`: PostgreSQL is not supported yet; use sqlite://path/to/file.db",
+        ));
+    }
+    Err(err(format!(
+        "`database.url`: `{url}` is not a sqlite:// URL"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(yaml: &str, env: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        Config::load_with_env(
+            &path,
+            true,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_and_env_overrides() {
+        let l = load(
+            "port: 1234\n",
+            &[
+                ("CLIPROXY__PORT", "9000"),
+                ("CLIPROXY__AUTH__SELECTION_STRATEGY", "priority"),
+                ("CLIPROXY__API_KEYS", "a,b"),
+                ("CLIPROXY_CONFIG", "ignored"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(l.config.port, 9000);
+        assert_eq!(l.config.auth.selection_strategy, SelectionStrategy::Priority);
+        assert_eq!(l.config.api_keys.len(), 2);
+        assert_eq!(l.config.auth.quota.default_reservation, 4096);
+        assert!(l.auth_dir.ends_with("auths"));
+        assert!(matches!(&l.database, DatabaseLocation::File(p) if p.ends_with("data/cliproxy.db")));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = load("auth:\n  quota:\n    bogus: 1\n", &[]).unwrap_err().0;
+        assert!(e.contains("auth.quota") && e.contains("bogus"), "{e}");
+        let e = load("", &[("CLIPROXY__NOPE", "1")]).unwrap_err().0;
+        assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = load("auth:\n  selection_strategy: fastest\n", &[]).unwrap_err().0;
+        assert!(e.contains("auth.selection_strategy"), "{e}");
+        let e = load("auth:\n  refresh:\n    check_interval: soon\n", &[])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("auth.refresh.check_interval"), "{e}");
+        let e = load("port: lots\n", &[]).unwrap_err().0;
+        assert!(e.contains("port"), "{e}");
+        let e = load("auth:\n  quota:\n    reset_schedule:\n      nope: daily\n", &[])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("reset_schedule.nope"), "{e}");
+        let e = load("providers:\n  my-llm: { base_url: http://x }\n", &[])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("providers.my-llm.format"), "{e}");
+        let e = load("database:\n  url: mysql://x\n", &[]).unwrap_err().0;
+        assert!(e.contains("database.url"), "{e}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let l = load("management:\n  secret_key: hunter2hunter2\n", &[]).unwrap();
+        assert!(!format!("{:?}", l.config).contains("hunter2"));
+    }
+}

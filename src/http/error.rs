@@ -1,0 +1,82 @@
+//! The one error type at the HTTP edge and its JSON shape:
+//! `{"error": {"code": "snake_case_code", "message": "human sentence"}}`.
+//! Internal faults are logged with their cause and answered with a generic message.
+
+use crate::store::StoreError;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// Extra fields inside the `error` object (the existing id of a duplicate, …).
+    pub extra: Map<String, Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: Map::new(),
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.extra.insert(key.to_string(), value.into());
+        self
+    }
+
+    pub fn unknown_provider(provider: &str) -> Self {
+        Self::not_found("unknown_provider", format!("Unknown provider `{provider}`"))
+    }
+
+    /// A server fault: logged here with its cause, answered without it.
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "The server failed to handle the request; the cause is in its log",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = Map::new();
+        error.insert("code".into(), Value::from(self.code));
+        error.insert("message".into(), Value::from(self.message));
+        error.extend(self.extra);
+        (self.status, axum::Json(json!({ "error": error }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => {
+                ApiError::not_found("credential_not_found", "No such credential")
+            }
+            StoreError::Duplicate { id } => ApiError::new(
+                StatusCode::CONFLICT,
+                "duplicate_credential",
+                format!("This credential already exists as {id}"),
+            )
+            .with("id", id),
+            other => ApiError::internal(&other),
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Extractors whose rejections are our JSON error: a body parser that names the field at
+//! fault and accepts a JSON body whatever its content type (curl's `-d` sends a form type),
+//! and a query parser that does the same.
+
+use super::error::ApiError;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+/// Largest body we read, everywhere.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// A JSON body, deserialized with errors that name their field.
+pub struct Json<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
+            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large()
+            } else {
+                ApiError::bad_request("invalid_body", rej.body_text())
+            }
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "The request body is empty; send a JSON object",
+            ));
+        }
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::bad_request("invalid_json", format!("The body is not valid JSON: {e}"))
+        })?;
+        if !value.is_object() {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "The body must be a JSON object",
+            ));
+        }
+        crate::import::from_value(value)
+            .map(Json)
+            .map_err(|e| ApiError::bad_request("invalid_body", format!("Invalid body: {e}")))
+    }
+}
+
+/// A JSON body of any shape (the bulk import takes an object or an array).
+pub struct JsonValue(pub serde_json::Value);
+
+impl<S: Send + Sync> FromRequest<S> for JsonValue {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
+            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large()
+            } else {
+                ApiError::bad_request("invalid_body", rej.body_text())
+            }
+        })?;
+        serde_json::from_slice(&bytes).map(JsonValue).map_err(|e| {
+            ApiError::bad_request("invalid_json", format!("The body is not valid JSON: {e}"))
+        })
+    }
+}
+
+pub fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("The body is larger than {MAX_BODY_BYTES} bytes"),
+    )
+}
+
+/// Query parameters, with errors that name the parameter.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de).map(Query).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let message = if path == "." {
+                format!("Invalid query: {inner}")
+            } else {
+                format!("Invalid query parameter `{path}`: {inner}")
+            };
+            ApiError::bad_request("invalid_query", message)
+        })
+    }
+}

@@ -1,0 +1,375 @@
+//! The management API under `/v0/management` (contract section 5): credentials, quotas and
+//! bulk import. Handlers parse and check input, call one store method, and shape the answer.
+
+use super::error::ApiError;
+use super::extract::{Json, JsonValue, Query};
+use super::view;
+use crate::app::AppState;
+use crate::crypto::Secret;
+use crate::domain::Status;
+use crate::import::{self, CredentialInput, check_label, check_priority, check_secret};
+use crate::store::{CredentialPatch, ImportMode, ListFilter, QuotaPatch};
+use axum::Extension;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+type AppResult<T> = Result<T, ApiError>;
+
+/// Who made a management call, for the audit log: the client's IP address.
+#[derive(Debug, Clone)]
+pub struct Actor(pub String);
+
+impl Actor {
+    pub fn from_peer(peer: Option<SocketAddr>) -> Actor {
+        Actor(peer.map(|p| p.ip().to_string()).unwrap_or_else(|| "unknown".into()))
+    }
+}
+
+/// `Some(None)` for an explicit `null`, `None` for an absent field.
+fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+fn known_provider(state: &AppState, provider: &str) -> AppResult<()> {
+    if state.registry.contains(provider) {
+        Ok(())
+    } else {
+        Err(ApiError::unknown_provider(provider))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    provider: Option<String>,
+    status: Option<String>,
+    limit: Option<u32>,
+    offset: Option<u32>,
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ListQuery>,
+) -> AppResult<impl IntoResponse> {
+    if let Some(p) = &q.provider {
+        known_provider(&state, p)?;
+    }
+    let status = match &q.status {
+        None => None,
+        Some(s) => Some(Status::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!(
+                    "Invalid query parameter `status`: `{s}` is not one of active, cooldown, exhausted, expired, invalid, disabled"
+                ),
+            )
+        })?),
+    };
+    let filter = ListFilter {
+        provider: q.provider,
+        id: None,
+        status,
+        limit: q.limit,
+        offset: q.offset.unwrap_or(0),
+    };
+    let rows = state.store.list(&filter, state.now()).await?;
+    Ok(axum::Json(json!({
+        "auths": view::credentials(&state.config.config.auth.quota, &rows)
+    })))
+}
+
+pub async fn list_provider(
+    State(state): State<Arc<AppState>>,
+    Path(provider): Path<String>,
+) -> AppResult<impl IntoResponse> {
+    known_provider(&state, &provider)?;
+    let filter = ListFilter {
+        provider: Some(provider.clone()),
+        ..Default::default()
+    };
+    let rows = state.store.list(&filter, state.now()).await?;
+    Ok(axum::Json(json!({
+        "provider": provider,
+        "auths": view::credentials(&state.config.config.auth.quota, &rows)
+    })))
+}
+
+pub async fn add(
+    State(state): State<Arc<AppState>>,
+    Extension(actor): Extension<Actor>,
+    Json(input): Json<CredentialInput>,
+) -> AppResult<impl IntoResponse> {
+    if let Some(p) = &input.provider {
+        if !state.registry.contains(p) {
+            return Err(ApiError::bad_request(
+                "unknown_provider",
+                format!("Unknown provider `{p}`"),
+            ));
+        }
+    }
+    let new = input
+        .validate(&state.registry, None)
+        .map_err(|e| ApiError::bad_request("invalid_credential", e))?;
+    let row = state.store.add(&new, "api", &actor.0, state.now()).await?;
+    state.auth_log.record(&format!(
+        "added credential {} ({}, {}) through the API from {}",
+        row.id,
+        row.provider,
+        row.kind.as_str(),
+        actor.0
+    ));
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(view::credential(&state.config.config.auth.quota, &row)),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdQuery {
+    id: Option<String>,
+}
+
+/// The credential a `?id=` names (its id or its token), or the provider's only credential.
+async fn target(state: &AppState, provider: &str, id: Option<&str>) -> AppResult<String> {
+    match id {
+        Some(key) if !key.is_empty() => Ok(state.store.resolve(provider, key).await?),
+        _ => {
+            let ids = state.store.ids_of_provider(provider).await?;
+            match ids.len() {
+                0 => Err(ApiError::not_found(
+                    "credential_not_found",
+                    format!("No credentials for provider {provider}"),
+                )),
+                1 => Ok(ids.into_iter().next().expect("one id")),
+                _ => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "ambiguous_credential",
+                    format!(
+                        "Provider {provider} has {} credentials; name one with ?id= (one of {})",
+                        ids.len(),
+                        ids.join(", ")
+                    ),
+                )
+                .with("ids", ids)),
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateInput {
+    provider: Option<String>,
+    token: Option<Secret>,
+    refresh_token: Option<Secret>,
+    priority: Option<i64>,
+    #[serde(default, deserialize_with = "nullable")]
+    label: Option<Option<String>>,
+    disabled: Option<bool>,
+    #[serde(default, deserialize_with = "nullable")]
+    expires_at: Option<Option<DateTime<Utc>>>,
+}
+
+pub async fn update(
+    State(state): State<Arc<AppState>>,
+    Extension(actor): Extension<Actor>,
+    Path(provider): Path<String>,
+    Query(q): Query<IdQuery>,
+    Json(input): Json<UpdateInput>,
+) -> AppResult<impl IntoResponse> {
+    known_provider(&state, &provider)?;
+    let invalid = |e: String| ApiError::bad_request("invalid_body", e);
+    if let Some(p) = &input.provider {
+        if *p != provider {
+            return Err(invalid(format!(
+                "The body names provider `{p}` but the path names `{provider}`"
+            )));
+        }
+    }
+    if let Some(t) = &input.token {
+        check_secret("token", t).map_err(invalid)?;
+    }
+    if let Some(t) = &input.refresh_token {
+        check_secret("refresh_token", t).map_err(invalid)?;
+    }
+    if let Some(p) = input.priority {
+        check_priority(p).map_err(invalid)?;
+    }
+    if let Some(Some(l)) = &input.label {
+        check_label(l).map_err(invalid)?;
+    }
+    let patch = CredentialPatch {
+        token: input.token,
+        refresh_token: input.refresh_token,
+        priority: input.priority,
+        label: input.label,
+        disabled: input.disabled,
+        expires_at: input.expires_at,
+    };
+    if patch.token.is_none()
+        && patch.refresh_token.is_none()
+        && patch.priority.is_none()
+        && patch.label.is_none()
+        && patch.disabled.is_none()
+        && patch.expires_at.is_none()
+    {
+        return Err(invalid(
+            "Nothing to update: give token, refresh_token, priority, label, disabled or expires_at"
+                .into(),
+        ));
+    }
+    let id = target(&state, &provider, q.id.as_deref()).await?;
+    let current = state.store.get(&id, state.now()).await?;
+    if patch.refresh_token.is_some() && current.kind != crate::domain::CredentialKind::Oauth {
+        return Err(invalid("refresh_token is only for type oauth".into()));
+    }
+    let row = state.store.update(&id, &patch, &actor.0, state.now()).await?;
+    state.auth_log.record(&format!(
+        "updated credential {} ({}) through the API from {}",
+        row.id, row.provider, actor.0
+    ));
+    Ok(axum::Json(view::credential(
+        &state.config.config.auth.quota,
+        &row,
+    )))
+}
+
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Extension(actor): Extension<Actor>,
+    Path(provider): Path<String>,
+    Query(q): Query<IdQuery>,
+) -> AppResult<impl IntoResponse> {
+    known_provider(&state, &provider)?;
+    let key = q.id.filter(|k| !k.is_empty()).ok_or_else(|| {
+        ApiError::bad_request(
+            "missing_id",
+            "Name the credential to delete with ?id= (its id or its token)",
+        )
+    })?;
+    let id = state.store.resolve(&provider, &key).await?;
+    let row = state.store.delete(&id, &actor.0, state.now()).await?;
+    state.auth_log.record(&format!(
+        "deleted credential {} ({}) through the API from {}",
+        row.id, row.provider, actor.0
+    ));
+    Ok(axum::Json(json!({
+        "deleted": view::credential(&state.config.config.auth.quota, &row)
+    })))
+}
+
+pub async fn quota(
+    State(state): State<Arc<AppState>>,
+    Path(provider): Path<String>,
+) -> AppResult<impl IntoResponse> {
+    known_provider(&state, &provider)?;
+    quota_view(&state, &provider).await
+}
+
+async fn quota_view(state: &AppState, provider: &str) -> AppResult<axum::Json<Value>> {
+    let filter = ListFilter {
+        provider: Some(provider.to_string()),
+        ..Default::default()
+    };
+    let rows = state.store.list(&filter, state.now()).await?;
+    Ok(axum::Json(view::quota(
+        &state.config.config.auth.quota,
+        provider,
+        &rows,
+    )))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaInput {
+    #[serde(default, deserialize_with = "nullable")]
+    limit: Option<Option<u64>>,
+    used: Option<u64>,
+    reset: Option<bool>,
+}
+
+pub async fn set_quota(
+    State(state): State<Arc<AppState>>,
+    Extension(actor): Extension<Actor>,
+    Path(provider): Path<String>,
+    Query(q): Query<IdQuery>,
+    Json(input): Json<QuotaInput>,
+) -> AppResult<impl IntoResponse> {
+    known_provider(&state, &provider)?;
+    let patch = QuotaPatch {
+        limit: input.limit,
+        used: input.used,
+        reset: input.reset.unwrap_or(false),
+    };
+    if patch.limit.is_none() && patch.used.is_none() && !patch.reset {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "Nothing to update: give limit (a number or null), used, or reset: true",
+        ));
+    }
+    let id = match q.id.as_deref().filter(|k| !k.is_empty()) {
+        Some(key) => Some(state.store.resolve(&provider, key).await?),
+        None => None,
+    };
+    let changed = state
+        .store
+        .set_quota(&provider, id.as_deref(), &patch, &actor.0, state.now())
+        .await?;
+    let limit = match patch.limit {
+        None => "unchanged".to_string(),
+        Some(None) => "unlimited".to_string(),
+        Some(Some(l)) => l.to_string(),
+    };
+    state.auth_log.record(&format!(
+        "quota of {} ({} credential(s){}) set through the API from {}: limit {limit}{}{}",
+        provider,
+        changed,
+        id.as_ref().map(|i| format!(": {i}")).unwrap_or_default(),
+        actor.0,
+        patch.used.map(|u| format!(", used {u}")).unwrap_or_default(),
+        if patch.reset { ", reset" } else { "" },
+    ));
+    quota_view(&state, &provider).await
+}
+
+pub async fn import(
+    State(state): State<Arc<AppState>>,
+    Extension(actor): Extension<Actor>,
+    JsonValue(body): JsonValue,
+) -> AppResult<impl IntoResponse> {
+    let rescan = match &body {
+        Value::Object(map) if map.contains_key("rescan") => {
+            if map.len() != 1 || map.get("rescan") != Some(&Value::Bool(true)) {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    "A rescan body is exactly {\"rescan\": true}",
+                ));
+            }
+            true
+        }
+        _ => false,
+    };
+    let (batch, mode) = if rescan {
+        let dir = state.config.auth_dir.clone();
+        let registry = state.registry.clone();
+        let batch = tokio::task::spawn_blocking(move || import::read_paths(&registry, &[dir]))
+            .await
+            .map_err(|e| ApiError::internal(&e))?;
+        (batch, ImportMode::Files)
+    } else {
+        (import::read_body(&state.registry, body), ImportMode::Body)
+    };
+    let report = state.import(batch, mode, &actor.0, false).await?;
+    Ok(axum::Json(report))
+}

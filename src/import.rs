@@ -1,0 +1,522 @@
+//! Reading credential files and bulk bodies into validated [`NewCredential`]s, with a report
+//! entry for every source that could not be used. No I/O beyond reading files; the store
+//! decides what is new, changed or unchanged.
+
+use crate::crypto::Secret;
+use crate::domain::{AuthMethod, CredentialKind, NewCredential, OauthExtra};
+use crate::providers::Registry;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Files larger than this are refused unread: no credential file is anywhere near it.
+pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+const MAX_TOKEN_LEN: usize = 16 * 1024;
+const MAX_LABEL_LEN: usize = 256;
+const PRIORITY_RANGE: std::ops::RangeInclusive<i64> = -1_000_000..=1_000_000;
+
+/// A source that could not be used, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ImportError {
+    pub source: String,
+    pub error: String,
+}
+
+/// One good entry, with where it came from (`file:auths/claude.json`, `body[3]`, …).
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub source: String,
+    pub credential: NewCredential,
+}
+
+/// Everything read from a set of sources: good entries and errors.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub entries: Vec<Entry>,
+    pub errors: Vec<ImportError>,
+    /// Files read, for the report.
+    pub files: usize,
+}
+
+/// The shape a credential arrives in, as a file entry, bulk body entry or POST body. Read-only
+/// fields of the API representation are accepted and ignored, so an export imports again.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialInput {
+    pub provider: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<CredentialKind>,
+    pub token: Option<Secret>,
+    pub access_token: Option<Secret>,
+    pub refresh_token: Option<Secret>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub priority: Option<i64>,
+    pub label: Option<String>,
+    pub quota: Option<QuotaInput>,
+    pub disabled: Option<bool>,
+    // kiro
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret>,
+    pub client_secret_expires_at: Option<DateTime<Utc>>,
+    pub region: Option<String>,
+    pub start_url: Option<String>,
+    pub auth_method: Option<AuthMethod>,
+    // Read-only fields of the API representation: accepted so an export imports again, and
+    // never read.
+    #[allow(dead_code)]
+    id: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    status: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    status_reason: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    token_preview: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    cooldown_until: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    last_used_at: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    last_refresh_at: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    source: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    created_at: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    updated_at: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaInput {
+    pub limit: Option<u64>,
+    pub used: Option<u64>,
+    #[allow(dead_code)]
+    remaining: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    reserved: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    period_start: Option<IgnoredAny>,
+    #[allow(dead_code)]
+    next_reset: Option<IgnoredAny>,
+}
+
+/// Deserialize `value` as `T`, naming the field at fault: `quota.limit: invalid type: …`.
+pub fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path == "." || path.is_empty() {
+            inner
+        } else {
+            format!("{path}: {inner}")
+        }
+    })
+}
+
+/// Checks a secret that will be sent in an HTTP header one day.
+pub fn check_secret(field: &str, s: &Secret) -> Result<(), String> {
+    let v = s.expose();
+    if v.is_empty() {
+        return Err(format!("{field} is empty"));
+    }
+    if v.len() > MAX_TOKEN_LEN {
+        return Err(format!("{field} is longer than {MAX_TOKEN_LEN} bytes"));
+    }
+    if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{field} contains whitespace or control characters"
+        ));
+    }
+    Ok(())
+}
+
+pub fn check_label(label: &str) -> Result<(), String> {
+    if label.chars().count() > MAX_LABEL_LEN {
+        return Err(format!("label is longer than {MAX_LABEL_LEN} characters"));
+    }
+    if label.chars().any(char::is_control) {
+        return Err("label contains control characters".into());
+    }
+    Ok(())
+}
+
+pub fn check_priority(p: i64) -> Result<(), String> {
+    if PRIORITY_RANGE.contains(&p) {
+        Ok(())
+    } else {
+        Err(format!(
+            "priority must be between {} and {}",
+            PRIORITY_RANGE.start(),
+            PRIORITY_RANGE.end()
+        ))
+    }
+}
+
+impl CredentialInput {
+    /// Validate into a new credential. `default_provider` comes from a file name; a POST has
+    /// none, so there `provider` is required.
+    pub fn validate(
+        self,
+        registry: &Registry,
+        default_provider: Option<&str>,
+    ) -> Result<NewCredential, String> {
+        let provider = match (self.provider, default_provider) {
+            (Some(p), _) => p,
+            (None, Some(p)) => p.to_string(),
+            (None, None) => return Err("provider is required".into()),
+        };
+        if !registry.contains(&provider) {
+            return Err(format!("unknown provider `{provider}`"));
+        }
+        let kind = self.kind.unwrap_or(
+            if self.access_token.is_some() || self.refresh_token.is_some() {
+                CredentialKind::Oauth
+            } else {
+                CredentialKind::ApiKey
+            },
+        );
+        let token = match (self.token, self.access_token) {
+            (Some(_), Some(_)) => {
+                return Err("give either token or access_token, not both".into());
+            }
+            (Some(t), None) | (None, Some(t)) => Some(t),
+            (None, None) => None,
+        };
+        match kind {
+            CredentialKind::ApiKey => {
+                if token.is_none() {
+                    return Err("token is required".into());
+                }
+                if self.refresh_token.is_some() {
+                    return Err("refresh_token is only for type oauth".into());
+                }
+            }
+            CredentialKind::Oauth => {
+                if token.is_none() && self.refresh_token.is_none() {
+                    return Err("an oauth credential needs access_token or refresh_token".into());
+                }
+            }
+        }
+        if let Some(t) = &token {
+            check_secret("token", t)?;
+        }
+        if let Some(t) = &self.refresh_token {
+            check_secret("refresh_token", t)?;
+        }
+        if let Some(t) = &self.client_secret {
+            check_secret("client_secret", t)?;
+        }
+        let extra = OauthExtra {
+            client_id: self.client_id,
+            client_secret_expires_at: self.client_secret_expires_at,
+            region: self.region,
+            start_url: self.start_url,
+            auth_method: self.auth_method,
+        };
+        if provider != "kiro" {
+            if !extra.is_empty() || self.client_secret.is_some() {
+                return Err(
+                    "client_id, client_secret, client_secret_expires_at, region, start_url and auth_method are kiro fields"
+                        .into(),
+                );
+            }
+        } else if kind == CredentialKind::ApiKey && (!extra.is_empty() || self.client_secret.is_some()) {
+            return Err("kiro client fields need type oauth".into());
+        }
+        let priority = self.priority.unwrap_or(100);
+        check_priority(priority)?;
+        if let Some(label) = &self.label {
+            check_label(label)?;
+        }
+        let (limit, used) = self
+            .quota
+            .map(|q| (q.limit, q.used.unwrap_or(0)))
+            .unwrap_or((None, 0));
+        Ok(NewCredential {
+            provider,
+            kind,
+            token,
+            refresh_token: self.refresh_token,
+            client_secret: self.client_secret,
+            extra,
+            priority,
+            label: self.label,
+            limit,
+            used,
+            disabled: self.disabled.unwrap_or(false),
+            expires_at: self.expires_at,
+        })
+    }
+}
+
+/// Split a parsed document into its entries: one object, an array of objects, or the list
+/// response shape `{"auths": [...]}` (optionally with `"provider"`, as the per-provider list).
+fn entries_of(doc: Value) -> Result<(Vec<Value>, Option<String>), String> {
+    match doc {
+        Value::Array(items) => Ok((items, None)),
+        Value::Object(mut map) if map.contains_key("auths") => {
+            let provider = match map.remove("provider") {
+                None => None,
+                Some(Value::String(p)) => Some(p),
+                Some(_) => return Err("provider: expected a string".into()),
+            };
+            if let Some(key) = map.keys().find(|k| *k != "auths") {
+                return Err(format!(
+                    "unknown field `{key}` beside `auths` (expected only `auths` and `provider`)"
+                ));
+            }
+            match map.remove("auths") {
+                Some(Value::Array(items)) => Ok((items, provider)),
+                _ => Err("auths: expected an array of credentials".into()),
+            }
+        }
+        obj @ Value::Object(_) => Ok((vec![obj], None)),
+        _ => Err("expected a credential object, an array of them, or {\"auths\": [...]}".into()),
+    }
+}
+
+/// Validate every entry of a parsed document into `batch`. Each bad entry is an error of its
+/// own (`source[i]`); the good ones are kept.
+pub fn add_document(
+    batch: &mut Batch,
+    registry: &Registry,
+    source: &str,
+    doc: Value,
+    default_provider: Option<&str>,
+) {
+    let (items, list_provider) = match entries_of(doc) {
+        Ok(x) => x,
+        Err(error) => {
+            batch.errors.push(ImportError {
+                source: source.to_string(),
+                error,
+            });
+            return;
+        }
+    };
+    let default_provider = list_provider.as_deref().or(default_provider);
+    let single = items.len() == 1;
+    for (i, item) in items.into_iter().enumerate() {
+        let entry_source = if single {
+            source.to_string()
+        } else {
+            format!("{source}[{i}]")
+        };
+        let result = if item.is_object() {
+            from_value::<CredentialInput>(item)
+                .and_then(|input| input.validate(registry, default_provider))
+        } else {
+            Err("expected a credential object".into())
+        };
+        match result {
+            Ok(credential) => batch.entries.push(Entry {
+                source: entry_source,
+                credential,
+            }),
+            Err(error) => batch.errors.push(ImportError {
+                source: entry_source,
+                error,
+            }),
+        }
+    }
+}
+
+/// Should this directory entry be imported? `*.json`, but not `*.example.json`.
+fn is_credential_file(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.ends_with(".json") && !name.ends_with(".example.json") && !name.starts_with('.')
+}
+
+/// The `source` of a file: `file:` and its path as given (relative paths stay relative).
+pub fn file_source(path: &Path) -> String {
+    let path = path.strip_prefix(".").unwrap_or(path);
+    format!("file:{}", path.display())
+}
+
+/// Read one credential file into `batch`.
+pub fn read_file(batch: &mut Batch, registry: &Registry, path: &Path) {
+    let source = file_source(path);
+    let fail = |batch: &mut Batch, error: String| {
+        batch.errors.push(ImportError {
+            source: source.clone(),
+            error,
+        })
+    };
+    batch.files += 1;
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > MAX_FILE_BYTES => {
+            return fail(
+                batch,
+                format!(
+                    "file is {} bytes, more than the {} MiB a credential file may have",
+                    m.len(),
+                    MAX_FILE_BYTES / 1024 / 1024
+                ),
+            );
+        }
+        Ok(_) => {}
+        Err(e) => return fail(batch, format!("cannot read file: {e}")),
+    }
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => return fail(batch, format!("cannot read file: {e}")),
+    };
+    let text = match std::str::from_utf8(&bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            return fail(
+                batch,
+                format!("file is not UTF-8 (invalid byte at offset {})", e.valid_up_to()),
+            );
+        }
+    };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if text.trim().is_empty() {
+        return fail(batch, "file is empty".into());
+    }
+    let doc: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return fail(batch, format!("invalid JSON: {e}")),
+    };
+    let stem = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".json"))
+        .unwrap_or("");
+    let default_provider = registry.from_file_stem(stem);
+    add_document(batch, registry, &source, doc, default_provider);
+}
+
+/// Read the credential files among `paths`: a directory contributes its `*.json` files (not
+/// recursively, in name order), a file is read as named.
+pub fn read_paths(registry: &Registry, paths: &[PathBuf]) -> Batch {
+    let mut batch = Batch::default();
+    for path in paths {
+        if path.is_dir() {
+            let mut files: Vec<PathBuf> = match std::fs::read_dir(path) {
+                Ok(dir) => dir
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.is_file() && is_credential_file(p))
+                    .collect(),
+                Err(e) => {
+                    batch.errors.push(ImportError {
+                        source: file_source(path),
+                        error: format!("cannot read folder: {e}"),
+                    });
+                    continue;
+                }
+            };
+            files.sort();
+            for file in files {
+                read_file(&mut batch, registry, &file);
+            }
+        } else if path.exists() {
+            read_file(&mut batch, registry, path);
+        } else {
+            batch.errors.push(ImportError {
+                source: file_source(path),
+                error: "no such file or folder".into(),
+            });
+        }
+    }
+    batch
+}
+
+/// Read a bulk import body (any file shape) into a batch; sources are `body` or `body[i]`.
+pub fn read_body(registry: &Registry, doc: Value) -> Batch {
+    let mut batch = Batch::default();
+    add_document(&mut batch, registry, "body", doc, None);
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::collections::BTreeMap;
+
+    fn reg() -> Registry {
+        Registry::from_config(&BTreeMap::new())
+    }
+
+    fn one(v: Value, default: Option<&str>) -> Result<NewCredential, String> {
+        let mut b = Batch::default();
+        add_document(&mut b, &reg(), "t", v, default);
+        match (b.entries.pop(), b.errors.pop()) {
+            (Some(e), None) => Ok(e.credential),
+            (None, Some(e)) => Err(e.error),
+            _ => panic!("one entry expected"),
+        }
+    }
+
+    #[test]
+    fn seed_shapes() {
+        let c = one(
+            json!({"type": "api_key", "token": "sk-ant-xxxxx", "priority": 1}),
+            Some("claude"),
+        )
+        .unwrap();
+        assert_eq!(c.provider, "claude");
+        assert_eq!(c.priority, 1);
+        let c = one(
+            json!({"type": "api_key", "token": "sk-ant-xxxxx",
+                   "quota": {"limit": 1000000, "used": 50000, "remaining": 950000}}),
+            Some("claude"),
+        )
+        .unwrap();
+        assert_eq!((c.limit, c.used), (Some(1000000), 50000));
+        assert_eq!(c.priority, 100);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = one(json!({"type": "api_key"}), Some("claude")).unwrap_err();
+        assert_eq!(e, "token is required");
+        let e = one(json!({"token": "x"}), None).unwrap_err();
+        assert_eq!(e, "provider is required");
+        let e = one(json!({"provider": "nope", "token": "x"}), None).unwrap_err();
+        assert!(e.contains("unknown provider `nope`"));
+        let e = one(json!({"token": "x", "colour": 1}), Some("claude")).unwrap_err();
+        assert!(e.contains("colour"), "{e}");
+        let e = one(json!({"token": "x", "quota": {"limit": "lots"}}), Some("claude")).unwrap_err();
+        assert!(e.starts_with("quota.limit:"), "{e}");
+        let e = one(json!({"token": "a b"}), Some("claude")).unwrap_err();
+        assert!(e.contains("whitespace"));
+        let e = one(json!({"token": "x", "region": "eu"}), Some("claude")).unwrap_err();
+        assert!(e.contains("kiro fields"));
+    }
+
+    #[test]
+    fn list_shape_and_export_fields() {
+        let mut b = Batch::default();
+        add_document(
+            &mut b,
+            &reg(),
+            "f",
+            json!({"auths": [
+                {"id": "cred_1", "provider": "openai", "type": "api_key", "token": "k1",
+                 "status": "active", "token_preview": "…", "quota": {"limit": null, "remaining": null,
+                 "reserved": 0, "period_start": "x", "next_reset": null}, "created_at": "x"},
+                {"provider": "openai", "token": 5}
+            ]}),
+            None,
+        );
+        assert_eq!(b.entries.len(), 1);
+        assert_eq!(b.errors[0].source, "f[1]");
+        assert!(b.errors[0].error.starts_with("token:"), "{}", b.errors[0].error);
+    }
+
+    #[test]
+    fn oauth_identity_is_the_refresh_token() {
+        let c = one(
+            json!({"type": "oauth", "access_token": "a1", "refresh_token": "r1"}),
+            Some("copilot"),
+        )
+        .unwrap();
+        assert_eq!(c.identity().expose(), "r1");
+        let c = one(json!({"type": "oauth"}), Some("copilot")).unwrap_err();
+        assert!(c.contains("access_token or refresh_token"));
+    }
+}

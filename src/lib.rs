@@ -1,0 +1,30 @@
+//! cliproxyapi: a credential server for LLM providers.
+//!
+//! It keeps API keys and OAuth logins in SQLite, imports `auths/*.json` at start, and serves a
+//! management API over them. The contract (`../shared/docs/contract.md`) is the outside; this
+//! crate is organised by the parts of the design, one module each.
+//!
+//! # Layout
+//! - [`cli`]: the command line (`serve`, `import`), exit codes.
+//! - [`app`]: building the application from a config and serving it; tests use the same path.
+//! - [`config`]: the typed config, loaded from YAML and `CLIPROXY__*` variables, validated.
+//! - [`store`]: the SQLite pool, migrations and every SQL statement.
+//! - [`crypto`]: the seal/open seam for secrets, fingerprints, the redacting [`crypto::Secret`].
+//! - [`import`]: turning credential files and bulk bodies into validated new credentials.
+//! - [`domain`]: credentials as the rest of the program sees them.
+//! - [`quota`]: reset schedules and period arithmetic, pure functions of `now`.
+//! - [`providers`]: the provider registry (built-ins and config blocks).
+//! - [`events`]: the auth event log (`logs/auth.log`).
+//! - [`http`]: routers, extractors, the one JSON error shape, the management handlers.
+
+pub mod app; // Application::build / serve, the shared state
+pub mod cli; // argument parsing and exit codes
+pub mod config; // typed config, loading, validation
+pub mod crypto; // sealing secrets, fingerprints, redaction
+pub mod domain; // credential types shared by store, import and http
+pub mod events; // auth event log file
+pub mod http; // axum routers and handlers
+pub mod import; // credential files and bodies into new credentials
+pub mod providers; // which providers exist and how they are configured
+pub mod quota; // reset schedules, periods
+pub mod store; // the only place that knows SQL

@@ -1,0 +1,5 @@
+//! The `cliproxyapi` binary: everything lives in the library; this only hands over the exit code.
+
+fn main() -> std::process::ExitCode {
+    cliproxyapi::cli::main()
+}

@@ -1,0 +1,213 @@
+//! The provider registry: the built-in providers with their defaults, overridden or extended by
+//! the config's `providers` blocks. Everything that asks "is this a provider?" asks here.
+
+use crate::config::ProviderConfig;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// How a provider's API is spoken: how a credential is attached, where usage is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    Openai,
+    Anthropic,
+    Gemini,
+    Kiro,
+}
+
+/// One provider as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provider {
+    pub name: String,
+    pub format: Format,
+    pub base_url: String,
+    /// Model name patterns (`*` wildcards) that route to this provider.
+    pub models: Vec<String>,
+    pub enabled: bool,
+}
+
+/// The built-ins: name, format, default base URL, default model patterns.
+const BUILT_INS: &[(&str, Format, &str, &[&str])] = &[
+    (
+        "claude",
+        Format::Anthropic,
+        "https://api.anthropic.com",
+        &["claude-*"],
+    ),
+    (
+        "openai",
+        Format::Openai,
+        "https://api.openai.com/v1",
+        &["gpt-*", "o1*", "o3*", "o4*"],
+    ),
+    (
+        "gemini",
+        Format::Gemini,
+        "https://generativelanguage.googleapis.com/v1beta",
+        &["gemini-*"],
+    ),
+    (
+        "mistral",
+        Format::Openai,
+        "https://api.mistral.ai/v1",
+        &[
+            "mistral-*",
+            "open-mistral-*",
+            "codestral-*",
+            "ministral-*",
+            "pixtral-*",
+        ],
+    ),
+    (
+        "groq",
+        Format::Openai,
+        "https://api.groq.com/openai/v1",
+        &["llama-*", "llama3-*", "gemma*", "qwen-*"],
+    ),
+    (
+        "deepseek",
+        Format::Openai,
+        "https://api.deepseek.com/v1",
+        &["deepseek-*"],
+    ),
+    (
+        "copilot",
+        Format::Openai,
+        "https://api.githubcopilot.com",
+        &[],
+    ),
+    (
+        "kiro",
+        Format::Kiro,
+        "https://q.us-east-1.amazonaws.com",
+        &[],
+    ),
+];
+
+pub fn is_built_in(name: &str) -> bool {
+    BUILT_INS.iter().any(|(n, ..)| *n == name)
+}
+
+/// A provider name must be usable in a URL path segment and a file name.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_lowercase()
+}
+
+/// All providers this server knows, by name.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    providers: BTreeMap<String, Provider>,
+}
+
+impl Registry {
+    /// Built-ins merged with config blocks. Config validation has already checked that custom
+    /// blocks carry a format and a base URL, so this cannot fail.
+    pub fn from_config(blocks: &BTreeMap<String, ProviderConfig>) -> Self {
+        let mut providers = BTreeMap::new();
+        for (name, format, base_url, models) in BUILT_INS {
+            providers.insert(
+                name.to_string(),
+                Provider {
+                    name: name.to_string(),
+                    format: *format,
+                    base_url: base_url.to_string(),
+                    models: models.iter().map(|m| m.to_string()).collect(),
+                    enabled: true,
+                },
+            );
+        }
+        for (name, block) in blocks {
+            let entry = providers.entry(name.clone()).or_insert_with(|| Provider {
+                name: name.clone(),
+                format: block.format.unwrap_or(Format::Openai),
+                base_url: String::new(),
+                models: Vec::new(),
+                enabled: true,
+            });
+            if let Some(format) = block.format {
+                entry.format = format;
+            }
+            if let Some(url) = &block.base_url {
+                entry.base_url = url.trim_end_matches('/').to_string();
+            }
+            if let Some(models) = &block.models {
+                entry.models = models.clone();
+            }
+            if let Some(enabled) = block.enabled {
+                entry.enabled = enabled;
+            }
+        }
+        Registry { providers }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Provider> {
+        self.providers.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.providers.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.providers.keys().map(String::as_str)
+    }
+
+    /// The provider a credential file belongs to, from its name: `claude.json` and
+    /// `claude-work.json` are claude. The longest matching name wins, so a custom `my-llm`
+    /// provider owns `my-llm-2.json` rather than a provider called `my`.
+    pub fn from_file_stem(&self, stem: &str) -> Option<&str> {
+        self.providers
+            .keys()
+            .filter(|name| {
+                stem == name.as_str()
+                    || (stem.starts_with(name.as_str())
+                        && matches!(stem.as_bytes()[name.len()], b'-' | b'_' | b'.'))
+            })
+            .max_by_key(|name| name.len())
+            .map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry() -> Registry {
+        let mut blocks = BTreeMap::new();
+        blocks.insert(
+            "my-llm".to_string(),
+            ProviderConfig {
+                format: Some(Format::Openai),
+                base_url: Some("http://x/v1/".into()),
+                ..Default::default()
+            },
+        );
+        Registry::from_config(&blocks)
+    }
+
+    #[test]
+    fn file_stems() {
+        let r = registry();
+        assert_eq!(r.from_file_stem("claude"), Some("claude"));
+        assert_eq!(r.from_file_stem("claude-work"), Some("claude"));
+        assert_eq!(r.from_file_stem("claude_2"), Some("claude"));
+        assert_eq!(r.from_file_stem("claudex"), None);
+        assert_eq!(r.from_file_stem("my-llm-2"), Some("my-llm"));
+        assert_eq!(r.from_file_stem("keys"), None);
+        assert_eq!(r.get("my-llm").unwrap().base_url, "http://x/v1");
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("my-llm"));
+        assert!(!valid_name("My"));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(""));
+        assert!(is_built_in("kiro"));
+    }
+}

@@ -1,0 +1,235 @@
+//! Applying an import batch in one transaction: new entries are inserted, changed ones updated
+//! in place (never their live counters), unchanged ones left alone, and entries of credentials
+//! deleted through the API skipped (for file imports) with a notice.
+
+use super::audit::{self, AuditEntry};
+use super::{Result, Store};
+use crate::crypto::{Field, token_preview};
+use crate::import::{Batch, ImportError};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::json;
+
+/// Where a batch came from, which decides what a tombstone means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportMode {
+    /// Files in `auth_dir` (at start, `cliproxyapi import`, or a rescan): a credential deleted
+    /// through the API stays deleted.
+    Files,
+    /// Credentials posted to the import endpoint: an explicit add, which lifts a tombstone.
+    Body,
+}
+
+/// Something worth telling about an entry that was not an error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Notice {
+    pub source: String,
+    pub notice: String,
+}
+
+/// The import report of contract section 4 (with `notices` beside the errors, and the ids of
+/// the credentials each source made or changed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ImportReport {
+    pub imported: usize,
+    pub updated: usize,
+    pub skipped: usize,
+    pub errors: Vec<ImportError>,
+    pub notices: Vec<Notice>,
+    #[serde(skip)]
+    pub changes: Vec<Change>,
+}
+
+/// A credential an import created or updated, for the auth log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub source: String,
+    pub credential_id: String,
+    pub provider: String,
+    pub created: bool,
+}
+
+impl Store {
+    /// Apply `batch` in one write transaction (rolled back when `dry_run`). Errors already in
+    /// the batch are carried into the report.
+    pub async fn import(
+        &self,
+        batch: Batch,
+        mode: ImportMode,
+        actor: &str,
+        dry_run: bool,
+        now: DateTime<Utc>,
+    ) -> Result<ImportReport> {
+        let mut report = ImportReport {
+            errors: batch.errors,
+            ..Default::default()
+        };
+        let ts = now.timestamp();
+        let mut tx = self.begin_write().await?;
+        for entry in batch.entries {
+            let new = &entry.credential;
+            let fp = new.fingerprint(&self.fingerprinter);
+            let digest = new.content_digest(&self.fingerprinter);
+            let source = match mode {
+                ImportMode::Files => entry.source.clone(),
+                ImportMode::Body => "import:api".to_string(),
+            };
+            let existing = sqlx::query!(
+                "SELECT id, import_digest FROM credentials WHERE fingerprint = ?",
+                fp
+            )
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(existing) = existing {
+                if existing.import_digest.as_deref() == Some(digest.as_slice()) {
+                    report.skipped += 1;
+                    continue;
+                }
+                self.update_from_import(&mut tx, &existing.id, new, &digest, &source, ts)
+                    .await?;
+                audit::record(
+                    &mut tx,
+                    AuditEntry {
+                        now: ts,
+                        actor,
+                        action: "credential.import_update",
+                        credential_id: Some(&existing.id),
+                        provider: Some(&new.provider),
+                        detail: json!({"source": entry.source}),
+                    },
+                )
+                .await?;
+                report.updated += 1;
+                report.changes.push(Change {
+                    source: entry.source,
+                    credential_id: existing.id,
+                    provider: new.provider.clone(),
+                    created: false,
+                });
+                continue;
+            }
+            let tombstone = sqlx::query_scalar!(
+                "SELECT credential_id FROM tombstones WHERE fingerprint = ?",
+                fp
+            )
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(old_id) = tombstone {
+                if mode == ImportMode::Files {
+                    report.skipped += 1;
+                    report.notices.push(Notice {
+                        source: entry.source,
+                        notice: format!(
+                            "{old_id} was deleted through the management API and is not imported again; add it through the API to restore it"
+                        ),
+                    });
+                    continue;
+                }
+                sqlx::query!("DELETE FROM tombstones WHERE fingerprint = ?", fp)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let id = match self
+                .insert(&mut tx, new, &fp, Some(&digest), &source, now)
+                .await
+            {
+                Ok(id) => id,
+                Err(super::StoreError::Duplicate { id }) => {
+                    // Cannot happen inside one transaction after the lookup above; report it
+                    // rather than abort the whole import.
+                    report.errors.push(ImportError {
+                        source: entry.source,
+                        error: format!("duplicate of {id}"),
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            audit::record(
+                &mut tx,
+                AuditEntry {
+                    now: ts,
+                    actor,
+                    action: "credential.import",
+                    credential_id: Some(&id),
+                    provider: Some(&new.provider),
+                    detail: json!({"source": entry.source, "type": new.kind.as_str()}),
+                },
+            )
+            .await?;
+            report.imported += 1;
+            report.changes.push(Change {
+                source: entry.source,
+                credential_id: id,
+                provider: new.provider.clone(),
+                created: true,
+            });
+        }
+        if dry_run {
+            tx.rollback().await?;
+        } else {
+            tx.commit().await?;
+        }
+        Ok(report)
+    }
+
+    /// Update a credential in place from a changed import entry: its secrets and settings,
+    /// never `used` or `reserved`. A changed secret clears an `invalid` or `expired` mark.
+    async fn update_from_import(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        id: &str,
+        new: &crate::domain::NewCredential,
+        digest: &[u8],
+        source: &str,
+        ts: i64,
+    ) -> Result<()> {
+        let token = new.token.as_ref().map(|t| self.sealer.seal(id, Field::Token, t));
+        let refresh = new
+            .refresh_token
+            .as_ref()
+            .map(|t| self.sealer.seal(id, Field::RefreshToken, t));
+        let client_secret = new
+            .client_secret
+            .as_ref()
+            .map(|t| self.sealer.seal(id, Field::ClientSecret, t));
+        let preview = token_preview(new.identity().expose());
+        let extra = serde_json::to_string(&new.extra).expect("extra serializes");
+        let kind = new.kind.as_str();
+        let expires_at = new.expires_at.map(|t| t.timestamp());
+        let limit = new.limit.map(|l| l.min(i64::MAX as u64) as i64);
+        sqlx::query!(
+            "UPDATE credentials SET kind = ?1, label = ?2, token_sealed = ?3,
+                 refresh_token_sealed = ?4, client_secret_sealed = ?5, token_preview = ?6,
+                 extra = ?7, priority = ?8, disabled = ?9, expires_at = ?10, import_digest = ?11,
+                 source = ?12, updated_at = ?13,
+                 state = CASE WHEN state IN ('invalid', 'expired') THEN 'active' ELSE state END,
+                 state_reason = CASE WHEN state IN ('invalid', 'expired') THEN NULL ELSE state_reason END
+             WHERE id = ?14",
+            kind,
+            new.label,
+            token,
+            refresh,
+            client_secret,
+            preview,
+            extra,
+            new.priority,
+            new.disabled,
+            expires_at,
+            digest,
+            source,
+            ts,
+            id
+        )
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query!(
+            "UPDATE quotas SET limit_tokens = ? WHERE credential_id = ?",
+            limit,
+            id
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}

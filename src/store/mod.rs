@@ -1,0 +1,230 @@
+//! The store: the SQLite pools, the migrations, and every SQL statement of the program.
+//!
+//! Writes go through one writer connection, each in a `BEGIN IMMEDIATE` transaction that holds
+//! no network I/O; reads use a separate pool of read-only connections (WAL lets them run beside
+//! the writer). Counters change only in single SQL statements. Secrets enter and leave through
+//! the [`Sealer`]; the store returns domain types and maps sqlx errors at its boundary, so
+//! nothing above it knows SQL. A PostgreSQL backend would be another implementation of this
+//! same type's methods.
+
+mod audit;
+mod credentials;
+mod import;
+mod quota;
+
+pub use credentials::{CredentialPatch, ListFilter};
+pub use import::{ImportMode, ImportReport, Notice};
+pub use quota::QuotaPatch;
+
+use crate::crypto::{CryptoError, Field, Fingerprinter, Sealer, Secret};
+use crate::quota::ResetSchedule;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Sqlite, Transaction};
+use std::collections::BTreeMap;
+use std::fs::{DirBuilder, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("credential not found")]
+    NotFound,
+    #[error("the credential already exists as {id}")]
+    Duplicate { id: String },
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("cannot prepare the database at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub path: PathBuf,
+    pub sealer: Sealer,
+    /// Quota reset schedules by provider (absent: never), for the period of new counters.
+    pub schedules: BTreeMap<String, ResetSchedule>,
+    pub read_connections: u32,
+}
+
+/// The credential store. Cheap to clone: pools and keys are shared.
+#[derive(Debug, Clone)]
+pub struct Store {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    sealer: Sealer,
+    fingerprinter: Fingerprinter,
+    schedules: BTreeMap<String, ResetSchedule>,
+}
+
+/// The embedded migrations (`migrations/`).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Create `dir` and its missing parents readable by the owner only.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.exists() {
+        return Ok(());
+    }
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Store {
+    /// Open (creating if missing) the database, apply migrations, load the fingerprint key.
+    #[tracing::instrument(skip_all, fields(path = %options.path.display()))]
+    pub async fn open(options: StoreOptions) -> Result<Store> {
+        let path = &options.path;
+        if let Some(parent) = path.parent() {
+            create_private_dir(parent).map_err(io_err(parent))?;
+        }
+        // Create the file ourselves so it is owner-only from its first byte; SQLite gives the
+        // WAL and shared-memory files the same mode.
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err(path))?;
+        let base = SqliteConnectOptions::new()
+            .filename(path)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(base.clone().create_if_missing(true))
+            .await?;
+        MIGRATOR.run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(options.read_connections.max(1))
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(base.read_only(true))
+            .await?;
+        let fingerprinter = Self::load_fingerprint_key(&writer, &options.sealer).await?;
+        Ok(Store {
+            writer,
+            reader,
+            sealer: options.sealer,
+            fingerprinter,
+            schedules: options.schedules,
+        })
+    }
+
+    /// The fingerprint key is random per database, created on first open, and kept sealed in
+    /// `meta` like any other secret.
+    async fn load_fingerprint_key(writer: &SqlitePool, sealer: &Sealer) -> Result<Fingerprinter> {
+        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+        let row = sqlx::query_scalar!("SELECT value FROM meta WHERE key = 'fingerprint_key'")
+            .fetch_optional(&mut *tx)
+            .await?;
+        let key = match row {
+            Some(sealed) => {
+                let secret = sealer.open("meta", Field::FingerprintKey, &sealed)?;
+                hex_key(secret.expose()).ok_or_else(|| CryptoError::Open {
+                    owner: "meta".into(),
+                    field: Field::FingerprintKey.as_str(),
+                    reason: "the stored key is not 32 hex-encoded bytes",
+                })?
+            }
+            None => {
+                let key = Fingerprinter::random_key();
+                let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+                let sealed = sealer.seal("meta", Field::FingerprintKey, &Secret::new(hex));
+                sqlx::query!(
+                    "INSERT INTO meta (key, value) VALUES ('fingerprint_key', ?)",
+                    sealed
+                )
+                .execute(&mut *tx)
+                .await?;
+                key
+            }
+        };
+        tx.commit().await?;
+        Ok(Fingerprinter::new(key))
+    }
+
+    /// A write transaction that takes the write lock at once (no deferred upgrade that SQLite
+    /// would refuse with SQLITE_BUSY under WAL).
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    pub fn fingerprinter(&self) -> &Fingerprinter {
+        &self.fingerprinter
+    }
+
+    /// The start of the quota period containing `now` for a provider's new counter.
+    fn period_start(&self, provider: &str, now: DateTime<Utc>) -> i64 {
+        self.schedules
+            .get(provider)
+            .unwrap_or(&ResetSchedule::Never)
+            .period_start(now)
+            .timestamp()
+    }
+
+    /// `PRAGMA integrity_check`; `Ok(())` when the database is sound.
+    pub async fn integrity_check(&self) -> Result<Vec<String>> {
+        let rows: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check")
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows.into_iter().filter(|r| r != "ok").collect())
+    }
+
+    /// Close both pools, checkpointing the WAL.
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+}
+
+fn hex_key(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Map a unique-constraint violation on insert to [`StoreError::Duplicate`].
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+/// A fresh credential id: `cred_` and 20 random lowercase letters and digits.
+pub fn new_credential_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let suffix: String = (0..20)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("cred_{suffix}")
+}
