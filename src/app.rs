@@ -173,7 +173,10 @@ impl Application {
     }
 
     /// Serve until `shutdown` resolves, then finish in-flight requests and close the store.
-    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let app = crate::http::router(self.state.clone());
         let result = axum::serve(
             self.listener,

@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Debug, Parser)]
-#[command(name = "cliproxyapi", version, about = "A credential server for LLM providers")]
+#[command(
+    name = "cliproxyapi",
+    version,
+    about = "A credential server for LLM providers"
+)]
 struct Cli {
     /// The config file [default: $CLIPROXY_CONFIG, then ./config.yaml]
     #[arg(long, global = true, env = "CLIPROXY_CONFIG")]
@@ -80,9 +84,11 @@ pub fn main() -> ExitCode {
 fn init_tracing(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true)
+        .with_ansi(std::io::stdout().is_terminal())
         .try_init();
 }
 

@@ -448,8 +448,14 @@ impl Config {
                 }
             }
         }
-        check_url("oauth.copilot.github_base_url", &self.oauth.copilot.github_base_url)?;
-        check_url("oauth.copilot.api_base_url", &self.oauth.copilot.api_base_url)?;
+        check_url(
+            "oauth.copilot.github_base_url",
+            &self.oauth.copilot.github_base_url,
+        )?;
+        check_url(
+            "oauth.copilot.api_base_url",
+            &self.oauth.copilot.api_base_url,
+        )?;
         check_url("oauth.kiro.oidc_base_url", &self.oauth.kiro.oidc_base_url)?;
         check_url("oauth.kiro.start_url", &self.oauth.kiro.start_url)?;
         if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
@@ -520,11 +526,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(l.config.port, 9000);
-        assert_eq!(l.config.auth.selection_strategy, SelectionStrategy::Priority);
+        assert_eq!(
+            l.config.auth.selection_strategy,
+            SelectionStrategy::Priority
+        );
         assert_eq!(l.config.api_keys.len(), 2);
         assert_eq!(l.config.auth.quota.default_reservation, 4096);
         assert!(l.auth_dir.ends_with("auths"));
-        assert!(matches!(&l.database, DatabaseLocation::File(p) if p.ends_with("data/cliproxy.db")));
+        assert!(
+            matches!(&l.database, DatabaseLocation::File(p) if p.ends_with("data/cliproxy.db"))
+        );
     }
 
     #[test]
@@ -537,7 +548,9 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        let e = load("auth:\n  selection_strategy: fastest\n", &[]).unwrap_err().0;
+        let e = load("auth:\n  selection_strategy: fastest\n", &[])
+            .unwrap_err()
+            .0;
         assert!(e.contains("auth.selection_strategy"), "{e}");
         let e = load("auth:\n  refresh:\n    check_interval: soon\n", &[])
             .unwrap_err()
@@ -545,9 +558,12 @@ mod tests {
         assert!(e.contains("auth.refresh.check_interval"), "{e}");
         let e = load("port: lots\n", &[]).unwrap_err().0;
         assert!(e.contains("port"), "{e}");
-        let e = load("auth:\n  quota:\n    reset_schedule:\n      nope: daily\n", &[])
-            .unwrap_err()
-            .0;
+        let e = load(
+            "auth:\n  quota:\n    reset_schedule:\n      nope: daily\n",
+            &[],
+        )
+        .unwrap_err()
+        .0;
         assert!(e.contains("reset_schedule.nope"), "{e}");
         let e = load("providers:\n  my-llm: { base_url: http://x }\n", &[])
             .unwrap_err()

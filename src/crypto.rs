@@ -169,7 +169,11 @@ impl Fingerprinter {
 
     /// The identity of a credential: its provider and its identifying secret.
     pub fn credential(&self, provider: &str, secret: &Secret) -> Vec<u8> {
-        self.mac(&[b"credential", provider.as_bytes(), secret.expose().as_bytes()])
+        self.mac(&[
+            b"credential",
+            provider.as_bytes(),
+            secret.expose().as_bytes(),
+        ])
     }
 
     /// A digest of an import entry's whole content (which includes secrets), to tell whether an
@@ -218,7 +222,10 @@ mod tests {
     fn plain_roundtrip_and_garbage() {
         let s = Sealer::plain();
         let sealed = s.seal("cred_1", Field::Token, &Secret::new("tok"));
-        assert_eq!(s.open("cred_1", Field::Token, &sealed).unwrap().expose(), "tok");
+        assert_eq!(
+            s.open("cred_1", Field::Token, &sealed).unwrap().expose(),
+            "tok"
+        );
         assert!(s.open("cred_1", Field::Token, &[]).is_err());
         assert!(s.open("cred_1", Field::Token, &[7, 1, 2]).is_err());
     }

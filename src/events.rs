@@ -60,7 +60,10 @@ impl AuthLog {
             buf.push_str(&now);
             buf.push(' ');
             // One event, one line, whatever a reason string contains.
-            buf.extend(m.chars().map(|c| if c == '\n' || c == '\r' { ' ' } else { c }));
+            buf.extend(
+                m.chars()
+                    .map(|c| if c == '\n' || c == '\r' { ' ' } else { c }),
+            );
             buf.push('\n');
         }
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());

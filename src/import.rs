@@ -125,9 +125,7 @@ pub fn check_secret(field: &str, s: &Secret) -> Result<(), String> {
         return Err(format!("{field} is longer than {MAX_TOKEN_LEN} bytes"));
     }
     if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!(
-            "{field} contains whitespace or control characters"
-        ));
+        return Err(format!("{field} contains whitespace or control characters"));
     }
     Ok(())
 }
@@ -222,7 +220,9 @@ impl CredentialInput {
                         .into(),
                 );
             }
-        } else if kind == CredentialKind::ApiKey && (!extra.is_empty() || self.client_secret.is_some()) {
+        } else if kind == CredentialKind::ApiKey
+            && (!extra.is_empty() || self.client_secret.is_some())
+        {
             return Err("kiro client fields need type oauth".into());
         }
         let priority = self.priority.unwrap_or(100);
@@ -368,7 +368,10 @@ pub fn read_file(batch: &mut Batch, registry: &Registry, path: &Path) {
         Err(e) => {
             return fail(
                 batch,
-                format!("file is not UTF-8 (invalid byte at offset {})", e.valid_up_to()),
+                format!(
+                    "file is not UTF-8 (invalid byte at offset {})",
+                    e.valid_up_to()
+                ),
             );
         }
     };
@@ -386,7 +389,17 @@ pub fn read_file(batch: &mut Batch, registry: &Registry, path: &Path) {
         .and_then(|n| n.strip_suffix(".json"))
         .unwrap_or("");
     let default_provider = registry.from_file_stem(stem);
+    let first_error = batch.errors.len();
     add_document(batch, registry, &source, doc, default_provider);
+    if default_provider.is_none() {
+        for e in &mut batch.errors[first_error..] {
+            if e.error == "provider is required" {
+                e.error = format!(
+                    "provider is required: the file name `{stem}.json` names no known provider"
+                );
+            }
+        }
+    }
 }
 
 /// Read the credential files among `paths`: a directory contributes its `*.json` files (not
@@ -480,7 +493,11 @@ mod tests {
         assert!(e.contains("unknown provider `nope`"));
         let e = one(json!({"token": "x", "colour": 1}), Some("claude")).unwrap_err();
         assert!(e.contains("colour"), "{e}");
-        let e = one(json!({"token": "x", "quota": {"limit": "lots"}}), Some("claude")).unwrap_err();
+        let e = one(
+            json!({"token": "x", "quota": {"limit": "lots"}}),
+            Some("claude"),
+        )
+        .unwrap_err();
         assert!(e.starts_with("quota.limit:"), "{e}");
         let e = one(json!({"token": "a b"}), Some("claude")).unwrap_err();
         assert!(e.contains("whitespace"));
@@ -505,7 +522,11 @@ mod tests {
         );
         assert_eq!(b.entries.len(), 1);
         assert_eq!(b.errors[0].source, "f[1]");
-        assert!(b.errors[0].error.starts_with("token:"), "{}", b.errors[0].error);
+        assert!(
+            b.errors[0].error.starts_with("token:"),
+            "{}",
+            b.errors[0].error
+        );
     }
 
     #[test]

@@ -92,9 +92,9 @@ impl ResetSchedule {
             }
             ResetSchedule::Monthly => first_of_month(now.year(), now.month()),
             ResetSchedule::Never => now,
-            ResetSchedule::Cron(cron, _) => cron
-                .find_previous_occurrence(&now, true)
-                .unwrap_or(now),
+            ResetSchedule::Cron(cron, _) => {
+                cron.find_previous_occurrence(&now, true).unwrap_or(now)
+            }
         }
     }
 
@@ -151,7 +151,10 @@ mod tests {
         assert_eq!(c.period_start(now), t("2026-11-27T06:00:00Z"));
         assert_eq!(c.next_reset(now), Some(t("2026-11-27T12:00:00Z")));
         assert!("every tuesday".parse::<ResetSchedule>().is_err());
-        assert!("0 0 * * *".parse::<ResetSchedule>().is_err(), "seconds are required");
+        assert!(
+            "0 0 * * *".parse::<ResetSchedule>().is_err(),
+            "seconds are required"
+        );
     }
 
     #[test]

@@ -84,15 +84,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let query = parts.uri.query().unwrap_or_default();
         let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
-        serde_path_to_error::deserialize(de).map(Query).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let message = if path == "." {
-                format!("Invalid query: {inner}")
-            } else {
-                format!("Invalid query parameter `{path}`: {inner}")
-            };
-            ApiError::bad_request("invalid_query", message)
-        })
+        serde_path_to_error::deserialize(de)
+            .map(Query)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let message = if path == "." {
+                    format!("Invalid query: {inner}")
+                } else {
+                    format!("Invalid query parameter `{path}`: {inner}")
+                };
+                ApiError::bad_request("invalid_query", message)
+            })
     }
 }

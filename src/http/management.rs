@@ -27,7 +27,10 @@ pub struct Actor(pub String);
 
 impl Actor {
     pub fn from_peer(peer: Option<SocketAddr>) -> Actor {
-        Actor(peer.map(|p| p.ip().to_string()).unwrap_or_else(|| "unknown".into()))
+        Actor(
+            peer.map(|p| p.ip().to_string())
+                .unwrap_or_else(|| "unknown".into()),
+        )
     }
 }
 
@@ -109,13 +112,15 @@ pub async fn add(
     Extension(actor): Extension<Actor>,
     Json(input): Json<CredentialInput>,
 ) -> AppResult<impl IntoResponse> {
-    if let Some(p) = &input.provider {
-        if !state.registry.contains(p) {
-            return Err(ApiError::bad_request(
-                "unknown_provider",
-                format!("Unknown provider `{p}`"),
-            ));
-        }
+    if let Some(p) = input
+        .provider
+        .as_ref()
+        .filter(|p| !state.registry.contains(p))
+    {
+        return Err(ApiError::bad_request(
+            "unknown_provider",
+            format!("Unknown provider `{p}`"),
+        ));
     }
     let new = input
         .validate(&state.registry, None)
@@ -190,12 +195,10 @@ pub async fn update(
 ) -> AppResult<impl IntoResponse> {
     known_provider(&state, &provider)?;
     let invalid = |e: String| ApiError::bad_request("invalid_body", e);
-    if let Some(p) = &input.provider {
-        if *p != provider {
-            return Err(invalid(format!(
-                "The body names provider `{p}` but the path names `{provider}`"
-            )));
-        }
+    if let Some(p) = input.provider.as_ref().filter(|p| **p != provider) {
+        return Err(invalid(format!(
+            "The body names provider `{p}` but the path names `{provider}`"
+        )));
     }
     if let Some(t) = &input.token {
         check_secret("token", t).map_err(invalid)?;
@@ -234,7 +237,10 @@ pub async fn update(
     if patch.refresh_token.is_some() && current.kind != crate::domain::CredentialKind::Oauth {
         return Err(invalid("refresh_token is only for type oauth".into()));
     }
-    let row = state.store.update(&id, &patch, &actor.0, state.now()).await?;
+    let row = state
+        .store
+        .update(&id, &patch, &actor.0, state.now())
+        .await?;
     state.auth_log.record(&format!(
         "updated credential {} ({}) through the API from {}",
         row.id, row.provider, actor.0
@@ -337,7 +343,10 @@ pub async fn set_quota(
         changed,
         id.as_ref().map(|i| format!(": {i}")).unwrap_or_default(),
         actor.0,
-        patch.used.map(|u| format!(", used {u}")).unwrap_or_default(),
+        patch
+            .used
+            .map(|u| format!(", used {u}"))
+            .unwrap_or_default(),
         if patch.reset { ", reset" } else { "" },
     ));
     quota_view(&state, &provider).await

@@ -30,3 +30,42 @@ pub(super) async fn record(conn: &mut SqliteConnection, entry: AuditEntry<'_>) -
     .await?;
     Ok(())
 }
+
+/// One audit row as the API and tests see it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditRow {
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub credential_id: Option<String>,
+    pub provider: Option<String>,
+    pub detail: String,
+}
+
+impl std::fmt::Display for AuditRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} {} {} {} {}",
+            self.at,
+            self.actor,
+            self.action,
+            self.credential_id.as_deref().unwrap_or("-"),
+            self.provider.as_deref().unwrap_or("-"),
+            self.detail
+        )
+    }
+}
+
+impl super::Store {
+    /// The whole audit log, oldest first, one line per change.
+    pub async fn audit_dump(&self) -> Result<Vec<String>> {
+        let rows = sqlx::query_as!(
+            AuditRow,
+            "SELECT at, actor, action, credential_id, provider, detail FROM audit_log ORDER BY id"
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.iter().map(ToString::to_string).collect())
+    }
+}

@@ -69,7 +69,11 @@ fn status_reason(row: &CredentialRow, stored_reason: Option<String>) -> Option<S
 impl Store {
     /// List credentials with their counters and effective status at `now`, ordered by
     /// provider, priority and creation.
-    pub async fn list(&self, filter: &ListFilter, now: DateTime<Utc>) -> Result<Vec<CredentialRow>> {
+    pub async fn list(
+        &self,
+        filter: &ListFilter,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<CredentialRow>> {
         let now = now.timestamp();
         let status = filter.status.map(Status::as_str);
         let limit: i64 = filter.limit.map(i64::from).unwrap_or(-1);
@@ -207,9 +211,7 @@ impl Store {
         sqlx::query!("DELETE FROM tombstones WHERE fingerprint = ?", fp)
             .execute(&mut *tx)
             .await?;
-        let id = self
-            .insert(&mut tx, new, &fp, None, source, now)
-            .await?;
+        let id = self.insert(&mut tx, new, &fp, None, source, now).await?;
         audit::record(
             &mut tx,
             AuditEntry {
@@ -237,7 +239,10 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<String> {
         let id = new_credential_id();
-        let token = new.token.as_ref().map(|t| self.sealer.seal(&id, Field::Token, t));
+        let token = new
+            .token
+            .as_ref()
+            .map(|t| self.sealer.seal(&id, Field::Token, t));
         let refresh = new
             .refresh_token
             .as_ref()

@@ -184,7 +184,10 @@ impl Store {
         source: &str,
         ts: i64,
     ) -> Result<()> {
-        let token = new.token.as_ref().map(|t| self.sealer.seal(id, Field::Token, t));
+        let token = new
+            .token
+            .as_ref()
+            .map(|t| self.sealer.seal(id, Field::Token, t));
         let refresh = new
             .refresh_token
             .as_ref()

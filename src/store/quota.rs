@@ -28,10 +28,7 @@ impl Store {
         let ts = now.timestamp();
         let period_start = self.period_start(provider, now);
         let set_limit = patch.limit.is_some();
-        let limit = patch
-            .limit
-            .flatten()
-            .map(|l| l.min(i64::MAX as u64) as i64);
+        let limit = patch.limit.flatten().map(|l| l.min(i64::MAX as u64) as i64);
         let used = patch.used.map(|u| u.min(i64::MAX as u64) as i64);
         let mut tx = self.begin_write().await?;
         let changed = sqlx::query!(

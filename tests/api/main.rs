@@ -1,0 +1,11 @@
+//! The integration tests: one binary, a module per area. Each test starts the real server on
+//! port 0 with its own temporary folder and database.
+
+#![allow(async_fn_in_trait)]
+
+mod bad_input;
+mod common;
+mod management;
+mod persistence;
+mod secrets;
+mod seed;

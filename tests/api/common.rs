@@ -1,0 +1,271 @@
+//! The test harness: the real application on port 0 with a temporary folder holding its
+//! config, database, auth files and logs; and the real binary, for restarts and `kill -9`.
+
+use cliproxyapi::app::Application;
+use cliproxyapi::config::Config;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// A temporary home for one server: `config.yaml`, `auths/`, `data/`, `logs/`.
+pub struct Home {
+    pub dir: TempDir,
+}
+
+impl Home {
+    /// A home whose config is the defaults on port 0 plus `extra` YAML lines.
+    pub fn new(extra: &str) -> Home {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("auths")).unwrap();
+        std::fs::write(
+            dir.path().join("config.yaml"),
+            format!("host: 127.0.0.1\nport: 0\n{extra}"),
+        )
+        .unwrap();
+        Home { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path().join("config.yaml")
+    }
+
+    pub fn auth_file(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.path().join("auths").join(name);
+        std::fs::write(&p, contents).unwrap();
+        p
+    }
+
+    pub fn auth_log(&self) -> String {
+        std::fs::read_to_string(self.path().join("logs/auth.log")).unwrap_or_default()
+    }
+
+    /// Build and serve the application in this process.
+    pub async fn start(&self) -> TestApp {
+        let loaded = Config::load_with_env(&self.config_path(), true, Vec::new()).expect("config");
+        let app = Application::build(loaded)
+            .await
+            .expect("application builds");
+        let base = format!("http://{}", app.local_addr());
+        let state = app.state();
+        let report = app.import_report().clone();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(app.serve(async {
+            let _ = rx.await;
+        }));
+        TestApp {
+            base,
+            client: reqwest::Client::new(),
+            shutdown: Some(tx),
+            handle: Some(handle),
+            state,
+            import_report: report,
+        }
+    }
+
+    /// Start the real binary on this home and wait until it listens.
+    pub fn spawn_binary(&self) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cliproxyapi"))
+            .arg("--config")
+            .arg(self.config_path())
+            .current_dir(self.path())
+            .env_remove("CLIPROXY_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.split("address=").nth(1)
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the binary prints its address");
+        Binary {
+            child,
+            base: format!("http://{addr}"),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// Run `cliproxyapi ARGS` on this home to completion.
+    pub fn run_binary(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_cliproxyapi"))
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .current_dir(self.path())
+            .env_remove("CLIPROXY_CONFIG")
+            .output()
+            .expect("binary runs")
+    }
+}
+
+/// A response, read whole: status and body (JSON when it parses).
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub text: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    /// The `error.code` of our error shape, checking the shape on the way.
+    pub fn error_code(&self) -> String {
+        let v = self.json();
+        let err = v
+            .get("error")
+            .unwrap_or_else(|| panic!("no error object: {v}"));
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "error without message: {v}"
+        );
+        err["code"].as_str().expect("error code").to_string()
+    }
+}
+
+/// Requests to a running server; every response is recorded so tests can search them all.
+pub trait Api {
+    fn base(&self) -> &str;
+    fn client(&self) -> &reqwest::Client;
+
+    async fn call(&self, method: &str, path: &str, body: Option<&str>) -> Resp {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self
+            .client()
+            .request(method, format!("{}{}", self.base(), path));
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = req.send().await.expect("request is answered");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        Resp { status, text }
+    }
+
+    async fn get(&self, path: &str) -> Resp {
+        self.call("GET", path, None).await
+    }
+    async fn post(&self, path: &str, body: &str) -> Resp {
+        self.call("POST", path, Some(body)).await
+    }
+    async fn put(&self, path: &str, body: &str) -> Resp {
+        self.call("PUT", path, Some(body)).await
+    }
+    async fn delete(&self, path: &str) -> Resp {
+        self.call("DELETE", path, None).await
+    }
+    async fn auths(&self) -> Vec<Value> {
+        let r = self.get("/v0/management/auths").await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.json()["auths"].as_array().unwrap().clone()
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub state: std::sync::Arc<cliproxyapi::app::AppState>,
+    pub import_report: cliproxyapi::store::ImportReport,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Api for TestApp {
+    fn base(&self) -> &str {
+        &self.base
+    }
+    fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
+impl TestApp {
+    /// Shut down gracefully and wait for the store to close.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().unwrap();
+        }
+    }
+}
+
+pub struct Binary {
+    pub child: Child,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl Api for Binary {
+    fn base(&self) -> &str {
+        &self.base
+    }
+    fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
+impl Binary {
+    /// `kill -9`: no shutdown, no checkpoint.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll `f` until it returns `Some`, or panic after `timeout`.
+#[allow(dead_code)]
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition not met in {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Find a credential in a list by its token preview... or by label.
+pub fn by_label<'a>(auths: &'a [Value], label: &str) -> &'a Value {
+    auths
+        .iter()
+        .find(|a| a["label"] == label)
+        .unwrap_or_else(|| panic!("no credential labelled {label}"))
+}
