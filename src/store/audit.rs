@@ -15,16 +15,36 @@ pub(super) struct AuditEntry<'a> {
 }
 
 pub(super) async fn record(conn: &mut SqliteConnection, entry: AuditEntry<'_>) -> Result<()> {
-    let detail = entry.detail.to_string();
+    record_all(conn, &[entry]).await
+}
+
+/// Many audit rows in one statement (an import of thousands of credentials).
+pub(super) async fn record_all(
+    conn: &mut SqliteConnection,
+    entries: &[AuditEntry<'_>],
+) -> Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| {
+            serde_json::json!([
+                e.now,
+                e.actor,
+                e.action,
+                e.credential_id,
+                e.provider,
+                e.detail.to_string()
+            ])
+        })
+        .collect();
+    let rows = serde_json::Value::from(rows).to_string();
     sqlx::query!(
         "INSERT INTO audit_log (at, actor, action, credential_id, provider, detail)
-         VALUES (?, ?, ?, ?, ?, ?)",
-        entry.now,
-        entry.actor,
-        entry.action,
-        entry.credential_id,
-        entry.provider,
-        detail
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5
+         FROM json_each(?)",
+        rows
     )
     .execute(conn)
     .await?;

@@ -238,6 +238,36 @@ impl Store {
         source: &str,
         now: DateTime<Utc>,
     ) -> Result<String> {
+        let id = self
+            .insert_credential(conn, new, fingerprint, import_digest, source, now)
+            .await?;
+        let seed = self.quota_seed(&id, new, now);
+        insert_quotas(conn, &[seed]).await?;
+        Ok(id)
+    }
+
+    /// The counter row of a new credential, for [`insert_quotas`].
+    pub(super) fn quota_seed(
+        &self,
+        id: &str,
+        new: &NewCredential,
+        now: DateTime<Utc>,
+    ) -> serde_json::Value {
+        let limit = new.limit.map(|l| l.min(i64::MAX as u64) as i64);
+        let used = new.used.min(i64::MAX as u64) as i64;
+        json!([id, limit, used, self.period_start(&new.provider, now)])
+    }
+
+    /// Insert the credential row alone (its counter comes from [`insert_quotas`]).
+    pub(super) async fn insert_credential(
+        &self,
+        conn: &mut SqliteConnection,
+        new: &NewCredential,
+        fingerprint: &[u8],
+        import_digest: Option<&[u8]>,
+        source: &str,
+        now: DateTime<Utc>,
+    ) -> Result<String> {
         let id = new_credential_id();
         let token = new
             .token
@@ -286,24 +316,11 @@ impl Store {
                 let id = find_by_fingerprint(conn, fingerprint)
                     .await?
                     .unwrap_or_default();
-                return Err(StoreError::Duplicate { id });
+                Err(StoreError::Duplicate { id })
             }
-            other => other?,
-        };
-        let limit = new.limit.map(|l| l.min(i64::MAX as u64) as i64);
-        let used = new.used.min(i64::MAX as u64) as i64;
-        let period_start = self.period_start(&new.provider, now);
-        sqlx::query!(
-            "INSERT INTO quotas (credential_id, limit_tokens, used, reserved, period_start)
-             VALUES (?, ?, ?, 0, ?)",
-            id,
-            limit,
-            used,
-            period_start
-        )
-        .execute(&mut *conn)
-        .await?;
-        Ok(id)
+            Err(e) => Err(e.into()),
+            Ok(_) => Ok(id),
+        }
     }
 
     /// Apply a `PUT`. Changing the identifying secret re-keys the fingerprint and leaves a
@@ -481,4 +498,23 @@ pub(super) async fn find_by_fingerprint(
             .fetch_optional(conn)
             .await?,
     )
+}
+
+/// Insert counter rows `[credential_id, limit, used, period_start]` in one statement.
+pub(super) async fn insert_quotas(
+    conn: &mut SqliteConnection,
+    seeds: &[serde_json::Value],
+) -> Result<()> {
+    if seeds.is_empty() {
+        return Ok(());
+    }
+    let rows = serde_json::Value::from(seeds.to_vec()).to_string();
+    sqlx::query!(
+        "INSERT INTO quotas (credential_id, limit_tokens, used, reserved, period_start)
+         SELECT value ->> 0, value ->> 1, value ->> 2, 0, value ->> 3 FROM json_each(?)",
+        rows
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
 }

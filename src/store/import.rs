@@ -3,12 +3,14 @@
 //! deleted through the API skipped (for file imports) with a notice.
 
 use super::audit::{self, AuditEntry};
-use super::{Result, Store};
+use super::credentials::insert_quotas;
+use super::{Result, Store, to_hex};
 use crate::crypto::{Field, token_preview};
-use crate::import::{Batch, ImportError};
+use crate::import::{Batch, Entry, ImportError};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
+use std::collections::HashMap;
 
 /// Where a batch came from, which decides what a tombstone means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,56 +67,73 @@ impl Store {
             ..Default::default()
         };
         let ts = now.timestamp();
+        // Fingerprints and digests first (CPU only), then the rows they match, in two queries:
+        // one statement per entry would cost a round trip to SQLite's thread each.
+        let entries: Vec<(Entry, Vec<u8>, Vec<u8>)> = batch
+            .entries
+            .into_iter()
+            .map(|e| {
+                let fp = e.credential.fingerprint(&self.fingerprinter);
+                let digest = e.credential.content_digest(&self.fingerprinter);
+                (e, fp, digest)
+            })
+            .collect();
+        let wanted: Vec<String> = entries.iter().map(|(_, fp, _)| to_hex(fp)).collect();
+        let wanted = serde_json::Value::from(wanted).to_string();
         let mut tx = self.begin_write().await?;
-        for entry in batch.entries {
+        // fingerprint -> (id, digest of its last import)
+        let mut known: HashMap<Vec<u8>, (String, Option<Vec<u8>>)> = sqlx::query!(
+            "SELECT fingerprint, id, import_digest FROM credentials
+             WHERE fingerprint IN (SELECT unhex(value) FROM json_each(?))",
+            wanted
+        )
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| (r.fingerprint, (r.id, r.import_digest)))
+        .collect();
+        let mut tombstones: HashMap<Vec<u8>, String> = sqlx::query!(
+            "SELECT fingerprint, credential_id FROM tombstones
+             WHERE fingerprint IN (SELECT unhex(value) FROM json_each(?))",
+            wanted
+        )
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| (r.fingerprint, r.credential_id))
+        .collect();
+        let mut quota_seeds = Vec::new();
+        let mut audits: Vec<(String, &'static str, String, String)> = Vec::new();
+        for (entry, fp, digest) in entries {
             let new = &entry.credential;
-            let fp = new.fingerprint(&self.fingerprinter);
-            let digest = new.content_digest(&self.fingerprinter);
             let source = match mode {
                 ImportMode::Files => entry.source.clone(),
                 ImportMode::Body => "import:api".to_string(),
             };
-            let existing = sqlx::query!(
-                "SELECT id, import_digest FROM credentials WHERE fingerprint = ?",
-                fp
-            )
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(existing) = existing {
-                if existing.import_digest.as_deref() == Some(digest.as_slice()) {
+            if let Some((id, last_digest)) = known.get_mut(&fp) {
+                if last_digest.as_deref() == Some(digest.as_slice()) {
                     report.skipped += 1;
                     continue;
                 }
-                self.update_from_import(&mut tx, &existing.id, new, &digest, &source, ts)
+                self.update_from_import(&mut tx, id, new, &digest, &source, ts)
                     .await?;
-                audit::record(
-                    &mut tx,
-                    AuditEntry {
-                        now: ts,
-                        actor,
-                        action: "credential.import_update",
-                        credential_id: Some(&existing.id),
-                        provider: Some(&new.provider),
-                        detail: json!({"source": entry.source}),
-                    },
-                )
-                .await?;
+                *last_digest = Some(digest);
+                audits.push((
+                    id.clone(),
+                    "credential.import_update",
+                    new.provider.clone(),
+                    entry.source.clone(),
+                ));
                 report.updated += 1;
                 report.changes.push(Change {
                     source: entry.source,
-                    credential_id: existing.id,
+                    credential_id: id.clone(),
                     provider: new.provider.clone(),
                     created: false,
                 });
                 continue;
             }
-            let tombstone = sqlx::query_scalar!(
-                "SELECT credential_id FROM tombstones WHERE fingerprint = ?",
-                fp
-            )
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(old_id) = tombstone {
+            if let Some(old_id) = tombstones.get(&fp) {
                 if mode == ImportMode::Files {
                     report.skipped += 1;
                     report.notices.push(Notice {
@@ -128,35 +147,19 @@ impl Store {
                 sqlx::query!("DELETE FROM tombstones WHERE fingerprint = ?", fp)
                     .execute(&mut *tx)
                     .await?;
+                tombstones.remove(&fp);
             }
-            let id = match self
-                .insert(&mut tx, new, &fp, Some(&digest), &source, now)
-                .await
-            {
-                Ok(id) => id,
-                Err(super::StoreError::Duplicate { id }) => {
-                    // Cannot happen inside one transaction after the lookup above; report it
-                    // rather than abort the whole import.
-                    report.errors.push(ImportError {
-                        source: entry.source,
-                        error: format!("duplicate of {id}"),
-                    });
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            audit::record(
-                &mut tx,
-                AuditEntry {
-                    now: ts,
-                    actor,
-                    action: "credential.import",
-                    credential_id: Some(&id),
-                    provider: Some(&new.provider),
-                    detail: json!({"source": entry.source, "type": new.kind.as_str()}),
-                },
-            )
-            .await?;
+            let id = self
+                .insert_credential(&mut tx, new, &fp, Some(&digest), &source, now)
+                .await?;
+            quota_seeds.push(self.quota_seed(&id, new, now));
+            known.insert(fp, (id.clone(), Some(digest)));
+            audits.push((
+                id.clone(),
+                "credential.import",
+                new.provider.clone(),
+                entry.source.clone(),
+            ));
             report.imported += 1;
             report.changes.push(Change {
                 source: entry.source,
@@ -165,6 +168,19 @@ impl Store {
                 created: true,
             });
         }
+        insert_quotas(&mut tx, &quota_seeds).await?;
+        let audit_entries: Vec<AuditEntry> = audits
+            .iter()
+            .map(|(id, action, provider, source)| AuditEntry {
+                now: ts,
+                actor,
+                action,
+                credential_id: Some(id),
+                provider: Some(provider),
+                detail: json!({ "source": source }),
+            })
+            .collect();
+        audit::record_all(&mut tx, &audit_entries).await?;
         if dry_run {
             tx.rollback().await?;
         } else {

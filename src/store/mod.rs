@@ -152,8 +152,7 @@ impl Store {
             }
             None => {
                 let key = Fingerprinter::random_key();
-                let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-                let sealed = sealer.seal("meta", Field::FingerprintKey, &Secret::new(hex));
+                let sealed = sealer.seal("meta", Field::FingerprintKey, &Secret::new(to_hex(&key)));
                 sqlx::query!(
                     "INSERT INTO meta (key, value) VALUES ('fingerprint_key', ?)",
                     sealed
@@ -199,6 +198,11 @@ impl Store {
         self.reader.close().await;
         self.writer.close().await;
     }
+}
+
+/// Lowercase hex of `bytes`.
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn hex_key(hex: &str) -> Option<[u8; 32]> {
