@@ -2,7 +2,7 @@
 //! bulk import. Handlers parse and check input, call one store method, and shape the answer.
 
 use super::error::ApiError;
-use super::extract::{Json, JsonValue, Query};
+use super::extract::{Json, JsonValue, Path, Query};
 use super::view;
 use crate::app::AppState;
 use crate::crypto::Secret;
@@ -10,7 +10,7 @@ use crate::domain::Status;
 use crate::import::{self, CredentialInput, check_label, check_priority, check_secret};
 use crate::store::{CredentialPatch, ImportMode, ListFilter, QuotaPatch};
 use axum::Extension;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};

@@ -419,6 +419,8 @@ async fn no_input_makes_a_5xx() {
         "/v0/management/auths?offset=99999999999",
         "/v0/management/auths?limit=0",
         "/v0/management/auths/%00",
+        "/v0/management/auths/%FF%FE",
+        "/v0/management/auths/%FF/quota",
         "/v0/management/auths/..%2F..",
         "/v0/management/auths/openai/quota/extra",
         "/v0/management/auths/refresh/status",
