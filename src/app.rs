@@ -3,7 +3,7 @@
 //! in tests); [`Application::serve`] runs until the shutdown future resolves.
 
 use crate::config::{DatabaseLocation, Loaded};
-use crate::crypto::Sealer;
+use crate::crypto::{EncryptionKey, Sealer, Secret};
 use crate::events::AuthLog;
 use crate::import::{self, Batch};
 use crate::providers::Registry;
@@ -23,6 +23,7 @@ pub struct AppState {
     pub store: Store,
     pub registry: Registry,
     pub auth_log: AuthLog,
+    pub management: crate::http::guard::ManagementAuth,
     clock: Clock,
 }
 
@@ -102,29 +103,91 @@ impl StartError {
     }
 }
 
-/// Open the store and the auth log for a loaded config (what `serve` and `import` share).
+/// The sealer the config asks for: AES-256-GCM-SIV under `auth.encryption.key` (or the
+/// variable `key_env` names) when encryption is enabled, else plain.
+pub fn sealer_from_config(config: &crate::config::EncryptionConfig) -> Result<Sealer, StartError> {
+    if !config.enabled {
+        return Ok(Sealer::plain());
+    }
+    let (setting, text) = if !config.key_env.is_empty() {
+        let text = std::env::var(&config.key_env).map_err(|_| {
+            StartError::Config(format!(
+                "`auth.encryption.key_env`: the environment variable {} is not set",
+                config.key_env
+            ))
+        })?;
+        ("auth.encryption.key_env", Secret::new(text))
+    } else {
+        ("auth.encryption.key", config.key.clone())
+    };
+    let key = EncryptionKey::from_base64(text.expose())
+        .map_err(|e| StartError::Config(format!("`{setting}`: the key {e}")))?;
+    Ok(Sealer::encrypted(&key))
+}
+
+/// What a store error at open means for the operator: a key that does not fit is a config
+/// error (exit 2) naming the setting.
+fn open_error(e: StoreError, encryption: &crate::config::EncryptionConfig) -> StartError {
+    match e {
+        StoreError::Key(reason) => {
+            let setting = if !encryption.enabled {
+                "auth.encryption.enabled"
+            } else if !encryption.key_env.is_empty() {
+                "auth.encryption.key_env"
+            } else {
+                "auth.encryption.key"
+            };
+            StartError::Config(format!(
+                "`{setting}`: the database's secrets cannot be opened with this setting ({reason}); nothing was changed"
+            ))
+        }
+        other => StartError::Runtime(other.to_string()),
+    }
+}
+
+/// Open the store and the auth log for a loaded config (what `serve` and `import` share):
+/// check the key, seal secrets left in clear, mark credentials whose secrets do not open.
 pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, StartError> {
     let DatabaseLocation::File(path) = &config.database;
+    let encryption = &config.config.auth.encryption;
+    let sealer = sealer_from_config(encryption)?;
+    let management = crate::http::guard::ManagementAuth::from_config(&config.config.management)
+        .await
+        .map_err(StartError::Config)?;
     let store = Store::open(StoreOptions {
         path: path.clone(),
-        sealer: Sealer::plain(),
+        sealer,
         schedules: config.config.auth.quota.reset_schedule.clone(),
         read_connections: 4,
     })
     .await
-    .map_err(|e| StartError::Runtime(e.to_string()))?;
+    .map_err(|e| open_error(e, encryption))?;
     let auth_log = AuthLog::open(&config.log_dir).map_err(|e| {
         StartError::Runtime(format!(
             "{}: cannot open the auth log: {e}",
             config.log_dir.display()
         ))
     })?;
+    let (sealed, unopenable) = store
+        .prepare_secrets(clock())
+        .await
+        .map_err(|e| StartError::Runtime(e.to_string()))?;
+    if sealed > 0 {
+        auth_log.record(&format!(
+            "encryption on: sealed the secrets of {sealed} credential(s) stored in clear"
+        ));
+    }
+    for (id, reason) in &unopenable {
+        tracing::error!(credential = %id, %reason, "credential unusable");
+        auth_log.record(&format!("credential {id} is unusable: {reason}"));
+    }
     let registry = Registry::from_config(&config.config.providers);
     Ok(Arc::new(AppState {
         config: Arc::new(config),
         store,
         registry,
         auth_log,
+        management,
         clock,
     }))
 }

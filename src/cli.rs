@@ -3,6 +3,7 @@
 
 use crate::app::{self, Application, StartError};
 use crate::config::Config;
+use crate::crypto::{self, EncryptionKey, Sealer};
 use crate::import;
 use crate::store::ImportMode;
 use chrono::Utc;
@@ -37,6 +38,16 @@ enum Command {
         /// Files or folders to import [default: the config's auth_dir].
         paths: Vec<PathBuf>,
     },
+    /// Read a secret on stdin; print its argon2id PHC string for `management.secret_key`.
+    HashSecret,
+    /// Print a fresh base64 32-byte key for `auth.encryption.key`.
+    GenKey,
+    /// Re-encrypt every stored secret under a new key, in one transaction.
+    RotateKey {
+        /// The environment variable holding the new key (base64 of 32 bytes).
+        #[arg(long, value_name = "VAR")]
+        new_key_env: String,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -44,6 +55,15 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    // The commands that need no config.
+    match &cli.command {
+        Some(Command::HashSecret) => return hash_secret(),
+        Some(Command::GenKey) => {
+            println!("{}", EncryptionKey::generate_base64());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
     let (path, must_exist) = match &cli.config {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from("config.yaml"), false),
@@ -70,6 +90,8 @@ pub fn main() -> ExitCode {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(loaded).await,
             Command::Import { dry_run, paths } => import(loaded, dry_run, paths).await,
+            Command::RotateKey { new_key_env } => rotate_key(loaded, &new_key_env).await,
+            Command::HashSecret | Command::GenKey => unreachable!("handled before the config"),
         }
     });
     match result {
@@ -171,4 +193,56 @@ async fn import(
     } else {
         ExitCode::from(1)
     })
+}
+
+fn hash_secret() -> ExitCode {
+    let mut secret = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut secret) {
+        eprintln!("error: cannot read the secret from stdin: {e}");
+        return ExitCode::from(1);
+    }
+    let secret = secret.trim_end_matches(['\n', '\r']);
+    if secret.is_empty() {
+        eprintln!("error: the secret on stdin is empty");
+        return ExitCode::from(2);
+    }
+    match crypto::hash_secret(secret) {
+        Ok(phc) => {
+            println!("{phc}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot hash the secret: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn rotate_key(
+    loaded: crate::config::Loaded,
+    new_key_env: &str,
+) -> Result<ExitCode, StartError> {
+    let text = std::env::var(new_key_env).map_err(|_| {
+        StartError::Config(format!(
+            "--new-key-env: the environment variable {new_key_env} is not set"
+        ))
+    })?;
+    let new_key = EncryptionKey::from_base64(&text)
+        .map_err(|e| StartError::Config(format!("--new-key-env {new_key_env}: the key {e}")))?;
+    let state = app::open_state(loaded, Arc::new(Utc::now)).await?;
+    let count = state
+        .store
+        .rekey(&Sealer::encrypted(&new_key))
+        .await
+        .map_err(|e| StartError::Runtime(format!("rotation failed, nothing was changed: {e}")))?;
+    state.store.close().await;
+    state.auth_log.record(&format!(
+        "rotated the encryption key: {count} credential(s) re-sealed under key {:08x}",
+        new_key.id()
+    ));
+    println!(
+        "re-encrypted {count} credential(s) under key {:08x}. Now set auth.encryption.enabled: true and auth.encryption.key (or key_env) to the new key; the old key no longer opens the database.",
+        new_key.id()
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -21,7 +21,9 @@ impl AuthLog {
     /// Open (appending) `dir/auth.log`, creating the folder owner-only if needed.
     pub fn open(dir: &Path) -> std::io::Result<AuthLog> {
         create_private_dir(dir)?;
+        crate::store::warn_if_shared(dir);
         let path = dir.join("auth.log");
+        crate::store::warn_if_shared(&path);
         let file = OpenOptions::new()
             .create(true)
             .append(true)

@@ -13,7 +13,9 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     /// Extra fields inside the `error` object (the existing id of a duplicate, …).
-    pub extra: Map<String, Value>,
+    pub extra: Option<Box<Map<String, Value>>>,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -22,7 +24,8 @@ impl ApiError {
             status,
             code,
             message: message.into(),
-            extra: Map::new(),
+            extra: None,
+            retry_after: None,
         }
     }
 
@@ -35,7 +38,14 @@ impl ApiError {
     }
 
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
-        self.extra.insert(key.to_string(), value.into());
+        self.extra
+            .get_or_insert_with(Default::default)
+            .insert(key.to_string(), value.into());
+        self
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
         self
     }
 
@@ -59,8 +69,16 @@ impl IntoResponse for ApiError {
         let mut error = Map::new();
         error.insert("code".into(), Value::from(self.code));
         error.insert("message".into(), Value::from(self.message));
-        error.extend(self.extra);
-        (self.status, axum::Json(json!({ "error": error }))).into_response()
+        if let Some(extra) = self.extra {
+            error.extend(*extra);
+        }
+        let mut response = (self.status, axum::Json(json!({ "error": error }))).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 

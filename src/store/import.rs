@@ -4,7 +4,8 @@
 
 use super::audit::{self, AuditEntry};
 use super::credentials::insert_quotas;
-use super::{Result, Store, to_hex};
+use super::{Result, Store};
+use crate::crypto::to_hex;
 use crate::crypto::{Field, token_preview};
 use crate::import::{Batch, Entry, ImportError};
 use chrono::{DateTime, Utc};

@@ -11,12 +11,13 @@ mod audit;
 mod credentials;
 mod import;
 mod quota;
+mod secrets;
 
 pub use credentials::{CredentialPatch, ListFilter};
 pub use import::{ImportMode, ImportReport, Notice};
 pub use quota::QuotaPatch;
 
-use crate::crypto::{CryptoError, Field, Fingerprinter, Sealer, Secret};
+use crate::crypto::{CryptoError, Field, Fingerprinter, Sealer, Secret, to_hex};
 use crate::quota::ResetSchedule;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
@@ -37,6 +38,9 @@ pub enum StoreError {
     Duplicate { id: String },
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    /// The configured key (or its absence) does not open the database's secrets.
+    #[error("{0}")]
+    Key(String),
     #[error("cannot prepare the database at {path}: {source}")]
     Io {
         path: PathBuf,
@@ -73,6 +77,21 @@ pub struct Store {
 /// The embedded migrations (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Warn when an existing file or folder that holds secrets is open to other users.
+pub fn warn_if_shared(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "readable by other users; run chmod go-rwx on it"
+            );
+        }
+    }
+}
+
 /// Create `dir` and its missing parents readable by the owner only.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     if dir.as_os_str().is_empty() || dir.exists() {
@@ -96,6 +115,14 @@ impl Store {
         if let Some(parent) = path.parent() {
             create_private_dir(parent).map_err(io_err(parent))?;
         }
+        warn_if_shared(path);
+        if let Some(parent) = path.parent() {
+            warn_if_shared(parent);
+        }
+        // An existing database must open with the configured key before anything is written.
+        if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
+            secrets::check_key(path, &options.sealer).await?;
+        }
         // Create the file ourselves so it is owner-only from its first byte; SQLite gives the
         // WAL and shared-memory files the same mode.
         OpenOptions::new()
@@ -109,6 +136,8 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
+            // Freed pages are zeroed, so a deleted or re-sealed secret leaves no copy behind.
+            .pragma("secure_delete", "ON")
             .busy_timeout(Duration::from_secs(10));
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
@@ -185,6 +214,18 @@ impl Store {
             .timestamp()
     }
 
+    /// At start: seal secrets left in clear (encryption just turned on), then mark the
+    /// credentials whose secrets do not open. Returns how many were sealed, and the marked
+    /// ones with their reasons.
+    pub async fn prepare_secrets(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<(usize, Vec<(String, String)>)> {
+        let sealed = self.seal_stale().await?;
+        let failed = self.mark_unopenable(now.timestamp()).await?;
+        Ok((sealed, failed))
+    }
+
     /// `PRAGMA integrity_check`; `Ok(())` when the database is sound.
     pub async fn integrity_check(&self) -> Result<Vec<String>> {
         let rows: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check")
@@ -198,11 +239,6 @@ impl Store {
         self.reader.close().await;
         self.writer.close().await;
     }
-}
-
-/// Lowercase hex of `bytes`.
-pub(crate) fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn hex_key(hex: &str) -> Option<[u8; 32]> {

@@ -1,12 +1,13 @@
 //! The test harness: the real application on port 0 with a temporary folder holding its
 //! config, database, auth files and logs; and the real binary, for restarts and `kill -9`.
 
-use cliproxyapi::app::Application;
+use cliproxyapi::app::{Application, Clock, StartError};
 use cliproxyapi::config::Config;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
@@ -48,10 +49,12 @@ impl Home {
 
     /// Build and serve the application in this process.
     pub async fn start(&self) -> TestApp {
-        let loaded = Config::load_with_env(&self.config_path(), true, Vec::new()).expect("config");
-        let app = Application::build(loaded)
-            .await
-            .expect("application builds");
+        self.start_with(&[], Arc::new(chrono::Utc::now)).await
+    }
+
+    /// Build with `CLIPROXY__*` overrides and a clock of the test's.
+    pub async fn start_with(&self, env: &[(&str, &str)], clock: Clock) -> TestApp {
+        let app = self.build(env, clock).await.expect("application builds");
         let base = format!("http://{}", app.local_addr());
         let state = app.state();
         let report = app.import_report().clone();
@@ -67,6 +70,17 @@ impl Home {
             state,
             import_report: report,
         }
+    }
+
+    /// Build (not serve) the application, for tests of start failures.
+    pub async fn build(
+        &self,
+        env: &[(&str, &str)],
+        clock: Clock,
+    ) -> Result<Application, StartError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let loaded = Config::load_with_env(&self.config_path(), true, env).expect("config");
+        Application::build_with_clock(loaded, clock).await
     }
 
     /// Start the real binary on this home and wait until it listens.
@@ -105,14 +119,25 @@ impl Home {
 
     /// Run `cliproxyapi ARGS` on this home to completion.
     pub fn run_binary(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_cliproxyapi"))
-            .arg("--config")
+        self.run_binary_env(args, &[])
+    }
+
+    /// The binary command for `ARGS` with extra environment variables, not yet started.
+    pub fn command(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cliproxyapi"));
+        cmd.arg("--config")
             .arg(self.config_path())
             .args(args)
             .current_dir(self.path())
-            .env_remove("CLIPROXY_CONFIG")
-            .output()
-            .expect("binary runs")
+            .env_remove("CLIPROXY_CONFIG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    pub fn run_binary_env(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        self.command(args, env).output().expect("binary runs")
     }
 }
 
@@ -121,6 +146,7 @@ impl Home {
 pub struct Resp {
     pub status: u16,
     pub text: String,
+    pub retry_after: Option<String>,
 }
 
 impl Resp {
@@ -148,10 +174,23 @@ pub trait Api {
     fn client(&self) -> &reqwest::Client;
 
     async fn call(&self, method: &str, path: &str, body: Option<&str>) -> Resp {
+        self.call_with(method, path, body, &[]).await
+    }
+
+    async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut req = self
             .client()
             .request(method, format!("{}{}", self.base(), path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
         if let Some(b) = body {
             req = req
                 .header("content-type", "application/json")
@@ -159,8 +198,17 @@ pub trait Api {
         }
         let resp = req.send().await.expect("request is answered");
         let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let text = resp.text().await.unwrap();
-        Resp { status, text }
+        Resp {
+            status,
+            text,
+            retry_after,
+        }
     }
 
     async fn get(&self, path: &str) -> Resp {

@@ -8,4 +8,5 @@ mod common;
 mod management;
 mod persistence;
 mod secrets;
+mod security;
 mod seed;

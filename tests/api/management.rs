@@ -2,8 +2,6 @@
 //! import, tombstones, and the loopback policy.
 
 use crate::common::{Api, Home, by_label};
-use cliproxyapi::crypto::Secret;
-use cliproxyapi::http::management_decision;
 use serde_json::{Value, json};
 
 async fn add(app: &impl Api, body: Value) -> Value {
@@ -198,49 +196,4 @@ async fn updates_quota_and_import_rules() {
         "{r}"
     );
     app.stop().await;
-}
-
-#[test]
-fn management_policy_uses_the_peer_address() {
-    let none = Secret::new("");
-    let key = Secret::new("s3cret-key");
-    let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
-    let local6: std::net::IpAddr = "::1".parse().unwrap();
-    let mapped: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
-    let remote: std::net::IpAddr = "192.0.2.7".parse().unwrap();
-    assert!(management_decision(Some(local), None, &none, false).is_ok());
-    assert!(management_decision(Some(local6), None, &none, false).is_ok());
-    assert!(management_decision(Some(mapped), None, &none, false).is_ok());
-    assert_eq!(
-        management_decision(Some(remote), None, &none, false)
-            .unwrap_err()
-            .status,
-        403
-    );
-    assert_eq!(
-        management_decision(None, None, &none, false)
-            .unwrap_err()
-            .status,
-        403
-    );
-    assert_eq!(
-        management_decision(Some(local), None, &key, false)
-            .unwrap_err()
-            .status,
-        401
-    );
-    assert_eq!(
-        management_decision(Some(local), Some("wrong"), &key, false)
-            .unwrap_err()
-            .status,
-        401
-    );
-    assert!(management_decision(Some(local), Some("s3cret-key"), &key, false).is_ok());
-    assert_eq!(
-        management_decision(Some(remote), Some("s3cret-key"), &key, false)
-            .unwrap_err()
-            .status,
-        403
-    );
-    assert!(management_decision(Some(remote), Some("s3cret-key"), &key, true).is_ok());
 }
