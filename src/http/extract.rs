@@ -12,29 +12,34 @@ use serde::de::DeserializeOwned;
 /// Largest body we read, everywhere.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// A JSON body, deserialized with errors that name their field.
+/// Read a body (at most [`MAX_BODY_BYTES`]) and parse it as JSON of any shape.
+async fn read_json<S: Send + Sync>(req: Request, state: &S) -> Result<serde_json::Value, ApiError> {
+    let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large()
+        } else {
+            ApiError::bad_request("invalid_body", rej.body_text())
+        }
+    })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "The request body is empty; send JSON",
+        ));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("The body is not valid JSON: {e}"))
+    })
+}
+
+/// A JSON object body, deserialized with errors that name their field.
 pub struct Json<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
-            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                too_large()
-            } else {
-                ApiError::bad_request("invalid_body", rej.body_text())
-            }
-        })?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::bad_request(
-                "invalid_body",
-                "The request body is empty; send a JSON object",
-            ));
-        }
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::bad_request("invalid_json", format!("The body is not valid JSON: {e}"))
-        })?;
+        let value = read_json(req, state).await?;
         if !value.is_object() {
             return Err(ApiError::bad_request(
                 "invalid_body",
@@ -54,16 +59,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonValue {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
-            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                too_large()
-            } else {
-                ApiError::bad_request("invalid_body", rej.body_text())
-            }
-        })?;
-        serde_json::from_slice(&bytes).map(JsonValue).map_err(|e| {
-            ApiError::bad_request("invalid_json", format!("The body is not valid JSON: {e}"))
-        })
+        read_json(req, state).await.map(JsonValue)
     }
 }
 

@@ -246,6 +246,17 @@ impl Store {
         Ok(id)
     }
 
+    /// A new credential's token, refresh token and client secret, sealed for row `id`.
+    pub(super) fn seal_secrets(&self, id: &str, new: &NewCredential) -> [Option<Vec<u8>>; 3] {
+        let seal =
+            |value: &Option<Secret>, field| value.as_ref().map(|v| self.sealer.seal(id, field, v));
+        [
+            seal(&new.token, Field::Token),
+            seal(&new.refresh_token, Field::RefreshToken),
+            seal(&new.client_secret, Field::ClientSecret),
+        ]
+    }
+
     /// The counter row of a new credential, for [`insert_quotas`].
     pub(super) fn quota_seed(
         &self,
@@ -269,18 +280,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<String> {
         let id = new_credential_id();
-        let token = new
-            .token
-            .as_ref()
-            .map(|t| self.sealer.seal(&id, Field::Token, t));
-        let refresh = new
-            .refresh_token
-            .as_ref()
-            .map(|t| self.sealer.seal(&id, Field::RefreshToken, t));
-        let client_secret = new
-            .client_secret
-            .as_ref()
-            .map(|t| self.sealer.seal(&id, Field::ClientSecret, t));
+        let [token, refresh, client_secret] = self.seal_secrets(&id, new);
         let preview = token_preview(new.identity().expose());
         let extra = serde_json::to_string(&new.extra).expect("extra serializes");
         let kind = new.kind.as_str();

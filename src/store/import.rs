@@ -6,7 +6,7 @@ use super::audit::{self, AuditEntry};
 use super::credentials::insert_quotas;
 use super::{Result, Store};
 use crate::crypto::to_hex;
-use crate::crypto::{Field, token_preview};
+use crate::crypto::token_preview;
 use crate::import::{Batch, Entry, ImportError};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -201,18 +201,7 @@ impl Store {
         source: &str,
         ts: i64,
     ) -> Result<()> {
-        let token = new
-            .token
-            .as_ref()
-            .map(|t| self.sealer.seal(id, Field::Token, t));
-        let refresh = new
-            .refresh_token
-            .as_ref()
-            .map(|t| self.sealer.seal(id, Field::RefreshToken, t));
-        let client_secret = new
-            .client_secret
-            .as_ref()
-            .map(|t| self.sealer.seal(id, Field::ClientSecret, t));
+        let [token, refresh, client_secret] = self.seal_secrets(id, new);
         let preview = token_preview(new.identity().expose());
         let extra = serde_json::to_string(&new.extra).expect("extra serializes");
         let kind = new.kind.as_str();
