@@ -94,12 +94,6 @@ pub struct ManagementConfig {
     pub allow_remote: bool,
 }
 
-impl Default for Secret {
-    fn default() -> Self {
-        Secret::new("")
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SelectionStrategy {

@@ -13,7 +13,8 @@ use subtle::ConstantTimeEq;
 
 /// A secret string. `Debug` and `Display` print nothing of it, so it cannot leak through a log
 /// line, an error message or a panic; the value is reached only through [`Secret::expose`].
-#[derive(Clone, PartialEq, Eq)]
+/// The default is empty (an unset key in the config).
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
