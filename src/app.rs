@@ -24,6 +24,8 @@ pub struct AppState {
     pub registry: Registry,
     pub auth_log: AuthLog,
     pub management: crate::http::guard::ManagementAuth,
+    /// The client for upstream calls (connection pools shared by all requests).
+    pub http: reqwest::Client,
     clock: Clock,
 }
 
@@ -181,13 +183,29 @@ pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, S
         tracing::error!(credential = %id, %reason, "credential unusable");
         auth_log.record(&format!("credential {id} is unusable: {reason}"));
     }
+    let (dead, dead_tokens) = store
+        .settle_dead(clock())
+        .await
+        .map_err(|e| StartError::Runtime(e.to_string()))?;
+    if dead > 0 {
+        auth_log.record(&format!(
+            "settled {dead} reservation(s) left by a stopped process at their reserved {dead_tokens} tokens"
+        ));
+    }
     let registry = Registry::from_config(&config.config.providers);
+    let http = reqwest::Client::builder()
+        .timeout(config.config.proxy.request_timeout.0)
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| StartError::Runtime(format!("cannot build the HTTP client: {e}")))?;
     Ok(Arc::new(AppState {
         config: Arc::new(config),
         store,
         registry,
         auth_log,
         management,
+        http,
         clock,
     }))
 }
@@ -241,12 +259,14 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let app = crate::http::router(self.state.clone());
+        let sweeper = tokio::spawn(sweep_leases(self.state.clone()));
         let result = axum::serve(
             self.listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
         .await;
+        sweeper.abort();
         self.state.store.close().await;
         result
     }
@@ -268,4 +288,19 @@ pub async fn import_auth_dir(state: &AppState, actor: &str) -> Result<ImportRepo
         .import(batch, ImportMode::Files, actor, false)
         .await
         .map_err(|e| StartError::Runtime(format!("import failed: {e}")))
+}
+
+/// Settle leases past their expiry at their reservation, every few seconds.
+async fn sweep_leases(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        match state.store.expire_leases(state.now()).await {
+            Ok(0) => {}
+            Ok(n) => state.auth_log.record(&format!(
+                "settled {n} expired lease(s) at their reservation"
+            )),
+            Err(e) => tracing::error!(error = %e, "cannot settle expired leases"),
+        }
+    }
 }

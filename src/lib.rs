@@ -26,5 +26,7 @@ pub mod events; // auth event log file
 pub mod http; // axum routers and handlers
 pub mod import; // credential files and bodies into new credentials
 pub mod providers; // which providers exist and how they are configured
+pub mod proxy; // the request path: attempts, rotation, streaming with a usage tap
 pub mod quota; // reset schedules, periods
+pub mod selection; // the strategies over usable candidates
 pub mod store; // the only place that knows SQL

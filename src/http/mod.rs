@@ -4,6 +4,7 @@ pub mod error;
 pub mod extract;
 pub mod guard;
 pub mod management;
+pub mod proxy;
 pub mod view;
 
 use crate::app::AppState;
@@ -38,11 +39,27 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             management_guard,
         ));
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(proxy::chat_completions))
+        .route("/v1/models", get(proxy::models))
+        .route("/v1/messages", post(proxy::messages))
+        .route("/v1beta/models/{model_action}", post(proxy::gemini))
+        .route("/v1/credentials/lease", post(proxy::lease))
+        .route(
+            "/v1/credentials/lease/{lease_id}/report",
+            post(proxy::report),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            proxy::client_guard,
+        ))
+        .layer(DefaultBodyLimit::max(proxy::MAX_PROXY_BODY));
+    let management = management.layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES));
     Router::new()
         .nest("/v0/management", management)
+        .merge(v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)
 }

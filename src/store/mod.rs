@@ -11,11 +11,13 @@ mod audit;
 mod credentials;
 mod import;
 mod quota;
+mod requests;
 mod secrets;
 
 pub use credentials::{CredentialPatch, ListFilter};
 pub use import::{ImportMode, ImportReport, Notice};
 pub use quota::QuotaPatch;
+pub use requests::{Mark, Reservation, ReservationKind, ReserveRequest, Unavailable};
 
 use crate::crypto::{CryptoError, Field, Fingerprinter, Sealer, Secret, to_hex};
 use crate::quota::ResetSchedule;
@@ -28,6 +30,8 @@ use std::collections::BTreeMap;
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +76,10 @@ pub struct Store {
     sealer: Sealer,
     fingerprinter: Fingerprinter,
     schedules: BTreeMap<String, ResetSchedule>,
+    /// This process's name on the reservations it makes, so those of a dead one are known.
+    instance: Arc<str>,
+    /// The last pick number handed out (see `quotas.last_pick`).
+    picks: Arc<AtomicI64>,
 }
 
 /// The embedded migrations (`migrations/`).
@@ -154,12 +162,18 @@ impl Store {
             .connect_with(base.read_only(true))
             .await?;
         let fingerprinter = Self::load_fingerprint_key(&writer, &options.sealer).await?;
+        let last_pick =
+            sqlx::query_scalar!(r#"SELECT COALESCE(MAX(last_pick), 0) AS "n!: i64" FROM quotas"#)
+                .fetch_one(&reader)
+                .await?;
         Ok(Store {
             writer,
             reader,
             sealer: options.sealer,
             fingerprinter,
             schedules: options.schedules,
+            instance: Arc::from(format!("proc_{}", to_hex(&rand::random::<[u8; 8]>()))),
+            picks: Arc::new(AtomicI64::new(last_pick)),
         })
     }
 

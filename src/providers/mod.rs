@@ -1,5 +1,9 @@
-//! The provider registry: the built-in providers with their defaults, overridden or extended by
-//! the config's `providers` blocks. Everything that asks "is this a provider?" asks here.
+//! The providers: the registry of built-ins with their defaults, overridden or extended by the
+//! config's `providers` blocks (everything that asks "is this a provider?" asks here), and per
+//! upstream format what the request path needs to know ([`wire`], [`tap`]).
+
+pub mod tap;
+pub mod wire;
 
 use crate::config::ProviderConfig;
 use serde::{Deserialize, Serialize};
@@ -157,6 +161,29 @@ impl Registry {
         self.providers.keys().map(String::as_str)
     }
 
+    pub fn all(&self) -> impl Iterator<Item = &Provider> {
+        self.providers.values()
+    }
+
+    /// The provider of an OpenAI-format request for `model`: an explicit `provider/model`
+    /// prefix (stripped from the model), else the first provider whose patterns match.
+    pub fn route_openai<'m>(&self, model: &'m str) -> Option<(&Provider, &'m str)> {
+        if let Some((prefix, rest)) = model.split_once('/') {
+            if let Some(p) = self
+                .providers
+                .get(prefix)
+                .filter(|p| p.format == Format::Openai)
+            {
+                return Some((p, rest));
+            }
+        }
+        self.providers
+            .values()
+            .filter(|p| p.format == Format::Openai)
+            .find(|p| p.models.iter().any(|pat| glob(pat, model)))
+            .map(|p| (p, model))
+    }
+
     /// The provider a credential file belongs to, from its name: `claude.json` and
     /// `claude-work.json` are claude. The longest matching name wins, so a custom `my-llm`
     /// provider owns `my-llm-2.json` rather than a provider called `my`.
@@ -173,9 +200,47 @@ impl Registry {
     }
 }
 
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, tail)) => {
+            let Some(rest) = text.strip_prefix(head) else {
+                return false;
+            };
+            (0..=rest.len())
+                .filter(|i| rest.is_char_boundary(*i))
+                .any(|i| glob(tail, &rest[i..]))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routing() {
+        let r = registry();
+        assert_eq!(
+            r.route_openai("gpt-4o").map(|(p, m)| (p.name.as_str(), m)),
+            Some(("openai", "gpt-4o"))
+        );
+        assert_eq!(r.route_openai("o3-mini").unwrap().0.name, "openai");
+        assert_eq!(r.route_openai("deepseek-chat").unwrap().0.name, "deepseek");
+        assert_eq!(
+            r.route_openai("groq/llama-x")
+                .map(|(p, m)| (p.name.as_str(), m)),
+            Some(("groq", "llama-x"))
+        );
+        assert_eq!(
+            r.route_openai("claude/x"),
+            None,
+            "claude is not an OpenAI-format provider"
+        );
+        assert!(r.route_openai("unknown-model").is_none());
+        assert!(glob("a*b*c", "axxbyyc") && !glob("a*b", "ab-c") && glob("*", ""));
+    }
 
     fn registry() -> Registry {
         let mut blocks = BTreeMap::new();

@@ -1,0 +1,421 @@
+//! The proxy API (contract section 7): the provider-shaped endpoints applications call, the
+//! client-key guard in front of them, and the lease API.
+
+use super::error::ApiError;
+use super::extract::{Json, Path};
+use crate::app::AppState;
+use crate::crypto::Secret;
+use crate::providers::{Format, Provider};
+use crate::proxy::{self, Call};
+use crate::store::{Mark, ReservationKind, ReserveRequest};
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, FromRequest, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use chrono::Duration;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Largest request body the proxy takes (prompts may carry images).
+pub const MAX_PROXY_BODY: usize = 32 * 1024 * 1024;
+/// How long a lease lasts before it is settled at its reservation.
+const LEASE_MINUTES: i64 = 10;
+
+type AppResult<T> = Result<T, ApiError>;
+
+/// The client key a request presents, in any of the places the SDKs put it.
+fn client_key(req: &Request) -> Option<String> {
+    let h = req.headers();
+    let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(bearer) = header("authorization").and_then(|v| {
+        v.strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+    }) {
+        return Some(bearer.trim().to_string());
+    }
+    for name in ["x-api-key", "x-goog-api-key"] {
+        if let Some(v) = header(name) {
+            return Some(v.to_string());
+        }
+    }
+    let query = req.uri().query()?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "key")
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Client keys for `/v1/*`: one of `api_keys`, or (when there are none) a loopback client.
+pub async fn client_guard(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let keys = &state.config.config.api_keys;
+    if keys.is_empty() {
+        let loopback = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .is_some_and(|c| c.0.ip().to_canonical().is_loopback());
+        if !loopback {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "remote_clients_disabled",
+                "This server answers only loopback clients until api_keys are configured",
+            )
+            .into_response();
+        }
+        return next.run(req).await;
+    }
+    match client_key(&req) {
+        Some(k) if keys.iter().any(|key: &Secret| key.ct_eq(&k)) => next.run(req).await,
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "The API key is not one of this server's",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_api_key",
+            "Send an API key as Authorization: Bearer KEY, x-api-key, x-goog-api-key or ?key=",
+        )
+        .into_response(),
+    }
+}
+
+/// A JSON object body of up to [`MAX_PROXY_BODY`] bytes, kept as a value.
+pub struct ProxyBody(pub Value);
+
+impl<S: Send + Sync> FromRequest<S> for ProxyBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
+            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("The body is larger than {MAX_PROXY_BODY} bytes"),
+                )
+            } else {
+                ApiError::bad_request("invalid_body", rej.body_text())
+            }
+        })?;
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(v @ Value::Object(_)) => Ok(ProxyBody(v)),
+            Ok(_) => Err(ApiError::bad_request(
+                "invalid_body",
+                "The body must be a JSON object",
+            )),
+            Err(e) => Err(ApiError::bad_request(
+                "invalid_json",
+                format!("The body is not valid JSON: {e}"),
+            )),
+        }
+    }
+}
+
+/// Client headers an upstream of `format` may need (never a key).
+fn pass_headers(format: Format, headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    let names: &[&str] = match format {
+        Format::Anthropic => &["anthropic-version", "anthropic-beta"],
+        _ => &[],
+    };
+    names
+        .iter()
+        .filter_map(|n| {
+            headers
+                .get(*n)
+                .map(|v| (HeaderName::from_static(n), v.clone()))
+        })
+        .collect()
+}
+
+fn provider_of(state: &AppState, name: &str) -> AppResult<Provider> {
+    state.registry.get(name).cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unknown_provider",
+            format!("Provider {name} is not configured"),
+        )
+    })
+}
+
+fn wants_stream(body: &Value) -> bool {
+    body.get("stream").and_then(Value::as_bool).unwrap_or(false)
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ProxyBody(mut body): ProxyBody,
+) -> Response {
+    let Some(model) = body
+        .get("model")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+    else {
+        return ApiError::bad_request("invalid_body", "The body needs a `model`").into_response();
+    };
+    let Some((provider, upstream_model)) = state
+        .registry
+        .route_openai(&model)
+        .map(|(p, m)| (p.clone(), m.to_string()))
+    else {
+        return ApiError::not_found(
+            "unknown_model",
+            format!("No configured provider serves model `{model}`"),
+        )
+        .into_response();
+    };
+    body["model"] = Value::String(upstream_model);
+    let stream = wants_stream(&body);
+    let call = Call {
+        pass_headers: pass_headers(provider.format, &headers),
+        provider,
+        path: "/chat/completions".into(),
+        body,
+        stream,
+    };
+    proxy::forward(state, call).await
+}
+
+pub async fn messages(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    ProxyBody(body): ProxyBody,
+) -> Response {
+    let provider = match provider_of(&state, "claude") {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let stream = wants_stream(&body);
+    let call = Call {
+        pass_headers: pass_headers(provider.format, &headers),
+        provider,
+        path: "/v1/messages".into(),
+        body,
+        stream,
+    };
+    proxy::forward(state, call).await
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GeminiQuery {
+    alt: Option<String>,
+}
+
+pub async fn gemini(
+    State(state): State<Arc<AppState>>,
+    Path(model_action): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<GeminiQuery>,
+    ProxyBody(body): ProxyBody,
+) -> Response {
+    let Some((model, action)) = model_action.rsplit_once(':') else {
+        return ApiError::not_found(
+            "not_found",
+            "Use models/{model}:generateContent or :streamGenerateContent",
+        )
+        .into_response();
+    };
+    let stream = match action {
+        "generateContent" => false,
+        "streamGenerateContent" => true,
+        _ => {
+            return ApiError::not_found(
+                "not_found",
+                format!("Unsupported Gemini method `{action}`"),
+            )
+            .into_response();
+        }
+    };
+    let provider = match provider_of(&state, "gemini") {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let mut path = format!("/models/{model}:{action}");
+    if let Some(alt) = q
+        .alt
+        .filter(|a| a.chars().all(|c| c.is_ascii_alphanumeric()))
+    {
+        path.push_str(&format!("?alt={alt}"));
+    }
+    let call = Call {
+        pass_headers: Vec::new(),
+        provider,
+        path,
+        body,
+        stream,
+    };
+    proxy::forward(state, call).await
+}
+
+/// `GET /v1/models`: the model patterns of the enabled OpenAI-format providers, and each as
+/// `provider/*` (an explicit prefix routes any model to that provider).
+pub async fn models(State(state): State<Arc<AppState>>) -> Response {
+    let mut data = Vec::new();
+    for p in state
+        .registry
+        .all()
+        .filter(|p| p.enabled && p.format == Format::Openai)
+    {
+        for m in &p.models {
+            data.push(json!({"id": m, "object": "model", "created": 0, "owned_by": p.name}));
+        }
+        data.push(json!({"id": format!("{}/*", p.name), "object": "model", "created": 0, "owned_by": p.name}));
+    }
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseInput {
+    provider: String,
+    estimated_tokens: Option<u64>,
+}
+
+pub async fn lease(
+    State(state): State<Arc<AppState>>,
+    Json(input): Json<LeaseInput>,
+) -> AppResult<Response> {
+    let provider = state
+        .registry
+        .get(&input.provider)
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "unknown_provider",
+                format!("Unknown provider `{}`", input.provider),
+            )
+        })?;
+    if !provider.enabled {
+        return Err(proxy::provider_disabled(&provider.name));
+    }
+    let config = &state.config.config;
+    let tokens = input
+        .estimated_tokens
+        .unwrap_or(config.auth.quota.default_reservation);
+    let expires_at = state.now() + Duration::minutes(LEASE_MINUTES);
+    let mut tried = Vec::new();
+    for _ in 0..config.proxy.max_attempts {
+        let req = ReserveRequest {
+            provider: &provider.name,
+            tokens,
+            strategy: config.auth.selection_strategy,
+            exclude: &tried,
+            kind: ReservationKind::Lease,
+            expires_at: Some(expires_at),
+        };
+        let r = match state.store.reserve(&req, state.now()).await? {
+            Ok(r) => r,
+            Err(why) => return Err(proxy::unavailable(&provider.name, why)),
+        };
+        match state.store.open_token(&r.credential_id).await? {
+            Ok(token) => {
+                let body = json!({
+                    "lease_id": r.id,
+                    "credential_id": r.credential_id,
+                    "provider": provider.name,
+                    "token": token.expose(),
+                    "base_url": provider.base_url,
+                    "expires_at": crate::domain::rfc3339(expires_at),
+                });
+                return Ok((StatusCode::CREATED, axum::Json(body)).into_response());
+            }
+            Err(reason) => {
+                state
+                    .store
+                    .release(&r.id, Some(&Mark::Invalid(reason)), state.now())
+                    .await?;
+                tried.push(r.credential_id);
+            }
+        }
+    }
+    Err(proxy::unavailable(
+        &provider.name,
+        crate::store::Unavailable::Unusable,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportInput {
+    tokens_used: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    error_status: Option<u16>,
+    retry_after: Option<u64>,
+}
+
+pub async fn report(
+    State(state): State<Arc<AppState>>,
+    Path(lease_id): Path<String>,
+    Json(input): Json<ReportInput>,
+) -> AppResult<Response> {
+    let Some((credential_id, provider)) = state.store.lease(&lease_id).await? else {
+        return Err(ApiError::not_found(
+            "lease_not_found",
+            "No such lease, or it was already reported or expired",
+        ));
+    };
+    if let Some(status) = input.error_status {
+        let status = StatusCode::from_u16(status).map_err(|_| {
+            ApiError::bad_request("invalid_body", "error_status is not an HTTP status")
+        })?;
+        let format = state
+            .registry
+            .get(&provider)
+            .map(|p| p.format)
+            .unwrap_or(Format::Openai);
+        let mut headers = HeaderMap::new();
+        if let Some(secs) = input.retry_after {
+            headers.insert(reqwest::header::RETRY_AFTER, secs.into());
+        }
+        let verdict = crate::providers::wire::classify(format, status, &headers, b"");
+        let mark = proxy::mark_for(&verdict, state.now());
+        if let Some(m) = &mark {
+            state.auth_log.record(&format!(
+                "credential {credential_id} ({provider}) marked by a lease report: {}",
+                m.describe()
+            ));
+        }
+        state
+            .store
+            .release(&lease_id, mark.as_ref(), state.now())
+            .await?;
+        return Ok(axum::Json(json!({"lease_id": lease_id, "released": true})).into_response());
+    }
+    let usage = match (input.tokens_used, input.input_tokens, input.output_tokens) {
+        (Some(t), None, None) => crate::providers::wire::Usage {
+            input: 0,
+            output: t,
+        },
+        (None, i, o) if i.is_some() || o.is_some() => crate::providers::wire::Usage {
+            input: i.unwrap_or(0),
+            output: o.unwrap_or(0),
+        },
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                "Report tokens_used (or input_tokens and output_tokens), or error_status",
+            ));
+        }
+    };
+    if !state
+        .store
+        .settle(&lease_id, usage, false, state.now())
+        .await?
+    {
+        return Err(ApiError::not_found(
+            "lease_not_found",
+            "No such lease, or it was already reported or expired",
+        ));
+    }
+    Ok(
+        axum::Json(json!({"lease_id": lease_id, "settled": true, "tokens_used": usage.total()}))
+            .into_response(),
+    )
+}

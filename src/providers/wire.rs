@@ -1,0 +1,307 @@
+//! What differs between the upstream formats (protocols.md section 4): how a credential is
+//! attached, how big a request may get, where usage is in a body or a stream, and what an error
+//! status means for the credential that got it.
+
+use super::Format;
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::Value;
+use std::time::Duration;
+
+/// Tokens a provider reported for one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input: u64,
+    pub output: u64,
+}
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        self.input.saturating_add(self.output)
+    }
+}
+
+/// What an upstream error means for the credential, and whether to try the next one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Rejected: the key is wrong or revoked.
+    Invalid(String),
+    /// Out of credit or quota until the next reset.
+    Exhausted(String),
+    /// Rate-limited or overloaded: cool down for this long.
+    Cooldown(Duration, String),
+    /// The client's own mistake (400, 404, 413, 422…): pass the answer on, charge nothing.
+    ClientError,
+}
+
+/// Cooldown after a 429 without `retry-after`.
+const DEFAULT_RATE_LIMIT_COOLDOWN: Duration = Duration::from_secs(30);
+/// Cooldown after a 5xx or a connection failure.
+const SERVER_ERROR_COOLDOWN: Duration = Duration::from_secs(10);
+
+/// Attach the credential the way the provider expects it.
+pub fn attach(
+    format: Format,
+    req: reqwest::RequestBuilder,
+    token: &str,
+) -> reqwest::RequestBuilder {
+    match format {
+        Format::Openai | Format::Kiro => req.bearer_auth(token),
+        Format::Anthropic => req.header("x-api-key", token),
+        Format::Gemini => req.header("x-goog-api-key", token),
+    }
+}
+
+fn u(v: &Value) -> Option<u64> {
+    v.as_u64()
+}
+
+/// The tokens a request may use: its output cap plus an estimate of its prompt (a quarter of
+/// the body's bytes, rounded up, which errs high for text), or `default` without a cap.
+pub fn reservation(format: Format, body: &Value, body_len: usize, default: u64) -> u64 {
+    let cap = match format {
+        Format::Openai | Format::Kiro => body
+            .get("max_completion_tokens")
+            .and_then(u)
+            .or_else(|| body.get("max_tokens").and_then(u)),
+        Format::Anthropic => body.get("max_tokens").and_then(u),
+        Format::Gemini => body
+            .pointer("/generationConfig/maxOutputTokens")
+            .and_then(u),
+    };
+    match cap {
+        Some(cap) => cap.saturating_add(body_len.div_ceil(4) as u64),
+        None => default,
+    }
+}
+
+/// Usage in a non-streamed answer.
+pub fn usage_from_body(format: Format, body: &Value) -> Option<Usage> {
+    match format {
+        Format::Openai | Format::Kiro => {
+            let usage = body.get("usage")?;
+            Some(Usage {
+                input: usage.get("prompt_tokens").and_then(u)?,
+                output: usage.get("completion_tokens").and_then(u).unwrap_or(0),
+            })
+        }
+        Format::Anthropic => anthropic_usage(body.get("usage")?),
+        Format::Gemini => gemini_usage(body.get("usageMetadata")?),
+    }
+}
+
+fn anthropic_usage(usage: &Value) -> Option<Usage> {
+    let field = |k: &str| usage.get(k).and_then(u).unwrap_or(0);
+    if usage.get("input_tokens").is_none() && usage.get("output_tokens").is_none() {
+        return None;
+    }
+    Some(Usage {
+        input: field("input_tokens")
+            + field("cache_creation_input_tokens")
+            + field("cache_read_input_tokens"),
+        output: field("output_tokens"),
+    })
+}
+
+fn gemini_usage(meta: &Value) -> Option<Usage> {
+    let field = |k: &str| meta.get(k).and_then(u);
+    let input = field("promptTokenCount").unwrap_or(0);
+    let output = match field("totalTokenCount") {
+        Some(total) => total.saturating_sub(input),
+        None => {
+            field("candidatesTokenCount").unwrap_or(0) + field("thoughtsTokenCount").unwrap_or(0)
+        }
+    };
+    if field("promptTokenCount").is_none() && field("totalTokenCount").is_none() {
+        return None;
+    }
+    Some(Usage { input, output })
+}
+
+/// Fold one streamed event (its `data:` JSON) into the usage seen so far.
+pub fn usage_from_event(format: Format, event: &Value, seen: &mut Option<Usage>) {
+    match format {
+        Format::Openai | Format::Kiro => {
+            if let Some(usage) = usage_from_body(format, event) {
+                *seen = Some(usage);
+            }
+        }
+        Format::Anthropic => {
+            let current = seen.get_or_insert_with(Usage::default);
+            match event.get("type").and_then(Value::as_str) {
+                Some("message_start") => {
+                    if let Some(usage) = event.pointer("/message/usage").and_then(anthropic_usage) {
+                        current.input = current.input.max(usage.input);
+                        current.output = current.output.max(usage.output);
+                    }
+                }
+                // `output_tokens` here is cumulative: keep the last, never add.
+                Some("message_delta") => {
+                    if let Some(usage) = event.get("usage").and_then(anthropic_usage) {
+                        current.input = current.input.max(usage.input);
+                        current.output = usage.output.max(current.output);
+                    }
+                }
+                _ => {}
+            }
+            if *current == Usage::default() {
+                *seen = None;
+            }
+        }
+        // Every record has the same shape as a whole answer; the last one counts.
+        Format::Gemini => {
+            if let Some(usage) = event.get("usageMetadata").and_then(gemini_usage) {
+                *seen = Some(usage);
+            }
+        }
+    }
+}
+
+/// Is this OpenAI stream event the usage-only chunk the proxy asked for?
+pub fn is_openai_usage_chunk(event: &Value) -> bool {
+    event.get("usage").is_some_and(|u| !u.is_null())
+        && event
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(|c| c.is_empty())
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| Duration::from_secs_f64(s.ceil()))
+}
+
+/// What an error answer (status, headers, body) means for the credential.
+pub fn classify(format: Format, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Verdict {
+    let json: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let text = |ptr: &str| json.pointer(ptr).and_then(Value::as_str).unwrap_or("");
+    let code = status.as_u16();
+    let reason = |what: &str| format!("{what} (HTTP {code} from the provider)");
+    match code {
+        401 => Verdict::Invalid(reason("rejected the credential")),
+        403 => Verdict::Invalid(reason("refused the credential")),
+        402 => Verdict::Exhausted(reason("out of credit")),
+        429 => {
+            if format == Format::Openai
+                && (text("/error/type") == "insufficient_quota"
+                    || text("/error/code") == "insufficient_quota")
+            {
+                return Verdict::Exhausted(reason("quota exceeded"));
+            }
+            let wait = retry_after(headers).unwrap_or(DEFAULT_RATE_LIMIT_COOLDOWN);
+            Verdict::Cooldown(wait, reason("rate-limited"))
+        }
+        400 if format == Format::Gemini && (body.windows(15).any(|w| w == b"API_KEY_INVALID")) => {
+            Verdict::Invalid(reason("rejected the API key"))
+        }
+        500..=599 => {
+            let wait = retry_after(headers).unwrap_or(SERVER_ERROR_COOLDOWN);
+            Verdict::Cooldown(wait, reason("failed"))
+        }
+        _ => Verdict::ClientError,
+    }
+}
+
+/// The cooldown after the upstream could not be reached at all.
+pub fn unreachable_verdict(error: &reqwest::Error) -> Verdict {
+    let what = if error.is_timeout() {
+        "timed out"
+    } else {
+        "could not be reached"
+    };
+    Verdict::Cooldown(SERVER_ERROR_COOLDOWN, format!("the provider {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn anthropic_stream_usage_is_cumulative() {
+        let mut seen = None;
+        for ev in [
+            json!({"type": "message_start", "message": {"usage": {"input_tokens": 25, "output_tokens": 1}}}),
+            json!({"type": "content_block_delta"}),
+            json!({"type": "message_delta", "usage": {"output_tokens": 10}}),
+            json!({"type": "message_delta", "usage": {"output_tokens": 15}}),
+        ] {
+            usage_from_event(Format::Anthropic, &ev, &mut seen);
+        }
+        assert_eq!(
+            seen,
+            Some(Usage {
+                input: 25,
+                output: 15
+            })
+        );
+    }
+
+    #[test]
+    fn classification() {
+        let h = HeaderMap::new();
+        let mut ra = HeaderMap::new();
+        ra.insert("retry-after", "30".parse().unwrap());
+        assert!(matches!(
+            classify(Format::Openai, StatusCode::UNAUTHORIZED, &h, b""),
+            Verdict::Invalid(_)
+        ));
+        assert!(matches!(
+            classify(Format::Openai, StatusCode::PAYMENT_REQUIRED, &h, b""),
+            Verdict::Exhausted(_)
+        ));
+        let q = br#"{"error": {"type": "insufficient_quota", "code": "insufficient_quota"}}"#;
+        assert!(matches!(
+            classify(Format::Openai, StatusCode::TOO_MANY_REQUESTS, &h, q),
+            Verdict::Exhausted(_)
+        ));
+        assert_eq!(
+            classify(Format::Openai, StatusCode::TOO_MANY_REQUESTS, &ra, b"{}"),
+            Verdict::Cooldown(
+                Duration::from_secs(30),
+                "rate-limited (HTTP 429 from the provider)".into()
+            )
+        );
+        assert!(matches!(
+            classify(
+                Format::Anthropic,
+                StatusCode::from_u16(529).unwrap(),
+                &h,
+                b""
+            ),
+            Verdict::Cooldown(..)
+        ));
+        assert_eq!(
+            classify(Format::Openai, StatusCode::BAD_REQUEST, &h, b""),
+            Verdict::ClientError
+        );
+        let g = br#"{"error": {"code": 400, "status": "INVALID_ARGUMENT", "details": [{"reason": "API_KEY_INVALID"}]}}"#;
+        assert!(matches!(
+            classify(Format::Gemini, StatusCode::BAD_REQUEST, &h, g),
+            Verdict::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn reservations() {
+        let body = json!({"max_tokens": 100, "messages": []});
+        let len = body.to_string().len();
+        assert_eq!(
+            reservation(Format::Openai, &body, len, 4096),
+            100 + len.div_ceil(4) as u64
+        );
+        assert_eq!(reservation(Format::Openai, &json!({}), 2, 4096), 4096);
+        assert_eq!(
+            reservation(
+                Format::Gemini,
+                &json!({"generationConfig": {"maxOutputTokens": 8}}),
+                4,
+                4096
+            ),
+            9
+        );
+    }
+}

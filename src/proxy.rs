@@ -1,0 +1,394 @@
+//! The request path (design.md, "Data flow of one proxied request"): reserve on a credential,
+//! call the provider with it, and settle what the provider reports; on a 401/402/403/429/5xx
+//! before any byte reached the client, mark the credential, release, and try the next one.
+//! No database transaction is held across the upstream call. Streams pass through chunk by
+//! chunk with a usage tap, and are settled when they end or the client goes away.
+
+use crate::app::AppState;
+use crate::http::error::ApiError;
+use crate::providers::tap::StreamTap;
+use crate::providers::wire::{self, Usage, Verdict};
+use crate::providers::{Format, Provider};
+use crate::store::{Mark, ReservationKind, ReserveRequest, Unavailable};
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chrono::Utc;
+use futures_util::Stream;
+use serde_json::Value;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// Error bodies read from upstream at most (to classify them and pass them on).
+const MAX_ERROR_BODY: usize = 256 * 1024;
+/// Non-streamed answers read at most.
+const MAX_ANSWER_BODY: usize = 64 * 1024 * 1024;
+
+/// One call to forward: where it goes and what it carries.
+pub struct Call {
+    pub provider: Provider,
+    /// Path and query after the provider's base URL, e.g. `/chat/completions`.
+    pub path: String,
+    pub body: Value,
+    pub stream: bool,
+    /// Headers of the client's request passed on (never its key).
+    pub pass_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Response headers worth passing back to the client.
+fn passes_back(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    n == "content-type"
+        || n == "retry-after"
+        || n == "request-id"
+        || n == "x-request-id"
+        || n.starts_with("x-ratelimit-")
+        || n.starts_with("anthropic-ratelimit-")
+        || n.starts_with("openai-")
+}
+
+fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    for (name, value) in from {
+        if passes_back(name) {
+            to.append(name.clone(), value.clone());
+        }
+    }
+}
+
+/// The answer for "nothing could be reserved".
+pub fn unavailable(provider: &str, why: Unavailable) -> ApiError {
+    match why {
+        Unavailable::NoCredentials => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_credentials",
+            format!("No credentials for provider {provider}"),
+        ),
+        Unavailable::Busy { retry_after } => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "credentials_busy",
+            format!(
+                "Every credential for provider {provider} is exhausted, cooling down or busy; retry in {retry_after} s"
+            ),
+        )
+        .retry_after(retry_after),
+        Unavailable::Unusable => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_usable_credentials",
+            format!("No usable credentials for provider {provider}: every one is disabled, invalid or expired"),
+        ),
+    }
+}
+
+pub fn provider_disabled(provider: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "provider_disabled",
+        format!("Provider {provider} is disabled in the config"),
+    )
+}
+
+/// What to do with a credential after an upstream verdict.
+pub fn mark_for(verdict: &Verdict, now: chrono::DateTime<Utc>) -> Option<Mark> {
+    match verdict {
+        Verdict::Invalid(r) => Some(Mark::Invalid(r.clone())),
+        Verdict::Exhausted(r) => Some(Mark::Exhausted(r.clone())),
+        Verdict::Cooldown(wait, r) => Some(Mark::Cooldown {
+            until: now + chrono::Duration::from_std(*wait).unwrap_or_default(),
+            reason: r.clone(),
+        }),
+        Verdict::ClientError => None,
+    }
+}
+
+/// Read at most `limit` bytes of a response body.
+async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Bytes, reqwest::Error> {
+    use futures_util::StreamExt;
+    let mut out = bytes::BytesMut::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        let room = limit.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= limit {
+            break;
+        }
+    }
+    Ok(out.freeze())
+}
+
+fn plain_response(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    copy_headers(headers, response.headers_mut());
+    response
+}
+
+/// Forward a call, rotating across credentials as the contract says.
+pub async fn forward(state: Arc<AppState>, mut call: Call) -> Response {
+    let name = call.provider.name.clone();
+    if !call.provider.enabled {
+        return provider_disabled(&name).into_response();
+    }
+    let format = call.provider.format;
+    // OpenAI streams report usage only when asked; ask, and hide the answer from a client
+    // that did not.
+    let mut hide_usage_chunk = false;
+    if format == Format::Openai && call.stream {
+        let asked = call
+            .body
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if !asked {
+            hide_usage_chunk = true;
+            if let Some(obj) = call.body.as_object_mut() {
+                let opts = obj
+                    .entry("stream_options")
+                    .or_insert_with(|| Value::Object(Default::default()));
+                if let Some(opts) = opts.as_object_mut() {
+                    opts.insert("include_usage".into(), Value::Bool(true));
+                } else {
+                    *opts = serde_json::json!({"include_usage": true});
+                }
+            }
+        }
+    }
+    let body = Bytes::from(call.body.to_string());
+    let config = &state.config.config;
+    let tokens = wire::reservation(
+        format,
+        &call.body,
+        body.len(),
+        config.auth.quota.default_reservation,
+    );
+    let url = format!("{}{}", call.provider.base_url, call.path);
+    let mut tried: Vec<String> = Vec::new();
+    let mut last_failure: Option<Response> = None;
+    for _ in 0..config.proxy.max_attempts {
+        let req = ReserveRequest {
+            provider: &name,
+            tokens,
+            strategy: config.auth.selection_strategy,
+            exclude: &tried,
+            kind: ReservationKind::Request,
+            expires_at: None,
+        };
+        let reservation = match state.store.reserve(&req, state.now()).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(why)) => {
+                return last_failure.unwrap_or_else(|| unavailable(&name, why).into_response());
+            }
+            Err(e) => return ApiError::from(e).into_response(),
+        };
+        tried.push(reservation.credential_id.clone());
+        let release = |mark: Option<Mark>| {
+            let state = state.clone();
+            let id = reservation.id.clone();
+            let cred = reservation.credential_id.clone();
+            let name = name.clone();
+            async move {
+                if let Some(m) = &mark {
+                    state.auth_log.record(&format!(
+                        "credential {cred} ({name}) marked: {}",
+                        m.describe()
+                    ));
+                }
+                if let Err(e) = state.store.release(&id, mark.as_ref(), state.now()).await {
+                    tracing::error!(error = %e, "cannot release a reservation");
+                }
+            }
+        };
+        let token = match state.store.open_token(&reservation.credential_id).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(reason)) => {
+                release(Some(Mark::Invalid(reason))).await;
+                continue;
+            }
+            Err(e) => {
+                release(None).await;
+                return ApiError::from(e).into_response();
+            }
+        };
+        let mut upstream = state
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        for (k, v) in &call.pass_headers {
+            upstream = upstream.header(k, v);
+        }
+        if format == Format::Anthropic
+            && !call
+                .pass_headers
+                .iter()
+                .any(|(k, _)| k == "anthropic-version")
+        {
+            upstream = upstream.header("anthropic-version", "2023-06-01");
+        }
+        let upstream = wire::attach(format, upstream, token.expose()).body(body.clone());
+        let resp = match upstream.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                let verdict = wire::unreachable_verdict(&e);
+                tracing::warn!(provider = %name, error = %e.without_url(), "upstream request failed");
+                release(mark_for(&verdict, state.now())).await;
+                last_failure = Some(
+                    ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_unreachable",
+                        format!("Provider {name} could not be reached"),
+                    )
+                    .into_response(),
+                );
+                continue;
+            }
+        };
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        if !status.is_success() {
+            let body = read_limited(resp, MAX_ERROR_BODY).await.unwrap_or_default();
+            let verdict = wire::classify(format, status, &headers, &body);
+            let answer = plain_response(status, &headers, body);
+            if verdict == Verdict::ClientError {
+                release(None).await;
+                return answer;
+            }
+            release(mark_for(&verdict, state.now())).await;
+            last_failure = Some(answer);
+            continue;
+        }
+        if !call.stream {
+            let answer = match read_limited(resp, MAX_ANSWER_BODY).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(provider = %name, error = %e.without_url(), "upstream answer cut short");
+                    settle(&state, &reservation.id, None, false).await;
+                    return ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_failed",
+                        "The provider's answer was cut short",
+                    )
+                    .into_response();
+                }
+            };
+            let usage = serde_json::from_slice::<Value>(&answer)
+                .ok()
+                .and_then(|v| wire::usage_from_body(format, &v));
+            settle(&state, &reservation.id, usage, true).await;
+            return plain_response(status, &headers, answer);
+        }
+        let json_array = format == Format::Gemini && !call.path.contains("alt=sse");
+        let tapped = Tapped {
+            inner: Box::pin(resp.bytes_stream()),
+            tap: StreamTap::new(format, hide_usage_chunk, json_array),
+            settler: Some(Settler {
+                state: state.clone(),
+                reservation: reservation.id.clone(),
+            }),
+            done: false,
+        };
+        let mut response = Response::new(Body::from_stream(tapped));
+        *response.status_mut() = status;
+        copy_headers(&headers, response.headers_mut());
+        response.headers_mut().insert(
+            axum::http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache"),
+        );
+        return response;
+    }
+    last_failure.unwrap_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_failed",
+            format!("No credential of provider {name} succeeded"),
+        )
+        .into_response()
+    })
+}
+
+/// Settle a reservation: exactly the reported usage when `complete` and reported; otherwise at
+/// least the reservation (a request whose usage never arrived is charged its reservation).
+async fn settle(state: &AppState, reservation: &str, usage: Option<Usage>, complete: bool) {
+    let exact = complete && usage.is_some();
+    if let Err(e) = state
+        .store
+        .settle(reservation, usage.unwrap_or_default(), !exact, state.now())
+        .await
+    {
+        tracing::error!(error = %e, reservation, "cannot settle a reservation");
+    }
+}
+
+struct Settler {
+    state: Arc<AppState>,
+    reservation: String,
+}
+
+impl Settler {
+    /// Settle off the stream's poll (which cannot wait for the database).
+    fn settle(self, usage: Option<Usage>, complete: bool) {
+        tokio::spawn(async move {
+            settle(&self.state, &self.reservation, usage, complete).await;
+        });
+    }
+}
+
+/// A streamed answer with its usage tap; settles when it ends or is dropped.
+struct Tapped {
+    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    tap: StreamTap,
+    settler: Option<Settler>,
+    done: bool,
+}
+
+impl Stream for Tapped {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match self.inner.as_mut().poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let out = self.tap.feed(chunk);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(out)));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.done = true;
+                    let usage = self.tap.usage();
+                    if let Some(s) = self.settler.take() {
+                        s.settle(usage, false);
+                    }
+                    return Poll::Ready(Some(Err(std::io::Error::other(e.without_url()))));
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    let rest = self.tap.finish();
+                    let usage = self.tap.usage();
+                    if let Some(s) = self.settler.take() {
+                        s.settle(usage, true);
+                    }
+                    if !rest.is_empty() {
+                        return Poll::Ready(Some(Ok(rest)));
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Tapped {
+    fn drop(&mut self) {
+        // The client went away (or the server is stopping) before the end: charge at least
+        // the reservation.
+        if let Some(s) = self.settler.take() {
+            s.settle(self.tap.usage(), false);
+        }
+    }
+}
