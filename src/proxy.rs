@@ -23,6 +23,8 @@ use std::task::{Context, Poll};
 
 /// Error bodies read from upstream at most (to classify them and pass them on).
 const MAX_ERROR_BODY: usize = 256 * 1024;
+/// How long a request waits for room held by requests in flight before it gives up.
+pub const ROOM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Non-streamed answers read at most.
 const MAX_ANSWER_BODY: usize = 64 * 1024 * 1024;
 
@@ -65,7 +67,7 @@ pub fn unavailable(provider: &str, why: Unavailable) -> ApiError {
             "no_credentials",
             format!("No credentials for provider {provider}"),
         ),
-        Unavailable::Busy { retry_after } => ApiError::new(
+        Unavailable::Busy { retry_after, .. } => ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "credentials_busy",
             format!(
@@ -175,7 +177,11 @@ pub async fn forward(state: Arc<AppState>, mut call: Call) -> Response {
             kind: ReservationKind::Request,
             expires_at: None,
         };
-        let reservation = match state.store.reserve(&req, state.now()).await {
+        let reservation = match state
+            .store
+            .reserve_waiting(&req, || state.now(), ROOM_PATIENCE)
+            .await
+        {
             Ok(Ok(r)) => r,
             Ok(Err(why)) => {
                 return last_failure.unwrap_or_else(|| unavailable(&name, why).into_response());

@@ -309,7 +309,11 @@ pub async fn lease(
             kind: ReservationKind::Lease,
             expires_at: Some(expires_at),
         };
-        let r = match state.store.reserve(&req, state.now()).await? {
+        let r = match state
+            .store
+            .reserve_waiting(&req, || state.now(), proxy::ROOM_PATIENCE)
+            .await?
+        {
             Ok(r) => r,
             Err(why) => return Err(proxy::unavailable(&provider.name, why)),
         };

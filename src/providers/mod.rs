@@ -168,14 +168,13 @@ impl Registry {
     /// The provider of an OpenAI-format request for `model`: an explicit `provider/model`
     /// prefix (stripped from the model), else the first provider whose patterns match.
     pub fn route_openai<'m>(&self, model: &'m str) -> Option<(&Provider, &'m str)> {
-        if let Some((prefix, rest)) = model.split_once('/') {
-            if let Some(p) = self
+        if let Some((prefix, rest)) = model.split_once('/')
+            && let Some(p) = self
                 .providers
                 .get(prefix)
                 .filter(|p| p.format == Format::Openai)
-            {
-                return Some((p, rest));
-            }
+        {
+            return Some((p, rest));
         }
         self.providers
             .values()

@@ -80,6 +80,8 @@ pub struct Store {
     instance: Arc<str>,
     /// The last pick number handed out (see `quotas.last_pick`).
     picks: Arc<AtomicI64>,
+    /// Woken whenever a settlement or release frees reserved room.
+    freed: Arc<tokio::sync::Notify>,
 }
 
 /// The embedded migrations (`migrations/`).
@@ -174,6 +176,7 @@ impl Store {
             schedules: options.schedules,
             instance: Arc::from(format!("proc_{}", to_hex(&rand::random::<[u8; 8]>()))),
             picks: Arc::new(AtomicI64::new(last_pick)),
+            freed: Arc::new(tokio::sync::Notify::new()),
         })
     }
 

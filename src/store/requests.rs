@@ -57,8 +57,9 @@ pub enum Unavailable {
     /// The provider has no credential at all.
     NoCredentials,
     /// Every credential is exhausted, cooling down or full of reservations; the earliest may be
-    /// usable again in this many seconds.
-    Busy { retry_after: u64 },
+    /// usable again in this many seconds. `in_flight`: some credential has room but for the
+    /// reservations of requests in flight, which settlements will free.
+    Busy { retry_after: u64, in_flight: bool },
     /// Every credential is disabled, invalid or expired (or was tried already).
     Unusable,
 }
@@ -160,7 +161,10 @@ impl Store {
         .rows_affected();
         if changed != 1 {
             // Cannot happen inside this transaction; refuse rather than overdraw.
-            return Ok(Err(Unavailable::Busy { retry_after: 1 }));
+            return Ok(Err(Unavailable::Busy {
+                retry_after: 1,
+                in_flight: true,
+            }));
         }
         let id = new_reservation_id();
         let kind = req.kind.as_str();
@@ -187,6 +191,29 @@ impl Store {
         }))
     }
 
+    /// Reserve as [`Store::reserve`], but when the only obstacle is room held by requests in
+    /// flight, wait (up to `patience`) for their settlements to free it instead of failing.
+    pub async fn reserve_waiting(
+        &self,
+        req: &ReserveRequest<'_>,
+        now: impl Fn() -> DateTime<Utc>,
+        patience: std::time::Duration,
+    ) -> Result<std::result::Result<Reservation, Unavailable>> {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let freed = self.freed.notified();
+            match self.reserve(req, now()).await? {
+                Err(Unavailable::Busy {
+                    in_flight: true, ..
+                }) if tokio::time::Instant::now() < deadline => {
+                    // A settlement wakes us; the timer covers one that landed just before.
+                    let _ = tokio::time::timeout(std::time::Duration::from_millis(50), freed).await;
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
     /// Why `reserve` found nothing: no credentials, all temporarily busy (with the earliest
     /// time one may be usable again), or all unusable.
     async fn why_unavailable(
@@ -198,7 +225,9 @@ impl Store {
         let rows = sqlx::query!(
             r#"SELECT c.id, c.disabled AS "disabled!: bool", c.state, c.expires_at, c.cooldown_until,
                       c.token_sealed IS NOT NULL AS "has_token!: bool",
-                      q.limit_tokens, q.used, q.reserved, q.period_start
+                      q.limit_tokens, q.used, q.reserved, q.period_start,
+                      (SELECT COALESCE(SUM(r.tokens), 0) FROM reservations r
+                       WHERE r.credential_id = c.id AND r.kind = 'lease') AS "leased!: i64"
                FROM credentials c JOIN quotas q ON q.credential_id = c.id
                WHERE c.provider = ?"#,
             req.provider
@@ -214,6 +243,7 @@ impl Store {
             .cloned()
             .unwrap_or(crate::quota::ResetSchedule::Never);
         let mut earliest: Option<i64> = None;
+        let mut in_flight = false;
         let mut consider = |at: i64| earliest = Some(earliest.map_or(at, |e| e.min(at)));
         for r in &rows {
             if r.disabled || !r.has_token || r.state == "invalid" || r.state == "expired" {
@@ -233,13 +263,27 @@ impl Store {
                 consider(until);
                 continue;
             }
-            // Room is taken by reservations in flight, or the request is larger than what is
-            // left: worth a retry soon.
-            consider(ts + 1);
+            // Room is taken by requests in flight (their settlements will free it soon), by
+            // leases (held until reported), or the request is larger than what is left.
+            let tokens = clamp(req.tokens);
+            match r.limit_tokens {
+                Some(l) if r.used + r.leased + tokens > l => {
+                    if let Some(next) =
+                        schedule.next_reset(crate::domain::from_unix(r.period_start))
+                    {
+                        consider(next.timestamp());
+                    }
+                }
+                _ => {
+                    in_flight = true;
+                    consider(ts + 1);
+                }
+            }
         }
         Ok(match earliest {
             Some(at) => Unavailable::Busy {
                 retry_after: (at - ts).max(1) as u64,
+                in_flight,
             },
             None => Unavailable::Unusable,
         })
@@ -310,6 +354,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.freed.notify_waiters();
         Ok(true)
     }
 
@@ -343,6 +388,7 @@ impl Store {
             mark_credential(&mut tx, &res.credential_id, mark, ts).await?;
         }
         tx.commit().await?;
+        self.freed.notify_waiters();
         Ok(true)
     }
 

@@ -6,7 +6,9 @@
 mod bad_input;
 mod common;
 mod management;
+mod mock;
 mod persistence;
+mod proxy;
 mod secrets;
 mod security;
 mod seed;
