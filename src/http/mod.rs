@@ -44,6 +44,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(proxy::models))
         .route("/v1/messages", post(proxy::messages))
         .route("/v1beta/models/{model_action}", post(proxy::gemini))
+        // google-genai 3.x calls the same methods under /v1.
+        .route("/v1/models/{model_action}", post(proxy::gemini))
         .route("/v1/credentials/lease", post(proxy::lease))
         .route(
             "/v1/credentials/lease/{lease_id}/report",

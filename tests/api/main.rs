@@ -9,6 +9,8 @@ mod management;
 mod mock;
 mod persistence;
 mod proxy;
+#[cfg(feature = "sdk-tests")]
+mod sdk;
 mod secrets;
 mod security;
 mod seed;

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: installs the official Python SDKs (OpenAI, Anthropic, Google GenAI)
+# in a virtual environment under target/, then runs every Rust test, the SDK scenario included.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=target/sdk-venv
+if ! "$venv/bin/python" -c 'import openai, anthropic, google.genai' 2>/dev/null \
+    || ! cmp -s tests/sdk/requirements.txt "$venv/requirements.txt"; then
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+    cp tests/sdk/requirements.txt "$venv/requirements.txt"
+fi
+export CLIPROXY_SDK_PYTHON="$PWD/$venv/bin/python"
+cargo test --features sdk-tests "$@"
