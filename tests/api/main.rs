@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod common;
+mod crash;
 mod management;
 mod mock;
 mod persistence;
