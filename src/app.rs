@@ -260,8 +260,13 @@ impl Application {
     ) -> std::io::Result<()> {
         let app = crate::http::router(self.state.clone());
         let sweeper = tokio::spawn(sweep_leases(self.state.clone()));
+        use axum::serve::ListenerExt;
+        // Small writes (stream chunks) go out at once, not after a delayed ACK.
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let result = axum::serve(
-            self.listener,
+            listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)

@@ -127,8 +127,17 @@ fn plain_response(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Respo
     response
 }
 
-/// Forward a call, rotating across credentials as the contract says.
-pub async fn forward(state: Arc<AppState>, mut call: Call) -> Response {
+/// Forward a call, rotating across credentials as the contract says. The exchange runs in a
+/// task of its own, so a client that goes away does not cancel it half-way: the provider's
+/// answer is still read and settled exactly (a stream is then charged as cut short).
+pub async fn forward(state: Arc<AppState>, call: Call) -> Response {
+    match tokio::spawn(exchange(state, call)).await {
+        Ok(response) => response,
+        Err(e) => ApiError::internal(&e).into_response(),
+    }
+}
+
+async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
     let name = call.provider.name.clone();
     if !call.provider.enabled {
         return provider_disabled(&name).into_response();

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# The request-path benchmark: see bench/README.md. Prints one table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10s}
+MOCK=127.0.0.1:18080; NGINX=127.0.0.1:18081; SRV_PORT=18317
+command -v wrk >/dev/null && command -v nginx >/dev/null || {
+    apt-get update -qq && apt-get install -y -qq wrk nginx-light >/dev/null
+}
+cargo build --release -q --bin cliproxyapi --example mock_upstream
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+wait_port() { for _ in $(seq 1 500); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0; sleep 0.01; done; echo "nothing listens on $1" >&2; return 1; }
+
+target/release/examples/mock_upstream "$MOCK" & pids+=($!)
+wait_port "$MOCK"
+
+mkdir -p "$work/logs"
+cat > "$work/nginx.conf" <<NGINX
+worker_processes auto;
+pid $work/nginx.pid;
+error_log $work/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    upstream mock { server $MOCK; keepalive 128; }
+    server {
+        listen $NGINX;
+        location / {
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+NGINX
+nginx -p "$work" -c "$work/nginx.conf"
+wait_port "$NGINX"
+
+start_server() { # $1: folder
+    cat > "$1/config.yaml" <<YAML
+host: 127.0.0.1
+port: $SRV_PORT
+auth_dir: auths
+logging: { level: warn, dir: logs }
+providers:
+  openai: { base_url: "http://$MOCK/v1" }
+YAML
+    local t0; t0=$(date +%s.%N)
+    target/release/cliproxyapi --config "$1/config.yaml" >"$1/server.log" 2>&1 & SRV=$!
+    pids+=($SRV)
+    wait_port "127.0.0.1:$SRV_PORT"
+    STARTUP_MS=$(echo "($(date +%s.%N) - $t0) * 1000" | bc -l)
+}
+
+add_credentials() { # $1: how many
+    python3 - "$1" "$SRV_PORT" <<'PY'
+import json, sys, urllib.request
+n, port = int(sys.argv[1]), sys.argv[2]
+for start in range(0, n, 2000):
+    body = json.dumps([{"provider": "openai", "token": f"sk-bench-{i:06d}-abcdefghijklmnopqrstuvwxyz"} for i in range(start, min(n, start + 2000))]).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v0/management/auths/import", data=body, method="POST")
+    report = json.load(urllib.request.urlopen(req))
+    assert not report["errors"], report["errors"]
+PY
+}
+
+to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; printf "%.3f", v}'; }
+
+run_wrk() { # $1 url, $2 connections -> "rps p50 p99"
+    local out; out=$(wrk -t "$([ "$2" -gt 1 ] && echo 2 || echo 1)" -c "$2" -d "$DURATION" --latency -s bench/post.lua "$1")
+    local rps p50 p99
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    p50=$(echo "$out" | awk '$1=="50%" {print $2}' | to_ms)
+    p99=$(echo "$out" | awk '$1=="99%" {print $2}' | to_ms)
+    echo "$rps $p50 $p99"
+}
+
+stream_times() { # $1 base url -> "ttfb_ms ttlb_ms" (medians of 200)
+    local body='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello."}]}'
+    for _ in $(seq 1 200); do
+        curl -s -N -o /dev/null -H 'content-type: application/json' -d "$body" \
+            -w '%{time_starttransfer} %{time_total}\n' "$1/v1/chat/completions"
+    done | sort -n | awk '{a[NR]=$1; b[NR]=$2} END {m=int((NR+1)/2); printf "%.3f %.3f\n", a[m]*1000, b[m]*1000}'
+}
+
+peak_mb() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+
+row() { printf '| %-44s | %10s | %8s | %8s | %10s |\n' "$@"; }
+
+echo
+row "path" "requests/s" "p50 ms" "p99 ms" "peak MB"
+row "---" "---" "---" "---" "---"
+declare -A R
+for c in 1 64; do
+    read -r R[mock_rps_$c] R[mock_p50_$c] R[mock_p99_$c] < <(run_wrk "http://$MOCK/v1/chat/completions" "$c")
+    row "mock directly, $c conn" "${R[mock_rps_$c]}" "${R[mock_p50_$c]}" "${R[mock_p99_$c]}" ""
+    read -r R[ngx_rps_$c] R[ngx_p50_$c] R[ngx_p99_$c] < <(run_wrk "http://$NGINX/v1/chat/completions" "$c")
+    row "nginx reverse proxy, $c conn" "${R[ngx_rps_$c]}" "${R[ngx_p50_$c]}" "${R[ngx_p99_$c]}" ""
+done
+
+for creds in 3 10000; do
+    home="$work/srv-$creds"; mkdir -p "$home"
+    start_server "$home"
+    add_credentials "$creds"
+    kill "$SRV"; wait "$SRV" 2>/dev/null || true
+    start_server "$home"   # a restart: start-up time with the credentials in the database
+    before=$(curl -s "http://$MOCK/stats")
+    for c in 1 64; do
+        read -r rps p50 p99 < <(run_wrk "http://127.0.0.1:$SRV_PORT/v1/chat/completions" "$c")
+        R[srv_rps_${creds}_$c]=$rps
+        row "cliproxyapi, $creds credentials, $c conn" "$rps" "$p50" "$p99" "$(peak_mb "$SRV")"
+        R[srv_p50_${creds}_$c]=$p50; R[srv_p99_${creds}_$c]=$p99
+    done
+    # Wait until every request in flight has settled, then compare the totals.
+    used=$(python3 - "$SRV_PORT" <<'PY'
+import json, sys, time, urllib.request
+for _ in range(100):
+    q = json.load(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v0/management/auths/openai/quota"))
+    if all(c["reserved"] == 0 for c in q["credentials"]):
+        break
+    time.sleep(0.1)
+print(q["total"]["used"])
+PY
+)
+    after=$(curl -s "http://$MOCK/stats")
+    reported=$(python3 -c "import json; print(json.loads('$after')['reported_tokens'] - json.loads('$before')['reported_tokens'])")
+    R[startup_$creds]=$STARTUP_MS; R[used_$creds]=$used; R[reported_$creds]=$reported
+    if [ "$creds" = 3 ]; then
+        read -r d_ttfb d_ttlb < <(stream_times "http://$MOCK")
+        read -r s_ttfb s_ttlb < <(stream_times "http://127.0.0.1:$SRV_PORT")
+    fi
+    kill "$SRV"; wait "$SRV" 2>/dev/null || true
+done
+
+ratio() { echo "scale=1; 100 * $1 / $2" | bc -l; }
+echo
+echo "| check | value | target |"
+echo "| --- | --- | --- |"
+echo "| throughput at 64 conn vs nginx (3 credentials) | $(ratio "${R[srv_rps_3_64]}" "${R[ngx_rps_64]}") % | >= 40 % |"
+echo "| added p50 at 1 conn | $(echo "${R[srv_p50_3_1]} - ${R[mock_p50_1]}" | bc -l) ms | <= 0.3 ms |"
+echo "| added p99 at 1 conn | $(echo "${R[srv_p99_3_1]} - ${R[mock_p99_1]}" | bc -l) ms | <= 1 ms |"
+echo "| stream time to first byte: direct / proxied | $d_ttfb / $s_ttfb ms | <= +0.3 ms |"
+echo "| stream time to last byte (50 chunks): direct / proxied | $d_ttlb / $s_ttlb ms | |"
+echo "| throughput with 10,000 credentials vs 3, 64 conn | $(ratio "${R[srv_rps_10000_64]}" "${R[srv_rps_3_64]}") % | >= 90 % |"
+echo "| start to listening, 3 / 10,000 credentials | ${R[startup_3]} / ${R[startup_10000]} ms | < 500 ms |"
+echo "| used in the database = usage the mock reported (3 / 10,000) | ${R[used_3]} = ${R[reported_3]} / ${R[used_10000]} = ${R[reported_10000]} | equal |"
