@@ -31,7 +31,11 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 async fn chat(State(stats): State<Arc<Stats>>, body: Bytes) -> Response {
     stats.requests.fetch_add(1, Ordering::Relaxed);
-    let compact: Vec<u8> = body.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+    let compact: Vec<u8> = body
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
     if !contains(&compact, b"\"stream\":true") {
         stats.reported.fetch_add(30, Ordering::Relaxed);
         return ([("content-type", "application/json")], ANSWER).into_response();
@@ -47,7 +51,9 @@ async fn chat(State(stats): State<Arc<Stats>>, body: Bytes) -> Response {
             50 => return None,
             _ => "data: [DONE]\n\n",
         };
-        Some(Ok::<Bytes, std::io::Error>(Bytes::from_static(part.as_bytes())))
+        Some(Ok::<Bytes, std::io::Error>(Bytes::from_static(
+            part.as_bytes(),
+        )))
     }));
     Response::builder()
         .header("content-type", "text/event-stream")
@@ -65,7 +71,9 @@ async fn stats(State(stats): State<Arc<Stats>>) -> String {
 
 #[tokio::main]
 async fn main() {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:18080".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:18080".into());
     let state = Arc::new(Stats::default());
     let app = Router::new()
         .route("/v1/chat/completions", post(chat))

@@ -290,7 +290,13 @@ async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
             let usage = serde_json::from_slice::<Value>(&answer)
                 .ok()
                 .and_then(|v| wire::usage_from_body(format, &v));
-            settle(&state, &reservation.id, usage, true).await;
+            // The settlement may land after the answer: a crash before it leaves the
+            // reservation, which the next start charges in full.
+            Settler {
+                state: state.clone(),
+                reservation: reservation.id.clone(),
+            }
+            .settle(usage, true);
             return plain_response(status, &headers, answer);
         }
         let json_array = format == Format::Gemini && !call.path.contains("alt=sse");

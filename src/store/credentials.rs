@@ -194,9 +194,38 @@ impl Store {
             .ok_or(StoreError::NotFound)
     }
 
+    /// Add a credential through the API (see `add_locked`).
+    pub async fn add(
+        &self,
+        new: &NewCredential,
+        source: &str,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<CredentialRow> {
+        self.exclusive(self.add_locked(new, source, actor, now))
+            .await
+    }
+
+    /// Apply a `PUT` (see `update_locked`).
+    pub async fn update(
+        &self,
+        id: &str,
+        patch: &CredentialPatch,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<CredentialRow> {
+        self.exclusive(self.update_locked(id, patch, actor, now))
+            .await
+    }
+
+    /// Delete a credential (see `delete_locked`).
+    pub async fn delete(&self, id: &str, actor: &str, now: DateTime<Utc>) -> Result<CredentialRow> {
+        self.exclusive(self.delete_locked(id, actor, now)).await
+    }
+
     /// Add a credential through the API. A credential with the same provider and identifying
     /// secret is a [`StoreError::Duplicate`]; a tombstone of it is lifted.
-    pub async fn add(
+    async fn add_locked(
         &self,
         new: &NewCredential,
         source: &str,
@@ -326,7 +355,7 @@ impl Store {
     /// Apply a `PUT`. Changing the identifying secret re-keys the fingerprint and leaves a
     /// tombstone for the old one (the old token was removed through the API); a new secret
     /// also clears an `invalid` or `expired` mark, since it deserves a fresh chance.
-    pub async fn update(
+    async fn update_locked(
         &self,
         id: &str,
         patch: &CredentialPatch,
@@ -439,7 +468,12 @@ impl Store {
 
     /// Delete a credential (its counter and reservations go with it) and leave a tombstone so
     /// an unchanged import file does not bring it back.
-    pub async fn delete(&self, id: &str, actor: &str, now: DateTime<Utc>) -> Result<CredentialRow> {
+    async fn delete_locked(
+        &self,
+        id: &str,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<CredentialRow> {
         let row = self.get(id, now).await?;
         let mut tx = self.begin_write().await?;
         let fp = sqlx::query_scalar!(

@@ -53,9 +53,22 @@ pub struct Change {
 }
 
 impl Store {
+    /// Apply `batch` (see `import_locked`).
+    pub async fn import(
+        &self,
+        batch: Batch,
+        mode: ImportMode,
+        actor: &str,
+        dry_run: bool,
+        now: DateTime<Utc>,
+    ) -> Result<ImportReport> {
+        self.exclusive(self.import_locked(batch, mode, actor, dry_run, now))
+            .await
+    }
+
     /// Apply `batch` in one write transaction (rolled back when `dry_run`). Errors already in
     /// the batch are carried into the report.
-    pub async fn import(
+    async fn import_locked(
         &self,
         batch: Batch,
         mode: ImportMode,

@@ -10,6 +10,7 @@
 mod audit;
 mod credentials;
 mod import;
+mod ledger;
 mod quota;
 mod requests;
 mod secrets;
@@ -31,7 +32,6 @@ use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -78,10 +78,15 @@ pub struct Store {
     schedules: BTreeMap<String, ResetSchedule>,
     /// This process's name on the reservations it makes, so those of a dead one are known.
     instance: Arc<str>,
-    /// The last pick number handed out (see `quotas.last_pick`).
-    picks: Arc<AtomicI64>,
-    /// Woken whenever a settlement or release frees reserved room.
+    /// Woken whenever a group of settlements or releases frees reserved room.
     freed: Arc<tokio::sync::Notify>,
+    /// The request path's writes go to the ledger task, which commits them in groups.
+    ledger: tokio::sync::mpsc::UnboundedSender<ledger::Op>,
+    /// The ledger's in-memory mirror of counters and usable credentials.
+    hot: Arc<std::sync::Mutex<ledger::Hot>>,
+    /// Read side: a ledger group being decided and committed. Write side: any other write,
+    /// which then reloads the mirror, so the two never interleave.
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// The embedded migrations (`migrations/`).
@@ -164,20 +169,22 @@ impl Store {
             .connect_with(base.read_only(true))
             .await?;
         let fingerprinter = Self::load_fingerprint_key(&writer, &options.sealer).await?;
-        let last_pick =
-            sqlx::query_scalar!(r#"SELECT COALESCE(MAX(last_pick), 0) AS "n!: i64" FROM quotas"#)
-                .fetch_one(&reader)
-                .await?;
-        Ok(Store {
+        let (ledger, ops) = tokio::sync::mpsc::unbounded_channel();
+        let store = Store {
             writer,
             reader,
             sealer: options.sealer,
             fingerprinter,
             schedules: options.schedules,
             instance: Arc::from(format!("proc_{}", to_hex(&rand::random::<[u8; 8]>()))),
-            picks: Arc::new(AtomicI64::new(last_pick)),
             freed: Arc::new(tokio::sync::Notify::new()),
-        })
+            ledger,
+            hot: Arc::new(std::sync::Mutex::new(ledger::Hot::default())),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
+        };
+        store.load_hot().await?;
+        store.start_ledger(ops);
+        Ok(store)
     }
 
     /// The fingerprint key is random per database, created on first open, and kept sealed in
@@ -212,6 +219,17 @@ impl Store {
         Ok(Fingerprinter::new(key))
     }
 
+    /// Run a write that is not the request path's (a management change): no ledger group runs
+    /// meanwhile, and the ledger's mirror is reloaded afterwards, whatever the outcome.
+    async fn exclusive<T>(&self, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let _gate = self.gate.write().await;
+        let result = work.await;
+        let reloaded = self.load_hot().await;
+        let value = result?;
+        reloaded?;
+        Ok(value)
+    }
+
     /// A write transaction that takes the write lock at once (no deferred upgrade that SQLite
     /// would refuse with SQLITE_BUSY under WAL).
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
@@ -238,9 +256,12 @@ impl Store {
         &self,
         now: DateTime<Utc>,
     ) -> Result<(usize, Vec<(String, String)>)> {
-        let sealed = self.seal_stale().await?;
-        let failed = self.mark_unopenable(now.timestamp()).await?;
-        Ok((sealed, failed))
+        self.exclusive(async {
+            let sealed = self.seal_stale().await?;
+            let failed = self.mark_unopenable(now.timestamp()).await?;
+            Ok((sealed, failed))
+        })
+        .await
     }
 
     /// `PRAGMA integrity_check`; `Ok(())` when the database is sound.

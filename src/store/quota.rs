@@ -15,9 +15,22 @@ pub struct QuotaPatch {
 }
 
 impl Store {
+    /// Apply a quota change (see `set_quota_locked`).
+    pub async fn set_quota(
+        &self,
+        provider: &str,
+        id: Option<&str>,
+        patch: &QuotaPatch,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64> {
+        self.exclusive(self.set_quota_locked(provider, id, patch, actor, now))
+            .await
+    }
+
     /// Apply `patch` to one credential of `provider` (`id`), or to all of them. Returns how
     /// many counters changed; `NotFound` when `id` names no credential of the provider.
-    pub async fn set_quota(
+    async fn set_quota_locked(
         &self,
         provider: &str,
         id: Option<&str>,

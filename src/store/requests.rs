@@ -1,33 +1,25 @@
-//! The request path's transactions: pick a credential and reserve tokens on it (one short
-//! write transaction, before any upstream call), then settle what was used or release the
-//! reservation with a mark on the credential (another). A reservation row exists from the one
-//! to the other, so a settlement applies once, and a crash in between loses nothing: at start,
-//! reservations of a dead process are charged in full.
+//! The request path's operations: pick a credential and reserve tokens on it (durable before
+//! any upstream call), then settle what was used or release the reservation with a mark on the
+//! credential. A reservation row exists from the one to the other, so a settlement applies
+//! once, and a crash in between loses nothing: at start, reservations of a dead process are
+//! charged in full. The writes themselves are committed in groups by the ledger task
+//! (`ledger.rs`).
 
 use super::audit::{self, AuditEntry};
-use super::{Result, Store};
+use super::ledger::Op;
+use super::{Result, Store, StoreError};
 use crate::config::SelectionStrategy;
 use crate::crypto::Field;
 use crate::providers::wire::Usage;
-use crate::selection::{self, Candidate};
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use std::sync::atomic::Ordering;
+use tokio::sync::oneshot;
 
 /// What a reservation is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReservationKind {
     Request,
     Lease,
-}
-
-impl ReservationKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            ReservationKind::Request => "request",
-            ReservationKind::Lease => "lease",
-        }
-    }
 }
 
 /// A request to reserve tokens on some credential of a provider.
@@ -91,104 +83,44 @@ impl Mark {
     }
 }
 
-fn new_reservation_id() -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    let suffix: String = (0..24)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect();
-    format!("res_{suffix}")
+/// [`ReserveRequest`] owned, to travel to the ledger task.
+#[derive(Debug, Clone)]
+pub(super) struct ReserveRequestOwned {
+    pub provider: String,
+    pub tokens: u64,
+    pub strategy: SelectionStrategy,
+    pub exclude: Vec<String>,
+    pub kind: ReservationKind,
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
-fn clamp(n: u64) -> i64 {
-    n.min(i64::MAX as u64) as i64
+fn ledger_gone() -> StoreError {
+    StoreError::Db(sqlx::Error::PoolClosed)
 }
 
 impl Store {
+    async fn ask<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.ledger.send(op(tx)).map_err(|_| ledger_gone())?;
+        rx.await.map_err(|_| ledger_gone())?
+    }
+
     /// Pick a credential by `strategy` among the usable ones with room for the tokens, and
-    /// reserve them, in one transaction.
+    /// reserve them. Answers once the reservation is durable.
     pub async fn reserve(
         &self,
         req: &ReserveRequest<'_>,
         now: DateTime<Utc>,
     ) -> Result<std::result::Result<Reservation, Unavailable>> {
-        let ts = now.timestamp();
-        let tokens = clamp(req.tokens);
-        let mut tx = self.begin_write().await?;
-        let candidates: Vec<Candidate> = sqlx::query!(
-            r#"SELECT c.id, c.seq, c.priority, q.limit_tokens, q.used, q.reserved, q.last_pick
-               FROM credentials c JOIN quotas q ON q.credential_id = c.id
-               WHERE c.provider = ?1 AND c.disabled = 0 AND c.state = 'active'
-                 AND c.token_sealed IS NOT NULL
-                 AND (c.expires_at IS NULL OR c.expires_at > ?2)
-                 AND (c.cooldown_until IS NULL OR c.cooldown_until <= ?2)
-                 AND (q.limit_tokens IS NULL OR q.used + q.reserved + ?3 <= q.limit_tokens)"#,
-            req.provider,
-            ts,
-            tokens
-        )
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .filter(|r| !req.exclude.contains(&r.id))
-        .map(|r| Candidate {
-            id: r.id,
-            seq: r.seq,
-            priority: r.priority,
-            limit: r.limit_tokens.map(|l| l.max(0) as u64),
-            used: r.used.max(0) as u64,
-            reserved: r.reserved.max(0) as u64,
-            last_pick: r.last_pick,
-        })
-        .collect();
-        let Some(i) = selection::pick(req.strategy, &candidates) else {
-            drop(tx);
-            return Ok(Err(self.why_unavailable(req, now).await?));
-        };
-        let credential_id = candidates[i].id.clone();
-        let pick_no = self.picks.fetch_add(1, Ordering::Relaxed) + 1;
-        let changed = sqlx::query!(
-            "UPDATE quotas SET reserved = reserved + ?1, last_pick = ?2
-             WHERE credential_id = ?3
-               AND (limit_tokens IS NULL OR used + reserved + ?1 <= limit_tokens)",
-            tokens,
-            pick_no,
-            credential_id
-        )
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if changed != 1 {
-            // Cannot happen inside this transaction; refuse rather than overdraw.
-            return Ok(Err(Unavailable::Busy {
-                retry_after: 1,
-                in_flight: true,
-            }));
-        }
-        let id = new_reservation_id();
-        let kind = req.kind.as_str();
-        let expires_at = req.expires_at.map(|t| t.timestamp());
-        sqlx::query!(
-            "INSERT INTO reservations (id, credential_id, kind, tokens, owner, created_at, expires_at, provider)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            id,
-            credential_id,
-            kind,
-            tokens,
-            self.instance,
-            ts,
-            expires_at,
-            req.provider
-        )
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Ok(Reservation {
-            id,
-            credential_id,
+        let req = ReserveRequestOwned {
+            provider: req.provider.to_string(),
             tokens: req.tokens,
-        }))
+            strategy: req.strategy,
+            exclude: req.exclude.to_vec(),
+            kind: req.kind,
+            expires_at: req.expires_at,
+        };
+        self.ask(|reply| Op::Reserve { req, now, reply }).await
     }
 
     /// Reserve as [`Store::reserve`], but when the only obstacle is room held by requests in
@@ -214,81 +146,6 @@ impl Store {
         }
     }
 
-    /// Why `reserve` found nothing: no credentials, all temporarily busy (with the earliest
-    /// time one may be usable again), or all unusable.
-    async fn why_unavailable(
-        &self,
-        req: &ReserveRequest<'_>,
-        now: DateTime<Utc>,
-    ) -> Result<Unavailable> {
-        let ts = now.timestamp();
-        let rows = sqlx::query!(
-            r#"SELECT c.id, c.disabled AS "disabled!: bool", c.state, c.expires_at, c.cooldown_until,
-                      c.token_sealed IS NOT NULL AS "has_token!: bool",
-                      q.limit_tokens, q.used, q.reserved, q.period_start,
-                      (SELECT COALESCE(SUM(r.tokens), 0) FROM reservations r
-                       WHERE r.credential_id = c.id AND r.kind = 'lease') AS "leased!: i64"
-               FROM credentials c JOIN quotas q ON q.credential_id = c.id
-               WHERE c.provider = ?"#,
-            req.provider
-        )
-        .fetch_all(&self.reader)
-        .await?;
-        if rows.is_empty() {
-            return Ok(Unavailable::NoCredentials);
-        }
-        let schedule = self
-            .schedules
-            .get(req.provider)
-            .cloned()
-            .unwrap_or(crate::quota::ResetSchedule::Never);
-        let mut earliest: Option<i64> = None;
-        let mut in_flight = false;
-        let mut consider = |at: i64| earliest = Some(earliest.map_or(at, |e| e.min(at)));
-        for r in &rows {
-            if r.disabled || !r.has_token || r.state == "invalid" || r.state == "expired" {
-                continue;
-            }
-            if r.expires_at.is_some_and(|e| e <= ts) || req.exclude.contains(&r.id) {
-                continue;
-            }
-            let full = r.limit_tokens.is_some_and(|l| r.used >= l);
-            if r.state == "exhausted" || full {
-                if let Some(next) = schedule.next_reset(crate::domain::from_unix(r.period_start)) {
-                    consider(next.timestamp());
-                }
-                continue;
-            }
-            if let Some(until) = r.cooldown_until.filter(|u| *u > ts) {
-                consider(until);
-                continue;
-            }
-            // Room is taken by requests in flight (their settlements will free it soon), by
-            // leases (held until reported), or the request is larger than what is left.
-            let tokens = clamp(req.tokens);
-            match r.limit_tokens {
-                Some(l) if r.used + r.leased + tokens > l => {
-                    if let Some(next) =
-                        schedule.next_reset(crate::domain::from_unix(r.period_start))
-                    {
-                        consider(next.timestamp());
-                    }
-                }
-                _ => {
-                    in_flight = true;
-                    consider(ts + 1);
-                }
-            }
-        }
-        Ok(match earliest {
-            Some(at) => Unavailable::Busy {
-                retry_after: (at - ts).max(1) as u64,
-                in_flight,
-            },
-            None => Unavailable::Unusable,
-        })
-    }
-
     /// Settle a reservation with the usage reported. With `at_least_reserved` (a stream cut
     /// short, a lease reported without usage) the charge is at least the reservation; the part
     /// beyond the reported usage is recorded as unreported. Returns `false` when the
@@ -300,62 +157,15 @@ impl Store {
         at_least_reserved: bool,
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        let ts = now.timestamp();
-        let mut tx = self.begin_write().await?;
-        let Some(res) = sqlx::query!(
-            "DELETE FROM reservations WHERE id = ? RETURNING credential_id, tokens, provider",
-            reservation_id
-        )
-        .fetch_optional(&mut *tx)
-        .await?
-        else {
-            return Ok(false);
-        };
-        let input = clamp(usage.input);
-        let output = clamp(usage.output);
-        let unreported = if at_least_reserved {
-            (res.tokens - input.saturating_add(output)).max(0)
-        } else {
-            0
-        };
-        let charged = input.saturating_add(output).saturating_add(unreported);
-        sqlx::query!(
-            "UPDATE quotas SET used = used + ?1, reserved = max(reserved - ?2, 0)
-             WHERE credential_id = ?3",
-            charged,
-            res.tokens,
-            res.credential_id
-        )
-        .execute(&mut *tx)
-        .await?;
-        let bucket = ts - ts.rem_euclid(3600);
-        sqlx::query!(
-            "INSERT INTO usage_hourly (credential_id, provider, bucket_start, requests, input_tokens, output_tokens, unreported_tokens)
-             VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6)
-             ON CONFLICT (credential_id, bucket_start) DO UPDATE SET
-                 requests = requests + 1,
-                 input_tokens = input_tokens + excluded.input_tokens,
-                 output_tokens = output_tokens + excluded.output_tokens,
-                 unreported_tokens = unreported_tokens + excluded.unreported_tokens",
-            res.credential_id,
-            res.provider,
-            bucket,
-            input,
-            output,
-            unreported
-        )
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query!(
-            "UPDATE credentials SET last_used_at = ? WHERE id = ?",
-            ts,
-            res.credential_id
-        )
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        self.freed.notify_waiters();
-        Ok(true)
+        let id = reservation_id.to_string();
+        self.ask(|reply| Op::Settle {
+            id,
+            usage,
+            at_least_reserved,
+            now,
+            reply,
+        })
+        .await
     }
 
     /// Release a reservation unused (the request failed before using anything), marking the
@@ -366,85 +176,66 @@ impl Store {
         mark: Option<&Mark>,
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        let ts = now.timestamp();
-        let mut tx = self.begin_write().await?;
-        let Some(res) = sqlx::query!(
-            "DELETE FROM reservations WHERE id = ? RETURNING credential_id, tokens",
-            reservation_id
-        )
-        .fetch_optional(&mut *tx)
-        .await?
-        else {
-            return Ok(false);
-        };
-        sqlx::query!(
-            "UPDATE quotas SET reserved = max(reserved - ?, 0) WHERE credential_id = ?",
-            res.tokens,
-            res.credential_id
-        )
-        .execute(&mut *tx)
-        .await?;
-        if let Some(mark) = mark {
-            mark_credential(&mut tx, &res.credential_id, mark, ts).await?;
-        }
-        tx.commit().await?;
-        self.freed.notify_waiters();
-        Ok(true)
-    }
-
-    /// Mark a credential without a reservation (a lease's token that does not open).
-    pub async fn mark(&self, credential_id: &str, mark: &Mark, now: DateTime<Utc>) -> Result<()> {
-        let mut tx = self.begin_write().await?;
-        mark_credential(&mut tx, credential_id, mark, now.timestamp()).await?;
-        tx.commit().await?;
-        Ok(())
+        let id = reservation_id.to_string();
+        let mark = mark.cloned();
+        self.ask(|reply| Op::Release {
+            id,
+            mark,
+            now,
+            reply,
+        })
+        .await
     }
 
     /// At start: charge in full every request reservation left by a process that is gone (it
-    /// may have used the tokens), and settle expired leases. One transaction; returns the
-    /// number of reservations and tokens charged.
+    /// may have used the tokens). One transaction; returns the number of reservations and
+    /// tokens charged.
     pub async fn settle_dead(&self, now: DateTime<Utc>) -> Result<(u64, u64)> {
-        let ts = now.timestamp();
-        let mut tx = self.begin_write().await?;
-        let dead = sqlx::query!(
-            "DELETE FROM reservations WHERE kind = 'request' AND owner <> ?
-             RETURNING id, credential_id, tokens, provider",
-            self.instance
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut tokens = 0u64;
-        let mut audits = Vec::new();
-        for r in &dead {
-            sqlx::query!(
-                "UPDATE quotas SET used = used + ?1, reserved = max(reserved - ?1, 0) WHERE credential_id = ?2",
-                r.tokens,
-                r.credential_id
+        self.exclusive(async {
+            let ts = now.timestamp();
+            let mut tx = self.begin_write().await?;
+            let dead = sqlx::query!(
+                "DELETE FROM reservations WHERE kind = 'request' AND owner <> ?
+                 RETURNING id, credential_id, tokens, provider",
+                self.instance
             )
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
-            tokens += r.tokens.max(0) as u64;
-            audits.push((
-                r.credential_id.clone(),
-                r.provider.clone(),
-                r.id.clone(),
-                r.tokens,
-            ));
-        }
-        let entries: Vec<AuditEntry> = audits
-            .iter()
-            .map(|(cred, provider, id, t)| AuditEntry {
-                now: ts,
-                actor: "startup",
-                action: "reservation.settle_dead",
-                credential_id: Some(cred),
-                provider: Some(provider),
-                detail: json!({"reservation": id, "tokens": t}),
-            })
-            .collect();
-        audit::record_all(&mut tx, &entries).await?;
-        tx.commit().await?;
-        Ok((dead.len() as u64, tokens))
+            let mut tokens = 0u64;
+            let mut audits = Vec::new();
+            for r in &dead {
+                // The delete trigger has taken the tokens out of `reserved`; charge them.
+                sqlx::query!(
+                    "UPDATE quotas SET used = used + ?1 WHERE credential_id = ?2",
+                    r.tokens,
+                    r.credential_id
+                )
+                .execute(&mut *tx)
+                .await?;
+                tokens += r.tokens.max(0) as u64;
+                audits.push((
+                    r.credential_id.clone(),
+                    r.provider.clone(),
+                    r.id.clone(),
+                    r.tokens,
+                ));
+            }
+            let entries: Vec<AuditEntry> = audits
+                .iter()
+                .map(|(cred, provider, id, t)| AuditEntry {
+                    now: ts,
+                    actor: "startup",
+                    action: "reservation.settle_dead",
+                    credential_id: Some(cred),
+                    provider: Some(provider),
+                    detail: json!({"reservation": id, "tokens": t}),
+                })
+                .collect();
+            audit::record_all(&mut tx, &entries).await?;
+            tx.commit().await?;
+            Ok((dead.len() as u64, tokens))
+        })
+        .await
     }
 
     /// Settle every lease past its expiry at its reservation. Returns how many.
@@ -475,21 +266,38 @@ impl Store {
         .map(|r| (r.credential_id, r.provider)))
     }
 
-    /// A credential's token and, when it does not open, why (the caller marks it).
+    /// A credential's token and, when it does not open, why (the caller marks it). Opened
+    /// tokens are kept in memory until the next change to the credentials.
     pub async fn open_token(
         &self,
         id: &str,
     ) -> Result<std::result::Result<crate::crypto::Secret, String>> {
+        if let Some(t) = self
+            .hot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .tokens
+            .get(id)
+        {
+            return Ok(Ok(t.clone()));
+        }
         let sealed = sqlx::query_scalar!("SELECT token_sealed FROM credentials WHERE id = ?", id)
             .fetch_optional(&self.reader)
             .await?
             .flatten();
         Ok(match sealed {
             None => Err("the credential has no token".to_string()),
-            Some(s) => self
-                .sealer
-                .open(id, Field::Token, &s)
-                .map_err(|e| e.to_string()),
+            Some(s) => match self.sealer.open(id, Field::Token, &s) {
+                Ok(token) => {
+                    self.hot
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .tokens
+                        .insert(id.to_string(), token.clone());
+                    Ok(token)
+                }
+                Err(e) => Err(e.to_string()),
+            },
         })
     }
 
@@ -511,7 +319,7 @@ impl Store {
     }
 }
 
-async fn mark_credential(
+pub(super) async fn mark_credential(
     conn: &mut sqlx::SqliteConnection,
     id: &str,
     mark: &Mark,

@@ -182,9 +182,14 @@ impl Store {
         Ok(failed)
     }
 
+    /// Re-seal every stored secret under `to` (see `rekey_locked`).
+    pub async fn rekey(&self, to: &Sealer) -> Result<usize> {
+        self.exclusive(self.rekey_locked(to)).await
+    }
+
     /// Re-seal every stored secret under `to`, in one transaction. Fails, changing nothing,
     /// if any secret does not open under the current key.
-    pub async fn rekey(&self, to: &Sealer) -> Result<usize> {
+    async fn rekey_locked(&self, to: &Sealer) -> Result<usize> {
         let mut tx = self.begin_write().await?;
         let rows = sealed_rows(&mut tx).await?;
         for row in &rows {

@@ -55,6 +55,16 @@ fn gemini_req() -> Value {
            "generationConfig": {"maxOutputTokens": 20}})
 }
 
+/// Credentials by label once every reservation has settled (settlements may land just after
+/// the answer).
+async fn settled(app: &TestApp) -> HashMap<String, Value> {
+    crate::common::eventually(std::time::Duration::from_secs(10), || async {
+        let a = by_label(app).await;
+        a.values().all(|c| c["quota"]["reserved"] == 0).then_some(a)
+    })
+    .await
+}
+
 async fn by_label(app: &TestApp) -> HashMap<String, Value> {
     app.auths()
         .await
@@ -383,7 +393,7 @@ async fn strategies() {
     );
     assert!(order[first_p2..].iter().all(|t| t == "sk-p-2"), "{order:?}");
     assert!(!order.contains(&"sk-p-3".to_string()));
-    let auths = by_label(&app).await;
+    let auths = settled(&app).await;
     assert_eq!(
         auths["sk-p-1"]["status"], "active",
         "room left, but not for a whole request"
@@ -398,7 +408,7 @@ async fn strategies() {
         add(&app, "openai", t, json!({"quota": {"limit": limit}})).await;
     }
     for _ in 0..15 {
-        let before = by_label(&app).await;
+        let before = settled(&app).await;
         let best = ["sk-q-1", "sk-q-2", "sk-q-3"]
             .into_iter()
             .max_by_key(|t| before[*t]["quota"]["remaining"].as_u64().unwrap())
@@ -427,7 +437,7 @@ async fn rotation_marks_and_moves_on() {
     // 401 on the first: marked invalid, and the client still gets its answer.
     let r = v1(&app, "/v1/chat/completions", chat("gpt-4o", false)).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let a = by_label(&app).await;
+    let a = settled(&app).await;
     assert_eq!(a["sk-bad-1"]["status"], "invalid");
     assert!(
         a["sk-bad-1"]["status_reason"]
@@ -459,7 +469,7 @@ async fn rotation_marks_and_moves_on() {
     let before = Utc::now();
     let r = v1(&app, "/v1/chat/completions", chat("gpt-4o", true)).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let a = by_label(&app).await;
+    let a = settled(&app).await;
     assert_eq!(a["sk-slow-1"]["status"], "cooldown");
     let until =
         chrono::DateTime::parse_from_rfc3339(a["sk-slow-1"]["cooldown_until"].as_str().unwrap())
@@ -579,7 +589,7 @@ async fn leases_share_counters_and_settle() {
     );
     let r = v1(&app, "/v1/chat/completions", fits_alone).await;
     assert_eq!(r.status, 200, "fits once the lease is settled: {}", r.text);
-    let used_after_proxy = by_label(&app).await["sk-lease-1"]["quota"]["used"]
+    let used_after_proxy = settled(&app).await["sk-lease-1"]["quota"]["used"]
         .as_u64()
         .unwrap();
     assert_eq!(used_after_proxy, 1830 + mock.served("sk-lease-1").reported);

@@ -1,0 +1,689 @@
+//! The ledger: the request path's writes, committed in groups.
+//!
+//! One task owns the request path's writes. It takes every reserve, settle and release queued
+//! while the previous group was committing, decides each against an in-memory mirror of the
+//! counters and usable credentials, and commits the whole group in one `BEGIN IMMEDIATE`
+//! transaction of a few set statements (one fsync for all of them), then answers each caller.
+//! A reservation is answered only once its group is durable, so it is on disk before the
+//! upstream call. The mirror is exact because every other write (management changes) happens
+//! under the write side of `gate` and reloads it, while a group is decided and committed under
+//! the read side.
+
+use super::requests::{Mark, Reservation, ReservationKind, ReserveRequestOwned, Unavailable};
+use super::{Result, Store, StoreError};
+use crate::config::SelectionStrategy;
+use crate::crypto::Secret;
+use crate::providers::wire::Usage;
+use crate::quota::ResetSchedule;
+use crate::selection::{self, Candidate};
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use tokio::sync::{mpsc, oneshot};
+
+/// Most operations committed in one group.
+const MAX_GROUP: usize = 2048;
+
+#[derive(Debug, Clone)]
+pub(super) struct HotCred {
+    seq: i64,
+    priority: i64,
+    limit: Option<i64>,
+    used: i64,
+    reserved: i64,
+    /// Reserved by leases (held until reported).
+    leased: i64,
+    disabled: bool,
+    state: String,
+    expires_at: Option<i64>,
+    cooldown_until: Option<i64>,
+    has_token: bool,
+    period_start: i64,
+}
+
+impl HotCred {
+    fn usable(&self, now: i64) -> bool {
+        !self.disabled
+            && self.state == "active"
+            && self.has_token
+            && self.expires_at.is_none_or(|e| e > now)
+            && self.cooldown_until.is_none_or(|c| c <= now)
+    }
+
+    fn has_room(&self, tokens: i64) -> bool {
+        self.limit
+            .is_none_or(|l| self.used + self.reserved + tokens <= l)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct HotRes {
+    credential_id: String,
+    tokens: i64,
+    provider: String,
+    kind: ReservationKind,
+}
+
+/// A provider's credentials in selection order, with the round-robin cursors.
+#[derive(Debug, Default)]
+struct ProviderList {
+    /// Ids by creation order.
+    by_seq: Vec<String>,
+    /// Ids by (priority, creation).
+    by_priority: Vec<String>,
+    rr_cursor: usize,
+    /// Per priority level, the next position within that level.
+    level_cursors: HashMap<i64, usize>,
+}
+
+/// The in-memory mirror of what the request path decides on.
+#[derive(Debug, Default)]
+pub(super) struct Hot {
+    creds: HashMap<String, HotCred>,
+    lists: HashMap<String, ProviderList>,
+    reservations: HashMap<String, HotRes>,
+    /// Opened tokens, filled on first use and emptied on every reload.
+    pub(super) tokens: HashMap<String, Secret>,
+}
+
+impl Hot {
+    /// Pick a usable credential with room for `tokens`, not in `exclude`.
+    fn pick(
+        &mut self,
+        provider: &str,
+        tokens: i64,
+        strategy: SelectionStrategy,
+        exclude: &[String],
+        now: i64,
+    ) -> Option<String> {
+        let creds = &self.creds;
+        let list = self.lists.get_mut(provider)?;
+        let ok = |id: &String| {
+            !exclude.contains(id)
+                && creds
+                    .get(id)
+                    .is_some_and(|c| c.usable(now) && c.has_room(tokens))
+        };
+        match strategy {
+            SelectionStrategy::RoundRobin => {
+                let n = list.by_seq.len();
+                let start = list.rr_cursor % n.max(1);
+                let found = (0..n)
+                    .map(|k| (start + k) % n)
+                    .find(|&i| ok(&list.by_seq[i]))?;
+                list.rr_cursor = found + 1;
+                Some(list.by_seq[found].clone())
+            }
+            SelectionStrategy::Priority => {
+                let mut i = 0;
+                while i < list.by_priority.len() {
+                    let level = creds[&list.by_priority[i]].priority;
+                    let end = list.by_priority[i..]
+                        .iter()
+                        .position(|id| creds[id].priority != level)
+                        .map_or(list.by_priority.len(), |p| i + p);
+                    let len = end - i;
+                    let cursor = list.level_cursors.get(&level).copied().unwrap_or(0) % len;
+                    if let Some(k) = (0..len)
+                        .map(|k| (cursor + k) % len)
+                        .find(|&k| ok(&list.by_priority[i + k]))
+                    {
+                        list.level_cursors.insert(level, k + 1);
+                        return Some(list.by_priority[i + k].clone());
+                    }
+                    i = end;
+                }
+                None
+            }
+            SelectionStrategy::QuotaAware => {
+                // The most room needs a look at every usable credential.
+                let candidates: Vec<Candidate> = list
+                    .by_seq
+                    .iter()
+                    .filter(|id| ok(id))
+                    .map(|id| {
+                        let c = &creds[id];
+                        Candidate {
+                            id: id.clone(),
+                            seq: c.seq,
+                            priority: c.priority,
+                            limit: c.limit.map(|l| l.max(0) as u64),
+                            used: c.used.max(0) as u64,
+                            reserved: c.reserved.max(0) as u64,
+                            last_pick: 0,
+                        }
+                    })
+                    .collect();
+                selection::pick(SelectionStrategy::QuotaAware, &candidates)
+                    .map(|i| candidates[i].id.clone())
+            }
+        }
+    }
+
+    /// Why nothing could be picked.
+    fn why(
+        &self,
+        provider: &str,
+        tokens: i64,
+        exclude: &[String],
+        now: i64,
+        schedule: &ResetSchedule,
+    ) -> Unavailable {
+        let Some(list) = self.lists.get(provider).filter(|l| !l.by_seq.is_empty()) else {
+            return Unavailable::NoCredentials;
+        };
+        let mut earliest: Option<i64> = None;
+        let mut in_flight = false;
+        let mut consider = |at: i64| earliest = Some(earliest.map_or(at, |e| e.min(at)));
+        for id in &list.by_seq {
+            let c = &self.creds[id];
+            if c.disabled || !c.has_token || c.state == "invalid" || c.state == "expired" {
+                continue;
+            }
+            if c.expires_at.is_some_and(|e| e <= now) || exclude.contains(id) {
+                continue;
+            }
+            let next_reset = || {
+                schedule
+                    .next_reset(crate::domain::from_unix(c.period_start))
+                    .map(|t| t.timestamp())
+            };
+            if c.state == "exhausted" || c.limit.is_some_and(|l| c.used >= l) {
+                if let Some(at) = next_reset() {
+                    consider(at);
+                }
+                continue;
+            }
+            if let Some(until) = c.cooldown_until.filter(|u| *u > now) {
+                consider(until);
+                continue;
+            }
+            match c.limit {
+                Some(l) if c.used + c.leased + tokens > l => {
+                    if let Some(at) = next_reset() {
+                        consider(at);
+                    }
+                }
+                _ => {
+                    in_flight = true;
+                    consider(now + 1);
+                }
+            }
+        }
+        match earliest {
+            Some(at) => Unavailable::Busy {
+                retry_after: (at - now).max(1) as u64,
+                in_flight,
+            },
+            None => Unavailable::Unusable,
+        }
+    }
+}
+
+/// One operation for the ledger task.
+pub(super) enum Op {
+    Reserve {
+        req: ReserveRequestOwned,
+        now: DateTime<Utc>,
+        reply: oneshot::Sender<Result<std::result::Result<Reservation, Unavailable>>>,
+    },
+    Settle {
+        id: String,
+        usage: Usage,
+        at_least_reserved: bool,
+        now: DateTime<Utc>,
+        reply: oneshot::Sender<Result<bool>>,
+    },
+    Release {
+        id: String,
+        mark: Option<Mark>,
+        now: DateTime<Utc>,
+        reply: oneshot::Sender<Result<bool>>,
+    },
+}
+
+/// A reply waiting for its group's commit.
+enum Pending {
+    Reserve(
+        oneshot::Sender<Result<std::result::Result<Reservation, Unavailable>>>,
+        std::result::Result<Reservation, Unavailable>,
+    ),
+    Done(oneshot::Sender<Result<bool>>, bool),
+}
+
+/// One hour's usage of one credential within a group.
+#[derive(Default)]
+struct UsageRow {
+    provider: String,
+    requests: i64,
+    input: i64,
+    output: i64,
+    unreported: i64,
+}
+
+/// What a group writes.
+#[derive(Default)]
+struct Effects {
+    inserts: Vec<Value>,
+    deletes: Vec<String>,
+    used: HashMap<String, i64>,
+    usage: BTreeMap<(String, i64), UsageRow>,
+    last_used: HashMap<String, i64>,
+    marks: Vec<(String, Mark, i64)>,
+}
+
+fn res_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let suffix: String = (0..24)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("res_{suffix}")
+}
+
+impl Store {
+    /// Load the mirror from the database (under the gate's write side, or before the ledger
+    /// task starts).
+    pub(super) async fn load_hot(&self) -> Result<()> {
+        let rows = sqlx::query!(
+            r#"SELECT c.id, c.provider, c.seq, c.priority, c.disabled AS "disabled!: bool", c.state,
+                      c.expires_at, c.cooldown_until, c.token_sealed IS NOT NULL AS "has_token!: bool",
+                      q.limit_tokens, q.used, q.reserved, q.period_start
+               FROM credentials c JOIN quotas q ON q.credential_id = c.id
+               ORDER BY c.seq"#
+        )
+        .fetch_all(&self.writer)
+        .await?;
+        let reservations =
+            sqlx::query!("SELECT id, credential_id, tokens, provider, kind FROM reservations")
+                .fetch_all(&self.writer)
+                .await?;
+        let mut hot = Hot::default();
+        for r in rows {
+            hot.lists
+                .entry(r.provider)
+                .or_default()
+                .by_seq
+                .push(r.id.clone());
+            hot.creds.insert(
+                r.id,
+                HotCred {
+                    seq: r.seq,
+                    priority: r.priority,
+                    limit: r.limit_tokens,
+                    used: r.used,
+                    reserved: r.reserved,
+                    leased: 0,
+                    disabled: r.disabled,
+                    state: r.state,
+                    expires_at: r.expires_at,
+                    cooldown_until: r.cooldown_until,
+                    has_token: r.has_token,
+                    period_start: r.period_start,
+                },
+            );
+        }
+        for r in reservations {
+            let kind = if r.kind == "lease" {
+                ReservationKind::Lease
+            } else {
+                ReservationKind::Request
+            };
+            if kind == ReservationKind::Lease
+                && let Some(c) = hot.creds.get_mut(&r.credential_id)
+            {
+                c.leased += r.tokens;
+            }
+            hot.reservations.insert(
+                r.id,
+                HotRes {
+                    credential_id: r.credential_id,
+                    tokens: r.tokens,
+                    provider: r.provider,
+                    kind,
+                },
+            );
+        }
+        {
+            let creds = &hot.creds;
+            for list in hot.lists.values_mut() {
+                list.by_priority = list.by_seq.clone();
+                list.by_priority
+                    .sort_by_key(|id| (creds[id].priority, creds[id].seq));
+            }
+        }
+        // Keep the round-robin positions across reloads, so a management change does not send
+        // the next requests back to the first credential.
+        let mut current = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+        for (provider, list) in hot.lists.iter_mut() {
+            if let Some(old) = current.lists.get(provider) {
+                list.rr_cursor = old.rr_cursor;
+                list.level_cursors = old.level_cursors.clone();
+            }
+        }
+        *current = hot;
+        Ok(())
+    }
+
+    /// Start the ledger task. Called once the store is open.
+    pub(super) fn start_ledger(&self, mut rx: mpsc::UnboundedReceiver<Op>) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut ops = vec![first];
+                while ops.len() < MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(op) => ops.push(op),
+                        Err(_) => break,
+                    }
+                }
+                store.run_group(ops).await;
+            }
+        });
+    }
+
+    async fn run_group(&self, ops: Vec<Op>) {
+        let _gate = self.gate.read().await;
+        let mut effects = Effects::default();
+        let mut pending = Vec::with_capacity(ops.len());
+        {
+            let mut hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+            for op in ops {
+                match op {
+                    Op::Reserve { req, now, reply } => {
+                        let result = self.decide_reserve(&mut hot, &req, now, &mut effects);
+                        pending.push(Pending::Reserve(reply, result));
+                    }
+                    Op::Settle {
+                        id,
+                        usage,
+                        at_least_reserved,
+                        now,
+                        reply,
+                    } => {
+                        let done = settle_in(
+                            &mut hot,
+                            &id,
+                            usage,
+                            at_least_reserved,
+                            now.timestamp(),
+                            &mut effects,
+                        );
+                        pending.push(Pending::Done(reply, done));
+                    }
+                    Op::Release {
+                        id,
+                        mark,
+                        now,
+                        reply,
+                    } => {
+                        let done = release_in(&mut hot, &id, mark, now.timestamp(), &mut effects);
+                        pending.push(Pending::Done(reply, done));
+                    }
+                }
+            }
+        }
+        match self.commit_effects(effects).await {
+            Ok(()) => {
+                self.freed.notify_waiters();
+                for p in pending {
+                    match p {
+                        Pending::Reserve(reply, r) => {
+                            let _ = reply.send(Ok(r));
+                        }
+                        Pending::Done(reply, done) => {
+                            let _ = reply.send(Ok(done));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a group of request-path writes failed; reloading");
+                if let Err(e) = self.load_hot().await {
+                    tracing::error!(error = %e, "cannot reload the ledger's mirror");
+                }
+                let msg = e.to_string();
+                for p in pending {
+                    let err = || {
+                        StoreError::Db(sqlx::Error::Protocol(format!("group commit failed: {msg}")))
+                    };
+                    match p {
+                        Pending::Reserve(reply, _) => {
+                            let _ = reply.send(Err(err()));
+                        }
+                        Pending::Done(reply, _) => {
+                            let _ = reply.send(Err(err()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn decide_reserve(
+        &self,
+        hot: &mut Hot,
+        req: &ReserveRequestOwned,
+        now: DateTime<Utc>,
+        effects: &mut Effects,
+    ) -> std::result::Result<Reservation, Unavailable> {
+        let ts = now.timestamp();
+        let tokens = req.tokens.min(i64::MAX as u64) as i64;
+        let Some(credential_id) = hot.pick(&req.provider, tokens, req.strategy, &req.exclude, ts)
+        else {
+            let schedule = self
+                .schedules
+                .get(&req.provider)
+                .cloned()
+                .unwrap_or(ResetSchedule::Never);
+            return Err(hot.why(&req.provider, tokens, &req.exclude, ts, &schedule));
+        };
+        let id = res_id();
+        let c = hot
+            .creds
+            .get_mut(&credential_id)
+            .expect("picked from the mirror");
+        c.reserved += tokens;
+        if req.kind == ReservationKind::Lease {
+            c.leased += tokens;
+        }
+        hot.reservations.insert(
+            id.clone(),
+            HotRes {
+                credential_id: credential_id.clone(),
+                tokens,
+                provider: req.provider.clone(),
+                kind: req.kind,
+            },
+        );
+        effects.inserts.push(json!([
+            id,
+            credential_id,
+            if req.kind == ReservationKind::Lease {
+                "lease"
+            } else {
+                "request"
+            },
+            tokens,
+            &*self.instance,
+            ts,
+            req.expires_at.map(|t| t.timestamp()),
+            req.provider,
+        ]));
+        Ok(Reservation {
+            id,
+            credential_id,
+            tokens: req.tokens,
+        })
+    }
+
+    async fn commit_effects(&self, e: Effects) -> Result<()> {
+        if e.inserts.is_empty() && e.deletes.is_empty() && e.marks.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        if !e.inserts.is_empty() {
+            let rows = Value::from(e.inserts).to_string();
+            sqlx::query!(
+                "INSERT INTO reservations (id, credential_id, kind, tokens, owner, created_at, expires_at, provider)
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7
+                 FROM json_each(?)",
+                rows
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !e.deletes.is_empty() {
+            let ids = Value::from(e.deletes).to_string();
+            sqlx::query!(
+                "DELETE FROM reservations WHERE id IN (SELECT value FROM json_each(?))",
+                ids
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !e.used.is_empty() {
+            let rows: Vec<Value> = e.used.into_iter().map(|(id, d)| json!([id, d])).collect();
+            let rows = Value::from(rows).to_string();
+            sqlx::query!(
+                "UPDATE quotas SET used = used + d.delta
+                 FROM (SELECT value ->> 0 AS id, value ->> 1 AS delta FROM json_each(?)) AS d
+                 WHERE quotas.credential_id = d.id",
+                rows
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !e.usage.is_empty() {
+            let rows: Vec<Value> = e
+                .usage
+                .into_iter()
+                .map(|((cred, bucket), u)| {
+                    json!([
+                        cred,
+                        u.provider,
+                        bucket,
+                        u.requests,
+                        u.input,
+                        u.output,
+                        u.unreported
+                    ])
+                })
+                .collect();
+            let rows = Value::from(rows).to_string();
+            sqlx::query!(
+                "INSERT INTO usage_hourly (credential_id, provider, bucket_start, requests, input_tokens, output_tokens, unreported_tokens)
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6
+                 FROM json_each(?) WHERE true
+                 ON CONFLICT (credential_id, bucket_start) DO UPDATE SET
+                     requests = requests + excluded.requests,
+                     input_tokens = input_tokens + excluded.input_tokens,
+                     output_tokens = output_tokens + excluded.output_tokens,
+                     unreported_tokens = unreported_tokens + excluded.unreported_tokens",
+                rows
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !e.last_used.is_empty() {
+            let rows: Vec<Value> = e
+                .last_used
+                .into_iter()
+                .map(|(id, ts)| json!([id, ts]))
+                .collect();
+            let rows = Value::from(rows).to_string();
+            sqlx::query!(
+                "UPDATE credentials SET last_used_at = d.ts
+                 FROM (SELECT value ->> 0 AS id, value ->> 1 AS ts FROM json_each(?)) AS d
+                 WHERE credentials.id = d.id",
+                rows
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (id, mark, ts) in &e.marks {
+            super::requests::mark_credential(&mut tx, id, mark, *ts).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Settle in the mirror, recording the writes; `false` when already settled or released.
+fn settle_in(
+    hot: &mut Hot,
+    id: &str,
+    usage: Usage,
+    at_least_reserved: bool,
+    ts: i64,
+    e: &mut Effects,
+) -> bool {
+    let Some(res) = hot.reservations.remove(id) else {
+        return false;
+    };
+    let clamp = |n: u64| n.min(i64::MAX as u64) as i64;
+    let (input, output) = (clamp(usage.input), clamp(usage.output));
+    let unreported = if at_least_reserved {
+        (res.tokens - input.saturating_add(output)).max(0)
+    } else {
+        0
+    };
+    let charged = input.saturating_add(output).saturating_add(unreported);
+    if let Some(c) = hot.creds.get_mut(&res.credential_id) {
+        c.reserved = (c.reserved - res.tokens).max(0);
+        if res.kind == ReservationKind::Lease {
+            c.leased = (c.leased - res.tokens).max(0);
+        }
+        c.used += charged;
+    }
+    e.deletes.push(id.to_string());
+    *e.used.entry(res.credential_id.clone()).or_default() += charged;
+    let bucket = ts - ts.rem_euclid(3600);
+    let row = e
+        .usage
+        .entry((res.credential_id.clone(), bucket))
+        .or_insert_with(|| UsageRow {
+            provider: res.provider.clone(),
+            ..Default::default()
+        });
+    row.requests += 1;
+    row.input += input;
+    row.output += output;
+    row.unreported += unreported;
+    e.last_used.insert(res.credential_id, ts);
+    true
+}
+
+/// Release in the mirror with an optional mark; `false` when already settled or released.
+fn release_in(hot: &mut Hot, id: &str, mark: Option<Mark>, ts: i64, e: &mut Effects) -> bool {
+    let Some(res) = hot.reservations.remove(id) else {
+        return false;
+    };
+    if let Some(c) = hot.creds.get_mut(&res.credential_id) {
+        c.reserved = (c.reserved - res.tokens).max(0);
+        if res.kind == ReservationKind::Lease {
+            c.leased = (c.leased - res.tokens).max(0);
+        }
+        if let Some(m) = &mark {
+            apply_mark(c, m, ts);
+        }
+    }
+    e.deletes.push(id.to_string());
+    if let Some(m) = mark {
+        e.marks.push((res.credential_id, m, ts));
+    }
+    true
+}
+
+/// The same change `mark_credential` makes in SQL, in the mirror.
+fn apply_mark(c: &mut HotCred, mark: &Mark, _ts: i64) {
+    match mark {
+        Mark::Invalid(_) => c.state = "invalid".into(),
+        Mark::Exhausted(_) => c.state = "exhausted".into(),
+        Mark::Cooldown { until, .. } => {
+            let until = until.timestamp();
+            c.cooldown_until = Some(c.cooldown_until.map_or(until, |u| u.max(until)));
+        }
+    }
+}
