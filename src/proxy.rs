@@ -34,6 +34,8 @@ pub struct Call {
     /// Path and query after the provider's base URL, e.g. `/chat/completions`.
     pub path: String,
     pub body: Value,
+    /// The client's body as sent, when `body` is unchanged from it (forwarded as it is).
+    pub raw: Option<Bytes>,
     pub stream: bool,
     /// Headers of the client's request passed on (never its key).
     pub pass_headers: Vec<(HeaderName, HeaderValue)>,
@@ -158,6 +160,7 @@ async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
                 let opts = obj
                     .entry("stream_options")
                     .or_insert_with(|| Value::Object(Default::default()));
+                call.raw = None;
                 if let Some(opts) = opts.as_object_mut() {
                     opts.insert("include_usage".into(), Value::Bool(true));
                 } else {
@@ -166,7 +169,10 @@ async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
             }
         }
     }
-    let body = Bytes::from(call.body.to_string());
+    let body = match call.raw.take() {
+        Some(raw) => raw,
+        None => Bytes::from(call.body.to_string()),
+    };
     let config = &state.config.config;
     let tokens = wire::reservation(
         format,
@@ -287,9 +293,7 @@ async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
                     .into_response();
                 }
             };
-            let usage = serde_json::from_slice::<Value>(&answer)
-                .ok()
-                .and_then(|v| wire::usage_from_body(format, &v));
+            let usage = wire::usage_from_answer(format, &answer);
             // The settlement may land after the answer: a crash before it leaves the
             // reservation, which the next start charges in full.
             Settler {

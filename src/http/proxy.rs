@@ -2,7 +2,7 @@
 //! client-key guard in front of them, and the lease API.
 
 use super::error::ApiError;
-use super::extract::{Json, Path};
+use super::extract::{Json, Path, Query};
 use crate::app::AppState;
 use crate::crypto::Secret;
 use crate::providers::{Format, Provider};
@@ -86,8 +86,9 @@ pub async fn client_guard(
     }
 }
 
-/// A JSON object body of up to [`MAX_PROXY_BODY`] bytes, kept as a value.
-pub struct ProxyBody(pub Value);
+/// A JSON object body of up to [`MAX_PROXY_BODY`] bytes, parsed, with its bytes kept so an
+/// unchanged body is forwarded as it came.
+pub struct ProxyBody(pub Value, pub Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for ProxyBody {
     type Rejection = ApiError;
@@ -105,7 +106,7 @@ impl<S: Send + Sync> FromRequest<S> for ProxyBody {
             }
         })?;
         match serde_json::from_slice::<Value>(&bytes) {
-            Ok(v @ Value::Object(_)) => Ok(ProxyBody(v)),
+            Ok(v @ Value::Object(_)) => Ok(ProxyBody(v, bytes)),
             Ok(_) => Err(ApiError::bad_request(
                 "invalid_body",
                 "The body must be a JSON object",
@@ -151,7 +152,7 @@ fn wants_stream(body: &Value) -> bool {
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    ProxyBody(mut body): ProxyBody,
+    ProxyBody(mut body, raw): ProxyBody,
 ) -> Response {
     let Some(model) = body
         .get("model")
@@ -171,6 +172,8 @@ pub async fn chat_completions(
         )
         .into_response();
     };
+    // A `provider/` prefix is stripped; otherwise the body goes on as it came.
+    let raw = (upstream_model == model).then_some(raw);
     body["model"] = Value::String(upstream_model);
     let stream = wants_stream(&body);
     let call = Call {
@@ -178,6 +181,7 @@ pub async fn chat_completions(
         provider,
         path: "/chat/completions".into(),
         body,
+        raw,
         stream,
     };
     proxy::forward(state, call).await
@@ -186,7 +190,7 @@ pub async fn chat_completions(
 pub async fn messages(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    ProxyBody(body): ProxyBody,
+    ProxyBody(body, raw): ProxyBody,
 ) -> Response {
     let provider = match provider_of(&state, "claude") {
         Ok(p) => p,
@@ -198,6 +202,7 @@ pub async fn messages(
         provider,
         path: "/v1/messages".into(),
         body,
+        raw: Some(raw),
         stream,
     };
     proxy::forward(state, call).await
@@ -211,8 +216,8 @@ pub struct GeminiQuery {
 pub async fn gemini(
     State(state): State<Arc<AppState>>,
     Path(model_action): Path<String>,
-    axum::extract::Query(q): axum::extract::Query<GeminiQuery>,
-    ProxyBody(body): ProxyBody,
+    Query(q): Query<GeminiQuery>,
+    ProxyBody(body, raw): ProxyBody,
 ) -> Response {
     let Some((model, action)) = model_action.rsplit_once(':') else {
         return ApiError::not_found(
@@ -248,6 +253,7 @@ pub async fn gemini(
         provider,
         path,
         body,
+        raw: Some(raw),
         stream,
     };
     proxy::forward(state, call).await

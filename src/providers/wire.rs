@@ -89,6 +89,24 @@ pub fn usage_from_body(format: Format, body: &Value) -> Option<Usage> {
     }
 }
 
+/// Usage in a non-streamed answer, read straight from its bytes: only the usage object is
+/// built, the rest of the answer is skipped.
+pub fn usage_from_answer(format: Format, body: &[u8]) -> Option<Usage> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        usage: Option<Value>,
+        #[serde(rename = "usageMetadata")]
+        usage_metadata: Option<Value>,
+    }
+    let answer: Answer = serde_json::from_slice(body).ok()?;
+    let mut wrapped = serde_json::Map::new();
+    match format {
+        Format::Gemini => wrapped.insert("usageMetadata".into(), answer.usage_metadata?),
+        _ => wrapped.insert("usage".into(), answer.usage?),
+    };
+    usage_from_body(format, &Value::Object(wrapped))
+}
+
 fn anthropic_usage(usage: &Value) -> Option<Usage> {
     let field = |k: &str| usage.get(k).and_then(u).unwrap_or(0);
     if usage.get("input_tokens").is_none() && usage.get("output_tokens").is_none() {

@@ -82,7 +82,7 @@ impl Store {
         // both. `?6` is now.
         let rows = sqlx::query!(
             r#"SELECT c.id, c.provider, c.kind, c.label, c.token_preview, c.priority,
-                      c.state_reason, c.expires_at, c.cooldown_until, c.last_used_at,
+                      c.state_reason, c.expires_at, c.cooldown_until, q.last_used_at,
                       c.last_refresh_at, c.source, c.created_at, c.updated_at,
                       q.limit_tokens, q.used, q.reserved, q.period_start,
                       CASE WHEN c.disabled THEN 'disabled'
