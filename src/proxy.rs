@@ -284,7 +284,11 @@ async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(provider = %name, error = %e.without_url(), "upstream answer cut short");
-                    settle(&state, &reservation.id, None, false).await;
+                    Settler {
+                        state: state.clone(),
+                        reservation: reservation.id.clone(),
+                    }
+                    .settle(None, false);
                     return ApiError::new(
                         StatusCode::BAD_GATEWAY,
                         "upstream_failed",
@@ -332,30 +336,22 @@ async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
     })
 }
 
-/// Settle a reservation: exactly the reported usage when `complete` and reported; otherwise at
-/// least the reservation (a request whose usage never arrived is charged its reservation).
-async fn settle(state: &AppState, reservation: &str, usage: Option<Usage>, complete: bool) {
-    let exact = complete && usage.is_some();
-    if let Err(e) = state
-        .store
-        .settle(reservation, usage.unwrap_or_default(), !exact, state.now())
-        .await
-    {
-        tracing::error!(error = %e, reservation, "cannot settle a reservation");
-    }
-}
-
 struct Settler {
     state: Arc<AppState>,
     reservation: String,
 }
 
 impl Settler {
-    /// Settle off the stream's poll (which cannot wait for the database).
+    /// Queue the settlement without waiting for it (the stream's poll cannot wait, and an
+    /// answer need not): the ledger commits it with its group.
     fn settle(self, usage: Option<Usage>, complete: bool) {
-        tokio::spawn(async move {
-            settle(&self.state, &self.reservation, usage, complete).await;
-        });
+        let exact = complete && usage.is_some();
+        self.state.store.settle_later(
+            &self.reservation,
+            usage.unwrap_or_default(),
+            !exact,
+            self.state.now(),
+        );
     }
 }
 

@@ -168,6 +168,31 @@ impl Store {
         .await
     }
 
+    /// Queue a settlement (as [`Store::settle`]) without waiting for its commit. A failure is
+    /// logged by the ledger; the reservation then stays, and the next start charges it.
+    pub fn settle_later(
+        &self,
+        reservation_id: &str,
+        usage: Usage,
+        at_least_reserved: bool,
+        now: DateTime<Utc>,
+    ) {
+        let (reply, _) = oneshot::channel();
+        let op = Op::Settle {
+            id: reservation_id.to_string(),
+            usage,
+            at_least_reserved,
+            now,
+            reply,
+        };
+        if self.ledger.send(op).is_err() {
+            tracing::error!(
+                reservation = reservation_id,
+                "the ledger is gone; the reservation stays for the next start"
+            );
+        }
+    }
+
     /// Release a reservation unused (the request failed before using anything), marking the
     /// credential when the failure was its own. Returns `false` when already settled.
     pub async fn release(
