@@ -55,6 +55,20 @@ fn gemini_req() -> Value {
            "generationConfig": {"maxOutputTokens": 20}})
 }
 
+/// A mock answering after `delay_ms`, and a server with an OpenAI credential per token, each
+/// limited to `limit` tokens.
+async fn limited(tokens: &[&str], limit: u64, delay_ms: u64) -> (Mock, Home, Arc<TestApp>) {
+    let mock = Mock::start().await;
+    mock.state
+        .delay_ms
+        .store(delay_ms, std::sync::atomic::Ordering::Relaxed);
+    let (home, app) = setup(&mock, "").await;
+    for t in tokens {
+        add(&app, "openai", t, json!({"quota": {"limit": limit}})).await;
+    }
+    (mock, home, Arc::new(app))
+}
+
 /// Credentials by label once every reservation has settled (settlements may land just after
 /// the answer).
 async fn settled(app: &TestApp) -> HashMap<String, Value> {
@@ -131,11 +145,7 @@ async fn three_formats_streaming_and_not_charge_exactly_what_was_reported() {
         assert_eq!(r.status, 200, "{}", r.text);
     }
     // Settlements of streams happen as they end; poll until nothing is reserved.
-    let auths = crate::common::eventually(std::time::Duration::from_secs(10), || async {
-        let a = by_label(&app).await;
-        a.values().all(|c| c["quota"]["reserved"] == 0).then_some(a)
-    })
-    .await;
+    let auths = settled(&app).await;
     let mut total = 0;
     for t in tokens {
         let served = mock.served(t);
@@ -260,16 +270,8 @@ async fn disabled_provider_answers_503() {
 
 #[tokio::test]
 async fn concurrent_requests_never_pass_a_limit() {
-    let mock = Mock::start().await;
-    mock.state
-        .delay_ms
-        .store(3, std::sync::atomic::Ordering::Relaxed);
-    let (_home, app) = setup(&mock, "").await;
     let tokens = ["sk-c-1", "sk-c-2", "sk-c-3"];
-    for t in tokens {
-        add(&app, "openai", t, json!({"quota": {"limit": 6000}})).await;
-    }
-    let app = Arc::new(app);
+    let (mock, _home, app) = limited(&tokens, 6000, 3).await;
     // A watcher checks the invariant while the load runs.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
@@ -311,11 +313,7 @@ async fn concurrent_requests_never_pass_a_limit() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(watcher.await.unwrap() > 0);
     assert_eq!(ok, 200);
-    let auths = crate::common::eventually(std::time::Duration::from_secs(10), || async {
-        let a = by_label(&app).await;
-        a.values().all(|c| c["quota"]["reserved"] == 0).then_some(a)
-    })
-    .await;
+    let auths = settled(&app).await;
     let mut used = 0;
     for t in tokens {
         let u = auths[t]["quota"]["used"].as_u64().unwrap();
@@ -624,16 +622,8 @@ async fn leases_share_counters_and_settle() {
 
 #[tokio::test]
 async fn concurrent_requests_fill_small_limits_exactly() {
-    let mock = Mock::start().await;
-    mock.state
-        .delay_ms
-        .store(2, std::sync::atomic::Ordering::Relaxed);
-    let (_home, app) = setup(&mock, "").await;
     let tokens = ["sk-s-1", "sk-s-2", "sk-s-3"];
-    for t in tokens {
-        add(&app, "openai", t, json!({"quota": {"limit": 1000}})).await;
-    }
-    let app = Arc::new(app);
+    let (mock, _home, app) = limited(&tokens, 1000, 2).await;
     let mut tasks = Vec::new();
     for i in 0..200 {
         let app = app.clone();
@@ -655,11 +645,7 @@ async fn concurrent_requests_fill_small_limits_exactly() {
     }
     assert_eq!(ok + busy, 200);
     assert!(busy > 0, "the limits were reached");
-    let auths = crate::common::eventually(std::time::Duration::from_secs(10), || async {
-        let a = by_label(&app).await;
-        a.values().all(|c| c["quota"]["reserved"] == 0).then_some(a)
-    })
-    .await;
+    let auths = settled(&app).await;
     let mut served = 0;
     for t in tokens {
         let q = &auths[t]["quota"];
