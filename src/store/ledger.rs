@@ -1,6 +1,6 @@
 //! The ledger: the request path's writes, committed in groups.
 //!
-//! One task owns the request path's writes. It takes every reserve, settle and release queued
+//! One task owns the request path's writes, on a connection of its own. It takes every reserve, settle and release queued
 //! while the previous group was committing, decides each against an in-memory mirror of the
 //! counters and usable credentials, and commits the whole group in one `BEGIN IMMEDIATE`
 //! transaction of a few set statements (one fsync for all of them), then answers each caller.
@@ -18,7 +18,8 @@ use crate::quota::ResetSchedule;
 use crate::selection::{self, Candidate};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use sqlx::{Connection, SqliteConnection};
+use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 
 /// Most operations committed in one group.
@@ -62,7 +63,6 @@ impl HotCred {
 struct HotRes {
     credential_id: String,
     tokens: i64,
-    provider: String,
     kind: ReservationKind,
 }
 
@@ -224,6 +224,8 @@ impl Hot {
 
 /// One operation for the ledger task.
 pub(super) enum Op {
+    /// Close the ledger's connection and stop (the store is closing).
+    Close { reply: oneshot::Sender<()> },
     Reserve {
         req: ReserveRequestOwned,
         now: DateTime<Utc>,
@@ -253,24 +255,15 @@ enum Pending {
     Done(oneshot::Sender<Result<bool>>, bool),
 }
 
-/// One hour's usage of one credential within a group.
-#[derive(Default)]
-struct UsageRow {
-    provider: String,
-    requests: i64,
-    input: i64,
-    output: i64,
-    unreported: i64,
-}
-
 /// What a group writes.
 #[derive(Default)]
 struct Effects {
+    /// New reservations, as rows for `json_each`.
     inserts: Vec<Value>,
+    /// Settlements `[id, input, output, unreported, at]`: the settle trigger charges them.
+    settles: Vec<Value>,
+    /// Reservations settled or released in this group, deleted at its end.
     deletes: Vec<String>,
-    /// Per credential: tokens charged, and the time of its last settlement.
-    used: HashMap<String, (i64, i64)>,
-    usage: BTreeMap<(String, i64), UsageRow>,
     marks: Vec<(String, Mark, i64)>,
 }
 
@@ -297,10 +290,9 @@ impl Store {
         )
         .fetch_all(&self.writer)
         .await?;
-        let reservations =
-            sqlx::query!("SELECT id, credential_id, tokens, provider, kind FROM reservations")
-                .fetch_all(&self.writer)
-                .await?;
+        let reservations = sqlx::query!("SELECT id, credential_id, tokens, kind FROM reservations")
+            .fetch_all(&self.writer)
+            .await?;
         let mut hot = Hot::default();
         for r in rows {
             hot.lists
@@ -342,7 +334,6 @@ impl Store {
                 HotRes {
                     credential_id: r.credential_id,
                     tokens: r.tokens,
-                    provider: r.provider,
                     kind,
                 },
             );
@@ -369,14 +360,29 @@ impl Store {
     }
 
     /// Start the ledger task. Called once the store is open.
-    pub(super) fn start_ledger(&self, mut rx: mpsc::UnboundedReceiver<Op>) {
+    pub(super) fn start_ledger(
+        &self,
+        mut conn: SqliteConnection,
+        mut rx: mpsc::UnboundedReceiver<Op>,
+    ) {
         let store = self.clone();
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
+                if let Op::Close { reply } = first {
+                    let _ = conn.close().await;
+                    let _ = reply.send(());
+                    return;
+                }
                 let mut ops = vec![first];
                 loop {
                     while ops.len() < MAX_GROUP {
                         match rx.try_recv() {
+                            Ok(Op::Close { reply }) => {
+                                store.run_group(&mut conn, ops).await;
+                                let _ = conn.close().await;
+                                let _ = reply.send(());
+                                return;
+                            }
                             Ok(op) => ops.push(op),
                             Err(_) => break,
                         }
@@ -390,16 +396,22 @@ impl Store {
                         break;
                     }
                     match tokio::time::timeout(SETTLE_LINGER, rx.recv()).await {
+                        Ok(Some(Op::Close { reply })) => {
+                            store.run_group(&mut conn, ops).await;
+                            let _ = conn.close().await;
+                            let _ = reply.send(());
+                            return;
+                        }
                         Ok(Some(op)) => ops.push(op),
                         Ok(None) | Err(_) => break,
                     }
                 }
-                store.run_group(ops).await;
+                store.run_group(&mut conn, ops).await;
             }
         });
     }
 
-    async fn run_group(&self, ops: Vec<Op>) {
+    async fn run_group(&self, conn: &mut SqliteConnection, ops: Vec<Op>) {
         let _gate = self.gate.read().await;
         let mut effects = Effects::default();
         let mut pending = Vec::with_capacity(ops.len());
@@ -437,10 +449,11 @@ impl Store {
                         let done = release_in(&mut hot, &id, mark, now.timestamp(), &mut effects);
                         pending.push(Pending::Done(reply, done));
                     }
+                    Op::Close { .. } => unreachable!("Close is handled before a group"),
                 }
             }
         }
-        match self.commit_effects(effects).await {
+        match self.commit_effects(conn, effects).await {
             Ok(()) => {
                 self.freed.notify_waiters();
                 for p in pending {
@@ -509,7 +522,6 @@ impl Store {
             HotRes {
                 credential_id: credential_id.clone(),
                 tokens,
-                provider: req.provider.clone(),
                 kind: req.kind,
             },
         );
@@ -534,11 +546,11 @@ impl Store {
         })
     }
 
-    async fn commit_effects(&self, e: Effects) -> Result<()> {
+    async fn commit_effects(&self, conn: &mut SqliteConnection, e: Effects) -> Result<()> {
         if e.inserts.is_empty() && e.deletes.is_empty() && e.marks.is_empty() {
             return Ok(());
         }
-        let mut tx = self.begin_write().await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         if !e.inserts.is_empty() {
             let rows = Value::from(e.inserts).to_string();
             sqlx::query!(
@@ -550,6 +562,23 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        if !e.settles.is_empty() {
+            let rows = Value::from(e.settles).to_string();
+            sqlx::query!(
+                "UPDATE reservations SET settle_input = d.i, settle_output = d.o,
+                     settle_unreported = d.u, settled_at = d.at
+                 FROM (SELECT value ->> 0 AS id, value ->> 1 AS i, value ->> 2 AS o,
+                              value ->> 3 AS u, value ->> 4 AS at
+                       FROM json_each(?)) AS d
+                 WHERE reservations.id = d.id",
+                rows
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (id, mark, ts) in &e.marks {
+            super::requests::mark_credential(&mut tx, id, mark, *ts).await?;
+        }
         if !e.deletes.is_empty() {
             let ids = Value::from(e.deletes).to_string();
             sqlx::query!(
@@ -558,57 +587,6 @@ impl Store {
             )
             .execute(&mut *tx)
             .await?;
-        }
-        if !e.used.is_empty() {
-            let rows: Vec<Value> = e
-                .used
-                .into_iter()
-                .map(|(id, (delta, ts))| json!([id, delta, ts]))
-                .collect();
-            let rows = Value::from(rows).to_string();
-            sqlx::query!(
-                "UPDATE quotas SET used = used + d.delta, last_used_at = d.ts
-                 FROM (SELECT value ->> 0 AS id, value ->> 1 AS delta, value ->> 2 AS ts
-                       FROM json_each(?)) AS d
-                 WHERE quotas.credential_id = d.id",
-                rows
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !e.usage.is_empty() {
-            let rows: Vec<Value> = e
-                .usage
-                .into_iter()
-                .map(|((cred, bucket), u)| {
-                    json!([
-                        cred,
-                        u.provider,
-                        bucket,
-                        u.requests,
-                        u.input,
-                        u.output,
-                        u.unreported
-                    ])
-                })
-                .collect();
-            let rows = Value::from(rows).to_string();
-            sqlx::query!(
-                "INSERT INTO usage_hourly (credential_id, provider, bucket_start, requests, input_tokens, output_tokens, unreported_tokens)
-                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6
-                 FROM json_each(?) WHERE true
-                 ON CONFLICT (credential_id, bucket_start) DO UPDATE SET
-                     requests = requests + excluded.requests,
-                     input_tokens = input_tokens + excluded.input_tokens,
-                     output_tokens = output_tokens + excluded.output_tokens,
-                     unreported_tokens = unreported_tokens + excluded.unreported_tokens",
-                rows
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
-        for (id, mark, ts) in &e.marks {
-            super::requests::mark_credential(&mut tx, id, mark, *ts).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -642,22 +620,8 @@ fn settle_in(
         }
         c.used += charged;
     }
+    e.settles.push(json!([id, input, output, unreported, ts]));
     e.deletes.push(id.to_string());
-    let used = e.used.entry(res.credential_id.clone()).or_default();
-    used.0 += charged;
-    used.1 = ts;
-    let bucket = ts - ts.rem_euclid(3600);
-    let row = e
-        .usage
-        .entry((res.credential_id.clone(), bucket))
-        .or_insert_with(|| UsageRow {
-            provider: res.provider.clone(),
-            ..Default::default()
-        });
-    row.requests += 1;
-    row.input += input;
-    row.output += output;
-    row.unreported += unreported;
     true
 }
 

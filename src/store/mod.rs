@@ -26,7 +26,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, Transaction};
+use sqlx::{ConnectOptions, Sqlite, Transaction};
 use std::collections::BTreeMap;
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -166,9 +166,12 @@ impl Store {
             .max_connections(options.read_connections.max(1))
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(base.read_only(true))
+            .connect_with(base.clone().read_only(true))
             .await?;
         let fingerprinter = Self::load_fingerprint_key(&writer, &options.sealer).await?;
+        // The ledger writes on a connection of its own, never at the same time as the pool's
+        // writer (see `gate`), so neither waits on the other's lock.
+        let ledger_conn = base.clone().connect().await?;
         let (ledger, ops) = tokio::sync::mpsc::unbounded_channel();
         let store = Store {
             writer,
@@ -183,7 +186,7 @@ impl Store {
             gate: Arc::new(tokio::sync::RwLock::new(())),
         };
         store.load_hot().await?;
-        store.start_ledger(ops);
+        store.start_ledger(ledger_conn, ops);
         Ok(store)
     }
 
@@ -272,8 +275,13 @@ impl Store {
         Ok(rows.into_iter().filter(|r| r != "ok").collect())
     }
 
-    /// Close both pools, checkpointing the WAL.
+    /// Close the ledger's connection (after its last group) and both pools; the last one to
+    /// close checkpoints the WAL.
     pub async fn close(&self) {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        if self.ledger.send(ledger::Op::Close { reply }).is_ok() {
+            let _ = done.await;
+        }
         self.reader.close().await;
         self.writer.close().await;
     }
