@@ -544,8 +544,9 @@ pub(super) async fn insert_quotas(
     }
     let rows = serde_json::Value::from(seeds.to_vec()).to_string();
     sqlx::query!(
-        "INSERT INTO quotas (credential_id, limit_tokens, used, reserved, period_start)
-         SELECT value ->> 0, value ->> 1, value ->> 2, 0, value ->> 3 FROM json_each(?)",
+        "INSERT INTO quotas (credential_seq, credential_id, limit_tokens, used, reserved, period_start)
+         SELECT c.seq, value ->> 0, value ->> 1, value ->> 2, 0, value ->> 3
+         FROM json_each(?) JOIN credentials c ON c.id = value ->> 0",
         rows
     )
     .execute(conn)
