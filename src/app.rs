@@ -160,7 +160,7 @@ pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, S
         path: path.clone(),
         sealer,
         schedules: config.config.auth.quota.reset_schedule.clone(),
-        read_connections: 4,
+        read_connections: 2,
     })
     .await
     .map_err(|e| open_error(e, encryption))?;

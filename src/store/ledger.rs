@@ -84,8 +84,9 @@ pub(super) struct Hot {
     creds: HashMap<String, HotCred>,
     lists: HashMap<String, ProviderList>,
     reservations: HashMap<String, HotRes>,
-    /// Opened tokens, filled on first use and emptied on every reload.
-    pub(super) tokens: HashMap<String, Secret>,
+    /// Opened tokens with the sealed value they came from: opened when the mirror is loaded,
+    /// and kept across reloads while the stored value is unchanged.
+    pub(super) tokens: HashMap<String, (Vec<u8>, Secret)>,
 }
 
 impl Hot {
@@ -283,7 +284,7 @@ impl Store {
     pub(super) async fn load_hot(&self) -> Result<()> {
         let rows = sqlx::query!(
             r#"SELECT c.id, c.provider, c.seq, c.priority, c.disabled AS "disabled!: bool", c.state,
-                      c.expires_at, c.cooldown_until, c.token_sealed IS NOT NULL AS "has_token!: bool",
+                      c.expires_at, c.cooldown_until, c.token_sealed,
                       q.limit_tokens, q.used, q.reserved, q.period_start
                FROM credentials c JOIN quotas q ON q.credential_id = c.id
                ORDER BY c.seq"#
@@ -294,7 +295,25 @@ impl Store {
             .fetch_all(&self.writer)
             .await?;
         let mut hot = Hot::default();
+        let old_tokens =
+            std::mem::take(&mut self.hot.lock().unwrap_or_else(|p| p.into_inner()).tokens);
         for r in rows {
+            if let Some(sealed) = &r.token_sealed {
+                match old_tokens.get(&r.id) {
+                    Some((was, secret)) if was == sealed => {
+                        hot.tokens
+                            .insert(r.id.clone(), (was.clone(), secret.clone()));
+                    }
+                    _ => {
+                        // One that does not open is left out; `open_token` reports it on use.
+                        if let Ok(secret) =
+                            self.sealer.open(&r.id, crate::crypto::Field::Token, sealed)
+                        {
+                            hot.tokens.insert(r.id.clone(), (sealed.clone(), secret));
+                        }
+                    }
+                }
+            }
             hot.lists
                 .entry(r.provider)
                 .or_default()
@@ -313,7 +332,7 @@ impl Store {
                     state: r.state,
                     expires_at: r.expires_at,
                     cooldown_until: r.cooldown_until,
-                    has_token: r.has_token,
+                    has_token: r.token_sealed.is_some(),
                     period_start: r.period_start,
                 },
             );

@@ -166,7 +166,8 @@ impl Store {
             .max_connections(options.read_connections.max(1))
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(base.clone().read_only(true))
+            // Readers serve management lists; a small page cache each keeps memory low.
+            .connect_with(base.clone().read_only(true).pragma("cache_size", "-1024"))
             .await?;
         let fingerprinter = Self::load_fingerprint_key(&writer, &options.sealer).await?;
         // The ledger writes on a connection of its own, never at the same time as the pool's

@@ -292,12 +292,12 @@ impl Store {
     }
 
     /// A credential's token and, when it does not open, why (the caller marks it). Opened
-    /// tokens are kept in memory until the next change to the credentials.
+    /// tokens are kept in memory while the stored value is unchanged.
     pub async fn open_token(
         &self,
         id: &str,
     ) -> Result<std::result::Result<crate::crypto::Secret, String>> {
-        if let Some(t) = self
+        if let Some((_, t)) = self
             .hot
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -318,7 +318,7 @@ impl Store {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .tokens
-                        .insert(id.to_string(), token.clone());
+                        .insert(id.to_string(), (s, token.clone()));
                     Ok(token)
                 }
                 Err(e) => Err(e.to_string()),
