@@ -1,97 +1,111 @@
-//! The selection strategies, as plain functions over the candidates the store found usable
-//! inside its reservation transaction (every candidate has room for the reservation).
+//! The selection strategies, as plain functions. The ledger runs them over its in-memory
+//! mirror inside the group it is deciding; `usable(i)` says whether the i-th credential is
+//! usable and has room for the reservation.
+//!
+//! - round_robin: the next usable credential after the last one picked, in creation order.
+//! - priority: the lowest priority number with a usable credential; within that level,
+//!   round-robin.
+//! - quota_aware: the most room left (limit - used - reserved; unlimited counts as the most);
+//!   ties go to the earliest created.
+//!
+//! Round-robin and priority keep a cursor, so a pick is a step, not a scan of every credential;
+//! quota_aware has to look at every usable one.
 
-use crate::config::SelectionStrategy;
-
-/// A usable credential, as selection sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
-    pub id: String,
-    /// Creation order: the last tie-break.
-    pub seq: i64,
-    pub priority: i64,
-    pub limit: Option<u64>,
-    pub used: u64,
-    pub reserved: u64,
-    /// When it was last picked (a global, increasing number): round-robin takes the oldest.
-    pub last_pick: i64,
-}
-
-impl Candidate {
-    /// What is left after what is used and reserved; unlimited counts as the most.
-    fn room(&self) -> u64 {
-        self.limit
-            .map(|l| l.saturating_sub(self.used).saturating_sub(self.reserved))
-            .unwrap_or(u64::MAX)
+/// Round-robin over `len` credentials from `cursor`: the index picked and the new cursor.
+pub fn rotate(len: usize, cursor: usize, usable: impl Fn(usize) -> bool) -> Option<(usize, usize)> {
+    if len == 0 {
+        return None;
     }
+    let start = cursor % len;
+    (0..len)
+        .map(|k| (start + k) % len)
+        .find(|&i| usable(i))
+        .map(|i| (i, i + 1))
 }
 
-/// The index of the candidate to use, or `None` when there is none.
-pub fn pick(strategy: SelectionStrategy, candidates: &[Candidate]) -> Option<usize> {
-    let lru = |c: &Candidate| (c.last_pick, c.seq);
-    let indexed = candidates.iter().enumerate();
-    match strategy {
-        SelectionStrategy::RoundRobin => indexed.min_by_key(|(_, c)| lru(c)),
-        SelectionStrategy::Priority => indexed.min_by_key(|(_, c)| (c.priority, lru(c))),
-        SelectionStrategy::QuotaAware => {
-            indexed.min_by_key(|(_, c)| (std::cmp::Reverse(c.room()), lru(c)))
+/// Priority: `levels` are the priority numbers of credentials sorted by (priority, creation);
+/// `cursors` holds each level's round-robin cursor. The index picked, if any.
+pub fn by_priority(
+    levels: &[i64],
+    cursors: &mut std::collections::HashMap<i64, usize>,
+    usable: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let mut start = 0;
+    while start < levels.len() {
+        let level = levels[start];
+        let end = levels[start..]
+            .iter()
+            .position(|p| *p != level)
+            .map_or(levels.len(), |n| start + n);
+        let cursor = cursors.get(&level).copied().unwrap_or(0);
+        if let Some((k, next)) = rotate(end - start, cursor, |k| usable(start + k)) {
+            cursors.insert(level, next);
+            return Some(start + k);
+        }
+        start = end;
+    }
+    None
+}
+
+/// Quota-aware: among `rooms` (room left per credential, `None` when unusable, `u64::MAX` when
+/// unlimited), the index with the most.
+pub fn most_room(rooms: impl Iterator<Item = Option<u64>>) -> Option<usize> {
+    let mut best: Option<(usize, u64)> = None;
+    for (i, room) in rooms.enumerate() {
+        if let Some(r) = room
+            && best.is_none_or(|(_, b)| r > b)
+        {
+            best = Some((i, r));
         }
     }
-    .map(|(i, _)| i)
+    best.map(|(i, _)| i)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn c(id: &str, priority: i64, limit: Option<u64>, used: u64, last_pick: i64) -> Candidate {
-        Candidate {
-            id: id.into(),
-            seq: id.len() as i64,
-            priority,
-            limit,
-            used,
-            reserved: 0,
-            last_pick,
-        }
-    }
+    use std::collections::HashMap;
 
     #[test]
-    fn strategies() {
-        let cs = [
-            c("a", 2, Some(100), 10, 5),
-            c("bb", 1, Some(100), 90, 7),
-            c("ccc", 1, None, 0, 6),
-        ];
-        assert_eq!(pick(SelectionStrategy::RoundRobin, &cs), Some(0));
-        assert_eq!(
-            pick(SelectionStrategy::Priority, &cs),
-            Some(2),
-            "lowest number, then least recent"
-        );
-        assert_eq!(
-            pick(SelectionStrategy::QuotaAware, &cs),
-            Some(2),
-            "unlimited is the most room"
-        );
-        let cs = [c("a", 1, Some(100), 10, 5), c("bb", 1, Some(100), 90, 1)];
-        assert_eq!(pick(SelectionStrategy::QuotaAware, &cs), Some(0));
-        assert_eq!(pick(SelectionStrategy::RoundRobin, &[]), None);
-    }
-
-    #[test]
-    fn round_robin_is_even() {
-        let mut cs = vec![
-            c("a", 1, None, 0, 0),
-            c("bb", 1, None, 0, 0),
-            c("ccc", 1, None, 0, 0),
-        ];
+    fn round_robin_is_even_and_skips_the_unusable() {
         let mut counts = [0; 3];
-        for pick_no in 1..=300 {
-            let i = pick(SelectionStrategy::RoundRobin, &cs).unwrap();
+        let mut cursor = 0;
+        for _ in 0..300 {
+            let (i, next) = rotate(3, cursor, |_| true).unwrap();
             counts[i] += 1;
-            cs[i].last_pick = pick_no;
+            cursor = next;
         }
         assert_eq!(counts, [100, 100, 100]);
+        assert_eq!(rotate(3, 1, |i| i != 1), Some((2, 3)));
+        assert_eq!(rotate(3, 0, |_| false), None);
+        assert_eq!(rotate(0, 0, |_| true), None);
+    }
+
+    #[test]
+    fn priority_drains_the_lowest_number_and_rotates_within_it() {
+        let levels = [1, 1, 2, 3];
+        let mut cursors = HashMap::new();
+        let picks: Vec<usize> = (0..4)
+            .map(|_| by_priority(&levels, &mut cursors, |_| true).unwrap())
+            .collect();
+        assert_eq!(picks, [0, 1, 0, 1]);
+        assert_eq!(by_priority(&levels, &mut cursors, |i| i >= 2), Some(2));
+        assert_eq!(by_priority(&levels, &mut cursors, |i| i == 3), Some(3));
+        assert_eq!(by_priority(&levels, &mut cursors, |_| false), None);
+    }
+
+    #[test]
+    fn quota_aware_takes_the_most_room() {
+        assert_eq!(
+            most_room([Some(10), Some(90), None, Some(50)].into_iter()),
+            Some(1)
+        );
+        assert_eq!(most_room([Some(10), Some(u64::MAX)].into_iter()), Some(1));
+        assert_eq!(
+            most_room([Some(5), Some(5)].into_iter()),
+            Some(0),
+            "ties: the earliest"
+        );
+        assert_eq!(most_room([None, None].into_iter()), None);
     }
 }

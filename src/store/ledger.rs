@@ -15,7 +15,7 @@ use crate::config::SelectionStrategy;
 use crate::crypto::Secret;
 use crate::providers::wire::Usage;
 use crate::quota::ResetSchedule;
-use crate::selection::{self, Candidate};
+use crate::selection;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::{Connection, SqliteConnection};
@@ -73,6 +73,8 @@ struct ProviderList {
     by_seq: Vec<String>,
     /// Ids by (priority, creation).
     by_priority: Vec<String>,
+    /// The priority of each entry of `by_priority`.
+    levels: Vec<i64>,
     rr_cursor: usize,
     /// Per priority level, the next position within that level.
     level_cursors: HashMap<i64, usize>,
@@ -109,56 +111,31 @@ impl Hot {
         };
         match strategy {
             SelectionStrategy::RoundRobin => {
-                let n = list.by_seq.len();
-                let start = list.rr_cursor % n.max(1);
-                let found = (0..n)
-                    .map(|k| (start + k) % n)
-                    .find(|&i| ok(&list.by_seq[i]))?;
-                list.rr_cursor = found + 1;
-                Some(list.by_seq[found].clone())
+                let (i, next) =
+                    selection::rotate(list.by_seq.len(), list.rr_cursor, |i| ok(&list.by_seq[i]))?;
+                list.rr_cursor = next;
+                Some(list.by_seq[i].clone())
             }
             SelectionStrategy::Priority => {
-                let mut i = 0;
-                while i < list.by_priority.len() {
-                    let level = creds[&list.by_priority[i]].priority;
-                    let end = list.by_priority[i..]
-                        .iter()
-                        .position(|id| creds[id].priority != level)
-                        .map_or(list.by_priority.len(), |p| i + p);
-                    let len = end - i;
-                    let cursor = list.level_cursors.get(&level).copied().unwrap_or(0) % len;
-                    if let Some(k) = (0..len)
-                        .map(|k| (cursor + k) % len)
-                        .find(|&k| ok(&list.by_priority[i + k]))
-                    {
-                        list.level_cursors.insert(level, k + 1);
-                        return Some(list.by_priority[i + k].clone());
-                    }
-                    i = end;
-                }
-                None
+                let levels: Vec<i64> = list
+                    .by_priority
+                    .iter()
+                    .map(|id| creds[id].priority)
+                    .collect();
+                let i = selection::by_priority(&levels, &mut list.level_cursors, |i| {
+                    ok(&list.by_priority[i])
+                })?;
+                Some(list.by_priority[i].clone())
             }
             SelectionStrategy::QuotaAware => {
-                // The most room needs a look at every usable credential.
-                let candidates: Vec<Candidate> = list
-                    .by_seq
-                    .iter()
-                    .filter(|id| ok(id))
-                    .map(|id| {
+                let rooms = list.by_seq.iter().map(|id| {
+                    ok(id).then(|| {
                         let c = &creds[id];
-                        Candidate {
-                            id: id.clone(),
-                            seq: c.seq,
-                            priority: c.priority,
-                            limit: c.limit.map(|l| l.max(0) as u64),
-                            used: c.used.max(0) as u64,
-                            reserved: c.reserved.max(0) as u64,
-                            last_pick: 0,
-                        }
+                        c.limit
+                            .map_or(u64::MAX, |l| (l - c.used - c.reserved).max(0) as u64)
                     })
-                    .collect();
-                selection::pick(SelectionStrategy::QuotaAware, &candidates)
-                    .map(|i| candidates[i].id.clone())
+                });
+                selection::most_room(rooms).map(|i| list.by_seq[i].clone())
             }
         }
     }
@@ -363,6 +340,11 @@ impl Store {
                 list.by_priority = list.by_seq.clone();
                 list.by_priority
                     .sort_by_key(|id| (creds[id].priority, creds[id].seq));
+                list.levels = list
+                    .by_priority
+                    .iter()
+                    .map(|id| creds[id].priority)
+                    .collect();
             }
         }
         // Keep the round-robin positions across reloads, so a management change does not send
