@@ -84,7 +84,9 @@ impl Store {
             r#"SELECT c.id, c.provider, c.kind, c.label, c.token_preview, c.priority,
                       c.state_reason, c.expires_at, c.cooldown_until, q.last_used_at,
                       c.last_refresh_at, c.source, c.created_at, c.updated_at,
-                      q.limit_tokens, q.used, q.reserved, q.period_start,
+                      q.limit_tokens, q.used, q.period_start,
+                      (SELECT COALESCE(SUM(r.tokens), 0) FROM reservations r
+                       WHERE r.credential_id = c.id) AS "reserved!: i64",
                       CASE WHEN c.disabled THEN 'disabled'
                            WHEN c.state = 'invalid' THEN 'invalid'
                            WHEN c.state = 'expired'

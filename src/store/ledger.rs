@@ -262,7 +262,7 @@ impl Store {
         let rows = sqlx::query!(
             r#"SELECT c.id, c.provider, c.seq, c.priority, c.disabled AS "disabled!: bool", c.state,
                       c.expires_at, c.cooldown_until, c.token_sealed,
-                      q.limit_tokens, q.used, q.reserved, q.period_start
+                      q.limit_tokens, q.used, q.period_start
                FROM credentials c JOIN quotas q ON q.credential_id = c.id
                ORDER BY c.seq"#
         )
@@ -303,7 +303,7 @@ impl Store {
                     priority: r.priority,
                     limit: r.limit_tokens,
                     used: r.used,
-                    reserved: r.reserved,
+                    reserved: 0,
                     leased: 0,
                     disabled: r.disabled,
                     state: r.state,
@@ -320,10 +320,11 @@ impl Store {
             } else {
                 ReservationKind::Request
             };
-            if kind == ReservationKind::Lease
-                && let Some(c) = hot.creds.get_mut(&r.credential_id)
-            {
-                c.leased += r.tokens;
+            if let Some(c) = hot.creds.get_mut(&r.credential_id) {
+                c.reserved += r.tokens;
+                if kind == ReservationKind::Lease {
+                    c.leased += r.tokens;
+                }
             }
             hot.reservations.insert(
                 r.id,

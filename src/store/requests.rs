@@ -229,7 +229,7 @@ impl Store {
             let mut tokens = 0u64;
             let mut audits = Vec::new();
             for r in &dead {
-                // The delete trigger has taken the tokens out of `reserved`; charge them.
+                // Deleting the row took the tokens out of `reserved`; charge them.
                 sqlx::query!(
                     "UPDATE quotas SET used = used + ?1 WHERE credential_id = ?2",
                     r.tokens,
