@@ -227,11 +227,23 @@ impl Store {
     /// meanwhile, and the ledger's mirror is reloaded afterwards, whatever the outcome.
     async fn exclusive<T>(&self, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         let _gate = self.gate.write().await;
+        let before = self.writes_so_far().await?;
         let result = work.await;
-        let reloaded = self.load_hot().await;
-        let value = result?;
-        reloaded?;
-        Ok(value)
+        // Nothing written (an unchanged import, a start with nothing to seal or settle): the
+        // mirror is still exact.
+        if result.is_err() || self.writes_so_far().await? != before {
+            self.load_hot().await?;
+        }
+        result
+    }
+
+    /// Rows changed through the writer connection since it opened (`total_changes()`).
+    async fn writes_so_far(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar!(r#"SELECT total_changes() AS "n!: i64""#)
+                .fetch_one(&self.writer)
+                .await?,
+        )
     }
 
     /// A write transaction that takes the write lock at once (no deferred upgrade that SQLite
