@@ -6,7 +6,6 @@
 
 use cliproxyapi::app::{AppState, Application};
 use cliproxyapi::config::Config;
-use cliproxyapi::import;
 use cliproxyapi::store::ImportMode;
 use serde_json::json;
 use std::path::Path;
@@ -51,11 +50,7 @@ fn write_home(dir: &Path, files: usize) {
 /// Read, validate and import `auth_dir` once, as `cliproxyapi import` does; returns the time.
 async fn import_once(state: &AppState) -> (Duration, usize, usize) {
     let started = Instant::now();
-    let dir = state.config.auth_dir.clone();
-    let registry = state.registry.clone();
-    let batch = tokio::task::spawn_blocking(move || import::read_paths(&registry, &[dir]))
-        .await
-        .unwrap();
+    let batch = state.read_paths(vec![state.config.auth_dir.clone()]).await;
     let report = state
         .import(batch, ImportMode::Files, "bench", false)
         .await

@@ -11,6 +11,7 @@ use crate::store::{ImportMode, ImportReport, Store, StoreError, StoreOptions};
 use chrono::{DateTime, Utc};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
@@ -32,6 +33,21 @@ pub struct AppState {
 impl AppState {
     pub fn now(&self) -> DateTime<Utc> {
         (self.clock)()
+    }
+
+    /// Read the credential files among `paths` off the async runtime (file I/O and parsing).
+    /// A failure of the reading task itself is reported as an error of the batch.
+    pub async fn read_paths(&self, paths: Vec<PathBuf>) -> Batch {
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || import::read_paths(&registry, &paths))
+            .await
+            .unwrap_or_else(|e| Batch {
+                errors: vec![import::ImportError {
+                    source: "import".into(),
+                    error: format!("reading the files failed: {e}"),
+                }],
+                ..Default::default()
+            })
     }
 
     /// Apply an import batch and write its outcome to the auth log: one line per credential
@@ -285,10 +301,7 @@ pub async fn import_auth_dir(state: &AppState, actor: &str) -> Result<ImportRepo
             StartError::Runtime(format!("{}: cannot create auth_dir: {e}", dir.display()))
         })?;
     }
-    let registry = state.registry.clone();
-    let batch = tokio::task::spawn_blocking(move || import::read_paths(&registry, &[dir]))
-        .await
-        .map_err(|e| StartError::Runtime(e.to_string()))?;
+    let batch = state.read_paths(vec![dir]).await;
     state
         .import(batch, ImportMode::Files, actor, false)
         .await

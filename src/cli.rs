@@ -4,7 +4,6 @@
 use crate::app::{self, Application, StartError};
 use crate::config::Config;
 use crate::crypto::{self, EncryptionKey, Sealer};
-use crate::import;
 use crate::store::ImportMode;
 use chrono::Utc;
 use clap::{Parser, Subcommand};
@@ -178,10 +177,7 @@ async fn import(
         paths
     };
     let state = app::open_state(loaded, Arc::new(Utc::now)).await?;
-    let registry = state.registry.clone();
-    let batch = tokio::task::spawn_blocking(move || import::read_paths(&registry, &paths))
-        .await
-        .map_err(|e| StartError::Runtime(e.to_string()))?;
+    let batch = state.read_paths(paths).await;
     let report = state
         .import(batch, ImportMode::Files, "cli", dry_run)
         .await

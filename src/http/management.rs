@@ -370,11 +370,7 @@ pub async fn import(
         _ => false,
     };
     let (batch, mode) = if rescan {
-        let dir = state.config.auth_dir.clone();
-        let registry = state.registry.clone();
-        let batch = tokio::task::spawn_blocking(move || import::read_paths(&registry, &[dir]))
-            .await
-            .map_err(|e| ApiError::internal(&e))?;
+        let batch = state.read_paths(vec![state.config.auth_dir.clone()]).await;
         (batch, ImportMode::Files)
     } else {
         (import::read_body(&state.registry, body), ImportMode::Body)
