@@ -511,18 +511,6 @@ impl Store {
         tx.commit().await?;
         Ok(row)
     }
-
-    /// Open a credential's token (for the proxy and leases; never for a response body).
-    pub async fn token(&self, id: &str) -> Result<Option<Secret>> {
-        let sealed = sqlx::query_scalar!("SELECT token_sealed FROM credentials WHERE id = ?", id)
-            .fetch_optional(&self.reader)
-            .await?
-            .ok_or(StoreError::NotFound)?;
-        Ok(match sealed {
-            Some(s) => Some(self.sealer.open(id, Field::Token, &s)?),
-            None => None,
-        })
-    }
 }
 
 pub(super) async fn find_by_fingerprint(
