@@ -93,6 +93,29 @@ pub fn provider_disabled(provider: &str) -> ApiError {
     )
 }
 
+/// Release a reservation, marking its credential when the failure was the credential's own;
+/// a mark is also written to the auth log (`context` says how it was learnt, if not from a
+/// proxied request). `false` when the reservation was already settled or released.
+pub async fn release(
+    state: &AppState,
+    reservation: &str,
+    credential: &str,
+    provider: &str,
+    mark: Option<Mark>,
+    context: &str,
+) -> Result<bool, crate::store::StoreError> {
+    if let Some(m) = &mark {
+        state.auth_log.record(&format!(
+            "credential {credential} ({provider}) marked{context}: {}",
+            m.describe()
+        ));
+    }
+    state
+        .store
+        .release(reservation, mark.as_ref(), state.now())
+        .await
+}
+
 /// What to do with a credential after an upstream verdict.
 pub fn mark_for(verdict: &Verdict, now: chrono::DateTime<Utc>) -> Option<Mark> {
     match verdict {
@@ -204,19 +227,11 @@ async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
             Err(e) => return ApiError::from(e).into_response(),
         };
         tried.push(reservation.credential_id.clone());
-        let release = |mark: Option<Mark>| {
-            let state = state.clone();
-            let id = reservation.id.clone();
-            let cred = reservation.credential_id.clone();
-            let name = name.clone();
+        let give_back = |mark: Option<Mark>| {
+            let (state, name) = (state.clone(), name.clone());
+            let (id, cred) = (reservation.id.clone(), reservation.credential_id.clone());
             async move {
-                if let Some(m) = &mark {
-                    state.auth_log.record(&format!(
-                        "credential {cred} ({name}) marked: {}",
-                        m.describe()
-                    ));
-                }
-                if let Err(e) = state.store.release(&id, mark.as_ref(), state.now()).await {
+                if let Err(e) = release(&state, &id, &cred, &name, mark, "").await {
                     tracing::error!(error = %e, "cannot release a reservation");
                 }
             }
@@ -224,11 +239,11 @@ async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
         let token = match state.store.open_token(&reservation.credential_id).await {
             Ok(Ok(t)) => t,
             Ok(Err(reason)) => {
-                release(Some(Mark::Invalid(reason))).await;
+                give_back(Some(Mark::Invalid(reason))).await;
                 continue;
             }
             Err(e) => {
-                release(None).await;
+                give_back(None).await;
                 return ApiError::from(e).into_response();
             }
         };
@@ -253,7 +268,7 @@ async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
             Err(e) => {
                 let verdict = wire::unreachable_verdict(&e);
                 tracing::warn!(provider = %name, error = %e.without_url(), "upstream request failed");
-                release(mark_for(&verdict, state.now())).await;
+                give_back(mark_for(&verdict, state.now())).await;
                 last_failure = Some(
                     ApiError::new(
                         StatusCode::BAD_GATEWAY,
@@ -272,10 +287,10 @@ async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
             let verdict = wire::classify(format, status, &headers, &body);
             let answer = plain_response(status, &headers, body);
             if verdict == Verdict::ClientError {
-                release(None).await;
+                give_back(None).await;
                 return answer;
             }
-            release(mark_for(&verdict, state.now())).await;
+            give_back(mark_for(&verdict, state.now())).await;
             last_failure = Some(answer);
             continue;
         }

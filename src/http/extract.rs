@@ -14,13 +14,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// Read a body (at most [`MAX_BODY_BYTES`]) and parse it as JSON of any shape.
 async fn read_json<S: Send + Sync>(req: Request, state: &S) -> Result<serde_json::Value, ApiError> {
-    let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
-        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            too_large()
-        } else {
-            ApiError::bad_request("invalid_body", rej.body_text())
-        }
-    })?;
+    let bytes = read_bytes(req, state, MAX_BODY_BYTES).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request(
             "invalid_body",
@@ -63,12 +57,36 @@ impl<S: Send + Sync> FromRequest<S> for JsonValue {
     }
 }
 
-pub fn too_large() -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body_too_large",
-        format!("The body is larger than {MAX_BODY_BYTES} bytes"),
-    )
+/// Read a whole body whose router allows at most `limit` bytes (the limit is for the message;
+/// `DefaultBodyLimit` enforces it).
+pub async fn read_bytes<S: Send + Sync>(
+    req: Request,
+    state: &S,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, state).await.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("The body is larger than {limit} bytes"),
+            )
+        } else {
+            ApiError::bad_request("invalid_body", rej.body_text())
+        }
+    })
+}
+
+/// The key of an `Authorization: Bearer KEY` header.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
 }
 
 /// Query parameters, with errors that name the parameter.

@@ -56,14 +56,7 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get("x-management-key") {
         return v.to_str().ok().map(str::trim);
     }
-    headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
+    super::extract::bearer_token(headers)
 }
 
 impl ManagementAuth {

@@ -2,7 +2,7 @@
 //! client-key guard in front of them, and the lease API.
 
 use super::error::ApiError;
-use super::extract::{Json, Path, Query};
+use super::extract::{Json, Path, Query, bearer_token, read_bytes};
 use crate::app::AppState;
 use crate::crypto::Secret;
 use crate::providers::{Format, Provider};
@@ -30,11 +30,8 @@ type AppResult<T> = Result<T, ApiError>;
 fn client_key(req: &Request) -> Option<String> {
     let h = req.headers();
     let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
-    if let Some(bearer) = header("authorization").and_then(|v| {
-        v.strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-    }) {
-        return Some(bearer.trim().to_string());
+    if let Some(bearer) = bearer_token(h) {
+        return Some(bearer.to_string());
     }
     for name in ["x-api-key", "x-goog-api-key"] {
         if let Some(v) = header(name) {
@@ -94,17 +91,7 @@ impl<S: Send + Sync> FromRequest<S> for ProxyBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
-            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("The body is larger than {MAX_PROXY_BODY} bytes"),
-                )
-            } else {
-                ApiError::bad_request("invalid_body", rej.body_text())
-            }
-        })?;
+        let bytes = read_bytes(req, state, MAX_PROXY_BODY).await?;
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(v @ Value::Object(_)) => Ok(ProxyBody(v, bytes)),
             Ok(_) => Err(ApiError::bad_request(
@@ -336,10 +323,16 @@ pub async fn lease(
                 return Ok((StatusCode::CREATED, axum::Json(body)).into_response());
             }
             Err(reason) => {
-                state
-                    .store
-                    .release(&r.id, Some(&Mark::Invalid(reason)), state.now())
-                    .await?;
+                let mark = Some(Mark::Invalid(reason));
+                proxy::release(
+                    &state,
+                    &r.id,
+                    &r.credential_id,
+                    &provider.name,
+                    mark,
+                    " for a lease",
+                )
+                .await?;
                 tried.push(r.credential_id);
             }
         }
@@ -386,16 +379,8 @@ pub async fn report(
         }
         let verdict = crate::providers::wire::classify(format, status, &headers, b"");
         let mark = proxy::mark_for(&verdict, state.now());
-        if let Some(m) = &mark {
-            state.auth_log.record(&format!(
-                "credential {credential_id} ({provider}) marked by a lease report: {}",
-                m.describe()
-            ));
-        }
-        state
-            .store
-            .release(&lease_id, mark.as_ref(), state.now())
-            .await?;
+        let context = " by a lease report";
+        proxy::release(&state, &lease_id, &credential_id, &provider, mark, context).await?;
         return Ok(axum::Json(json!({"lease_id": lease_id, "released": true})).into_response());
     }
     let usage = match (input.tokens_used, input.input_tokens, input.output_tokens) {
