@@ -26,7 +26,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Sqlite, Transaction};
+use sqlx::{Sqlite, Transaction};
 use std::collections::BTreeMap;
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -52,6 +52,9 @@ pub enum StoreError {
     },
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// From the ledger's own connection (`ledger/db.rs`).
+    #[error("database error: {0}")]
+    Ledger(#[from] rusqlite::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -80,8 +83,8 @@ pub struct Store {
     instance: Arc<str>,
     /// Woken whenever a group of settlements or releases frees reserved room.
     freed: Arc<tokio::sync::Notify>,
-    /// The request path's writes go to the ledger task, which commits them in groups.
-    ledger: tokio::sync::mpsc::UnboundedSender<ledger::Op>,
+    /// The request path's writes go to the ledger's thread, which commits them in groups.
+    ledger: std::sync::mpsc::Sender<ledger::Op>,
     /// The ledger's in-memory mirror of counters and usable credentials.
     hot: Arc<std::sync::Mutex<ledger::Hot>>,
     /// Read side: a ledger group being decided and committed. Write side: any other write,
@@ -170,24 +173,35 @@ impl Store {
             .connect_with(base.clone().read_only(true).pragma("cache_size", "-1024"))
             .await?;
         let fingerprinter = Self::load_fingerprint_key(&writer, &options.sealer).await?;
+        let instance = format!("proc_{}", to_hex(&rand::random::<[u8; 8]>()));
         // The ledger writes on a connection of its own, never at the same time as the pool's
         // writer (see `gate`), so neither waits on the other's lock.
-        let ledger_conn = base.clone().connect().await?;
-        let (ledger, ops) = tokio::sync::mpsc::unbounded_channel();
+        let ledger_db = ledger::LedgerDb::open(path, &instance)?;
+        let (ledger, ops) = std::sync::mpsc::channel();
         let store = Store {
             writer,
             reader,
             sealer: options.sealer,
             fingerprinter,
             schedules: options.schedules,
-            instance: Arc::from(format!("proc_{}", to_hex(&rand::random::<[u8; 8]>()))),
+            instance: Arc::from(instance),
             freed: Arc::new(tokio::sync::Notify::new()),
             ledger,
             hot: Arc::new(std::sync::Mutex::new(ledger::Hot::default())),
             gate: Arc::new(tokio::sync::RwLock::new(())),
         };
         store.load_hot().await?;
-        store.start_ledger(ledger_conn, ops);
+        ledger::Ledger {
+            hot: store.hot.clone(),
+            gate: store.gate.clone(),
+            freed: store.freed.clone(),
+            schedules: store.schedules.clone(),
+            writer: store.writer.clone(),
+            sealer: store.sealer.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }
+        .start(ledger_db, ops)
+        .map_err(io_err(path))?;
         Ok(store)
     }
 
@@ -235,6 +249,12 @@ impl Store {
             self.load_hot().await?;
         }
         result
+    }
+
+    /// Load the ledger's mirror from the database (under the gate's write side, or before the
+    /// ledger starts).
+    async fn load_hot(&self) -> Result<()> {
+        ledger::load(&self.writer, &self.sealer, &self.hot).await
     }
 
     /// Rows changed through the writer connection since it opened (`total_changes()`).

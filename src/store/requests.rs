@@ -2,8 +2,8 @@
 //! any upstream call), then settle what was used or release the reservation with a mark on the
 //! credential. A reservation row exists from the one to the other, so a settlement applies
 //! once, and a crash in between loses nothing: at start, reservations of a dead process are
-//! charged in full. The writes themselves are committed in groups by the ledger task
-//! (`ledger.rs`).
+//! charged in full. The writes themselves are committed in groups by the ledger's thread
+//! (`ledger/`).
 
 use super::audit::{self, AuditEntry};
 use super::ledger::Op;
@@ -342,46 +342,4 @@ impl Store {
         .map(|r| (r.credential_id, r.used.max(0) as u64, r.history.max(0) as u64))
         .collect())
     }
-}
-
-pub(super) async fn mark_credential(
-    conn: &mut sqlx::SqliteConnection,
-    id: &str,
-    mark: &Mark,
-    ts: i64,
-) -> Result<()> {
-    match mark {
-        Mark::Invalid(reason) | Mark::Exhausted(reason) => {
-            let state = if matches!(mark, Mark::Invalid(_)) {
-                "invalid"
-            } else {
-                "exhausted"
-            };
-            sqlx::query!(
-                "UPDATE credentials SET state = ?, state_reason = ?, updated_at = ? WHERE id = ?",
-                state,
-                reason,
-                ts,
-                id
-            )
-            .execute(conn)
-            .await?;
-        }
-        Mark::Cooldown { until, reason } => {
-            let until = until.timestamp();
-            sqlx::query!(
-                "UPDATE credentials SET cooldown_until = max(COALESCE(cooldown_until, 0), ?1),
-                     state_reason = CASE WHEN state = 'active' THEN ?2 ELSE state_reason END,
-                     updated_at = ?3
-                 WHERE id = ?4",
-                until,
-                reason,
-                ts,
-                id
-            )
-            .execute(conn)
-            .await?;
-        }
-    }
-    Ok(())
 }

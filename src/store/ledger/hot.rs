@@ -1,0 +1,292 @@
+//! The ledger's in-memory mirror of the counters and usable credentials: what a group decides
+//! on, so that picking a credential is a cursor step rather than a query.
+
+use super::super::Result;
+use super::super::requests::{ReservationKind, Unavailable};
+use crate::config::SelectionStrategy;
+use crate::crypto::{Sealer, Secret};
+use crate::quota::ResetSchedule;
+use crate::selection;
+use sqlx::SqlitePool;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+#[derive(Debug, Clone)]
+pub(super) struct HotCred {
+    pub(super) seq: i64,
+    pub(super) priority: i64,
+    pub(super) limit: Option<i64>,
+    pub(super) used: i64,
+    pub(super) reserved: i64,
+    /// Reserved by leases (held until reported).
+    pub(super) leased: i64,
+    pub(super) disabled: bool,
+    pub(super) state: String,
+    pub(super) expires_at: Option<i64>,
+    pub(super) cooldown_until: Option<i64>,
+    pub(super) has_token: bool,
+    pub(super) period_start: i64,
+}
+
+impl HotCred {
+    pub(super) fn usable(&self, now: i64) -> bool {
+        !self.disabled
+            && self.state == "active"
+            && self.has_token
+            && self.expires_at.is_none_or(|e| e > now)
+            && self.cooldown_until.is_none_or(|c| c <= now)
+    }
+
+    pub(super) fn has_room(&self, tokens: i64) -> bool {
+        self.limit
+            .is_none_or(|l| self.used + self.reserved + tokens <= l)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct HotRes {
+    pub(super) credential_id: String,
+    pub(super) tokens: i64,
+    pub(super) kind: ReservationKind,
+}
+
+/// A provider's credentials in selection order, with the round-robin cursors.
+#[derive(Debug, Default)]
+pub(super) struct ProviderList {
+    /// Ids by creation order.
+    pub(super) by_seq: Vec<String>,
+    /// Ids by (priority, creation).
+    pub(super) by_priority: Vec<String>,
+    /// The priority of each entry of `by_priority`.
+    pub(super) levels: Vec<i64>,
+    pub(super) rr_cursor: usize,
+    /// Per priority level, the next position within that level.
+    pub(super) level_cursors: HashMap<i64, usize>,
+}
+
+/// The in-memory mirror of what the request path decides on.
+#[derive(Debug, Default)]
+pub(in crate::store) struct Hot {
+    pub(super) creds: HashMap<String, HotCred>,
+    pub(super) lists: HashMap<String, ProviderList>,
+    pub(super) reservations: HashMap<String, HotRes>,
+    /// Opened tokens with the sealed value they came from: opened when the mirror is loaded,
+    /// and kept across reloads while the stored value is unchanged.
+    pub(in crate::store) tokens: HashMap<String, (Vec<u8>, Secret)>,
+}
+
+impl Hot {
+    /// Pick a usable credential with room for `tokens`, not in `exclude`.
+    pub(super) fn pick(
+        &mut self,
+        provider: &str,
+        tokens: i64,
+        strategy: SelectionStrategy,
+        exclude: &[String],
+        now: i64,
+    ) -> Option<String> {
+        let creds = &self.creds;
+        let list = self.lists.get_mut(provider)?;
+        let ok = |id: &String| {
+            !exclude.contains(id)
+                && creds
+                    .get(id)
+                    .is_some_and(|c| c.usable(now) && c.has_room(tokens))
+        };
+        match strategy {
+            SelectionStrategy::RoundRobin => {
+                let (i, next) =
+                    selection::rotate(list.by_seq.len(), list.rr_cursor, |i| ok(&list.by_seq[i]))?;
+                list.rr_cursor = next;
+                Some(list.by_seq[i].clone())
+            }
+            SelectionStrategy::Priority => {
+                let levels: Vec<i64> = list
+                    .by_priority
+                    .iter()
+                    .map(|id| creds[id].priority)
+                    .collect();
+                let i = selection::by_priority(&levels, &mut list.level_cursors, |i| {
+                    ok(&list.by_priority[i])
+                })?;
+                Some(list.by_priority[i].clone())
+            }
+            SelectionStrategy::QuotaAware => {
+                let rooms = list.by_seq.iter().map(|id| {
+                    ok(id).then(|| {
+                        let c = &creds[id];
+                        c.limit
+                            .map_or(u64::MAX, |l| (l - c.used - c.reserved).max(0) as u64)
+                    })
+                });
+                selection::most_room(rooms).map(|i| list.by_seq[i].clone())
+            }
+        }
+    }
+
+    /// Why nothing could be picked.
+    pub(super) fn why(
+        &self,
+        provider: &str,
+        tokens: i64,
+        exclude: &[String],
+        now: i64,
+        schedule: &ResetSchedule,
+    ) -> Unavailable {
+        let Some(list) = self.lists.get(provider).filter(|l| !l.by_seq.is_empty()) else {
+            return Unavailable::NoCredentials;
+        };
+        let mut earliest: Option<i64> = None;
+        let mut in_flight = false;
+        let mut consider = |at: i64| earliest = Some(earliest.map_or(at, |e| e.min(at)));
+        for id in &list.by_seq {
+            let c = &self.creds[id];
+            if c.disabled || !c.has_token || c.state == "invalid" || c.state == "expired" {
+                continue;
+            }
+            if c.expires_at.is_some_and(|e| e <= now) || exclude.contains(id) {
+                continue;
+            }
+            let next_reset = || {
+                schedule
+                    .next_reset(crate::domain::from_unix(c.period_start))
+                    .map(|t| t.timestamp())
+            };
+            if c.state == "exhausted" || c.limit.is_some_and(|l| c.used >= l) {
+                if let Some(at) = next_reset() {
+                    consider(at);
+                }
+                continue;
+            }
+            if let Some(until) = c.cooldown_until.filter(|u| *u > now) {
+                consider(until);
+                continue;
+            }
+            match c.limit {
+                Some(l) if c.used + c.leased + tokens > l => {
+                    if let Some(at) = next_reset() {
+                        consider(at);
+                    }
+                }
+                _ => {
+                    in_flight = true;
+                    consider(now + 1);
+                }
+            }
+        }
+        match earliest {
+            Some(at) => Unavailable::Busy {
+                retry_after: (at - now).max(1) as u64,
+                in_flight,
+            },
+            None => Unavailable::Unusable,
+        }
+    }
+}
+
+/// Load the mirror from the database (under the gate's write side, by the ledger after a
+/// failed group, or before the ledger starts). Tokens are opened here, and kept across reloads
+/// while their stored value is unchanged.
+pub(in crate::store) async fn load(
+    writer: &SqlitePool,
+    sealer: &Sealer,
+    mirror: &Mutex<Hot>,
+) -> Result<()> {
+    let rows = sqlx::query!(
+        r#"SELECT c.id, c.provider, c.seq, c.priority, c.disabled AS "disabled!: bool", c.state,
+                      c.expires_at, c.cooldown_until, c.token_sealed,
+                      q.limit_tokens, q.used, q.period_start
+               FROM credentials c JOIN quotas q ON q.credential_id = c.id
+               ORDER BY c.seq"#
+    )
+    .fetch_all(writer)
+    .await?;
+    let reservations = sqlx::query!("SELECT id, credential_id, tokens, kind FROM reservations")
+        .fetch_all(writer)
+        .await?;
+    let mut hot = Hot::default();
+    let old_tokens = std::mem::take(&mut mirror.lock().unwrap_or_else(|p| p.into_inner()).tokens);
+    for r in rows {
+        if let Some(sealed) = &r.token_sealed {
+            match old_tokens.get(&r.id) {
+                Some((was, secret)) if was == sealed => {
+                    hot.tokens
+                        .insert(r.id.clone(), (was.clone(), secret.clone()));
+                }
+                _ => {
+                    // One that does not open is left out; `open_token` reports it on use.
+                    if let Ok(secret) = sealer.open(&r.id, crate::crypto::Field::Token, sealed) {
+                        hot.tokens.insert(r.id.clone(), (sealed.clone(), secret));
+                    }
+                }
+            }
+        }
+        hot.lists
+            .entry(r.provider)
+            .or_default()
+            .by_seq
+            .push(r.id.clone());
+        hot.creds.insert(
+            r.id,
+            HotCred {
+                seq: r.seq,
+                priority: r.priority,
+                limit: r.limit_tokens,
+                used: r.used,
+                reserved: 0,
+                leased: 0,
+                disabled: r.disabled,
+                state: r.state,
+                expires_at: r.expires_at,
+                cooldown_until: r.cooldown_until,
+                has_token: r.token_sealed.is_some(),
+                period_start: r.period_start,
+            },
+        );
+    }
+    for r in reservations {
+        let kind = if r.kind == "lease" {
+            ReservationKind::Lease
+        } else {
+            ReservationKind::Request
+        };
+        if let Some(c) = hot.creds.get_mut(&r.credential_id) {
+            c.reserved += r.tokens;
+            if kind == ReservationKind::Lease {
+                c.leased += r.tokens;
+            }
+        }
+        hot.reservations.insert(
+            r.id,
+            HotRes {
+                credential_id: r.credential_id,
+                tokens: r.tokens,
+                kind,
+            },
+        );
+    }
+    {
+        let creds = &hot.creds;
+        for list in hot.lists.values_mut() {
+            list.by_priority = list.by_seq.clone();
+            list.by_priority
+                .sort_by_key(|id| (creds[id].priority, creds[id].seq));
+            list.levels = list
+                .by_priority
+                .iter()
+                .map(|id| creds[id].priority)
+                .collect();
+        }
+    }
+    // Keep the round-robin positions across reloads, so a management change does not send
+    // the next requests back to the first credential.
+    let mut current = mirror.lock().unwrap_or_else(|p| p.into_inner());
+    for (provider, list) in hot.lists.iter_mut() {
+        if let Some(old) = current.lists.get(provider) {
+            list.rr_cursor = old.rr_cursor;
+            list.level_cursors = old.level_cursors.clone();
+        }
+    }
+    *current = hot;
+    Ok(())
+}
