@@ -88,6 +88,32 @@ stream_times() { # $1 base url -> "ttfb_ms ttlb_ms" (medians of 200)
     done | sort -n | awk '{a[NR]=$1; b[NR]=$2} END {m=int((NR+1)/2); printf "%.3f %.3f\n", a[m]*1000, b[m]*1000}'
 }
 
+# What one durable commit costs on this disk at the least: a 4 KB write and fdatasync() in the
+# folder the server's database lives in, back to back and after 5 ms idle (as between the
+# sparse requests of stream_times). -> "busy_p50 busy_p99 idle_p50 idle_p99" in ms
+disk_floor() {
+    python3 - "$work/floor.bin" <<'PY'
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+os.write(fd, b"\0" * 4096 * 256)
+os.fsync(fd)
+page = b"\7" * 4096
+def run(n, gap):
+    t = []
+    for i in range(n):
+        s = time.perf_counter()
+        os.pwrite(fd, page, (i % 256) * 4096)
+        os.fdatasync(fd)
+        t.append(time.perf_counter() - s)
+        if gap:
+            time.sleep(gap)
+    t.sort()
+    return t[len(t) // 2] * 1000, t[len(t) * 99 // 100] * 1000
+busy, idle = run(1000, 0), run(200, 0.005)
+print(f"{busy[0]:.3f} {busy[1]:.3f} {idle[0]:.3f} {idle[1]:.3f}")
+PY
+}
+
 peak_mb() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
 row() { printf '| %-44s | %10s | %8s | %8s | %10s |\n' "$@"; }
@@ -139,6 +165,8 @@ PY
     kill "$SRV"; wait "$SRV" 2>/dev/null || true
 done
 
+read -r f_busy50 f_busy99 f_idle50 f_idle99 < <(disk_floor)
+
 ratio() { echo "scale=1; 100 * $1 / $2" | bc -l; }
 echo
 echo "| check | value | target |"
@@ -151,4 +179,6 @@ echo "| stream time to last byte (50 chunks): direct / proxied | $d_ttlb / $s_tt
 echo "| throughput with 10,000 credentials vs 3, 64 conn | $(ratio "${R[srv_rps_10000_64]}" "${R[srv_rps_3_64]}") % | >= 90 % |"
 echo "| start to listening, 3 / 10,000 credentials | ${R[startup_3]} / ${R[startup_10000]} ms | < 500 ms |"
 echo "| peak memory during start-up, 3 / 10,000 credentials | ${R[startup_rss_3]} / ${R[startup_rss_10000]} MB | |"
+echo "| floor: 4 KB write + fdatasync here, back to back (p50 / p99) | $f_busy50 / $f_busy99 ms | |"
+echo "| floor: the same after 5 ms idle (p50 / p99) | $f_idle50 / $f_idle99 ms | |"
 echo "| used in the database = usage the mock reported (3 / 10,000) | ${R[used_3]} = ${R[reported_3]} / ${R[used_10000]} = ${R[reported_10000]} | equal |"
