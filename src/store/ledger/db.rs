@@ -25,9 +25,10 @@ pub(super) struct NewReservation {
     pub provider: String,
 }
 
-/// A settlement: the settle trigger charges the counter and the hourly history.
+/// A settlement, charged to the counter and the hour's usage history.
 pub(super) struct Settlement {
-    pub id: String,
+    pub credential_id: String,
+    pub provider: String,
     pub input: i64,
     pub output: i64,
     pub unreported: i64,
@@ -54,9 +55,17 @@ impl Effects {
 const INSERT: &str = "INSERT INTO reservations
         (id, credential_id, kind, tokens, owner, created_at, expires_at, provider)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
-const SETTLE: &str = "UPDATE reservations
-    SET settle_input = ?2, settle_output = ?3, settle_unreported = ?4, settled_at = ?5
-    WHERE id = ?1";
+const CHARGE: &str =
+    "UPDATE quotas SET used = used + ?2, last_used_at = ?3 WHERE credential_id = ?1";
+const HISTORY: &str = "INSERT INTO usage_hourly
+        (credential_id, provider, bucket_start, requests, input_tokens, output_tokens,
+         unreported_tokens)
+    VALUES (?1, ?2, ?3 - (?3 % 3600), 1, ?4, ?5, ?6)
+    ON CONFLICT (credential_id, bucket_start) DO UPDATE SET
+        requests = requests + 1,
+        input_tokens = input_tokens + excluded.input_tokens,
+        output_tokens = output_tokens + excluded.output_tokens,
+        unreported_tokens = unreported_tokens + excluded.unreported_tokens";
 const DELETE: &str = "DELETE FROM reservations WHERE id = ?1";
 const MARK_STATE: &str =
     "UPDATE credentials SET state = ?1, state_reason = ?2, updated_at = ?3 WHERE id = ?4";
@@ -65,7 +74,7 @@ const MARK_COOLDOWN: &str = "UPDATE credentials
         state_reason = CASE WHEN state = 'active' THEN ?2 ELSE state_reason END,
         updated_at = ?3
     WHERE id = ?4";
-const STATEMENTS: [&str; 5] = [INSERT, SETTLE, DELETE, MARK_STATE, MARK_COOLDOWN];
+const STATEMENTS: [&str; 6] = [INSERT, CHARGE, HISTORY, DELETE, MARK_STATE, MARK_COOLDOWN];
 
 pub(in crate::store) struct LedgerDb {
     conn: Connection,
@@ -121,9 +130,22 @@ impl LedgerDb {
             }
         }
         if !e.settles.is_empty() {
-            let mut settle = tx.prepare_cached(SETTLE)?;
+            let mut charge = tx.prepare_cached(CHARGE)?;
+            let mut history = tx.prepare_cached(HISTORY)?;
             for s in &e.settles {
-                settle.execute(params![s.id, s.input, s.output, s.unreported, s.at])?;
+                let total = s
+                    .input
+                    .saturating_add(s.output)
+                    .saturating_add(s.unreported);
+                charge.execute(params![s.credential_id, total, s.at])?;
+                history.execute(params![
+                    s.credential_id,
+                    s.provider,
+                    s.at,
+                    s.input,
+                    s.output,
+                    s.unreported
+                ])?;
             }
         }
         for (id, mark, ts) in &e.marks {

@@ -46,6 +46,7 @@ impl HotCred {
 #[derive(Debug, Clone)]
 pub(super) struct HotRes {
     pub(super) credential_id: String,
+    pub(super) provider: String,
     pub(super) tokens: i64,
     pub(super) kind: ReservationKind,
 }
@@ -201,9 +202,10 @@ pub(in crate::store) async fn load(
     )
     .fetch_all(writer)
     .await?;
-    let reservations = sqlx::query!("SELECT id, credential_id, tokens, kind FROM reservations")
-        .fetch_all(writer)
-        .await?;
+    let reservations =
+        sqlx::query!("SELECT id, credential_id, provider, tokens, kind FROM reservations")
+            .fetch_all(writer)
+            .await?;
     let mut hot = Hot::default();
     let old_tokens = std::mem::take(&mut mirror.lock().unwrap_or_else(|p| p.into_inner()).tokens);
     for r in rows {
@@ -260,6 +262,7 @@ pub(in crate::store) async fn load(
             r.id,
             HotRes {
                 credential_id: r.credential_id,
+                provider: r.provider,
                 tokens: r.tokens,
                 kind,
             },

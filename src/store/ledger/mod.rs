@@ -239,6 +239,7 @@ impl Ledger {
             id.clone(),
             HotRes {
                 credential_id: credential_id.clone(),
+                provider: req.provider.clone(),
                 tokens,
                 kind: req.kind,
             },
@@ -322,7 +323,8 @@ fn settle_in(
         c.used += charged;
     }
     e.settles.push(Settlement {
-        id: id.clone(),
+        credential_id: res.credential_id,
+        provider: res.provider,
         input,
         output,
         unreported,
