@@ -664,3 +664,57 @@ async fn concurrent_requests_fill_small_limits_exactly() {
         "every success was served once, nothing else was"
     );
 }
+
+/// A group the database refuses (here a trigger injected behind the server's back) answers its
+/// requests with our 500, rolls back whole, and leaves the ledger's mirror matching the
+/// database (reloaded): the server goes on serving and charges exactly what was served.
+#[tokio::test]
+async fn a_refused_commit_answers_500_and_loses_nothing() {
+    let mock = Mock::start().await;
+    let (home, app) = setup(&mock, "").await;
+    add(
+        &app,
+        "openai",
+        "sk-refused-1",
+        json!({"quota": {"limit": 1000000}}),
+    )
+    .await;
+    let ok = v1(&app, "/v1/chat/completions", chat("gpt-4o-mini", false)).await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+    let per_request = settled(&app).await["sk-refused-1"]["quota"]["used"]
+        .as_u64()
+        .unwrap();
+    assert!(per_request > 0);
+    // Room for one more reservation: a reservation the mirror kept from the refused group
+    // would leave none for the request after it.
+    let reservation = 20 + chat("gpt-4o-mini", false).to_string().len().div_ceil(4) as u64;
+    let limit = json!({"limit": per_request + reservation}).to_string();
+    let r = app.put("/v0/management/auths/openai/quota", &limit).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    let db = rusqlite::Connection::open(home.path().join("data/cliproxy.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER injected_failure BEFORE INSERT ON reservations
+         BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    )
+    .unwrap();
+    let refused = v1(&app, "/v1/chat/completions", chat("gpt-4o-mini", false)).await;
+    assert_eq!(refused.status, 500, "{}", refused.text);
+    assert_eq!(refused.error_code(), "internal_error");
+    assert_eq!(
+        mock.state.order.lock().unwrap().len(),
+        1,
+        "nothing reached the provider"
+    );
+
+    db.execute_batch("DROP TRIGGER injected_failure").unwrap();
+    let again = v1(&app, "/v1/chat/completions", chat("gpt-4o-mini", false)).await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    let cred = &settled(&app).await["sk-refused-1"];
+    assert_eq!(cred["quota"]["used"].as_u64().unwrap(), 2 * per_request);
+    let rows: i64 = db
+        .query_row("SELECT count(*) FROM reservations", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0);
+}
