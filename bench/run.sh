@@ -72,7 +72,11 @@ PY
 to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; printf "%.3f", v}'; }
 
 run_wrk() { # $1 url, $2 connections -> "rps p50 p99"
+    # A one-second warm-up first: wrk's first run against a fresh target reports stray
+    # latencies of 50-200 ms (seen with nginx too) that no steady state has.
+    wrk -t 1 -c "$2" -d 1s -s bench/post.lua "$1" >/dev/null
     local out; out=$(wrk -t "$([ "$2" -gt 1 ] && echo 2 || echo 1)" -c "$2" -d "$DURATION" --latency -s bench/post.lua "$1")
+    if [ -n "${WRK_LOG:-}" ]; then printf '== %s, %s connections\n%s\n' "$1" "$2" "$out" >> "$WRK_LOG"; fi
     local rps p50 p99
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     p50=$(echo "$out" | awk '$1=="50%" {print $2}' | to_ms)
