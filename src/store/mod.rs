@@ -176,7 +176,15 @@ impl Store {
         let instance = format!("proc_{}", to_hex(&rand::random::<[u8; 8]>()));
         // The ledger writes on a connection of its own, never at the same time as the pool's
         // writer (see `gate`), so neither waits on the other's lock.
-        let ledger_db = ledger::LedgerDb::open(path, &instance)?;
+        let ledger_db = {
+            let (path, owner) = (path.clone(), instance.clone());
+            tokio::task::spawn_blocking(move || ledger::LedgerDb::open(&path, &owner))
+                .await
+                .map_err(|e| StoreError::Io {
+                    path: options.path.clone(),
+                    source: std::io::Error::other(e),
+                })??
+        };
         let (ledger, ops) = std::sync::mpsc::channel();
         let store = Store {
             writer,
