@@ -199,15 +199,6 @@ pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, S
         tracing::error!(credential = %id, %reason, "credential unusable");
         auth_log.record(&format!("credential {id} is unusable: {reason}"));
     }
-    let (dead, dead_tokens) = store
-        .settle_dead(clock())
-        .await
-        .map_err(|e| StartError::Runtime(e.to_string()))?;
-    if dead > 0 {
-        auth_log.record(&format!(
-            "settled {dead} reservation(s) left by a stopped process at their reserved {dead_tokens} tokens"
-        ));
-    }
     let registry = Registry::from_config(&config.config.providers);
     let http = reqwest::Client::builder()
         .timeout(config.config.proxy.request_timeout.0)
@@ -241,6 +232,18 @@ impl Application {
     pub async fn build_with_clock(config: Loaded, clock: Clock) -> Result<Application, StartError> {
         let addr = SocketAddr::new(config.config.host, config.config.port);
         let state = open_state(config, clock).await?;
+        // Only a server settles what a stopped one left: a CLI command may run beside a live
+        // server, whose reservations are not dead.
+        let (dead, dead_tokens) = state
+            .store
+            .settle_dead(state.now())
+            .await
+            .map_err(|e| StartError::Runtime(e.to_string()))?;
+        if dead > 0 {
+            state.auth_log.record(&format!(
+                "settled {dead} reservation(s) left by a stopped process at their reserved {dead_tokens} tokens"
+            ));
+        }
         let import_report = import_auth_dir(&state, "startup").await?;
         let listener = TcpListener::bind(addr)
             .await

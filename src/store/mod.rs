@@ -55,6 +55,9 @@ pub enum StoreError {
     /// From the ledger's own connection (`ledger/db.rs`).
     #[error("database error: {0}")]
     Ledger(#[from] rusqlite::Error),
+    /// The ledger's group this operation was in did not commit.
+    #[error("the request path's group commit failed: {0}")]
+    GroupFailed(String),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }

@@ -718,3 +718,55 @@ async fn a_refused_commit_answers_500_and_loses_nothing() {
         .unwrap();
     assert_eq!(rows, 0);
 }
+
+/// A reservation another process took away while its request was in flight (what a CLI
+/// command's start-up does to reservations it takes for a dead process's: delete and charge
+/// in full) is not charged a second time when the request settles.
+#[tokio::test]
+async fn a_settlement_whose_reservation_is_gone_charges_nothing_more() {
+    let (mock, home, app) = limited(&["sk-gone-1"], 1_000_000, 0).await;
+    let one = |app: Arc<TestApp>| async move {
+        let r = v1(&app, "/v1/chat/completions", chat("gpt-4o-mini", false)).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    };
+    one(app.clone()).await;
+    let per_request = settled(&app).await["sk-gone-1"]["quota"]["used"]
+        .as_i64()
+        .unwrap();
+
+    mock.state
+        .delay_ms
+        .store(300, std::sync::atomic::Ordering::Relaxed);
+    let in_flight = tokio::spawn(one(app.clone()));
+    let db = rusqlite::Connection::open(home.path().join("data/cliproxy.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let rows = || -> i64 {
+        db.query_row("SELECT count(*) FROM reservations", [], |r| r.get(0))
+            .unwrap()
+    };
+    crate::common::eventually(std::time::Duration::from_secs(10), || {
+        let n = rows();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    let taken: i64 = db
+        .query_row("DELETE FROM reservations RETURNING tokens", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    db.execute("UPDATE quotas SET used = used + ?1", [taken])
+        .unwrap();
+    in_flight.await.unwrap();
+    // The settlement was queued before the answer; the next request's reservation commits
+    // after it, and once that request has settled too, every charge is in.
+    mock.state
+        .delay_ms
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    one(app.clone()).await;
+    let cred = &settled(&app).await["sk-gone-1"];
+    assert_eq!(
+        cred["quota"]["used"].as_i64().unwrap(),
+        per_request + taken + per_request
+    );
+    assert_eq!(rows(), 0);
+}

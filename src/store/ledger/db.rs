@@ -27,6 +27,7 @@ pub(super) struct NewReservation {
 
 /// A settlement, charged to the counter and the hour's usage history.
 pub(super) struct Settlement {
+    pub id: String,
     pub credential_id: String,
     pub provider: String,
     pub input: i64,
@@ -40,15 +41,18 @@ pub(super) struct Settlement {
 pub(super) struct Effects {
     pub inserts: Vec<NewReservation>,
     pub settles: Vec<Settlement>,
-    /// Reservations settled or released in this group, deleted at its end.
-    pub deletes: Vec<String>,
+    /// Reservations released unused.
+    pub releases: Vec<String>,
     /// Marks on credentials whose failure released a reservation: (credential, mark, when).
     pub marks: Vec<(String, Mark, i64)>,
 }
 
 impl Effects {
     pub fn is_empty(&self) -> bool {
-        self.inserts.is_empty() && self.deletes.is_empty() && self.marks.is_empty()
+        self.inserts.is_empty()
+            && self.settles.is_empty()
+            && self.releases.is_empty()
+            && self.marks.is_empty()
     }
 }
 
@@ -106,11 +110,26 @@ impl LedgerDb {
     }
 
     /// Write a group in one `BEGIN IMMEDIATE` transaction: one fsync for all of it. On an
-    /// error nothing of it stays.
-    pub(super) fn commit(&mut self, e: &Effects) -> rusqlite::Result<()> {
+    /// error nothing of it stays. Returns the reservations settled or released whose row was
+    /// already gone (another process settled it): those were not charged again, and the
+    /// caller's mirror, which counted them, needs reloading.
+    pub(super) fn commit(&mut self, e: &Effects) -> rusqlite::Result<Vec<String>> {
         if e.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let written = self.write(e);
+        if written.is_err() && !self.conn.is_autocommit() {
+            // The transaction's drop rolls back but ignores a failed ROLLBACK; never leave
+            // the connection inside one, or every later group would fail on BEGIN.
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                tracing::error!(error = %e, "the ledger cannot roll back a failed group");
+            }
+        }
+        written
+    }
+
+    fn write(&mut self, e: &Effects) -> rusqlite::Result<Vec<String>> {
+        let mut gone = Vec::new();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -129,10 +148,17 @@ impl LedgerDb {
                 ])?;
             }
         }
-        if !e.settles.is_empty() {
+        if !e.settles.is_empty() || !e.releases.is_empty() {
+            let mut delete = tx.prepare_cached(DELETE)?;
             let mut charge = tx.prepare_cached(CHARGE)?;
             let mut history = tx.prepare_cached(HISTORY)?;
+            // Deleting the row first makes a settlement apply once: one whose row is gone
+            // charges nothing.
             for s in &e.settles {
+                if delete.execute(params![s.id])? == 0 {
+                    gone.push(s.id.clone());
+                    continue;
+                }
                 let total = s
                     .input
                     .saturating_add(s.output)
@@ -146,6 +172,11 @@ impl LedgerDb {
                     s.output,
                     s.unreported
                 ])?;
+            }
+            for id in &e.releases {
+                if delete.execute(params![id])? == 0 {
+                    gone.push(id.clone());
+                }
             }
         }
         for (id, mark, ts) in &e.marks {
@@ -169,12 +200,7 @@ impl LedgerDb {
                 }
             }
         }
-        if !e.deletes.is_empty() {
-            let mut delete = tx.prepare_cached(DELETE)?;
-            for id in &e.deletes {
-                delete.execute(params![id])?;
-            }
-        }
-        tx.commit()
+        tx.commit()?;
+        Ok(gone)
     }
 }

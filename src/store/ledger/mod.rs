@@ -33,6 +33,8 @@ use tokio::sync::oneshot;
 const MAX_GROUP: usize = 2048;
 /// How long settlements wait for a reservation to share their commit.
 const SETTLE_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
+/// How long the ledger waits for its mirror to reload.
+const RELOAD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One operation for the ledger.
 pub(super) enum Op {
@@ -64,7 +66,8 @@ enum Pending {
         oneshot::Sender<Result<std::result::Result<Reservation, Unavailable>>>,
         std::result::Result<Reservation, Unavailable>,
     ),
-    Done(oneshot::Sender<Result<bool>>, bool),
+    /// A settlement or release: its reply, whether the mirror held it, and its reservation.
+    Done(oneshot::Sender<Result<bool>>, bool, String),
 }
 
 fn res_id() -> String {
@@ -137,13 +140,13 @@ impl Ledger {
                     } => {
                         let done = settle_in(
                             &mut hot,
-                            id,
+                            id.clone(),
                             usage,
                             at_least_reserved,
                             now.timestamp(),
                             &mut effects,
                         );
-                        pending.push(Pending::Done(reply, done));
+                        pending.push(Pending::Done(reply, done, id));
                     }
                     Op::Release {
                         id,
@@ -151,23 +154,33 @@ impl Ledger {
                         now,
                         reply,
                     } => {
-                        let done = release_in(&mut hot, id, mark, now.timestamp(), &mut effects);
-                        pending.push(Pending::Done(reply, done));
+                        let done =
+                            release_in(&mut hot, id.clone(), mark, now.timestamp(), &mut effects);
+                        pending.push(Pending::Done(reply, done, id));
                     }
                     Op::Close { .. } => unreachable!("Close is handled before a group"),
                 }
             }
         }
         match db.commit(&effects) {
-            Ok(()) => {
+            Ok(gone) => {
+                if !gone.is_empty() {
+                    // Another process (a CLI command's start-up) settled these already; the
+                    // mirror counted them again.
+                    tracing::warn!(
+                        reservations = gone.len(),
+                        "reservations were already gone when settled or released; not charged again"
+                    );
+                    self.reload();
+                }
                 self.freed.notify_waiters();
                 for p in pending {
                     match p {
                         Pending::Reserve(reply, r) => {
                             let _ = reply.send(Ok(r));
                         }
-                        Pending::Done(reply, done) => {
-                            let _ = reply.send(Ok(done));
+                        Pending::Done(reply, done, id) => {
+                            let _ = reply.send(Ok(done && !gone.contains(&id)));
                         }
                     }
                 }
@@ -177,14 +190,12 @@ impl Ledger {
                 self.reload();
                 let msg = e.to_string();
                 for p in pending {
-                    let err = || {
-                        StoreError::Db(sqlx::Error::Protocol(format!("group commit failed: {msg}")))
-                    };
+                    let err = || StoreError::GroupFailed(msg.clone());
                     match p {
                         Pending::Reserve(reply, _) => {
                             let _ = reply.send(Err(err()));
                         }
-                        Pending::Done(reply, _) => {
+                        Pending::Done(reply, ..) => {
                             let _ = reply.send(Err(err()));
                         }
                     }
@@ -193,18 +204,24 @@ impl Ledger {
         }
     }
 
-    /// Reload the mirror from the database (after a failed group, whose decisions it holds),
-    /// on the runtime, waiting here for it.
+    /// Reload the mirror from the database (after a group that failed or found reservations
+    /// gone), on the runtime, waiting here for it (at most a minute: the mirror is then left
+    /// as it is rather than the ledger stopped for good).
     fn reload(&self) {
         let (done, wait) = std::sync::mpsc::sync_channel(1);
         let (writer, sealer, hot) = (self.writer.clone(), self.sealer.clone(), self.hot.clone());
         self.runtime.spawn(async move {
             let _ = done.send(hot::load(&writer, &sealer, &hot).await);
         });
-        match wait.recv() {
+        match wait.recv_timeout(RELOAD_PATIENCE) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "cannot reload the ledger's mirror"),
-            Err(_) => tracing::error!("cannot reload the ledger's mirror: the runtime is gone"),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                tracing::error!("cannot reload the ledger's mirror: no answer within a minute")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => tracing::error!(
+                "cannot reload the ledger's mirror: the runtime is gone or the reload panicked"
+            ),
         }
     }
 
@@ -320,9 +337,10 @@ fn settle_in(
         if res.kind == ReservationKind::Lease {
             c.leased = (c.leased - res.tokens).max(0);
         }
-        c.used += charged;
+        c.used = c.used.saturating_add(charged);
     }
     e.settles.push(Settlement {
+        id,
         credential_id: res.credential_id,
         provider: res.provider,
         input,
@@ -330,7 +348,6 @@ fn settle_in(
         unreported,
         at: ts,
     });
-    e.deletes.push(id);
     true
 }
 
@@ -348,7 +365,7 @@ fn release_in(hot: &mut Hot, id: String, mark: Option<Mark>, ts: i64, e: &mut Ef
             apply_mark(c, m, ts);
         }
     }
-    e.deletes.push(id);
+    e.releases.push(id);
     if let Some(m) = mark {
         e.marks.push((res.credential_id, m, ts));
     }
