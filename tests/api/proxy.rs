@@ -770,3 +770,42 @@ async fn a_settlement_whose_reservation_is_gone_charges_nothing_more() {
     );
     assert_eq!(rows(), 0);
 }
+
+/// A CLI command run beside a live server (here `import`) leaves the server's reservations in
+/// flight alone: only a starting server settles what a stopped one left.
+#[tokio::test]
+async fn a_cli_command_beside_a_live_server_leaves_its_reservations_alone() {
+    let (mock, home, app) = limited(&["sk-beside-1"], 1_000_000, 0).await;
+    let r = v1(&app, "/v1/chat/completions", chat("gpt-4o-mini", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let per_request = settled(&app).await["sk-beside-1"]["quota"]["used"]
+        .as_i64()
+        .unwrap();
+
+    mock.state
+        .delay_ms
+        .store(3000, std::sync::atomic::Ordering::Relaxed);
+    let in_flight = tokio::spawn({
+        let app = app.clone();
+        async move { v1(&app, "/v1/chat/completions", chat("gpt-4o-mini", false)).await }
+    });
+    let db = rusqlite::Connection::open(home.path().join("data/cliproxy.db")).unwrap();
+    let rows = || -> i64 {
+        db.query_row("SELECT count(*) FROM reservations", [], |r| r.get(0))
+            .unwrap()
+    };
+    crate::common::eventually(std::time::Duration::from_secs(10), || {
+        let n = rows();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    let out = home.run_binary(&["import"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(rows(), 1, "the live reservation is still there");
+
+    let r = in_flight.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text);
+    let cred = &settled(&app).await["sk-beside-1"];
+    assert_eq!(cred["quota"]["used"].as_i64().unwrap(), 2 * per_request);
+    assert_eq!(rows(), 0);
+}
