@@ -188,6 +188,19 @@ PY
     reported=$(python3 -c "import json; print(json.loads('$after')['reported_tokens'] - json.loads('$before')['reported_tokens'])")
     R[startup_$creds]=$STARTUP_MS; R[used_$creds]=$used; R[reported_$creds]=$reported
     if [ "$creds" = 3 ]; then
+        # Three more pairs, nginx then cliproxyapi back to back, so the ratio is not taken
+        # from runs minutes apart on a machine whose speed drifts; the median is reported.
+        # (After the totals check: nginx's requests reach the mock too.)
+        pairs=()
+        for _ in 1 2 3; do
+            read -r n_rps _ _ < <(run_wrk "http://$NGINX/v1/chat/completions" 64)
+            read -r s_rps _ _ < <(run_wrk "http://127.0.0.1:$SRV_PORT/v1/chat/completions" 64)
+            pairs+=("$(echo "scale=1; 100 * $s_rps / $n_rps" | bc -l)")
+        done
+        R[pair_ratios]=$(printf '%s\n' "${pairs[@]}" | sort -n | paste -sd' ')
+        R[pair_median]=$(printf '%s\n' "${pairs[@]}" | sort -n | sed -n 2p)
+    fi
+    if [ "$creds" = 3 ]; then
         read -r d_ttfb d_ttlb < <(stream_times "http://$MOCK")
         read -r s_ttfb s_ttlb < <(stream_times "http://127.0.0.1:$SRV_PORT")
         read -r dw_ttfb dw_ttlb < <(stream_times_warm "$MOCK")
@@ -203,6 +216,7 @@ echo
 echo "| check | value | target |"
 echo "| --- | --- | --- |"
 echo "| throughput at 64 conn vs nginx (3 credentials) | $(ratio "${R[srv_rps_3_64]}" "${R[ngx_rps_64]}") % | >= 40 % |"
+echo "| the same, median of 3 back-to-back pairs (all: ${R[pair_ratios]}) | ${R[pair_median]} % | >= 40 % |"
 echo "| added p50 at 1 conn | $(echo "${R[srv_p50_3_1]} - ${R[mock_p50_1]}" | bc -l) ms | <= 0.3 ms |"
 echo "| added p99 at 1 conn | $(echo "${R[srv_p99_3_1]} - ${R[mock_p99_1]}" | bc -l) ms | <= 1 ms |"
 echo "| stream time to first byte: direct / proxied | $d_ttfb / $s_ttfb ms | <= +0.3 ms |"
