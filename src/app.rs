@@ -222,6 +222,57 @@ pub struct Application {
     listener: TcpListener,
     state: Arc<AppState>,
     import_report: ImportReport,
+    /// `<database>.lock`, held while the server runs (see [`lock_database`]).
+    _lock: std::fs::File,
+}
+
+/// Take `<database>.lock` for as long as the server runs. A second server on the same
+/// database would settle the first one's reservations as left by a dead process and decide on
+/// a mirror of its own, so it is refused. The lock is the kernel's (flock), so a killed server
+/// leaves none behind. CLI commands do not take it: they may run beside a live server.
+fn lock_database(database: &std::path::Path) -> Result<std::fs::File, StartError> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = database.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let cannot = |what: &str, e: &dyn std::fmt::Display| {
+        StartError::Runtime(format!("cannot {what} {}: {e}", path.display()))
+    };
+    if let Some(parent) = path.parent() {
+        crate::store::create_private_dir(parent).map_err(|e| cannot("create the folder of", &e))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| cannot("open", &e))?;
+    match file.try_lock() {
+        Ok(()) => {
+            // The holder's pid, for the message a second server prints.
+            file.set_len(0).map_err(|e| cannot("write", &e))?;
+            write!(file, "{}", std::process::id()).map_err(|e| cannot("write", &e))?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            let holder = if pid.chars().all(|c| c.is_ascii_digit()) && !pid.is_empty() {
+                format!(" (pid {pid})")
+            } else {
+                String::new()
+            };
+            Err(StartError::Runtime(format!(
+                "another cliproxyapi server{holder} is using the database {}; stop it first",
+                database.display()
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(cannot("lock", &e)),
+    }
 }
 
 impl Application {
@@ -231,6 +282,8 @@ impl Application {
 
     pub async fn build_with_clock(config: Loaded, clock: Clock) -> Result<Application, StartError> {
         let addr = SocketAddr::new(config.config.host, config.config.port);
+        let DatabaseLocation::File(database) = &config.database;
+        let lock = lock_database(database)?;
         let state = open_state(config, clock).await?;
         // Only a server settles what a stopped one left: a CLI command may run beside a live
         // server, whose reservations are not dead.
@@ -252,6 +305,7 @@ impl Application {
             listener,
             state,
             import_report,
+            _lock: lock,
         })
     }
 

@@ -162,3 +162,29 @@ async fn graceful_restart_in_process_keeps_everything() {
     assert_eq!(app.auths().await, before);
     app.stop().await;
 }
+
+/// One server per database: a second one is refused with a message naming the first, which
+/// goes on serving; once it stops, a server starts again. CLI commands are not refused.
+#[tokio::test]
+async fn a_second_server_on_the_same_database_is_refused() {
+    let home = Home::new("");
+    let app = home.start().await;
+    let err = home
+        .build(&[], std::sync::Arc::new(chrono::Utc::now))
+        .await
+        .err()
+        .expect("a second server on the same database is refused");
+    assert_eq!(err.exit_code(), 1);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("another cliproxyapi server")
+            && msg.contains(&format!("(pid {})", std::process::id())),
+        "{msg}"
+    );
+    let out = home.run_binary(&["import"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(app.auths().await.is_empty());
+    app.stop().await;
+    let app = home.start().await;
+    app.stop().await;
+}
