@@ -102,12 +102,7 @@ impl Hot {
                 Some(list.by_seq[i].clone())
             }
             SelectionStrategy::Priority => {
-                let levels: Vec<i64> = list
-                    .by_priority
-                    .iter()
-                    .map(|id| creds[id].priority)
-                    .collect();
-                let i = selection::by_priority(&levels, &mut list.level_cursors, |i| {
+                let i = selection::by_priority(&list.levels, &mut list.level_cursors, |i| {
                     ok(&list.by_priority[i])
                 })?;
                 Some(list.by_priority[i].clone())
