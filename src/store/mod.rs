@@ -350,11 +350,16 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 /// A fresh credential id: `cred_` and 20 random lowercase letters and digits.
 pub fn new_credential_id() -> String {
+    random_id("cred_", 20)
+}
+
+/// `prefix` and `len` random lowercase letters and digits.
+fn random_id(prefix: &str, len: usize) -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
-    let suffix: String = (0..20)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect();
-    format!("cred_{suffix}")
+    let mut id = String::with_capacity(prefix.len() + len);
+    id.push_str(prefix);
+    id.extend((0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char));
+    id
 }

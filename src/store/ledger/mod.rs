@@ -70,16 +70,6 @@ enum Pending {
     Done(oneshot::Sender<Result<bool>>, bool, String),
 }
 
-fn res_id() -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    let suffix: String = (0..24)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect();
-    format!("res_{suffix}")
-}
-
 /// What the ledger's thread shares with the store.
 pub(super) struct Ledger {
     pub hot: Arc<Mutex<Hot>>,
@@ -243,7 +233,8 @@ impl Ledger {
                 .unwrap_or(ResetSchedule::Never);
             return Err(hot.why(&req.provider, tokens, &req.exclude, ts, &schedule));
         };
-        let id = res_id();
+        // A reservation (or lease) id: `res_` and 24 random lowercase letters and digits.
+        let id = super::random_id("res_", 24);
         let c = hot
             .creds
             .get_mut(&credential_id)
