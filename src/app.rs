@@ -260,11 +260,9 @@ fn lock_database(database: &std::path::Path) -> Result<std::fs::File, StartError
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
-            let pid = pid.trim();
-            let holder = if pid.chars().all(|c| c.is_ascii_digit()) && !pid.is_empty() {
-                format!(" (pid {pid})")
-            } else {
-                String::new()
+            let holder = match pid.trim().parse::<u32>() {
+                Ok(pid) => format!(" (pid {pid})"),
+                Err(_) => String::new(),
             };
             Err(StartError::Runtime(format!(
                 "another cliproxyapi server{holder} is using the database {}; stop it first",

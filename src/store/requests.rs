@@ -83,7 +83,7 @@ impl Mark {
     }
 }
 
-/// [`ReserveRequest`] owned, to travel to the ledger task.
+/// [`ReserveRequest`] owned, to travel to the ledger's thread.
 #[derive(Debug, Clone)]
 pub(super) struct ReserveRequestOwned {
     pub provider: String,

@@ -76,7 +76,7 @@ pub(super) struct Ledger {
     pub gate: Arc<tokio::sync::RwLock<()>>,
     pub freed: Arc<tokio::sync::Notify>,
     pub schedules: BTreeMap<String, ResetSchedule>,
-    /// To reload the mirror after a failed group.
+    /// To reload the mirror after a group that failed or found reservations gone.
     pub writer: SqlitePool,
     pub sealer: Sealer,
     pub runtime: tokio::runtime::Handle,
@@ -155,8 +155,9 @@ impl Ledger {
         match db.commit(&effects) {
             Ok(gone) => {
                 if !gone.is_empty() {
-                    // Another process (a CLI command's start-up) settled these already; the
-                    // mirror counted them again.
+                    // Another process settled these already (something run against the
+                    // database outside this server: CLI commands leave live reservations
+                    // alone, and a second server is refused); the mirror counted them again.
                     tracing::warn!(
                         reservations = gone.len(),
                         "reservations were already gone when settled or released; not charged again"
