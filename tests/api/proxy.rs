@@ -665,6 +665,35 @@ async fn concurrent_requests_fill_small_limits_exactly() {
     );
 }
 
+/// One chat completion, answered 200; then the `used` of the credential labelled `label` once
+/// it has settled (the usage of one such request, when it is the first).
+async fn one_request_used(app: &TestApp, label: &str) -> i64 {
+    let r = v1(app, "/v1/chat/completions", chat("gpt-4o-mini", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    settled(app).await[label]["quota"]["used"].as_i64().unwrap()
+}
+
+/// The server's database, opened beside it as another process would.
+fn open_database(home: &Home) -> rusqlite::Connection {
+    let db = rusqlite::Connection::open(home.path().join("data/cliproxy.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    db
+}
+
+fn reservation_rows(db: &rusqlite::Connection) -> i64 {
+    db.query_row("SELECT count(*) FROM reservations", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// Wait until the one request in flight has its reservation row.
+async fn until_one_reservation(db: &rusqlite::Connection) {
+    crate::common::eventually(std::time::Duration::from_secs(10), || {
+        let n = reservation_rows(db);
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+}
+
 /// A group the database refuses (here a trigger injected behind the server's back) answers its
 /// requests with our 500, rolls back whole, and leaves the ledger's mirror matching the
 /// database (reloaded): the server goes on serving and charges exactly what was served.
@@ -679,21 +708,16 @@ async fn a_refused_commit_answers_500_and_loses_nothing() {
         json!({"quota": {"limit": 1000000}}),
     )
     .await;
-    let ok = v1(&app, "/v1/chat/completions", chat("gpt-4o-mini", false)).await;
-    assert_eq!(ok.status, 200, "{}", ok.text);
-    let per_request = settled(&app).await["sk-refused-1"]["quota"]["used"]
-        .as_u64()
-        .unwrap();
+    let per_request = one_request_used(&app, "sk-refused-1").await;
     assert!(per_request > 0);
     // Room for one more reservation: a reservation the mirror kept from the refused group
     // would leave none for the request after it.
-    let reservation = 20 + chat("gpt-4o-mini", false).to_string().len().div_ceil(4) as u64;
+    let reservation = 20 + chat("gpt-4o-mini", false).to_string().len().div_ceil(4) as i64;
     let limit = json!({"limit": per_request + reservation}).to_string();
     let r = app.put("/v0/management/auths/openai/quota", &limit).await;
     assert_eq!(r.status, 200, "{}", r.text);
 
-    let db = rusqlite::Connection::open(home.path().join("data/cliproxy.db")).unwrap();
-    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let db = open_database(&home);
     db.execute_batch(
         "CREATE TRIGGER injected_failure BEFORE INSERT ON reservations
          BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
@@ -712,11 +736,8 @@ async fn a_refused_commit_answers_500_and_loses_nothing() {
     let again = v1(&app, "/v1/chat/completions", chat("gpt-4o-mini", false)).await;
     assert_eq!(again.status, 200, "{}", again.text);
     let cred = &settled(&app).await["sk-refused-1"];
-    assert_eq!(cred["quota"]["used"].as_u64().unwrap(), 2 * per_request);
-    let rows: i64 = db
-        .query_row("SELECT count(*) FROM reservations", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(rows, 0);
+    assert_eq!(cred["quota"]["used"].as_i64().unwrap(), 2 * per_request);
+    assert_eq!(reservation_rows(&db), 0);
 }
 
 /// A reservation another process took away while its request was in flight (what a CLI
@@ -729,26 +750,14 @@ async fn a_settlement_whose_reservation_is_gone_charges_nothing_more() {
         let r = v1(&app, "/v1/chat/completions", chat("gpt-4o-mini", false)).await;
         assert_eq!(r.status, 200, "{}", r.text);
     };
-    one(app.clone()).await;
-    let per_request = settled(&app).await["sk-gone-1"]["quota"]["used"]
-        .as_i64()
-        .unwrap();
+    let per_request = one_request_used(&app, "sk-gone-1").await;
 
     mock.state
         .delay_ms
         .store(300, std::sync::atomic::Ordering::Relaxed);
     let in_flight = tokio::spawn(one(app.clone()));
-    let db = rusqlite::Connection::open(home.path().join("data/cliproxy.db")).unwrap();
-    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
-    let rows = || -> i64 {
-        db.query_row("SELECT count(*) FROM reservations", [], |r| r.get(0))
-            .unwrap()
-    };
-    crate::common::eventually(std::time::Duration::from_secs(10), || {
-        let n = rows();
-        async move { (n == 1).then_some(()) }
-    })
-    .await;
+    let db = open_database(&home);
+    until_one_reservation(&db).await;
     let taken: i64 = db
         .query_row("DELETE FROM reservations RETURNING tokens", [], |r| {
             r.get(0)
@@ -768,7 +777,7 @@ async fn a_settlement_whose_reservation_is_gone_charges_nothing_more() {
         cred["quota"]["used"].as_i64().unwrap(),
         per_request + taken + per_request
     );
-    assert_eq!(rows(), 0);
+    assert_eq!(reservation_rows(&db), 0);
 }
 
 /// A CLI command run beside a live server (here `import`) leaves the server's reservations in
@@ -776,11 +785,7 @@ async fn a_settlement_whose_reservation_is_gone_charges_nothing_more() {
 #[tokio::test]
 async fn a_cli_command_beside_a_live_server_leaves_its_reservations_alone() {
     let (mock, home, app) = limited(&["sk-beside-1"], 1_000_000, 0).await;
-    let r = v1(&app, "/v1/chat/completions", chat("gpt-4o-mini", false)).await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    let per_request = settled(&app).await["sk-beside-1"]["quota"]["used"]
-        .as_i64()
-        .unwrap();
+    let per_request = one_request_used(&app, "sk-beside-1").await;
 
     mock.state
         .delay_ms
@@ -789,23 +794,19 @@ async fn a_cli_command_beside_a_live_server_leaves_its_reservations_alone() {
         let app = app.clone();
         async move { v1(&app, "/v1/chat/completions", chat("gpt-4o-mini", false)).await }
     });
-    let db = rusqlite::Connection::open(home.path().join("data/cliproxy.db")).unwrap();
-    let rows = || -> i64 {
-        db.query_row("SELECT count(*) FROM reservations", [], |r| r.get(0))
-            .unwrap()
-    };
-    crate::common::eventually(std::time::Duration::from_secs(10), || {
-        let n = rows();
-        async move { (n == 1).then_some(()) }
-    })
-    .await;
+    let db = open_database(&home);
+    until_one_reservation(&db).await;
     let out = home.run_binary(&["import"]);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(rows(), 1, "the live reservation is still there");
+    assert_eq!(
+        reservation_rows(&db),
+        1,
+        "the live reservation is still there"
+    );
 
     let r = in_flight.await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text);
     let cred = &settled(&app).await["sk-beside-1"];
     assert_eq!(cred["quota"]["used"].as_i64().unwrap(), 2 * per_request);
-    assert_eq!(rows(), 0);
+    assert_eq!(reservation_rows(&db), 0);
 }
