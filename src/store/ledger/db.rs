@@ -11,6 +11,7 @@
 
 use super::super::requests::Mark;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -34,6 +35,16 @@ pub(super) struct Settlement {
     pub output: i64,
     pub unreported: i64,
     pub at: i64,
+}
+
+/// One credential's usage in one hour, summed over a group's settlements.
+#[derive(Default)]
+struct Hour<'a> {
+    provider: &'a str,
+    requests: i64,
+    input: i64,
+    output: i64,
+    unreported: i64,
 }
 
 /// What a group writes.
@@ -64,9 +75,9 @@ const CHARGE: &str =
 const HISTORY: &str = "INSERT INTO usage_hourly
         (credential_id, provider, bucket_start, requests, input_tokens, output_tokens,
          unreported_tokens)
-    VALUES (?1, ?2, ?3 - (?3 % 3600), 1, ?4, ?5, ?6)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
     ON CONFLICT (credential_id, bucket_start) DO UPDATE SET
-        requests = requests + 1,
+        requests = requests + excluded.requests,
         input_tokens = input_tokens + excluded.input_tokens,
         output_tokens = output_tokens + excluded.output_tokens,
         unreported_tokens = unreported_tokens + excluded.unreported_tokens";
@@ -153,7 +164,10 @@ impl LedgerDb {
             let mut charge = tx.prepare_cached(CHARGE)?;
             let mut history = tx.prepare_cached(HISTORY)?;
             // Deleting the row first makes a settlement apply once: one whose row is gone
-            // charges nothing.
+            // charges nothing. What is charged is summed per credential and per hour, so a
+            // group writes each counter and each hour's history row once.
+            let mut counters: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+            let mut hours: BTreeMap<(&str, i64), Hour> = BTreeMap::new();
             for s in &e.settles {
                 if delete.execute(params![s.id])? == 0 {
                     gone.push(s.id.clone());
@@ -163,14 +177,32 @@ impl LedgerDb {
                     .input
                     .saturating_add(s.output)
                     .saturating_add(s.unreported);
-                charge.execute(params![s.credential_id, total, s.at])?;
+                let counter = counters.entry(&s.credential_id).or_insert((0, s.at));
+                counter.0 = counter.0.saturating_add(total);
+                counter.1 = counter.1.max(s.at);
+                let hour = hours
+                    .entry((&s.credential_id, s.at - s.at.rem_euclid(3600)))
+                    .or_insert_with(|| Hour {
+                        provider: &s.provider,
+                        ..Hour::default()
+                    });
+                hour.requests += 1;
+                hour.input = hour.input.saturating_add(s.input);
+                hour.output = hour.output.saturating_add(s.output);
+                hour.unreported = hour.unreported.saturating_add(s.unreported);
+            }
+            for (credential, (total, at)) in counters {
+                charge.execute(params![credential, total, at])?;
+            }
+            for ((credential, bucket), h) in hours {
                 history.execute(params![
-                    s.credential_id,
-                    s.provider,
-                    s.at,
-                    s.input,
-                    s.output,
-                    s.unreported
+                    credential,
+                    h.provider,
+                    bucket,
+                    h.requests,
+                    h.input,
+                    h.output,
+                    h.unreported
                 ])?;
             }
             for id in &e.releases {
