@@ -7,7 +7,7 @@
 use crate::app::AppState;
 use crate::http::error::ApiError;
 use crate::providers::tap::StreamTap;
-use crate::providers::wire::{self, Usage, Verdict};
+use crate::providers::wire::{self, Peek, Usage, Verdict};
 use crate::providers::{Format, Provider};
 use crate::store::{Mark, ReservationKind, ReserveRequest, Unavailable};
 use axum::body::Body;
@@ -30,15 +30,29 @@ const MAX_ANSWER_BODY: usize = 64 * 1024 * 1024;
 
 /// One call to forward: where it goes and what it carries.
 pub struct Call {
-    pub provider: Provider,
+    pub provider: Arc<Provider>,
     /// Path and query after the provider's base URL, e.g. `/chat/completions`.
     pub path: String,
-    pub body: Value,
-    /// The client's body as sent, when `body` is unchanged from it (forwarded as it is).
-    pub raw: Option<Bytes>,
+    /// What the request path reads of the body.
+    pub peek: Peek,
+    /// The body to forward: the client's bytes, unless something in them had to change.
+    pub raw: Bytes,
     pub stream: bool,
     /// Headers of the client's request passed on (never its key).
     pub pass_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// `body` (a JSON object, as [`Peek::read`] found) changed by `change`, as new bytes. Only a
+/// body that must change is built in full.
+pub fn rewrite(body: &Bytes, change: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Bytes {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut map)) => {
+            change(&mut map);
+            Bytes::from(Value::Object(map).to_string())
+        }
+        // Unreachable after Peek::read; forward the body unchanged rather than fail.
+        _ => body.clone(),
+    }
 }
 
 /// Response headers worth passing back to the client.
@@ -162,7 +176,7 @@ pub async fn forward(state: Arc<AppState>, call: Call) -> Response {
     }
 }
 
-async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
+async fn exchange(state: Arc<AppState>, call: Call) -> Response {
     let name = call.provider.name.clone();
     if !call.provider.enabled {
         return provider_disabled(&name).into_response();
@@ -170,40 +184,30 @@ async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
     let format = call.provider.format;
     // OpenAI streams report usage only when asked; ask, and hide the answer from a client
     // that did not.
-    let mut hide_usage_chunk = false;
-    if format == Format::Openai && call.stream {
-        let asked = call
-            .body
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        if !asked {
-            hide_usage_chunk = true;
-            if let Some(obj) = call.body.as_object_mut() {
-                let opts = obj
-                    .entry("stream_options")
-                    .or_insert_with(|| Value::Object(Default::default()));
-                call.raw = None;
-                if let Some(opts) = opts.as_object_mut() {
+    let hide_usage_chunk = format == Format::Openai && call.stream && !call.peek.includes_usage();
+    let body = if hide_usage_chunk {
+        rewrite(&call.raw, |body| {
+            let opts = body
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Default::default()));
+            match opts.as_object_mut() {
+                Some(opts) => {
                     opts.insert("include_usage".into(), Value::Bool(true));
-                } else {
-                    *opts = serde_json::json!({"include_usage": true});
                 }
+                None => *opts = serde_json::json!({"include_usage": true}),
             }
-        }
-    }
-    let body = match call.raw.take() {
-        Some(raw) => raw,
-        None => Bytes::from(call.body.to_string()),
+        })
+    } else {
+        call.raw.clone()
     };
     let config = &state.config.config;
     let tokens = wire::reservation(
         format,
-        &call.body,
+        &call.peek,
         body.len(),
         config.auth.quota.default_reservation,
     );
-    let url = format!("{}{}", call.provider.base_url, call.path);
+    let url = call.provider.url(&call.path);
     let mut tried: Vec<String> = Vec::new();
     let mut last_failure: Option<Response> = None;
     for _ in 0..config.proxy.max_attempts {
@@ -247,10 +251,11 @@ async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
                 return ApiError::from(e).into_response();
             }
         };
-        let mut upstream = state
-            .http
-            .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        let upstream = match &url {
+            Ok(url) => state.http.post(url.clone()),
+            Err(text) => state.http.post(text),
+        };
+        let mut upstream = upstream.header(reqwest::header::CONTENT_TYPE, "application/json");
         for (k, v) in &call.pass_headers {
             upstream = upstream.header(k, v);
         }
@@ -263,7 +268,7 @@ async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
             upstream = upstream.header("anthropic-version", "2023-06-01");
         }
         let upstream = wire::attach(format, upstream, token.expose()).body(body.clone());
-        let resp = match upstream.send().await {
+        let mut resp = match upstream.send().await {
             Ok(r) => r,
             Err(e) => {
                 let verdict = wire::unreachable_verdict(&e);
@@ -281,7 +286,7 @@ async fn exchange(state: Arc<AppState>, mut call: Call) -> Response {
             }
         };
         let status = resp.status();
-        let headers = resp.headers().clone();
+        let headers = std::mem::take(resp.headers_mut());
         if !status.is_success() {
             let body = read_limited(resp, MAX_ERROR_BODY).await.unwrap_or_default();
             let verdict = wire::classify(format, status, &headers, &body);

@@ -5,6 +5,7 @@ use super::error::ApiError;
 use super::extract::{Json, Path, Query, bearer_token, read_bytes};
 use crate::app::AppState;
 use crate::crypto::Secret;
+use crate::providers::wire::Peek;
 use crate::providers::{Format, Provider};
 use crate::proxy::{self, Call};
 use crate::store::{Mark, ReservationKind, ReserveRequest};
@@ -83,22 +84,22 @@ pub async fn client_guard(
     }
 }
 
-/// A JSON object body of up to [`MAX_PROXY_BODY`] bytes, parsed, with its bytes kept so an
-/// unchanged body is forwarded as it came.
-pub struct ProxyBody(pub Value, pub Bytes);
+/// A JSON object body of up to [`MAX_PROXY_BODY`] bytes: the fields the request path reads,
+/// and its bytes, forwarded as they came unless something in them must change.
+pub struct ProxyBody(pub Peek, pub Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for ProxyBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = read_bytes(req, state, MAX_PROXY_BODY).await?;
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(v @ Value::Object(_)) => Ok(ProxyBody(v, bytes)),
-            Ok(_) => Err(ApiError::bad_request(
+        match Peek::read(&bytes) {
+            Ok(peek) => Ok(ProxyBody(peek, bytes)),
+            Err(None) => Err(ApiError::bad_request(
                 "invalid_body",
                 "The body must be a JSON object",
             )),
-            Err(e) => Err(ApiError::bad_request(
+            Err(Some(e)) => Err(ApiError::bad_request(
                 "invalid_json",
                 format!("The body is not valid JSON: {e}"),
             )),
@@ -122,7 +123,7 @@ fn pass_headers(format: Format, headers: &HeaderMap) -> Vec<(HeaderName, HeaderV
         .collect()
 }
 
-fn provider_of(state: &AppState, name: &str) -> AppResult<Provider> {
+fn provider_of(state: &AppState, name: &str) -> AppResult<Arc<Provider>> {
     state.registry.get(name).cloned().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -132,27 +133,15 @@ fn provider_of(state: &AppState, name: &str) -> AppResult<Provider> {
     })
 }
 
-fn wants_stream(body: &Value) -> bool {
-    body.get("stream").and_then(Value::as_bool).unwrap_or(false)
-}
-
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    ProxyBody(mut body, raw): ProxyBody,
+    ProxyBody(peek, raw): ProxyBody,
 ) -> Response {
-    let Some(model) = body
-        .get("model")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-    else {
+    let Some(model) = peek.model() else {
         return ApiError::bad_request("invalid_body", "The body needs a `model`").into_response();
     };
-    let Some((provider, upstream_model)) = state
-        .registry
-        .route_openai(&model)
-        .map(|(p, m)| (p.clone(), m.to_string()))
-    else {
+    let Some((provider, upstream_model)) = state.registry.route_openai(model) else {
         return ApiError::not_found(
             "unknown_model",
             format!("No configured provider serves model `{model}`"),
@@ -160,16 +149,21 @@ pub async fn chat_completions(
         .into_response();
     };
     // A `provider/` prefix is stripped; otherwise the body goes on as it came.
-    let raw = (upstream_model == model).then_some(raw);
-    body["model"] = Value::String(upstream_model);
-    let stream = wants_stream(&body);
+    let raw = if upstream_model == model {
+        raw
+    } else {
+        let model = Value::String(upstream_model.to_string());
+        proxy::rewrite(&raw, |body| {
+            body.insert("model".into(), model);
+        })
+    };
     let call = Call {
         pass_headers: pass_headers(provider.format, &headers),
-        provider,
+        provider: provider.clone(),
         path: "/chat/completions".into(),
-        body,
+        stream: peek.stream(),
+        peek,
         raw,
-        stream,
     };
     proxy::forward(state, call).await
 }
@@ -177,20 +171,19 @@ pub async fn chat_completions(
 pub async fn messages(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    ProxyBody(body, raw): ProxyBody,
+    ProxyBody(peek, raw): ProxyBody,
 ) -> Response {
     let provider = match provider_of(&state, "claude") {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let stream = wants_stream(&body);
     let call = Call {
         pass_headers: pass_headers(provider.format, &headers),
         provider,
         path: "/v1/messages".into(),
-        body,
-        raw: Some(raw),
-        stream,
+        stream: peek.stream(),
+        peek,
+        raw,
     };
     proxy::forward(state, call).await
 }
@@ -204,7 +197,7 @@ pub async fn gemini(
     State(state): State<Arc<AppState>>,
     Path(model_action): Path<String>,
     Query(q): Query<GeminiQuery>,
-    ProxyBody(body, raw): ProxyBody,
+    ProxyBody(peek, raw): ProxyBody,
 ) -> Response {
     let Some((model, action)) = model_action.rsplit_once(':') else {
         return ApiError::not_found(
@@ -239,8 +232,8 @@ pub async fn gemini(
         pass_headers: Vec::new(),
         provider,
         path,
-        body,
-        raw: Some(raw),
+        peek,
+        raw,
         stream,
     };
     proxy::forward(state, call).await

@@ -8,6 +8,7 @@ pub mod wire;
 use crate::config::ProviderConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// How a provider's API is spoken: how a credential is attached, where usage is reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +29,34 @@ pub struct Provider {
     /// Model name patterns (`*` wildcards) that route to this provider.
     pub models: Vec<String>,
     pub enabled: bool,
+    /// `base_url` parsed once, so a request does not parse its URL again: `None` when it has
+    /// a query or fragment, or does not parse (the URL is then built as text, and a bad one
+    /// fails when the request is sent).
+    base: Option<reqwest::Url>,
+}
+
+impl Provider {
+    /// The URL of `path` (with its query, if any) under the base URL.
+    pub fn url(&self, path: &str) -> std::result::Result<reqwest::Url, String> {
+        let joined = || format!("{}{}", self.base_url, path);
+        let Some(base) = &self.base else {
+            return Err(joined());
+        };
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path, None),
+        };
+        let mut url = base.clone();
+        url.set_path(&format!("{}{path}", base.path().trim_end_matches('/')));
+        url.set_query(query);
+        Ok(url)
+    }
+}
+
+fn parse_base(base_url: &str) -> Option<reqwest::Url> {
+    reqwest::Url::parse(base_url)
+        .ok()
+        .filter(|u| !u.cannot_be_a_base() && u.query().is_none() && u.fragment().is_none())
 }
 
 /// The built-ins: name, format, default base URL, default model patterns.
@@ -105,7 +134,7 @@ pub fn valid_name(name: &str) -> bool {
 /// All providers this server knows, by name.
 #[derive(Debug, Clone)]
 pub struct Registry {
-    providers: BTreeMap<String, Provider>,
+    providers: BTreeMap<String, Arc<Provider>>,
 }
 
 impl Registry {
@@ -122,6 +151,7 @@ impl Registry {
                     base_url: base_url.to_string(),
                     models: models.iter().map(|m| m.to_string()).collect(),
                     enabled: true,
+                    base: None,
                 },
             );
         }
@@ -132,6 +162,7 @@ impl Registry {
                 base_url: String::new(),
                 models: Vec::new(),
                 enabled: true,
+                base: None,
             });
             if let Some(format) = block.format {
                 entry.format = format;
@@ -146,10 +177,17 @@ impl Registry {
                 entry.enabled = enabled;
             }
         }
+        let providers = providers
+            .into_iter()
+            .map(|(name, mut p)| {
+                p.base = parse_base(&p.base_url);
+                (name, Arc::new(p))
+            })
+            .collect();
         Registry { providers }
     }
 
-    pub fn get(&self, name: &str) -> Option<&Provider> {
+    pub fn get(&self, name: &str) -> Option<&Arc<Provider>> {
         self.providers.get(name)
     }
 
@@ -161,13 +199,13 @@ impl Registry {
         self.providers.keys().map(String::as_str)
     }
 
-    pub fn all(&self) -> impl Iterator<Item = &Provider> {
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Provider>> {
         self.providers.values()
     }
 
     /// The provider of an OpenAI-format request for `model`: an explicit `provider/model`
     /// prefix (stripped from the model), else the first provider whose patterns match.
-    pub fn route_openai<'m>(&self, model: &'m str) -> Option<(&Provider, &'m str)> {
+    pub fn route_openai<'m>(&self, model: &'m str) -> Option<(&Arc<Provider>, &'m str)> {
         if let Some((prefix, rest)) = model.split_once('/')
             && let Some(p) = self
                 .providers

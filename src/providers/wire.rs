@@ -4,6 +4,7 @@
 
 use super::Format;
 use axum::http::{HeaderMap, StatusCode};
+use serde::Deserialize;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -55,17 +56,86 @@ fn u(v: &Value) -> Option<u64> {
     v.as_u64()
 }
 
+/// The fields of a client's request body that the request path reads. Everything else is
+/// skipped as it is parsed, never built: the body is forwarded as the bytes it came as unless
+/// something in it must change.
+#[derive(Debug, Default, Deserialize)]
+pub struct Peek {
+    model: Option<Value>,
+    stream: Option<Value>,
+    max_tokens: Option<Value>,
+    max_completion_tokens: Option<Value>,
+    stream_options: Option<Value>,
+    #[serde(rename = "generationConfig")]
+    generation_config: Option<Value>,
+}
+
+impl Peek {
+    /// Read a body that must be a JSON object. `Err(None)` when it is valid JSON but not an
+    /// object; `Err(Some(e))` when it is not JSON.
+    pub fn read(body: &[u8]) -> Result<Peek, Option<serde_json::Error>> {
+        let object = body.trim_ascii_start().first() == Some(&b'{');
+        if object && let Ok(peek) = serde_json::from_slice::<Peek>(body) {
+            return Ok(peek);
+        }
+        // Not an object, or one the fields above do not fit (a key given twice, say): the
+        // whole value decides, as any JSON reader would.
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(map)) => Ok(Peek::of(&map)),
+            Ok(_) => Err(None),
+            Err(e) => Err(Some(e)),
+        }
+    }
+
+    /// The same fields of an object already parsed.
+    pub fn of(map: &serde_json::Map<String, Value>) -> Peek {
+        let field = |k: &str| map.get(k).cloned();
+        Peek {
+            model: field("model"),
+            stream: field("stream"),
+            max_tokens: field("max_tokens"),
+            max_completion_tokens: field("max_completion_tokens"),
+            stream_options: field("stream_options"),
+            generation_config: field("generationConfig"),
+        }
+    }
+
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_ref().and_then(Value::as_str)
+    }
+
+    /// `"stream": true`.
+    pub fn stream(&self) -> bool {
+        self.stream
+            .as_ref()
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    /// `"stream_options": {"include_usage": true}`.
+    pub fn includes_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+}
+
 /// The tokens a request may use: its output cap plus an estimate of its prompt (a quarter of
 /// the body's bytes, rounded up, which errs high for text), or `default` without a cap.
-pub fn reservation(format: Format, body: &Value, body_len: usize, default: u64) -> u64 {
+pub fn reservation(format: Format, body: &Peek, body_len: usize, default: u64) -> u64 {
     let cap = match format {
         Format::Openai | Format::Kiro => body
-            .get("max_completion_tokens")
+            .max_completion_tokens
+            .as_ref()
             .and_then(u)
-            .or_else(|| body.get("max_tokens").and_then(u)),
-        Format::Anthropic => body.get("max_tokens").and_then(u),
+            .or_else(|| body.max_tokens.as_ref().and_then(u)),
+        Format::Anthropic => body.max_tokens.as_ref().and_then(u),
         Format::Gemini => body
-            .pointer("/generationConfig/maxOutputTokens")
+            .generation_config
+            .as_ref()
+            .and_then(|g| g.get("maxOutputTokens"))
             .and_then(u),
     };
     match cap {
@@ -303,23 +373,50 @@ mod tests {
         ));
     }
 
+    fn peek(body: &Value) -> Peek {
+        Peek::read(body.to_string().as_bytes()).unwrap()
+    }
+
     #[test]
     fn reservations() {
         let body = json!({"max_tokens": 100, "messages": []});
         let len = body.to_string().len();
         assert_eq!(
-            reservation(Format::Openai, &body, len, 4096),
+            reservation(Format::Openai, &peek(&body), len, 4096),
             100 + len.div_ceil(4) as u64
         );
-        assert_eq!(reservation(Format::Openai, &json!({}), 2, 4096), 4096);
+        assert_eq!(
+            reservation(Format::Openai, &peek(&json!({})), 2, 4096),
+            4096
+        );
         assert_eq!(
             reservation(
                 Format::Gemini,
-                &json!({"generationConfig": {"maxOutputTokens": 8}}),
+                &peek(&json!({"generationConfig": {"maxOutputTokens": 8}})),
                 4,
                 4096
             ),
             9
         );
+    }
+
+    #[test]
+    fn peeks() {
+        let p = Peek::read(br#" {"model": "m", "stream": true, "x": [1, {"y": 2}], "stream_options": {"include_usage": true}}"#).unwrap();
+        assert_eq!(
+            (p.model(), p.stream(), p.includes_usage()),
+            (Some("m"), true, true)
+        );
+        // Fields of unexpected types read as absent, as a key given twice reads its last.
+        let p = Peek::read(br#"{"model": 5, "stream": "yes", "max_tokens": "9"}"#).unwrap();
+        assert_eq!((p.model(), p.stream()), (None, false));
+        assert_eq!(reservation(Format::Openai, &p, 10, 7), 7);
+        let p = Peek::read(br#"{"model": "a", "model": "b"}"#).unwrap();
+        assert_eq!(p.model(), Some("b"));
+        // Not an object: valid JSON, or not JSON at all.
+        assert!(matches!(Peek::read(b"[null, null]"), Err(None)));
+        assert!(matches!(Peek::read(b"\"x\""), Err(None)));
+        assert!(matches!(Peek::read(b"{\"model\": "), Err(Some(_))));
+        assert!(matches!(Peek::read(b""), Err(Some(_))));
     }
 }
