@@ -85,8 +85,7 @@ impl Store {
                       c.state_reason, c.expires_at, c.cooldown_until, q.last_used_at,
                       c.last_refresh_at, c.source, c.created_at, c.updated_at,
                       q.limit_tokens, q.used, q.period_start,
-                      (SELECT COALESCE(SUM(r.tokens), 0) FROM reservations r
-                       WHERE r.credential_id = c.id) AS "reserved!: i64",
+                      COALESCE(r.reserved, 0) AS "reserved!: i64",
                       CASE WHEN c.disabled THEN 'disabled'
                            WHEN c.state = 'invalid' THEN 'invalid'
                            WHEN c.state = 'expired'
@@ -99,6 +98,8 @@ impl Store {
                                 THEN 'cooldown'
                            ELSE 'active' END AS "status!: String"
                FROM credentials c JOIN quotas q ON q.credential_id = c.id
+               LEFT JOIN (SELECT credential_id, SUM(tokens) AS reserved FROM reservations
+                          GROUP BY credential_id) r ON r.credential_id = c.id
                WHERE (?1 IS NULL OR c.provider = ?1)
                  AND (?2 IS NULL OR c.id = ?2)
                  AND (?3 IS NULL OR ?3 =
