@@ -3,11 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
-MOCK=127.0.0.1:18080; NGINX=127.0.0.1:18081; SRV_PORT=18317
+MOCK=127.0.0.1:18080; NGINX=127.0.0.1:18081; BARE=127.0.0.1:18082; SRV_PORT=18317
 command -v wrk >/dev/null && command -v nginx >/dev/null || {
     apt-get update -qq && apt-get install -y -qq wrk nginx-light >/dev/null
 }
-cargo build --release -q --bin cliproxyapi --example mock_upstream
+cargo build --release -q --bin cliproxyapi --example mock_upstream --example bare_proxy
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$work"; }
@@ -17,6 +17,11 @@ wait_port() { for _ in $(seq 1 500); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/
 
 target/release/examples/mock_upstream "$MOCK" & pids+=($!)
 wait_port "$MOCK"
+
+# The same HTTP stack as cliproxyapi (axum, tokio, reqwest) forwarding and nothing more: the
+# ceiling of the stack itself on this machine.
+target/release/examples/bare_proxy "$BARE" "http://$MOCK/v1" & pids+=($!)
+wait_port "$BARE"
 
 mkdir -p "$work/logs"
 cat > "$work/nginx.conf" <<NGINX
@@ -54,7 +59,7 @@ YAML
     target/release/cliproxyapi --config "$1/config.yaml" >"$1/server.log" 2>&1 & SRV=$!
     pids+=($SRV)
     wait_port "127.0.0.1:$SRV_PORT"
-    STARTUP_MS=$(echo "($(date +%s.%N) - $t0) * 1000" | bc -l)
+    STARTUP_MS=$(printf '%.0f' "$(echo "($(date +%s.%N) - $t0) * 1000" | bc -l)")
 }
 
 add_credentials() { # $1: how many
@@ -94,7 +99,9 @@ stream_times() { # $1 base url -> "ttfb_ms ttlb_ms" (medians of 200)
 
 # What one durable commit costs on this disk at the least: a 4 KB write and fdatasync() in the
 # folder the server's database lives in, back to back and after 5 ms idle (as between the
-# sparse requests of stream_times). -> "busy_p50 busy_p99 idle_p50 idle_p99" in ms
+# sparse requests of stream_times), and 0.5 ms apart (about the gap between one connection's
+# requests through cliproxyapi). -> "busy_p50 busy_p99 idle_p50 idle_p99 paced_p50 paced_p99"
+# in ms
 disk_floor() {
     python3 - "$work/floor.bin" <<'PY'
 import os, sys, time
@@ -113,8 +120,8 @@ def run(n, gap):
             time.sleep(gap)
     t.sort()
     return t[len(t) // 2] * 1000, t[len(t) * 99 // 100] * 1000
-busy, idle = run(1000, 0), run(200, 0.005)
-print(f"{busy[0]:.3f} {busy[1]:.3f} {idle[0]:.3f} {idle[1]:.3f}")
+busy, idle, paced = run(1000, 0), run(200, 0.005), run(600, 0.0005)
+print(f"{busy[0]:.3f} {busy[1]:.3f} {idle[0]:.3f} {idle[1]:.3f} {paced[0]:.3f} {paced[1]:.3f}")
 PY
 }
 
@@ -156,6 +163,8 @@ for c in 1 64; do
     row "mock directly, $c conn" "${R[mock_rps_$c]}" "${R[mock_p50_$c]}" "${R[mock_p99_$c]}" ""
     read -r R[ngx_rps_$c] R[ngx_p50_$c] R[ngx_p99_$c] < <(run_wrk "http://$NGINX/v1/chat/completions" "$c")
     row "nginx reverse proxy, $c conn" "${R[ngx_rps_$c]}" "${R[ngx_p50_$c]}" "${R[ngx_p99_$c]}" ""
+    read -r R[bare_rps_$c] R[bare_p50_$c] R[bare_p99_$c] < <(run_wrk "http://$BARE/v1/chat/completions" "$c")
+    row "axum + reqwest passthrough, $c conn" "${R[bare_rps_$c]}" "${R[bare_p50_$c]}" "${R[bare_p99_$c]}" ""
 done
 
 for creds in 3 10000; do
@@ -209,7 +218,7 @@ PY
     kill "$SRV"; wait "$SRV" 2>/dev/null || true
 done
 
-read -r f_busy50 f_busy99 f_idle50 f_idle99 < <(disk_floor)
+read -r f_busy50 f_busy99 f_idle50 f_idle99 f_paced50 f_paced99 < <(disk_floor)
 
 ratio() { echo "scale=1; 100 * $1 / $2" | bc -l; }
 echo
@@ -217,6 +226,8 @@ echo "| check | value | target |"
 echo "| --- | --- | --- |"
 echo "| throughput at 64 conn vs nginx (3 credentials) | $(ratio "${R[srv_rps_3_64]}" "${R[ngx_rps_64]}") % | >= 40 % |"
 echo "| the same, median of 3 back-to-back pairs (all: ${R[pair_ratios]}) | ${R[pair_median]} % | >= 40 % |"
+echo "| the stack alone (axum + reqwest passthrough) vs nginx, 64 conn | $(ratio "${R[bare_rps_64]}" "${R[ngx_rps_64]}") % | |"
+echo "| cliproxyapi vs the stack alone, 64 conn | $(ratio "${R[srv_rps_3_64]}" "${R[bare_rps_64]}") % | |"
 echo "| added p50 at 1 conn | $(echo "${R[srv_p50_3_1]} - ${R[mock_p50_1]}" | bc -l) ms | <= 0.3 ms |"
 echo "| added p99 at 1 conn | $(echo "${R[srv_p99_3_1]} - ${R[mock_p99_1]}" | bc -l) ms | <= 1 ms |"
 echo "| stream time to first byte: direct / proxied | $d_ttfb / $s_ttfb ms | <= +0.3 ms |"
@@ -228,4 +239,5 @@ echo "| start to listening, 3 / 10,000 credentials | ${R[startup_3]} / ${R[start
 echo "| peak memory during start-up, 3 / 10,000 credentials | ${R[startup_rss_3]} / ${R[startup_rss_10000]} MB | |"
 echo "| floor: 4 KB write + fdatasync here, back to back (p50 / p99) | $f_busy50 / $f_busy99 ms | |"
 echo "| floor: the same after 5 ms idle (p50 / p99) | $f_idle50 / $f_idle99 ms | |"
+echo "| floor: the same 0.5 ms apart, as one connection's commits (p50 / p99) | $f_paced50 / $f_paced99 ms | |"
 echo "| used in the database = usage the mock reported (3 / 10,000) | ${R[used_3]} = ${R[reported_3]} / ${R[used_10000]} = ${R[reported_10000]} | equal |"
