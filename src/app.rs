@@ -26,7 +26,7 @@ pub struct AppState {
     pub auth_log: AuthLog,
     pub management: crate::http::guard::ManagementAuth,
     /// The client for upstream calls (connection pools shared by all requests).
-    pub http: reqwest::Client,
+    pub upstream: crate::upstream::Upstream,
     clock: Clock,
 }
 
@@ -200,19 +200,15 @@ pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, S
         auth_log.record(&format!("credential {id} is unusable: {reason}"));
     }
     let registry = Registry::from_config(&config.config.providers);
-    let http = reqwest::Client::builder()
-        .timeout(config.config.proxy.request_timeout.0)
-        .connect_timeout(std::time::Duration::from_secs(30))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| StartError::Runtime(format!("cannot build the HTTP client: {e}")))?;
+    let upstream = crate::upstream::Upstream::new(config.config.proxy.request_timeout.0)
+        .map_err(StartError::Runtime)?;
     Ok(Arc::new(AppState {
         config: Arc::new(config),
         store,
         registry,
         auth_log,
         management,
-        http,
+        upstream,
         clock,
     }))
 }

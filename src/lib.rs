@@ -15,6 +15,7 @@
 //! - [`quota`]: reset schedules and period arithmetic, pure functions of `now`.
 //! - [`providers`]: the provider registry (built-ins and config blocks).
 //! - [`events`]: the auth event log (`logs/auth.log`).
+//! - [`upstream`]: the request path's HTTP client to the providers.
 //! - [`http`]: routers, extractors, the one JSON error shape, the management handlers.
 
 pub mod app; // Application::build / serve, the shared state
@@ -30,3 +31,4 @@ pub mod proxy; // the request path: attempts, rotation, streaming with a usage t
 pub mod quota; // reset schedules, periods
 pub mod selection; // the strategies over usable candidates
 pub mod store; // the only place that knows SQL
+pub mod upstream; // the HTTP client calls to providers go through

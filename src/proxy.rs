@@ -10,12 +10,14 @@ use crate::providers::tap::StreamTap;
 use crate::providers::wire::{self, Peek, Usage, Verdict};
 use crate::providers::{Format, Provider};
 use crate::store::{Mark, ReservationKind, ReserveRequest, Unavailable};
+use crate::upstream::AnswerStream;
 use axum::body::Body;
+use axum::http::header::{ACCEPT, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use chrono::Utc;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -143,22 +145,6 @@ pub fn mark_for(verdict: &Verdict, now: chrono::DateTime<Utc>) -> Option<Mark> {
     }
 }
 
-/// Read at most `limit` bytes of a response body.
-async fn read_limited(resp: reqwest::Response, limit: usize) -> Result<Bytes, reqwest::Error> {
-    use futures_util::StreamExt;
-    let mut out = bytes::BytesMut::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        let room = limit.saturating_sub(out.len());
-        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if out.len() >= limit {
-            break;
-        }
-    }
-    Ok(out.freeze())
-}
-
 fn plain_response(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Response {
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
@@ -207,7 +193,14 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
         body.len(),
         config.auth.quota.default_reservation,
     );
-    let url = call.provider.url(&call.path);
+    let Some(url) = call.provider.url(&call.path) else {
+        return ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_unreachable",
+            format!("Provider {name}'s base URL and this request's path do not make a URL"),
+        )
+        .into_response();
+    };
     let mut tried: Vec<String> = Vec::new();
     let mut last_failure: Option<Response> = None;
     for _ in 0..config.proxy.max_attempts {
@@ -251,28 +244,31 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
                 return ApiError::from(e).into_response();
             }
         };
-        let upstream = match &url {
-            Ok(url) => state.http.post(url.clone()),
-            Err(text) => state.http.post(text),
+        let (auth_name, auth_prefix) = wire::credential_header(format);
+        let auth = match crate::upstream::credential_value(auth_prefix, token.expose()) {
+            Ok(auth) => auth,
+            Err(e) => {
+                // It could never be sent: the credential is unusable, not the provider.
+                give_back(Some(Mark::Invalid(e.to_string()))).await;
+                continue;
+            }
         };
-        let mut upstream = upstream.header(reqwest::header::CONTENT_TYPE, "application/json");
+        let mut headers = HeaderMap::with_capacity(4 + call.pass_headers.len());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
         for (k, v) in &call.pass_headers {
-            upstream = upstream.header(k, v);
+            headers.append(k, v.clone());
         }
-        if format == Format::Anthropic
-            && !call
-                .pass_headers
-                .iter()
-                .any(|(k, _)| k == "anthropic-version")
-        {
-            upstream = upstream.header("anthropic-version", "2023-06-01");
+        if format == Format::Anthropic && !headers.contains_key("anthropic-version") {
+            headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
         }
-        let upstream = wire::attach(format, upstream, token.expose()).body(body.clone());
-        let mut resp = match upstream.send().await {
+        headers.insert(auth_name, auth);
+        let sent = state.upstream.post(&url, headers, body.clone()).await;
+        let mut resp = match sent {
             Ok(r) => r,
             Err(e) => {
                 let verdict = wire::unreachable_verdict(&e);
-                tracing::warn!(provider = %name, error = %e.without_url(), "upstream request failed");
+                tracing::warn!(provider = %name, error = %e, "upstream request failed");
                 give_back(mark_for(&verdict, state.now())).await;
                 last_failure = Some(
                     ApiError::new(
@@ -285,10 +281,10 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
                 continue;
             }
         };
-        let status = resp.status();
-        let headers = std::mem::take(resp.headers_mut());
+        let status = resp.status;
+        let headers = std::mem::take(&mut resp.headers);
         if !status.is_success() {
-            let body = read_limited(resp, MAX_ERROR_BODY).await.unwrap_or_default();
+            let body = resp.read_limited(MAX_ERROR_BODY).await.unwrap_or_default();
             let verdict = wire::classify(format, status, &headers, &body);
             let answer = plain_response(status, &headers, body);
             if verdict == Verdict::ClientError {
@@ -300,10 +296,10 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
             continue;
         }
         if !call.stream {
-            let answer = match read_limited(resp, MAX_ANSWER_BODY).await {
+            let answer = match resp.read_limited(MAX_ANSWER_BODY).await {
                 Ok(b) => b,
                 Err(e) => {
-                    tracing::warn!(provider = %name, error = %e.without_url(), "upstream answer cut short");
+                    tracing::warn!(provider = %name, error = %e, "upstream answer cut short");
                     Settler {
                         state: state.clone(),
                         reservation: reservation.id.clone(),
@@ -329,7 +325,7 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
         }
         let json_array = format == Format::Gemini && !call.path.contains("alt=sse");
         let tapped = Tapped {
-            inner: Box::pin(resp.bytes_stream()),
+            inner: resp.into_stream(),
             tap: StreamTap::new(format, hide_usage_chunk, json_array),
             settler: Some(Settler {
                 state: state.clone(),
@@ -377,7 +373,7 @@ impl Settler {
 
 /// A streamed answer with its usage tap; settles when it ends or is dropped.
 struct Tapped {
-    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    inner: AnswerStream,
     tap: StreamTap,
     settler: Option<Settler>,
     done: bool,
@@ -391,7 +387,7 @@ impl Stream for Tapped {
             if self.done {
                 return Poll::Ready(None);
             }
-            match self.inner.as_mut().poll_next(cx) {
+            match self.inner.poll_next_unpin(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(chunk))) => {
                     let out = self.tap.feed(chunk);
@@ -405,7 +401,7 @@ impl Stream for Tapped {
                     if let Some(s) = self.settler.take() {
                         s.settle(usage, false);
                     }
-                    return Poll::Ready(Some(Err(std::io::Error::other(e.without_url()))));
+                    return Poll::Ready(Some(Err(std::io::Error::other(e))));
                 }
                 Poll::Ready(None) => {
                     self.done = true;

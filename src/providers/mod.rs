@@ -30,17 +30,16 @@ pub struct Provider {
     pub models: Vec<String>,
     pub enabled: bool,
     /// `base_url` parsed once, so a request does not parse its URL again: `None` when it has
-    /// a query or fragment, or does not parse (the URL is then built as text, and a bad one
-    /// fails when the request is sent).
+    /// a query or fragment, or does not parse (the URL is then parsed whole each time).
     base: Option<reqwest::Url>,
 }
 
 impl Provider {
-    /// The URL of `path` (with its query, if any) under the base URL.
-    pub fn url(&self, path: &str) -> std::result::Result<reqwest::Url, String> {
-        let joined = || format!("{}{}", self.base_url, path);
+    /// The URL of `path` (with its query, if any) under the base URL; `None` when they do not
+    /// make one.
+    pub fn url(&self, path: &str) -> Option<reqwest::Url> {
         let Some(base) = &self.base else {
-            return Err(joined());
+            return reqwest::Url::parse(&format!("{}{}", self.base_url, path)).ok();
         };
         let (path, query) = match path.split_once('?') {
             Some((p, q)) => (p, Some(q)),
@@ -49,7 +48,7 @@ impl Provider {
         let mut url = base.clone();
         url.set_path(&format!("{}{path}", base.path().trim_end_matches('/')));
         url.set_query(query);
-        Ok(url)
+        Some(url)
     }
 }
 

@@ -3,7 +3,8 @@
 //! status means for the credential that got it.
 
 use super::Format;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, HeaderName, StatusCode};
 use serde::Deserialize;
 use serde_json::Value;
 use std::time::Duration;
@@ -39,16 +40,12 @@ const DEFAULT_RATE_LIMIT_COOLDOWN: Duration = Duration::from_secs(30);
 /// Cooldown after a 5xx or a connection failure.
 const SERVER_ERROR_COOLDOWN: Duration = Duration::from_secs(10);
 
-/// Attach the credential the way the provider expects it.
-pub fn attach(
-    format: Format,
-    req: reqwest::RequestBuilder,
-    token: &str,
-) -> reqwest::RequestBuilder {
+/// Where the provider expects the credential: the header, and what goes before the token.
+pub fn credential_header(format: Format) -> (HeaderName, &'static str) {
     match format {
-        Format::Openai | Format::Kiro => req.bearer_auth(token),
-        Format::Anthropic => req.header("x-api-key", token),
-        Format::Gemini => req.header("x-goog-api-key", token),
+        Format::Openai | Format::Kiro => (AUTHORIZATION, "Bearer "),
+        Format::Anthropic => (HeaderName::from_static("x-api-key"), ""),
+        Format::Gemini => (HeaderName::from_static("x-goog-api-key"), ""),
     }
 }
 
@@ -294,7 +291,7 @@ pub fn classify(format: Format, status: StatusCode, headers: &HeaderMap, body: &
 }
 
 /// The cooldown after the upstream could not be reached at all.
-pub fn unreachable_verdict(error: &reqwest::Error) -> Verdict {
+pub fn unreachable_verdict(error: &crate::upstream::UpstreamError) -> Verdict {
     let what = if error.is_timeout() {
         "timed out"
     } else {

@@ -45,6 +45,18 @@ fn chat(model: &str, stream: bool) -> Value {
            "messages": [{"role": "user", "content": "Say hello to the mock provider, please."}]})
 }
 
+/// A non-streamed chat completion that must fail with `status` and error `code`.
+async fn chat_fails(app: &TestApp, status: u16, code: &str) -> Resp {
+    let r = v1(app, "/v1/chat/completions", chat("gpt-4o", false)).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (status, code),
+        "{}",
+        r.text
+    );
+    r
+}
+
 fn claude_msg(stream: bool) -> Value {
     json!({"model": "claude-sonnet-4", "max_tokens": 20, "stream": stream,
            "messages": [{"role": "user", "content": "Say hello to the mock provider, please."}]})
@@ -485,13 +497,7 @@ async fn rotation_marks_and_moves_on() {
         )
         .await;
     assert_eq!(r.status, 200);
-    let r = v1(&app, "/v1/chat/completions", chat("gpt-4o", false)).await;
-    assert_eq!(
-        (r.status, r.error_code().as_str()),
-        (429, "credentials_busy"),
-        "{}",
-        r.text
-    );
+    let r = chat_fails(&app, 429, "credentials_busy").await;
     let retry: i64 = r.retry_after.as_deref().unwrap().parse().unwrap();
     assert!((28..=30).contains(&retry), "Retry-After {retry}");
     app.stop().await;
@@ -809,4 +815,71 @@ async fn a_cli_command_beside_a_live_server_leaves_its_reservations_alone() {
     let cred = &settled(&app).await["sk-beside-1"];
     assert_eq!(cred["quota"]["used"].as_i64().unwrap(), 2 * per_request);
     assert_eq!(reservation_rows(&db), 0);
+}
+
+/// A provider that cannot be reached, or that answers after `proxy.request_timeout`: the
+/// client gets 502, the credential cools down, and nothing is charged. A stream that runs past
+/// the deadline is cut there and charged as cut short.
+#[tokio::test]
+async fn unreachable_and_late_providers_cool_down_and_charge_nothing() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let home = Home::new(&format!(
+        "api_keys: [\"{CLIENT_KEY}\"]\nproviders:\n  openai: {{ base_url: \"http://127.0.0.1:{port}/v1\" }}\n"
+    ));
+    let app = home.start().await;
+    add(&app, "openai", "sk-nowhere-1", json!({})).await;
+    chat_fails(&app, 502, "upstream_unreachable").await;
+    let a = settled(&app).await;
+    assert_eq!(a["sk-nowhere-1"]["status"], "cooldown");
+    assert_eq!(a["sk-nowhere-1"]["quota"]["used"], 0);
+    app.stop().await;
+
+    let mock = Mock::start().await;
+    mock.state.delay_ms.store(3000, Relaxed);
+    let (_home, app) = setup(&mock, "proxy:\n  request_timeout: 500ms\n").await;
+    add(&app, "openai", "sk-late-1", json!({})).await;
+    let started = std::time::Instant::now();
+    chat_fails(&app, 502, "upstream_unreachable").await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(2500),
+        "the deadline ended the wait, not the answer"
+    );
+    let a = settled(&app).await;
+    assert_eq!(a["sk-late-1"]["status"], "cooldown");
+    let reason = a["sk-late-1"]["status_reason"].as_str().unwrap();
+    assert!(reason.contains("timed out"), "{reason}");
+    assert_eq!(a["sk-late-1"]["quota"]["used"], 0);
+
+    // Headers and the first chunks in time (150 ms apart), the rest past the deadline.
+    add(&app, "openai", "sk-late-2", json!({})).await;
+    mock.state.delay_ms.store(150, Relaxed);
+    let resp = app
+        .client()
+        .post(format!("{}/v1/chat/completions", app.base()))
+        .header("authorization", format!("Bearer {CLIENT_KEY}"))
+        .json(&chat("gpt-4o", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    use futures_util::StreamExt;
+    while let Some(Ok(chunk)) = stream.next().await {
+        body.extend_from_slice(&chunk);
+    }
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("tok0"), "{body}");
+    assert!(!body.contains("[DONE]"), "the stream was cut: {body}");
+    let a = settled(&app).await;
+    assert_eq!(mock.served("sk-late-2").requests, 1);
+    let used = a["sk-late-2"]["quota"]["used"].as_u64().unwrap();
+    assert!(
+        used > 20,
+        "a stream cut short is charged at least its reservation (20 + prompt), not {used}"
+    );
+    app.stop().await;
 }
