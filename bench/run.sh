@@ -18,8 +18,8 @@ wait_port() { for _ in $(seq 1 500); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/
 target/release/examples/mock_upstream "$MOCK" & pids+=($!)
 wait_port "$MOCK"
 
-# The same HTTP stack as cliproxyapi (axum, tokio, reqwest) forwarding and nothing more: the
-# ceiling of the stack itself on this machine.
+# The same HTTP stack as cliproxyapi (axum, tokio, its upstream client) forwarding and nothing
+# more: the ceiling of the stack itself on this machine.
 target/release/examples/bare_proxy "$BARE" "http://$MOCK/v1" & pids+=($!)
 wait_port "$BARE"
 
@@ -164,7 +164,7 @@ for c in 1 64; do
     read -r R[ngx_rps_$c] R[ngx_p50_$c] R[ngx_p99_$c] < <(run_wrk "http://$NGINX/v1/chat/completions" "$c")
     row "nginx reverse proxy, $c conn" "${R[ngx_rps_$c]}" "${R[ngx_p50_$c]}" "${R[ngx_p99_$c]}" ""
     read -r R[bare_rps_$c] R[bare_p50_$c] R[bare_p99_$c] < <(run_wrk "http://$BARE/v1/chat/completions" "$c")
-    row "axum + reqwest passthrough, $c conn" "${R[bare_rps_$c]}" "${R[bare_p50_$c]}" "${R[bare_p99_$c]}" ""
+    row "axum + upstream client, passthrough, $c conn" "${R[bare_rps_$c]}" "${R[bare_p50_$c]}" "${R[bare_p99_$c]}" ""
 done
 
 for creds in 3 10000; do
@@ -226,7 +226,7 @@ echo "| check | value | target |"
 echo "| --- | --- | --- |"
 echo "| throughput at 64 conn vs nginx (3 credentials) | $(ratio "${R[srv_rps_3_64]}" "${R[ngx_rps_64]}") % | >= 40 % |"
 echo "| the same, median of 3 back-to-back pairs (all: ${R[pair_ratios]}) | ${R[pair_median]} % | >= 40 % |"
-echo "| the stack alone (axum + reqwest passthrough) vs nginx, 64 conn | $(ratio "${R[bare_rps_64]}" "${R[ngx_rps_64]}") % | |"
+echo "| the stack alone (axum + upstream client passthrough) vs nginx, 64 conn | $(ratio "${R[bare_rps_64]}" "${R[ngx_rps_64]}") % | |"
 echo "| cliproxyapi vs the stack alone, 64 conn | $(ratio "${R[srv_rps_3_64]}" "${R[bare_rps_64]}") % | |"
 echo "| added p50 at 1 conn | $(echo "${R[srv_p50_3_1]} - ${R[mock_p50_1]}" | bc -l) ms | <= 0.3 ms |"
 echo "| added p99 at 1 conn | $(echo "${R[srv_p99_3_1]} - ${R[mock_p99_1]}" | bc -l) ms | <= 1 ms |"

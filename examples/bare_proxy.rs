@@ -1,38 +1,35 @@
 //! The ceiling of this server's HTTP stack, for the benchmark (`bench/run.sh`): the same axum
-//! server, tokio runtime and reqwest client as cliproxyapi, forwarding `POST
-//! /v1/chat/completions` to the upstream and its answer back, and nothing else (no parsing, no
-//! credential, no accounting). What cliproxyapi adds is measured against this and against nginx.
+//! server and the same upstream client (`cliproxyapi::upstream`) as cliproxyapi, forwarding
+//! `POST /v1/chat/completions` to the upstream and its answer back, and nothing else (no
+//! parsing, no credential, no accounting; tokio's default of a worker per core). What
+//! cliproxyapi adds is measured against this and against nginx.
 //!
 //! Run: `cargo run --release --example bare_proxy -- 127.0.0.1:18082 http://127.0.0.1:18080/v1`
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use cliproxyapi::upstream::Upstream;
 use std::sync::Arc;
 
-struct Upstream {
-    client: reqwest::Client,
+struct Forward {
+    upstream: Upstream,
     url: reqwest::Url,
 }
 
-async fn forward(State(up): State<Arc<Upstream>>, body: Bytes) -> Response {
-    let sent = up
-        .client
-        .post(up.url.clone())
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await;
-    let answer = match sent {
-        Ok(r) => r,
+async fn forward(State(to): State<Arc<Forward>>, body: Bytes) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    let answer = match to.upstream.post(&to.url, headers, body).await {
+        Ok(a) => a,
         Err(_) => return StatusCode::BAD_GATEWAY.into_response(),
     };
-    let status = answer.status();
-    let content_type = answer.headers().get("content-type").cloned();
-    let mut response = Response::new(Body::from_stream(answer.bytes_stream()));
+    let status = answer.status;
+    let content_type = answer.headers.get("content-type").cloned();
+    let mut response = Response::new(Body::from_stream(answer.into_stream()));
     *response.status_mut() = status;
     if let Some(ct) = content_type {
         response.headers_mut().insert("content-type", ct);
@@ -48,13 +45,10 @@ async fn main() {
         .next()
         .unwrap_or_else(|| "http://127.0.0.1:18080/v1".into());
     let url = reqwest::Url::parse(&format!("{base}/chat/completions")).expect("upstream URL");
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("HTTP client");
+    let upstream = Upstream::new(std::time::Duration::from_secs(600)).expect("HTTP client");
     let app = Router::new()
         .route("/v1/chat/completions", post(forward))
-        .with_state(Arc::new(Upstream { client, url }));
+        .with_state(Arc::new(Forward { upstream, url }));
     let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
