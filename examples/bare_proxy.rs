@@ -12,18 +12,18 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use cliproxyapi::upstream::Upstream;
+use cliproxyapi::upstream::{Target, Upstream};
 use std::sync::Arc;
 
 struct Forward {
     upstream: Upstream,
-    url: reqwest::Url,
+    target: Target,
 }
 
 async fn forward(State(to): State<Arc<Forward>>, body: Bytes) -> Response {
     let mut headers = HeaderMap::new();
     headers.insert("content-type", HeaderValue::from_static("application/json"));
-    let answer = match to.upstream.post(&to.url, headers, body).await {
+    let answer = match to.upstream.post(&to.target, headers, body).await {
         Ok(a) => a,
         Err(_) => return StatusCode::BAD_GATEWAY.into_response(),
     };
@@ -48,7 +48,10 @@ async fn main() {
     let upstream = Upstream::new(std::time::Duration::from_secs(600)).expect("HTTP client");
     let app = Router::new()
         .route("/v1/chat/completions", post(forward))
-        .with_state(Arc::new(Forward { upstream, url }));
+        .with_state(Arc::new(Forward {
+            upstream,
+            target: Target::new(url).expect("upstream URL"),
+        }));
     let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {

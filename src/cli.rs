@@ -264,8 +264,9 @@ async fn rotate_key(
 /// Runtime worker threads: `TOKIO_WORKER_THREADS` when set, else one fewer than the cores (at
 /// least one). The ledger's thread, which decides and commits every reservation and
 /// settlement, keeps the last core busy under load; a worker for every core as well only
-/// moves requests between threads. On two cores one worker served 9-28 % more requests per
-/// second at 64 connections than two, and 0.1-0.17 ms sooner at one (bench/README.md).
+/// moves requests between threads. On two cores, in three alternated pairs, one worker served
+/// 9-28 % more requests per second at 64 connections than two, and p50 was 0.10-0.14 ms lower
+/// at one connection (bench/README.md).
 fn worker_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let default = cores.saturating_sub(1).max(1);

@@ -10,7 +10,7 @@ use crate::providers::tap::StreamTap;
 use crate::providers::wire::{self, Peek, Usage, Verdict};
 use crate::providers::{Format, Provider};
 use crate::store::{Mark, ReservationKind, ReserveRequest, Unavailable};
-use crate::upstream::AnswerStream;
+use crate::upstream::{AnswerStream, Target};
 use axum::body::Body;
 use axum::http::header::{ACCEPT, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -45,15 +45,25 @@ pub struct Call {
 }
 
 /// `body` (a JSON object, as [`Peek::read`] found) changed by `change`, as new bytes. Only a
-/// body that must change is built in full.
-pub fn rewrite(body: &Bytes, change: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Bytes {
+/// body that must change is built in full, so only then are the parts `Peek` skipped checked
+/// as strictly as any JSON value (lone surrogate escapes, numbers out of range, nesting).
+pub fn rewrite(
+    body: &Bytes,
+    change: impl FnOnce(&mut serde_json::Map<String, Value>),
+) -> Result<Bytes, ApiError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(mut map)) => {
             change(&mut map);
-            Bytes::from(Value::Object(map).to_string())
+            Ok(Bytes::from(Value::Object(map).to_string()))
         }
-        // Unreachable after Peek::read; forward the body unchanged rather than fail.
-        _ => body.clone(),
+        Ok(_) => Err(ApiError::bad_request(
+            "invalid_body",
+            "The body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::bad_request(
+            "invalid_json",
+            format!("The body is not valid JSON: {e}"),
+        )),
     }
 }
 
@@ -172,7 +182,7 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
     // that did not.
     let hide_usage_chunk = format == Format::Openai && call.stream && !call.peek.includes_usage();
     let body = if hide_usage_chunk {
-        rewrite(&call.raw, |body| {
+        let asked = rewrite(&call.raw, |body| {
             let opts = body
                 .entry("stream_options")
                 .or_insert_with(|| Value::Object(Default::default()));
@@ -182,7 +192,11 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
                 }
                 None => *opts = serde_json::json!({"include_usage": true}),
             }
-        })
+        });
+        match asked {
+            Ok(body) => body,
+            Err(e) => return e.into_response(),
+        }
     } else {
         call.raw.clone()
     };
@@ -198,6 +212,13 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
             StatusCode::BAD_GATEWAY,
             "upstream_unreachable",
             format!("Provider {name}'s base URL and this request's path do not make a URL"),
+        )
+        .into_response();
+    };
+    let Some(target) = Target::new(url) else {
+        return ApiError::bad_request(
+            "invalid_path",
+            "This request's path cannot be sent to the provider (too long, or not a URL path)",
         )
         .into_response();
     };
@@ -245,25 +266,22 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
             }
         };
         let (auth_name, auth_prefix) = wire::credential_header(format);
-        let auth = match crate::upstream::credential_value(auth_prefix, token.expose()) {
-            Ok(auth) => auth,
-            Err(e) => {
-                // It could never be sent: the credential is unusable, not the provider.
-                give_back(Some(Mark::Invalid(e.to_string()))).await;
-                continue;
+        let sent = match crate::upstream::credential_value(auth_prefix, token.expose()) {
+            Ok(auth) => {
+                let mut headers = HeaderMap::with_capacity(4 + call.pass_headers.len());
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
+                for (k, v) in &call.pass_headers {
+                    headers.append(k, v.clone());
+                }
+                if format == Format::Anthropic && !headers.contains_key("anthropic-version") {
+                    headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+                }
+                headers.insert(auth_name, auth);
+                state.upstream.post(&target, headers, body.clone()).await
             }
+            Err(e) => Err(e),
         };
-        let mut headers = HeaderMap::with_capacity(4 + call.pass_headers.len());
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
-        for (k, v) in &call.pass_headers {
-            headers.append(k, v.clone());
-        }
-        if format == Format::Anthropic && !headers.contains_key("anthropic-version") {
-            headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
-        }
-        headers.insert(auth_name, auth);
-        let sent = state.upstream.post(&url, headers, body.clone()).await;
         let mut resp = match sent {
             Ok(r) => r,
             Err(e) => {

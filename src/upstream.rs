@@ -1,16 +1,18 @@
 //! The request path's HTTP client: calls to the providers.
 //!
 //! Calls go through hyper's pooled client over rustls, set up as reqwest sets it up (aws-lc-rs,
-//! the platform's certificate verifier, ALPN `h2` then `http/1.1`, TCP_NODELAY, 15 s
-//! keep-alive, a 30 s connect timeout, no redirects). reqwest's own layers on top of it (URL
-//! re-parsing, the redirect policy, the proxy lookup, its timeout futures) cost about as much
-//! CPU per request as the whole rest of a bare forward: on the 2-core machine an axum server
-//! forwarding through hyper's client did 29-33k requests/s against 19-22k through reqwest
-//! (bench/README.md). A destination that the environment's proxy variables (`HTTP_PROXY`,
+//! the platform's certificate verifier, ALPN `h2` then `http/1.1`, TCP_NODELAY, keep-alive
+//! probes every 15 s given up after 3, a 30 s connect timeout, no redirects, and up to two
+//! retries on a new connection when an HTTP/2 server shuts a connection down gracefully or
+//! refuses a stream). reqwest's own layers on top of it (URL re-parsing, the redirect policy,
+//! the proxy lookup, its timeout futures) cost a fifth of cliproxyapi's instructions per
+//! request, and on the 2-core machine an axum server forwarding through hyper's client did
+//! 29-33k requests/s against 19-22k through reqwest (bench/README.md). A destination that the environment's proxy variables (`HTTP_PROXY`,
 //! `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`) send through a proxy still goes through reqwest,
 //! which speaks to proxies. Either way one deadline, `proxy.request_timeout`, covers the whole
 //! exchange, the answer's body included.
 
+use axum::http::uri::Scheme;
 use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use bytes::Bytes;
 use futures_util::Stream;
@@ -29,8 +31,12 @@ use tokio::time::{Instant, Sleep};
 
 /// How long opening a connection to a provider may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// TCP keep-alive on provider connections (reqwest's default).
+/// TCP keep-alive on provider connections: idle time and interval of the probes, and how many
+/// go unanswered before the connection is dropped (reqwest's defaults).
 const KEEPALIVE: Duration = Duration::from_secs(15);
+const KEEPALIVE_RETRIES: u32 = 3;
+/// Retries on a new connection after an HTTP/2 graceful shutdown or refused stream.
+const H2_RETRIES: usize = 2;
 
 /// Why a call failed before or while its answer arrived. Its text names no URL and no header.
 #[derive(Debug)]
@@ -49,18 +55,19 @@ impl UpstreamError {
 
     fn new(error: &(dyn std::error::Error + 'static)) -> Self {
         // The chain of causes, as reqwest's errors print them ("client error (Connect): tcp
-        // connect error: Connection refused").
+        // connect error: Connection refused"); a connect that timed out is a timeout.
         let mut message = error.to_string();
+        let mut timed_out = false;
         let mut cause = error.source();
         while let Some(c) = cause {
             message.push_str(": ");
             message.push_str(&c.to_string());
+            timed_out |= c
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
             cause = c.source();
         }
-        UpstreamError {
-            timed_out: false,
-            message,
-        }
+        UpstreamError { timed_out, message }
     }
 
     pub fn other(message: impl Into<String>) -> Self {
@@ -184,6 +191,8 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_keepalive(Some(KEEPALIVE));
+        http.set_keepalive_interval(Some(KEEPALIVE));
+        http.set_keepalive_retries(Some(KEEPALIVE_RETRIES));
         http.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let direct = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -206,34 +215,47 @@ impl Upstream {
         })
     }
 
-    /// POST `body` to `url` with `headers`, and wait for the answer's status and headers.
+    /// POST `body` to `target` with `headers`, and wait for the answer's status and headers.
     pub async fn post(
         &self,
-        url: &reqwest::Url,
+        target: &Target,
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<Answer, UpstreamError> {
         let deadline = Instant::now() + self.timeout;
-        let uri: Uri = url
-            .as_str()
-            .parse()
-            .map_err(|e: axum::http::uri::InvalidUri| UpstreamError::new(&e))?;
         if self
             .proxies
             .as_ref()
-            .is_some_and(|m| m.intercept(&uri).is_some())
+            .is_some_and(|m| m.intercept(&target.uri).is_some())
         {
-            return self.post_proxied(url, headers, body, deadline).await;
+            return self
+                .post_proxied(&target.url, headers, body, deadline)
+                .await;
         }
-        let mut request = Request::new(Full::new(body));
+        // Only a TLS connection can turn out to be HTTP/2, whose shutdowns are retried: keep
+        // what a retry needs only then.
+        let retry = (target.uri.scheme() == Some(&Scheme::HTTPS)).then(|| headers.clone());
+        let mut request = Request::new(Full::new(body.clone()));
         *request.method_mut() = Method::POST;
-        *request.uri_mut() = uri;
+        *request.uri_mut() = target.uri.clone();
         *request.headers_mut() = headers;
-        let sent = tokio::time::timeout_at(deadline, self.direct.request(request)).await;
-        let response = match sent {
-            Err(_) => return Err(UpstreamError::timed_out()),
-            Ok(Err(e)) => return Err(UpstreamError::new(&e)),
-            Ok(Ok(r)) => r,
+        let mut retries = 0;
+        let response = loop {
+            let sent = tokio::time::timeout_at(deadline, self.direct.request(request)).await;
+            match sent {
+                Err(_) => return Err(UpstreamError::timed_out()),
+                Ok(Ok(r)) => break r,
+                Ok(Err(e)) => match &retry {
+                    Some(headers) if retries < H2_RETRIES && refused_by_h2(&e) => {
+                        retries += 1;
+                        request = Request::new(Full::new(body.clone()));
+                        *request.method_mut() = Method::POST;
+                        *request.uri_mut() = target.uri.clone();
+                        *request.headers_mut() = headers.clone();
+                    }
+                    _ => return Err(UpstreamError::new(&e)),
+                },
+            }
         };
         let (parts, body) = response.into_parts();
         Ok(Answer {
@@ -271,6 +293,35 @@ impl Upstream {
                 deadline: Box::pin(tokio::time::sleep_until(deadline)),
             },
         })
+    }
+}
+
+/// A request that an HTTP/2 server turned away unprocessed, so a new connection may take it:
+/// a graceful shutdown (GOAWAY with NO_ERROR) or a refused stream, as reqwest retries them.
+fn refused_by_h2(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut cause = std::error::Error::source(error);
+    while let Some(c) = cause {
+        if let Some(e) = c.downcast_ref::<h2::Error>() {
+            return e.is_remote()
+                && ((e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR))
+                    || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)));
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Where a call goes: the URL, and the same as the URI hyper sends to.
+pub struct Target {
+    url: reqwest::Url,
+    uri: Uri,
+}
+
+impl Target {
+    /// `None` for a URL that HTTP cannot carry (a path over 64 KB, say).
+    pub fn new(url: reqwest::Url) -> Option<Target> {
+        let uri = url.as_str().parse().ok()?;
+        Some(Target { url, uri })
     }
 }
 

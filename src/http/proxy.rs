@@ -93,6 +93,13 @@ impl<S: Send + Sync> FromRequest<S> for ProxyBody {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = read_bytes(req, state, MAX_PROXY_BODY).await?;
+        // Peek skips what it does not read, and skipped strings are not checked for UTF-8.
+        if let Err(e) = std::str::from_utf8(&bytes) {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                format!("The body is not valid JSON: it is not UTF-8 ({e})"),
+            ));
+        }
         match Peek::read(&bytes) {
             Ok(peek) => Ok(ProxyBody(peek, bytes)),
             Err(None) => Err(ApiError::bad_request(
@@ -153,9 +160,12 @@ pub async fn chat_completions(
         raw
     } else {
         let model = Value::String(upstream_model.to_string());
-        proxy::rewrite(&raw, |body| {
+        match proxy::rewrite(&raw, |body| {
             body.insert("model".into(), model);
-        })
+        }) {
+            Ok(body) => body,
+            Err(e) => return e.into_response(),
+        }
     };
     let call = Call {
         pass_headers: pass_headers(provider.format, &headers),

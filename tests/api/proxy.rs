@@ -883,3 +883,57 @@ async fn unreachable_and_late_providers_cool_down_and_charge_nothing() {
     );
     app.stop().await;
 }
+
+/// Bodies the proxy cannot use get our error JSON and reach no provider; a key given twice
+/// reads its last value, as any JSON reader does.
+#[tokio::test]
+async fn bad_bodies_are_refused_before_any_provider() {
+    let mock = Mock::start().await;
+    let (_home, app) = setup(&mock, "").await;
+    add(&app, "openai", "sk-body-1", json!({})).await;
+    let send = |body: Vec<u8>| {
+        app.client()
+            .post(format!("{}/v1/chat/completions", app.base()))
+            .header("authorization", format!("Bearer {CLIENT_KEY}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"{\"model\": ".to_vec(), "invalid_json"),
+        (b"[1, 2]".to_vec(), "invalid_body"),
+        (b"{\"messages\": []}".to_vec(), "invalid_body"),
+        (
+            b"{\"model\": \"gpt-4o\", \"messages\": [{\"content\": \"\xff\xfe\"}]}".to_vec(),
+            "invalid_json",
+        ),
+        // Skipped by the cheap read, caught when the body is rebuilt to ask for usage.
+        (
+            br#"{"model": "gpt-4o", "stream": true, "messages": [{"content": "\ud800"}]}"#.to_vec(),
+            "invalid_json",
+        ),
+    ];
+    for (body, code) in cases {
+        let r = send(body.clone()).await.unwrap();
+        let status = r.status().as_u16();
+        let json: Value = r.json().await.unwrap();
+        assert_eq!(
+            (status, json["error"]["code"].as_str().unwrap()),
+            (400, code),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    assert!(mock.order().is_empty(), "nothing reached the provider");
+    let r = send(br#"{"model": "nope", "model": "gpt-4o", "messages": []}"#.to_vec())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(mock.order(), vec!["sk-body-1".to_string()]);
+    let a = settled(&app).await;
+    assert_eq!(
+        a["sk-body-1"]["quota"]["used"].as_u64().unwrap(),
+        mock.served("sk-body-1").reported
+    );
+    app.stop().await;
+}
