@@ -10,7 +10,7 @@ use crate::providers::tap::StreamTap;
 use crate::providers::wire::{self, Peek, Usage, Verdict};
 use crate::providers::{Format, Provider};
 use crate::store::{Mark, ReservationKind, ReserveRequest, Unavailable};
-use crate::upstream::{AnswerStream, Target};
+use crate::upstream::AnswerStream;
 use axum::body::Body;
 use axum::http::header::{ACCEPT, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -207,18 +207,10 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
         body.len(),
         config.auth.quota.default_reservation,
     );
-    let Some(url) = call.provider.url(&call.path) else {
-        return ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "upstream_unreachable",
-            format!("Provider {name}'s base URL and this request's path do not make a URL"),
-        )
-        .into_response();
-    };
-    let Some(target) = Target::new(url) else {
+    let Some(target) = call.provider.target(&call.path) else {
         return ApiError::bad_request(
             "invalid_path",
-            "This request's path cannot be sent to the provider (too long, or not a URL path)",
+            "This request's path and the provider's base URL do not make a URL HTTP can carry",
         )
         .into_response();
     };

@@ -312,6 +312,7 @@ fn refused_by_h2(error: &hyper_util::client::legacy::Error) -> bool {
 }
 
 /// Where a call goes: the URL, and the same as the URI hyper sends to.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     url: reqwest::Url,
     uri: Uri,

@@ -6,7 +6,9 @@ pub mod tap;
 pub mod wire;
 
 use crate::config::ProviderConfig;
+use crate::upstream::Target;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -32,9 +34,28 @@ pub struct Provider {
     /// `base_url` parsed once, so a request does not parse its URL again: `None` when it has
     /// a query or fragment, or does not parse (the URL is then parsed whole each time).
     base: Option<reqwest::Url>,
+    /// The targets of the paths every request of this provider's format goes to, built once.
+    fixed: Vec<(&'static str, Target)>,
+}
+
+/// Paths that do not depend on the request, per format.
+fn fixed_paths(format: Format) -> &'static [&'static str] {
+    match format {
+        Format::Openai => &["/chat/completions"],
+        Format::Anthropic => &["/v1/messages"],
+        Format::Gemini | Format::Kiro => &[],
+    }
 }
 
 impl Provider {
+    /// Where a request for `path` goes: built once for the fixed paths, else now.
+    pub fn target(&self, path: &str) -> Option<Cow<'_, Target>> {
+        if let Some((_, t)) = self.fixed.iter().find(|(p, _)| *p == path) {
+            return Some(Cow::Borrowed(t));
+        }
+        Target::new(self.url(path)?).map(Cow::Owned)
+    }
+
     /// The URL of `path` (with its query, if any) under the base URL; `None` when they do not
     /// make one.
     pub fn url(&self, path: &str) -> Option<reqwest::Url> {
@@ -151,6 +172,7 @@ impl Registry {
                     models: models.iter().map(|m| m.to_string()).collect(),
                     enabled: true,
                     base: None,
+                    fixed: Vec::new(),
                 },
             );
         }
@@ -162,6 +184,7 @@ impl Registry {
                 models: Vec::new(),
                 enabled: true,
                 base: None,
+                fixed: Vec::new(),
             });
             if let Some(format) = block.format {
                 entry.format = format;
@@ -180,6 +203,10 @@ impl Registry {
             .into_iter()
             .map(|(name, mut p)| {
                 p.base = parse_base(&p.base_url);
+                p.fixed = fixed_paths(p.format)
+                    .iter()
+                    .filter_map(|path| Some((*path, Target::new(p.url(path)?)?)))
+                    .collect();
                 (name, Arc::new(p))
             })
             .collect();

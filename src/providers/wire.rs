@@ -141,42 +141,126 @@ pub fn reservation(format: Format, body: &Peek, body_len: usize, default: u64) -
     }
 }
 
+/// Read access to a usage object's counters: a parsed [`Value`], or the [`Counts`] read
+/// straight from an answer's bytes. One reading of each format serves both.
+trait Counters {
+    /// Whether the field is there, whatever its value.
+    fn has(&self, key: &str) -> bool;
+    /// The field as a whole number.
+    fn num(&self, key: &str) -> Option<u64>;
+}
+
+impl Counters for Value {
+    fn has(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    fn num(&self, key: &str) -> Option<u64> {
+        self.get(key).and_then(u)
+    }
+}
+
+/// A counter read from an answer: absent, or present with a whole number or something else.
+#[derive(Debug, Default)]
+enum Count {
+    #[default]
+    Absent,
+    Present(Option<u64>),
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Count::Present(u(&Value::deserialize(d)?)))
+    }
+}
+
+/// The counters of every format's usage object; the rest of it is skipped.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Counts {
+    prompt_tokens: Count,
+    completion_tokens: Count,
+    input_tokens: Count,
+    output_tokens: Count,
+    cache_creation_input_tokens: Count,
+    cache_read_input_tokens: Count,
+    #[serde(rename = "promptTokenCount")]
+    prompt_token_count: Count,
+    #[serde(rename = "totalTokenCount")]
+    total_token_count: Count,
+    #[serde(rename = "candidatesTokenCount")]
+    candidates_token_count: Count,
+    #[serde(rename = "thoughtsTokenCount")]
+    thoughts_token_count: Count,
+}
+
+impl Counts {
+    fn field(&self, key: &str) -> &Count {
+        match key {
+            "prompt_tokens" => &self.prompt_tokens,
+            "completion_tokens" => &self.completion_tokens,
+            "input_tokens" => &self.input_tokens,
+            "output_tokens" => &self.output_tokens,
+            "cache_creation_input_tokens" => &self.cache_creation_input_tokens,
+            "cache_read_input_tokens" => &self.cache_read_input_tokens,
+            "promptTokenCount" => &self.prompt_token_count,
+            "totalTokenCount" => &self.total_token_count,
+            "candidatesTokenCount" => &self.candidates_token_count,
+            "thoughtsTokenCount" => &self.thoughts_token_count,
+            _ => &Count::Absent,
+        }
+    }
+}
+
+impl Counters for Counts {
+    fn has(&self, key: &str) -> bool {
+        matches!(self.field(key), Count::Present(_))
+    }
+
+    fn num(&self, key: &str) -> Option<u64> {
+        match self.field(key) {
+            Count::Present(n) => *n,
+            Count::Absent => None,
+        }
+    }
+}
+
 /// Usage in a non-streamed answer.
 pub fn usage_from_body(format: Format, body: &Value) -> Option<Usage> {
     match format {
-        Format::Openai | Format::Kiro => {
-            let usage = body.get("usage")?;
-            Some(Usage {
-                input: usage.get("prompt_tokens").and_then(u)?,
-                output: usage.get("completion_tokens").and_then(u).unwrap_or(0),
-            })
-        }
+        Format::Openai | Format::Kiro => openai_usage(body.get("usage")?),
         Format::Anthropic => anthropic_usage(body.get("usage")?),
         Format::Gemini => gemini_usage(body.get("usageMetadata")?),
     }
 }
 
-/// Usage in a non-streamed answer, read straight from its bytes: only the usage object is
-/// built, the rest of the answer is skipped.
+/// Usage in a non-streamed answer, read straight from its bytes: only the counters are kept,
+/// the rest of the answer is skipped.
 pub fn usage_from_answer(format: Format, body: &[u8]) -> Option<Usage> {
-    #[derive(serde::Deserialize)]
+    #[derive(Deserialize)]
     struct Answer {
-        usage: Option<Value>,
+        usage: Option<Counts>,
         #[serde(rename = "usageMetadata")]
-        usage_metadata: Option<Value>,
+        usage_metadata: Option<Counts>,
     }
     let answer: Answer = serde_json::from_slice(body).ok()?;
-    let mut wrapped = serde_json::Map::new();
     match format {
-        Format::Gemini => wrapped.insert("usageMetadata".into(), answer.usage_metadata?),
-        _ => wrapped.insert("usage".into(), answer.usage?),
-    };
-    usage_from_body(format, &Value::Object(wrapped))
+        Format::Openai | Format::Kiro => openai_usage(&answer.usage?),
+        Format::Anthropic => anthropic_usage(&answer.usage?),
+        Format::Gemini => gemini_usage(&answer.usage_metadata?),
+    }
 }
 
-fn anthropic_usage(usage: &Value) -> Option<Usage> {
-    let field = |k: &str| usage.get(k).and_then(u).unwrap_or(0);
-    if usage.get("input_tokens").is_none() && usage.get("output_tokens").is_none() {
+fn openai_usage(usage: &impl Counters) -> Option<Usage> {
+    Some(Usage {
+        input: usage.num("prompt_tokens")?,
+        output: usage.num("completion_tokens").unwrap_or(0),
+    })
+}
+
+fn anthropic_usage(usage: &impl Counters) -> Option<Usage> {
+    let field = |k: &str| usage.num(k).unwrap_or(0);
+    if !usage.has("input_tokens") && !usage.has("output_tokens") {
         return None;
     }
     Some(Usage {
@@ -187,8 +271,8 @@ fn anthropic_usage(usage: &Value) -> Option<Usage> {
     })
 }
 
-fn gemini_usage(meta: &Value) -> Option<Usage> {
-    let field = |k: &str| meta.get(k).and_then(u);
+fn gemini_usage(meta: &impl Counters) -> Option<Usage> {
+    let field = |k: &str| meta.num(k);
     let input = field("promptTokenCount").unwrap_or(0);
     let output = match field("totalTokenCount") {
         Some(total) => total.saturating_sub(input),
@@ -415,5 +499,58 @@ mod tests {
         assert!(matches!(Peek::read(b"\"x\""), Err(None)));
         assert!(matches!(Peek::read(b"{\"model\": "), Err(Some(_))));
         assert!(matches!(Peek::read(b""), Err(Some(_))));
+    }
+
+    #[test]
+    fn answers_read_like_bodies() {
+        let answers = [
+            (
+                Format::Openai,
+                json!({"id": "x", "choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30, "prompt_tokens_details": {"cached_tokens": 3}}}),
+            ),
+            (Format::Openai, json!({"usage": {"completion_tokens": 20}})),
+            (Format::Openai, json!({"usage": null})),
+            (
+                Format::Openai,
+                json!({"usage": {"prompt_tokens": "10", "completion_tokens": 2}}),
+            ),
+            (Format::Openai, json!({"choices": []})),
+            (
+                Format::Anthropic,
+                json!({"content": [{"type": "text", "text": "hi"}], "usage": {"input_tokens": 5, "output_tokens": 7, "cache_creation_input_tokens": 11, "cache_read_input_tokens": 13}}),
+            ),
+            (
+                Format::Anthropic,
+                json!({"usage": {"input_tokens": null, "service_tier": "standard"}}),
+            ),
+            (
+                Format::Anthropic,
+                json!({"usage": {"cache_read_input_tokens": 4}}),
+            ),
+            (
+                Format::Gemini,
+                json!({"candidates": [], "usageMetadata": {"promptTokenCount": 8, "totalTokenCount": 30, "candidatesTokenCount": 12}}),
+            ),
+            (
+                Format::Gemini,
+                json!({"usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 12, "thoughtsTokenCount": 5}}),
+            ),
+            (
+                Format::Gemini,
+                json!({"usageMetadata": {"candidatesTokenCount": 12}}),
+            ),
+        ];
+        for (format, body) in answers {
+            assert_eq!(
+                usage_from_answer(format, body.to_string().as_bytes()),
+                usage_from_body(format, &body),
+                "{format:?} {body}"
+            );
+        }
+        assert_eq!(
+            usage_from_answer(Format::Anthropic, br#"{"usage": {"input_tokens": 5, "output_tokens": 7, "cache_read_input_tokens": 13}}"#),
+            Some(Usage { input: 18, output: 7 })
+        );
+        assert_eq!(usage_from_answer(Format::Openai, b"not json"), None);
     }
 }
