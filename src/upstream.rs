@@ -3,14 +3,14 @@
 //! Calls go through hyper's pooled client over rustls, set up as reqwest sets it up (aws-lc-rs,
 //! the platform's certificate verifier, ALPN `h2` then `http/1.1`, TCP_NODELAY, keep-alive
 //! probes every 15 s given up after 3, a 30 s connect timeout, no redirects, and up to two
-//! retries on a new connection when an HTTP/2 server shuts a connection down gracefully or
-//! refuses a stream). reqwest's own layers on top of it (URL re-parsing, the redirect policy,
-//! the proxy lookup, its timeout futures) cost a fifth of cliproxyapi's instructions per
-//! request, and on the 2-core machine an axum server forwarding through hyper's client did
-//! 29-33k requests/s against 19-22k through reqwest (bench/README.md). A destination that the environment's proxy variables (`HTTP_PROXY`,
-//! `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`) send through a proxy still goes through reqwest,
-//! which speaks to proxies. Either way one deadline, `proxy.request_timeout`, covers the whole
-//! exchange, the answer's body included.
+//! retries when an HTTP/2 server shuts a connection down gracefully or refuses a stream).
+//! reqwest's own layers on top of it (URL re-parsing, the redirect policy, the proxy lookup,
+//! its timeout futures) cost a fifth of cliproxyapi's instructions per request, and on the
+//! 2-core machine an axum server forwarding through hyper's client did 29-33k requests/s
+//! against 19-22k through reqwest (bench/README.md). A destination that the environment's
+//! proxy variables (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`) send through a proxy
+//! still goes through reqwest, which speaks to proxies. Either way one deadline,
+//! `proxy.request_timeout`, covers the whole exchange, the answer's body included.
 
 use axum::http::uri::Scheme;
 use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
@@ -35,7 +35,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// go unanswered before the connection is dropped (reqwest's defaults).
 const KEEPALIVE: Duration = Duration::from_secs(15);
 const KEEPALIVE_RETRIES: u32 = 3;
-/// Retries on a new connection after an HTTP/2 graceful shutdown or refused stream.
+/// Retries after an HTTP/2 graceful shutdown (on a new connection) or a refused stream.
 const H2_RETRIES: usize = 2;
 
 /// Why a call failed before or while its answer arrived. Its text names no URL and no header.
@@ -55,7 +55,7 @@ impl UpstreamError {
 
     fn new(error: &(dyn std::error::Error + 'static)) -> Self {
         // The chain of causes, as reqwest's errors print them ("client error (Connect): tcp
-        // connect error: Connection refused"); a connect that timed out is a timeout.
+        // connect error: Connection refused"); an I/O timeout anywhere in it is a timeout.
         let mut message = error.to_string();
         let mut timed_out = false;
         let mut cause = error.source();
@@ -296,7 +296,7 @@ impl Upstream {
     }
 }
 
-/// A request that an HTTP/2 server turned away unprocessed, so a new connection may take it:
+/// A request that an HTTP/2 server turned away unprocessed, so it may be sent again:
 /// a graceful shutdown (GOAWAY with NO_ERROR) or a refused stream, as reqwest retries them.
 fn refused_by_h2(error: &hyper_util::client::legacy::Error) -> bool {
     let mut cause = std::error::Error::source(error);

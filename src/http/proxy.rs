@@ -203,6 +203,18 @@ pub struct GeminiQuery {
     alt: Option<String>,
 }
 
+/// A model name that stays one path segment under `/models/` upstream. The router decodes
+/// `%2F` and `%3F`, so without this a client could send a pooled credential to any path or
+/// query on the provider's host (`../files`, `x?alt=sse`).
+fn plain_model(model: &str) -> bool {
+    !model.is_empty()
+        && model.len() <= 256
+        && !model.contains("..")
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
 pub async fn gemini(
     State(state): State<Arc<AppState>>,
     Path(model_action): Path<String>,
@@ -227,6 +239,13 @@ pub async fn gemini(
             .into_response();
         }
     };
+    if !plain_model(model) {
+        return ApiError::bad_request(
+            "invalid_model",
+            "A Gemini model name is letters, digits, `-`, `.` and `_`",
+        )
+        .into_response();
+    }
     let provider = match provider_of(&state, "gemini") {
         Ok(p) => p,
         Err(e) => return e.into_response(),

@@ -174,9 +174,9 @@ impl<'de> Deserialize<'de> for Count {
     }
 }
 
-/// The counters of every format's usage object; the rest of it is skipped.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+/// The counters of every format's usage object; the rest of it is skipped. Read only from an
+/// object, a key given twice reading its last value, as a `Value` would.
+#[derive(Debug, Default)]
 struct Counts {
     prompt_tokens: Count,
     completion_tokens: Count,
@@ -184,14 +184,73 @@ struct Counts {
     output_tokens: Count,
     cache_creation_input_tokens: Count,
     cache_read_input_tokens: Count,
-    #[serde(rename = "promptTokenCount")]
     prompt_token_count: Count,
-    #[serde(rename = "totalTokenCount")]
     total_token_count: Count,
-    #[serde(rename = "candidatesTokenCount")]
     candidates_token_count: Count,
-    #[serde(rename = "thoughtsTokenCount")]
     thoughts_token_count: Count,
+}
+
+/// The keys of [`Counts`], read without allocating.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum Key {
+    PromptTokens,
+    CompletionTokens,
+    InputTokens,
+    OutputTokens,
+    CacheCreationInputTokens,
+    CacheReadInputTokens,
+    #[serde(rename = "promptTokenCount")]
+    PromptTokenCount,
+    #[serde(rename = "totalTokenCount")]
+    TotalTokenCount,
+    #[serde(rename = "candidatesTokenCount")]
+    CandidatesTokenCount,
+    #[serde(rename = "thoughtsTokenCount")]
+    ThoughtsTokenCount,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Counts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Counts;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a usage object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Counts, A::Error> {
+                let mut c = Counts::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    let slot = match key {
+                        Key::PromptTokens => &mut c.prompt_tokens,
+                        Key::CompletionTokens => &mut c.completion_tokens,
+                        Key::InputTokens => &mut c.input_tokens,
+                        Key::OutputTokens => &mut c.output_tokens,
+                        Key::CacheCreationInputTokens => &mut c.cache_creation_input_tokens,
+                        Key::CacheReadInputTokens => &mut c.cache_read_input_tokens,
+                        Key::PromptTokenCount => &mut c.prompt_token_count,
+                        Key::TotalTokenCount => &mut c.total_token_count,
+                        Key::CandidatesTokenCount => &mut c.candidates_token_count,
+                        Key::ThoughtsTokenCount => &mut c.thoughts_token_count,
+                        Key::Other => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = map.next_value()?;
+                }
+                Ok(c)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 impl Counts {
@@ -243,7 +302,11 @@ pub fn usage_from_answer(format: Format, body: &[u8]) -> Option<Usage> {
         #[serde(rename = "usageMetadata")]
         usage_metadata: Option<Counts>,
     }
-    let answer: Answer = serde_json::from_slice(body).ok()?;
+    let Ok(answer) = serde_json::from_slice::<Answer>(body) else {
+        // A usage that is not an object (or the other format's one): read it as a Value, as
+        // the counters of streamed events are.
+        return usage_from_body(format, &serde_json::from_slice(body).ok()?);
+    };
     match format {
         Format::Openai | Format::Kiro => openai_usage(&answer.usage?),
         Format::Anthropic => anthropic_usage(&answer.usage?),
@@ -539,6 +602,12 @@ mod tests {
                 Format::Gemini,
                 json!({"usageMetadata": {"candidatesTokenCount": 12}}),
             ),
+            (Format::Openai, json!({"usage": [10, 20]})),
+            (
+                Format::Openai,
+                json!({"usage": {"prompt_tokens": 1}, "usageMetadata": 5}),
+            ),
+            (Format::Anthropic, json!({"usage": "none"})),
         ];
         for (format, body) in answers {
             assert_eq!(
@@ -552,5 +621,16 @@ mod tests {
             Some(Usage { input: 18, output: 7 })
         );
         assert_eq!(usage_from_answer(Format::Openai, b"not json"), None);
+        // A key given twice reads its last value, as in a Value.
+        assert_eq!(
+            usage_from_answer(
+                Format::Openai,
+                br#"{"usage": {"prompt_tokens": 1, "completion_tokens": 2, "prompt_tokens": 3}}"#
+            ),
+            Some(Usage {
+                input: 3,
+                output: 2
+            })
+        );
     }
 }

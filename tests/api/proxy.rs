@@ -924,6 +924,28 @@ async fn bad_bodies_are_refused_before_any_provider() {
             String::from_utf8_lossy(&body)
         );
     }
+    // A Gemini model name that would leave /models/ on the provider's host, or add a query.
+    add(&app, "gemini", "gm-body-1", json!({})).await;
+    for model in ["..%2F..%2Ffiles", "x%3Falt=sse", "a%2Fb", "..", "%20"] {
+        let r = app
+            .client()
+            .post(format!(
+                "{}/v1beta/models/{model}:generateContent",
+                app.base()
+            ))
+            .header("authorization", format!("Bearer {CLIENT_KEY}"))
+            .json(&gemini_req())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let json: Value = r.json().await.unwrap();
+        assert_eq!(
+            (status, json["error"]["code"].as_str().unwrap()),
+            (400, "invalid_model"),
+            "{model}"
+        );
+    }
     assert!(mock.order().is_empty(), "nothing reached the provider");
     let r = send(br#"{"model": "nope", "model": "gpt-4o", "messages": []}"#.to_vec())
         .await
