@@ -166,7 +166,8 @@ fn plain_response(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Respo
 /// task of its own, so a client that goes away does not cancel it half-way: the provider's
 /// answer is still read and settled exactly (a stream is then charged as cut short).
 pub async fn forward(state: Arc<AppState>, call: Call) -> Response {
-    match tokio::spawn(exchange(state, call)).await {
+    // Boxed: the exchange is a large future, and spawning it unboxed copies it twice.
+    match tokio::spawn(Box::pin(exchange(state, call))).await {
         Ok(response) => response,
         Err(e) => ApiError::internal(&e).into_response(),
     }
