@@ -56,14 +56,18 @@ pub fn rewrite(
             change(&mut map);
             Ok(Bytes::from(Value::Object(map).to_string()))
         }
-        Ok(_) => Err(ApiError::bad_request(
-            "invalid_body",
-            "The body must be a JSON object",
-        )),
-        Err(e) => Err(ApiError::bad_request(
-            "invalid_json",
-            format!("The body is not valid JSON: {e}"),
-        )),
+        Ok(_) => Err(unusable_body(None)),
+        Err(e) => Err(unusable_body(Some(e))),
+    }
+}
+
+/// The answer for a body that is not a JSON object: `None` when it is JSON of another kind.
+pub fn unusable_body(error: Option<serde_json::Error>) -> ApiError {
+    match error {
+        None => ApiError::bad_request("invalid_body", "The body must be a JSON object"),
+        Some(e) => {
+            ApiError::bad_request("invalid_json", format!("The body is not valid JSON: {e}"))
+        }
     }
 }
 

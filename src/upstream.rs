@@ -107,25 +107,51 @@ pub struct Answer {
 }
 
 impl Answer {
+    fn new(parts: axum::http::response::Parts, body: AnswerBody, deadline: Instant) -> Answer {
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: AnswerStream {
+                body,
+                deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            },
+        }
+    }
+
     /// At most `limit` bytes of the body.
     pub async fn read_limited(self, limit: usize) -> Result<Bytes, UpstreamError> {
         use futures_util::StreamExt;
         let mut body = self.body;
-        let mut out = bytes::BytesMut::new();
+        // Most answers come in one chunk: it is kept as it is, and only a second one is
+        // copied after it.
+        let mut first = Bytes::new();
+        let mut joined = bytes::BytesMut::new();
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
-            if out.is_empty() && chunk.len() < limit {
-                // Most answers come in one piece: keep it rather than copy it.
-                out = bytes::BytesMut::from(chunk);
-                continue;
+            let len = if joined.is_empty() {
+                first.len()
+            } else {
+                joined.len()
+            };
+            let chunk = chunk.slice(..chunk.len().min(limit - len));
+            let total = len + chunk.len();
+            if len == 0 {
+                first = chunk;
+            } else {
+                if joined.is_empty() {
+                    joined.extend_from_slice(&first);
+                }
+                joined.extend_from_slice(&chunk);
             }
-            let room = limit.saturating_sub(out.len());
-            out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if out.len() >= limit {
+            if total >= limit {
                 break;
             }
         }
-        Ok(out.freeze())
+        Ok(if joined.is_empty() {
+            first
+        } else {
+            joined.freeze()
+        })
     }
 
     /// The body as it arrives.
@@ -235,37 +261,32 @@ impl Upstream {
         // Only a TLS connection can turn out to be HTTP/2, whose shutdowns are retried: keep
         // what a retry needs only then.
         let retry = (target.uri.scheme() == Some(&Scheme::HTTPS)).then(|| headers.clone());
-        let mut request = Request::new(Full::new(body.clone()));
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = target.uri.clone();
-        *request.headers_mut() = headers;
+        let request = |headers: HeaderMap| {
+            let mut request = Request::new(Full::new(body.clone()));
+            *request.method_mut() = Method::POST;
+            *request.uri_mut() = target.uri.clone();
+            *request.headers_mut() = headers;
+            request
+        };
+        let mut next = request(headers);
         let mut retries = 0;
         let response = loop {
-            let sent = tokio::time::timeout_at(deadline, self.direct.request(request)).await;
+            let sent = tokio::time::timeout_at(deadline, self.direct.request(next)).await;
             match sent {
                 Err(_) => return Err(UpstreamError::timed_out()),
                 Ok(Ok(r)) => break r,
                 Ok(Err(e)) => match &retry {
                     Some(headers) if retries < H2_RETRIES && refused_by_h2(&e) => {
                         retries += 1;
-                        request = Request::new(Full::new(body.clone()));
-                        *request.method_mut() = Method::POST;
-                        *request.uri_mut() = target.uri.clone();
-                        *request.headers_mut() = headers.clone();
+                        next = request(headers.clone());
                     }
                     _ => return Err(UpstreamError::new(&e)),
                 },
             }
         };
         let (parts, body) = response.into_parts();
-        Ok(Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body: AnswerStream {
-                body: body.map_err(|e| UpstreamError::new(&e)).boxed_unsync(),
-                deadline: Box::pin(tokio::time::sleep_until(deadline)),
-            },
-        })
+        let body = body.map_err(|e| UpstreamError::new(&e)).boxed_unsync();
+        Ok(Answer::new(parts, body, deadline))
     }
 
     async fn post_proxied(
@@ -285,14 +306,11 @@ impl Upstream {
             .map_err(from_reqwest)?;
         let response: axum::http::Response<reqwest::Body> = response.into();
         let (parts, body) = response.into_parts();
-        Ok(Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body: AnswerStream {
-                body: body.map_err(from_reqwest).boxed_unsync(),
-                deadline: Box::pin(tokio::time::sleep_until(deadline)),
-            },
-        })
+        Ok(Answer::new(
+            parts,
+            body.map_err(from_reqwest).boxed_unsync(),
+            deadline,
+        ))
     }
 }
 
@@ -333,4 +351,37 @@ pub fn credential_value(prefix: &str, token: &str) -> Result<HeaderValue, Upstre
     })?;
     value.set_sensitive(true);
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(chunks: Vec<&'static str>) -> Answer {
+        let frames = chunks.into_iter().map(|c| {
+            Ok::<_, UpstreamError>(hyper::body::Frame::data(Bytes::from_static(c.as_bytes())))
+        });
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let parts = axum::http::Response::new(()).into_parts().0;
+        Answer::new(
+            parts,
+            body.boxed_unsync(),
+            Instant::now() + Duration::from_secs(60),
+        )
+    }
+
+    async fn read(chunks: &[&'static str], limit: usize) -> String {
+        let bytes = answer(chunks.to_vec()).read_limited(limit).await.unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn read_limited_joins_chunks_and_stops_at_the_limit() {
+        assert_eq!(read(&["hello"], 100).await, "hello");
+        assert_eq!(read(&["hel", "lo", " world"], 100).await, "hello world");
+        assert_eq!(read(&["hel", "lo", " world"], 4).await, "hell");
+        assert_eq!(read(&["hello"], 2).await, "he");
+        assert_eq!(read(&["", "ab"], 5).await, "ab");
+        assert_eq!(read(&[], 5).await, "");
+    }
 }

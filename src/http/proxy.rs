@@ -102,14 +102,7 @@ impl<S: Send + Sync> FromRequest<S> for ProxyBody {
         }
         match Peek::read(&bytes) {
             Ok(peek) => Ok(ProxyBody(peek, bytes)),
-            Err(None) => Err(ApiError::bad_request(
-                "invalid_body",
-                "The body must be a JSON object",
-            )),
-            Err(Some(e)) => Err(ApiError::bad_request(
-                "invalid_json",
-                format!("The body is not valid JSON: {e}"),
-            )),
+            Err(e) => Err(proxy::unusable_body(e)),
         }
     }
 }
