@@ -45,6 +45,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// Client keys for `/v1/*`; empty admits loopback clients only.
     pub api_keys: Vec<Secret>,
+    /// The listener's limits and the reverse proxies it trusts.
+    pub server: ServerConfig,
     pub management: ManagementConfig,
     pub auth: AuthConfig,
     pub proxy: ProxyConfig,
@@ -61,6 +63,7 @@ impl Default for Config {
             auth_dir: PathBuf::from("auths"),
             database: DatabaseConfig::default(),
             api_keys: Vec::new(),
+            server: ServerConfig::default(),
             management: ManagementConfig::default(),
             auth: AuthConfig::default(),
             proxy: ProxyConfig::default(),
@@ -81,6 +84,104 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: "sqlite://data/cliproxy.db".into(),
+        }
+    }
+}
+
+/// A size in bytes, written as a whole number or with a unit: `"256MiB"`, `"64KiB"`, `"1GiB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    fn parse(text: &str) -> Option<u64> {
+        let t = text.trim();
+        let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (number, unit) = t.split_at(digits);
+        let n: u64 = number.parse().ok()?;
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" | "KB" => 1 << 10,
+            "MiB" | "M" | "MB" => 1 << 20,
+            "GiB" | "G" | "GB" => 1 << 30,
+            _ => return None,
+        };
+        n.checked_mul(scale)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map(ByteSize).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "`{s}` is not a size like 1048576, \"64KiB\", \"256MiB\" or \"1GiB\""
+                ))
+            }),
+        }
+    }
+}
+
+/// An address or a CIDR block (`10.0.0.0/8`, `::1`, `fd00::/8`), for `server.trusted_proxies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub ipnet::IpNet);
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.contains(&ip.to_canonical())
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = s.trim();
+        if let Ok(net) = t.parse::<ipnet::IpNet>() {
+            return Ok(Cidr(net.trunc()));
+        }
+        t.parse::<IpAddr>()
+            .map(|ip| Cidr(ipnet::IpNet::from(ip.to_canonical())))
+            .map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "`{s}` is not an address or CIDR block like 10.0.0.1, 10.0.0.0/8 or fd00::/8"
+                ))
+            })
+    }
+}
+
+/// The listener's limits: what one client, or all of them together, can hold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Client connections open at once; past it, new ones wait in the listen backlog.
+    pub max_connections: u32,
+    /// A request's headers must arrive within this, from its first byte.
+    pub header_read_timeout: HumanDuration,
+    /// A kept-alive connection with no request in flight is closed after this.
+    pub idle_timeout: HumanDuration,
+    /// A request's body must arrive whole within this.
+    pub body_read_timeout: HumanDuration,
+    /// Request bodies held in memory across all requests at once.
+    pub max_buffered_bytes: ByteSize,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (addresses or CIDR blocks).
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 1024,
+            header_read_timeout: HumanDuration(Duration::from_secs(10)),
+            idle_timeout: HumanDuration(Duration::from_secs(60)),
+            body_read_timeout: HumanDuration(Duration::from_secs(60)),
+            max_buffered_bytes: ByteSize(256 << 20),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -303,7 +404,7 @@ pub struct Loaded {
 }
 
 /// Keys whose environment value is a comma-separated list.
-const ENV_LISTS: &[&str] = &["api_keys"];
+const ENV_LISTS: &[&str] = &["api_keys", "server.trusted_proxies"];
 
 impl Config {
     /// Load `path` (if it exists; a missing default file means all defaults) and the
@@ -452,11 +553,61 @@ impl Config {
         )?;
         check_url("oauth.kiro.oidc_base_url", &self.oauth.kiro.oidc_base_url)?;
         check_url("oauth.kiro.start_url", &self.oauth.kiro.start_url)?;
-        if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
-            return Err(err(format!(
-                "`logging.level`: `{}` is not a level (error, warn, info, debug, trace) or filter",
-                self.logging.level
-            )));
+        check_log_level(&self.logging.level)?;
+        self.server.validate()?;
+        Ok(())
+    }
+}
+
+/// Levels `logging.level` takes, alone or per target (`info,cliproxyapi::proxy=debug`).
+const LOG_LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+
+/// A level, or comma-separated directives each `level` or `target=level`. tracing's own parser
+/// would take `verbose` as a target name and log nothing, so the levels are checked here.
+fn check_log_level(filter: &str) -> Result<(), ConfigError> {
+    let bad = || {
+        err(format!(
+            "`logging.level`: `{filter}` is not a level ({}) or a list of `target=level` directives",
+            LOG_LEVELS.join(", ")
+        ))
+    };
+    if filter.trim().is_empty() {
+        return Err(bad());
+    }
+    for directive in filter.split(',') {
+        let level = match directive.trim().rsplit_once('=') {
+            Some((target, level)) if !target.trim().is_empty() => level,
+            Some(_) => return Err(bad()),
+            None => directive,
+        };
+        if !LOG_LEVELS.contains(&level.trim().to_ascii_lowercase().as_str()) {
+            return Err(bad());
+        }
+    }
+    if tracing_subscriber::EnvFilter::try_new(filter).is_err() {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+impl ServerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return Err(err("`server.max_connections`: must be at least 1"));
+        }
+        for (key, d) in [
+            ("header_read_timeout", self.header_read_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("body_read_timeout", self.body_read_timeout),
+        ] {
+            if d.0.is_zero() {
+                return Err(err(format!("`server.{key}`: must be longer than 0s")));
+            }
+        }
+        if self.max_buffered_bytes.0 < (1 << 20) {
+            return Err(err(
+                "`server.max_buffered_bytes`: must be at least 1MiB (the largest management body)",
+            ));
         }
         Ok(())
     }
@@ -515,6 +666,8 @@ mod tests {
                 ("CLIPROXY__PORT", "9000"),
                 ("CLIPROXY__AUTH__SELECTION_STRATEGY", "priority"),
                 ("CLIPROXY__API_KEYS", "a,b"),
+                ("CLIPROXY__SERVER__TRUSTED_PROXIES", "10.0.0.1,fd00::/8"),
+                ("CLIPROXY__SERVER__MAX_BUFFERED_BYTES", "2097152"),
                 ("CLIPROXY_CONFIG", "ignored"),
             ],
         )
@@ -525,6 +678,8 @@ mod tests {
             SelectionStrategy::Priority
         );
         assert_eq!(l.config.api_keys.len(), 2);
+        assert_eq!(l.config.server.trusted_proxies.len(), 2);
+        assert_eq!(l.config.server.max_buffered_bytes, ByteSize(2 << 20));
         assert_eq!(l.config.auth.quota.default_reservation, 4096);
         assert!(l.auth_dir.ends_with("auths"));
         assert!(
@@ -565,6 +720,77 @@ mod tests {
         assert!(e.contains("providers.my-llm.format"), "{e}");
         let e = load("database:\n  url: mysql://x\n", &[]).unwrap_err().0;
         assert!(e.contains("database.url"), "{e}");
+    }
+
+    #[test]
+    fn log_levels_are_checked() {
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "info,cliproxyapi::proxy=debug",
+            "auth=trace",
+        ] {
+            load(&format!("logging:\n  level: \"{good}\"\n"), &[]).unwrap();
+        }
+        for bad in [
+            "verbose",
+            "",
+            "info,loud",
+            "=debug",
+            "x=verbose",
+            "info=",
+            "inf",
+        ] {
+            let e = load(&format!("logging:\n  level: \"{bad}\"\n"), &[])
+                .unwrap_err()
+                .0;
+            assert!(e.contains("logging.level"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn server_limits() {
+        let l = load(
+            "server:\n  max_buffered_bytes: 64MiB\n  trusted_proxies: [\"10.0.0.0/8\", \"::1\", \"fd00::1/8\"]\n",
+            &[],
+        )
+        .unwrap();
+        let s = &l.config.server;
+        assert_eq!(s.max_buffered_bytes, ByteSize(64 << 20));
+        assert!(s.trusted_proxies[0].contains("10.1.2.3".parse().unwrap()));
+        assert!(s.trusted_proxies[1].contains("::1".parse().unwrap()));
+        assert!(s.trusted_proxies[2].contains("fd12::5".parse().unwrap()));
+        assert!(!s.trusted_proxies[0].contains("11.0.0.1".parse().unwrap()));
+        let l = load("server:\n  trusted_proxies: [\"127.0.0.1\"]\n", &[]).unwrap();
+        assert!(l.config.server.trusted_proxies[0].contains("::ffff:127.0.0.1".parse().unwrap()));
+        for (yaml, key) in [
+            ("server:\n  max_connections: 0\n", "server.max_connections"),
+            ("server:\n  idle_timeout: 0s\n", "server.idle_timeout"),
+            (
+                "server:\n  max_buffered_bytes: 12 parsecs\n",
+                "server.max_buffered_bytes",
+            ),
+            (
+                "server:\n  max_buffered_bytes: 1KiB\n",
+                "server.max_buffered_bytes",
+            ),
+            (
+                "server:\n  max_buffered_bytes: 99999999999999GiB\n",
+                "server.max_buffered_bytes",
+            ),
+            (
+                "server:\n  trusted_proxies: [\"proxy.local\"]\n",
+                "server.trusted_proxies",
+            ),
+            (
+                "server:\n  trusted_proxies: [\"10.0.0.0/33\"]\n",
+                "server.trusted_proxies",
+            ),
+        ] {
+            let e = load(yaml, &[]).unwrap_err().0;
+            assert!(e.contains(key), "{yaml}: {e}");
+        }
     }
 
     #[test]
