@@ -5,6 +5,7 @@
 use crate::crypto::Secret;
 use crate::domain::{AuthMethod, CredentialKind, NewCredential, OauthExtra};
 use crate::providers::Registry;
+use crate::quota::CounterTokens;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -90,8 +91,8 @@ pub struct CredentialInput {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaInput {
-    pub limit: Option<u64>,
-    pub used: Option<u64>,
+    pub limit: Option<CounterTokens>,
+    pub used: Option<CounterTokens>,
     #[allow(dead_code)]
     remaining: Option<IgnoredAny>,
     #[allow(dead_code)]
@@ -232,7 +233,12 @@ impl CredentialInput {
         }
         let (limit, used) = self
             .quota
-            .map(|q| (q.limit, q.used.unwrap_or(0)))
+            .map(|q| {
+                (
+                    q.limit.map(CounterTokens::get),
+                    q.used.map_or(0, CounterTokens::get),
+                )
+            })
             .unwrap_or((None, 0));
         Ok(NewCredential {
             provider,

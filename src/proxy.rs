@@ -107,6 +107,13 @@ pub fn unavailable(provider: &str, why: Unavailable) -> ApiError {
             ),
         )
         .retry_after(retry_after),
+        Unavailable::Exhausted => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "credentials_exhausted",
+            format!(
+                "Every credential for provider {provider} has no room left for this request, and its quota never resets (auth.quota.reset_schedule); raise or reset a limit"
+            ),
+        ),
         Unavailable::Unusable => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_usable_credentials",
@@ -151,10 +158,16 @@ pub fn mark_for(verdict: &Verdict, now: chrono::DateTime<Utc>) -> Option<Mark> {
     match verdict {
         Verdict::Invalid(r) => Some(Mark::Invalid(r.clone())),
         Verdict::Exhausted(r) => Some(Mark::Exhausted(r.clone())),
-        Verdict::Cooldown(wait, r) => Some(Mark::Cooldown {
-            until: now + chrono::Duration::from_std(*wait).unwrap_or_default(),
-            reason: r.clone(),
-        }),
+        Verdict::Cooldown(wait, r) => {
+            // Waits are clamped where they are read; clamped again here so no wait, however
+            // it was made, can overflow the clock.
+            let wait =
+                chrono::TimeDelta::from_std((*wait).min(wire::MAX_RETRY_AFTER)).unwrap_or_default();
+            Some(Mark::Cooldown {
+                until: now.checked_add_signed(wait).unwrap_or(now),
+                reason: r.clone(),
+            })
+        }
         Verdict::ClientError => None,
     }
 }
@@ -206,12 +219,15 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
         call.raw.clone()
     };
     let config = &state.config.config;
-    let tokens = wire::reservation(
+    let tokens = match wire::reservation(
         format,
         &call.peek,
         body.len(),
         config.auth.quota.default_reservation,
-    );
+    ) {
+        Ok(tokens) => tokens,
+        Err(message) => return ApiError::bad_request("invalid_body", message).into_response(),
+    };
     let Some(target) = call.provider.target(&call.path) else {
         return ApiError::bad_request(
             "invalid_path",
@@ -242,23 +258,15 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
             Err(e) => return ApiError::from(e).into_response(),
         };
         tried.push(reservation.credential_id.clone());
-        let give_back = |mark: Option<Mark>| {
-            let (state, name) = (state.clone(), name.clone());
-            let (id, cred) = (reservation.id.clone(), reservation.credential_id.clone());
-            async move {
-                if let Err(e) = release(&state, &id, &cred, &name, mark, "").await {
-                    tracing::error!(error = %e, "cannot release a reservation");
-                }
-            }
-        };
+        let held = Held::new(&state, &reservation, &name);
         let token = match state.store.open_token(&reservation.credential_id).await {
             Ok(Ok(t)) => t,
             Ok(Err(reason)) => {
-                give_back(Some(Mark::Invalid(reason))).await;
+                held.give_back(Some(Mark::Invalid(reason))).await;
                 continue;
             }
             Err(e) => {
-                give_back(None).await;
+                held.give_back(None).await;
                 return ApiError::from(e).into_response();
             }
         };
@@ -284,7 +292,7 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
             Err(e) => {
                 let verdict = wire::unreachable_verdict(&e);
                 tracing::warn!(provider = %name, error = %e, "upstream request failed");
-                give_back(mark_for(&verdict, state.now())).await;
+                held.give_back(mark_for(&verdict, state.now())).await;
                 last_failure = Some(
                     ApiError::new(
                         StatusCode::BAD_GATEWAY,
@@ -303,10 +311,10 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
             let verdict = wire::classify(format, status, &headers, &body);
             let answer = plain_response(status, &headers, body);
             if verdict == Verdict::ClientError {
-                give_back(None).await;
+                held.give_back(None).await;
                 return answer;
             }
-            give_back(mark_for(&verdict, state.now())).await;
+            held.give_back(mark_for(&verdict, state.now())).await;
             last_failure = Some(answer);
             continue;
         }
@@ -315,11 +323,7 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(provider = %name, error = %e, "upstream answer cut short");
-                    Settler {
-                        state: state.clone(),
-                        reservation: reservation.id.clone(),
-                    }
-                    .settle(None, false);
+                    held.settler().settle(None, false);
                     return ApiError::new(
                         StatusCode::BAD_GATEWAY,
                         "upstream_failed",
@@ -331,21 +335,14 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
             let usage = wire::usage_from_answer(format, &answer);
             // The settlement may land after the answer: a crash before it leaves the
             // reservation, which the next start charges in full.
-            Settler {
-                state: state.clone(),
-                reservation: reservation.id.clone(),
-            }
-            .settle(usage, true);
+            held.settler().settle(usage, true);
             return plain_response(status, &headers, answer);
         }
         let json_array = format == Format::Gemini && !call.path.contains("alt=sse");
         let tapped = Tapped {
             inner: resp.into_stream(),
             tap: StreamTap::new(format, hide_usage_chunk, json_array),
-            settler: Some(Settler {
-                state: state.clone(),
-                reservation: reservation.id.clone(),
-            }),
+            settler: Some(held.settler()),
             done: false,
         };
         let mut response = Response::new(Body::from_stream(tapped));
@@ -365,6 +362,81 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
         )
         .into_response()
     })
+}
+
+/// A reservation between its grant and its settlement or release. Dropped while still held
+/// (the exchange panicked, or its task was torn down), it is released without a mark, so a
+/// fault in the request path never leaves tokens reserved until the next start.
+pub(crate) struct Held {
+    state: Arc<AppState>,
+    reservation: String,
+    credential: String,
+    provider: String,
+    done: bool,
+}
+
+impl Held {
+    pub(crate) fn new(
+        state: &Arc<AppState>,
+        reservation: &crate::store::Reservation,
+        provider: &str,
+    ) -> Held {
+        Held {
+            state: state.clone(),
+            reservation: reservation.id.clone(),
+            credential: reservation.credential_id.clone(),
+            provider: provider.to_string(),
+            done: false,
+        }
+    }
+
+    /// Release the reservation unused, marking the credential when the failure was its own.
+    async fn give_back(self, mark: Option<Mark>) {
+        if let Err(e) = self.release(mark, "").await {
+            tracing::error!(error = %e, "cannot release a reservation");
+        }
+    }
+
+    /// Release the reservation unused, with an optional mark (`context` says how the failure
+    /// was learnt, for the auth log); `false` when it was already settled or released.
+    pub(crate) async fn release(
+        mut self,
+        mark: Option<Mark>,
+        context: &str,
+    ) -> Result<bool, crate::store::StoreError> {
+        self.done = true;
+        let (id, cred, name) = (&self.reservation, &self.credential, &self.provider);
+        release(&self.state, id, cred, name, mark, context).await
+    }
+
+    /// The reservation outlives the handler (a lease handed out): it is settled by a report
+    /// or when it expires.
+    pub(crate) fn keep(mut self) {
+        self.done = true;
+    }
+
+    /// Hand the reservation to what settles it once the answer is read.
+    fn settler(mut self) -> Settler {
+        self.done = true;
+        Settler {
+            state: self.state.clone(),
+            reservation: std::mem::take(&mut self.reservation),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::error!(
+                reservation = %self.reservation,
+                "a request ended without settling its reservation; releasing it"
+            );
+            self.state
+                .store
+                .release_later(&self.reservation, self.state.now());
+        }
+    }
 }
 
 struct Settler {

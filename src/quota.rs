@@ -1,11 +1,104 @@
-//! Quota periods: when a provider's counters reset, and how many tokens a request reserves.
+//! Quota periods: when a provider's counters reset, and the bounds on every token count.
 //! Pure functions of `now`, so tests set the clock instead of waiting for it.
+//!
+//! # Token bounds
+//! Every token count that comes from outside (a request's `max_tokens`, a lease's estimate, a
+//! report, a provider's usage, a quota limit in a body or a file) is bounded before it reaches
+//! a counter, so no sum can wrap, in Rust or in SQLite (where an integer sum past 2^63 silently
+//! becomes a float):
+//! - one request, lease or report names at most [`MAX_REQUEST_TOKENS`] (a billion; the
+//!   largest context windows are a few million); more is refused with 400, and a provider's
+//!   usage above it is clamped to it;
+//! - a limit, a `used` set by hand and every counter stay at most [`MAX_COUNTER_TOKENS`]
+//!   (10^15); counters saturate there.
+//!
+//! With these, `used + reserved + tokens` stays far below `i64::MAX` for any number of
+//! reservations the process can hold, and the ledger computes it saturating anyway.
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
 use croner::Cron;
 use croner::parser::{CronParser, Seconds};
 use std::fmt;
 use std::str::FromStr;
+
+/// The most tokens one request, lease or usage report may name.
+pub const MAX_REQUEST_TOKENS: u64 = 1_000_000_000;
+/// The largest quota limit, and where every counter saturates.
+pub const MAX_COUNTER_TOKENS: u64 = 1_000_000_000_000_000;
+
+/// A token count from outside, at most `MAX`: deserializing a larger number (or anything but a
+/// whole number) fails with a message that names the bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(transparent)]
+pub struct Bounded<const MAX: u64>(u64);
+
+/// Tokens one request, lease or report names.
+pub type RequestTokens = Bounded<MAX_REQUEST_TOKENS>;
+/// A quota limit or counter.
+pub type CounterTokens = Bounded<MAX_COUNTER_TOKENS>;
+
+impl<const MAX: u64> Bounded<MAX> {
+    pub const MAX: u64 = MAX;
+
+    /// `n` if it is within the bound.
+    pub fn new(n: u64) -> Option<Self> {
+        (n <= MAX).then_some(Bounded(n))
+    }
+
+    /// `n`, or the bound when `n` is above it (for counts a provider sent, which are not
+    /// refused but cannot be believed past the bound).
+    pub fn clamped(n: u64) -> Self {
+        Bounded(n.min(MAX))
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// As an SQLite integer: always exact, since every bound is below `i64::MAX`.
+    pub fn as_i64(self) -> i64 {
+        self.0 as i64
+    }
+
+    /// The message for a number above the bound.
+    pub fn too_large(n: impl fmt::Display) -> String {
+        format!("{n} is more than {MAX}, the most tokens this takes")
+    }
+}
+
+impl<'de, const MAX: u64> serde::Deserialize<'de> for Bounded<MAX> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<const MAX: u64>;
+        impl<const MAX: u64> serde::de::Visitor<'_> for Visit<MAX> {
+            type Value = Bounded<MAX>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "a whole number of tokens from 0 to {MAX}")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                Bounded::new(n).ok_or_else(|| E::custom(Bounded::<MAX>::too_large(n)))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::custom(format!(
+                        "{n} is negative; give 0 to {MAX} tokens"
+                    ))),
+                }
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Self::Value, E> {
+                if n.is_finite() && n > MAX as f64 {
+                    return Err(E::custom(Bounded::<MAX>::too_large(n)));
+                }
+                Err(E::invalid_type(serde::de::Unexpected::Float(n), &self))
+            }
+        }
+        d.deserialize_any(Visit::<MAX>)
+    }
+}
 
 /// When a provider's quota counters go back to zero.
 #[derive(Clone)]
@@ -123,6 +216,39 @@ mod tests {
 
     fn t(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn bounded_token_counts() {
+        type B = Bounded<100>;
+        let parse = |text: &str| serde_json::from_str::<B>(text);
+        for ok in ["0", "1", "99", "100"] {
+            assert_eq!(parse(ok).unwrap().get(), ok.parse::<u64>().unwrap());
+        }
+        for bad in [
+            "101",
+            "18446744073709551615",
+            "9223372036854775807",
+            "100000000000000000000",
+            "1e300",
+            "-1",
+            "-9223372036854775808",
+            "1.5",
+            "\"5\"",
+            "null",
+            "true",
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(!e.is_empty(), "{bad}");
+        }
+        assert!(parse("101").unwrap_err().to_string().contains("100"));
+        assert_eq!(B::clamped(u64::MAX).get(), 100);
+        assert_eq!(B::clamped(7).get(), 7);
+        assert_eq!(B::new(101), None);
+        assert_eq!(
+            CounterTokens::clamped(u64::MAX).as_i64(),
+            MAX_COUNTER_TOKENS as i64
+        );
     }
 
     #[test]

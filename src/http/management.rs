@@ -8,6 +8,7 @@ use crate::app::AppState;
 use crate::crypto::Secret;
 use crate::domain::Status;
 use crate::import::{self, CredentialInput, check_label, check_priority, check_secret};
+use crate::quota::CounterTokens;
 use crate::store::{CredentialPatch, ImportMode, ListFilter, QuotaPatch};
 use axum::Extension;
 use axum::extract::State;
@@ -300,8 +301,8 @@ async fn quota_view(state: &AppState, provider: &str) -> AppResult<axum::Json<Va
 #[serde(deny_unknown_fields)]
 pub struct QuotaInput {
     #[serde(default, deserialize_with = "nullable")]
-    limit: Option<Option<u64>>,
-    used: Option<u64>,
+    limit: Option<Option<CounterTokens>>,
+    used: Option<CounterTokens>,
     reset: Option<bool>,
 }
 
@@ -314,8 +315,8 @@ pub async fn set_quota(
 ) -> AppResult<impl IntoResponse> {
     known_provider(&state, &provider)?;
     let patch = QuotaPatch {
-        limit: input.limit,
-        used: input.used,
+        limit: input.limit.map(|l| l.map(CounterTokens::get)),
+        used: input.used.map(CounterTokens::get),
         reset: input.reset.unwrap_or(false),
     };
     if patch.limit.is_none() && patch.used.is_none() && !patch.reset {

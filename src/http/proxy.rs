@@ -8,6 +8,7 @@ use crate::crypto::Secret;
 use crate::providers::wire::Peek;
 use crate::providers::{Format, Provider};
 use crate::proxy::{self, Call};
+use crate::quota::RequestTokens;
 use crate::store::{Mark, ReservationKind, ReserveRequest};
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, FromRequest, Request, State};
@@ -282,7 +283,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Response {
 #[serde(deny_unknown_fields)]
 pub struct LeaseInput {
     provider: String,
-    estimated_tokens: Option<u64>,
+    estimated_tokens: Option<RequestTokens>,
 }
 
 pub async fn lease(
@@ -305,7 +306,7 @@ pub async fn lease(
     let config = &state.config.config;
     let tokens = input
         .estimated_tokens
-        .unwrap_or(config.auth.quota.default_reservation);
+        .map_or(config.auth.quota.default_reservation, RequestTokens::get);
     let expires_at = state.now() + Duration::minutes(LEASE_MINUTES);
     let mut tried = Vec::new();
     for _ in 0..config.proxy.max_attempts {
@@ -325,8 +326,10 @@ pub async fn lease(
             Ok(r) => r,
             Err(why) => return Err(proxy::unavailable(&provider.name, why)),
         };
+        let held = proxy::Held::new(&state, &r, &provider.name);
         match state.store.open_token(&r.credential_id).await? {
             Ok(token) => {
+                held.keep();
                 let body = json!({
                     "lease_id": r.id,
                     "credential_id": r.credential_id,
@@ -338,16 +341,8 @@ pub async fn lease(
                 return Ok((StatusCode::CREATED, axum::Json(body)).into_response());
             }
             Err(reason) => {
-                let mark = Some(Mark::Invalid(reason));
-                proxy::release(
-                    &state,
-                    &r.id,
-                    &r.credential_id,
-                    &provider.name,
-                    mark,
-                    " for a lease",
-                )
-                .await?;
+                held.release(Some(Mark::Invalid(reason)), " for a lease")
+                    .await?;
                 tried.push(r.credential_id);
             }
         }
@@ -361,10 +356,11 @@ pub async fn lease(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReportInput {
-    tokens_used: Option<u64>,
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
+    tokens_used: Option<RequestTokens>,
+    input_tokens: Option<RequestTokens>,
+    output_tokens: Option<RequestTokens>,
     error_status: Option<u16>,
+    /// Seconds, as the provider's `Retry-After` said; past a day it counts as a day.
     retry_after: Option<u64>,
 }
 
@@ -383,6 +379,13 @@ pub async fn report(
         let status = StatusCode::from_u16(status).map_err(|_| {
             ApiError::bad_request("invalid_body", "error_status is not an HTTP status")
         })?;
+        // From here the lease is released, even if reading the report were to fail.
+        let lease = crate::store::Reservation {
+            id: lease_id.clone(),
+            credential_id,
+            tokens: 0,
+        };
+        let held = proxy::Held::new(&state, &lease, &provider);
         let format = state
             .registry
             .get(&provider)
@@ -390,23 +393,20 @@ pub async fn report(
             .unwrap_or(Format::Openai);
         let mut headers = HeaderMap::new();
         if let Some(secs) = input.retry_after {
+            let secs = secs.min(crate::providers::wire::MAX_RETRY_AFTER.as_secs());
             headers.insert(reqwest::header::RETRY_AFTER, secs.into());
         }
         let verdict = crate::providers::wire::classify(format, status, &headers, b"");
         let mark = proxy::mark_for(&verdict, state.now());
-        let context = " by a lease report";
-        proxy::release(&state, &lease_id, &credential_id, &provider, mark, context).await?;
+        held.release(mark, " by a lease report").await?;
         return Ok(axum::Json(json!({"lease_id": lease_id, "released": true})).into_response());
     }
+    let count = |t: Option<RequestTokens>| t.map_or(0, RequestTokens::get);
     let usage = match (input.tokens_used, input.input_tokens, input.output_tokens) {
-        (Some(t), None, None) => crate::providers::wire::Usage {
-            input: 0,
-            output: t,
-        },
-        (None, i, o) if i.is_some() || o.is_some() => crate::providers::wire::Usage {
-            input: i.unwrap_or(0),
-            output: o.unwrap_or(0),
-        },
+        (Some(t), None, None) => crate::providers::wire::Usage::reported(0, t.get()),
+        (None, i, o) if i.is_some() || o.is_some() => {
+            crate::providers::wire::Usage::reported(count(i), count(o))
+        }
         _ => {
             return Err(ApiError::bad_request(
                 "invalid_body",

@@ -50,7 +50,7 @@ pub fn credentials(quota: &QuotaConfig, rows: &[CredentialRow]) -> Vec<Value> {
 /// `GET .../{provider}/quota`: per-credential counters and the provider's total. The total
 /// limit is unlimited (null) as soon as one credential is.
 pub fn quota(quota: &QuotaConfig, provider: &str, rows: &[CredentialRow]) -> Value {
-    let used: u64 = rows.iter().map(|r| r.used).sum();
+    let used: u64 = rows.iter().fold(0u64, |acc, r| acc.saturating_add(r.used));
     let limit: Option<u64> = rows
         .iter()
         .map(|r| r.limit)

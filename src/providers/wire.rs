@@ -3,6 +3,7 @@
 //! status means for the credential that got it.
 
 use super::Format;
+use crate::quota::{MAX_REQUEST_TOKENS, RequestTokens};
 use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, HeaderName, StatusCode};
 use serde::Deserialize;
@@ -17,6 +18,16 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Usage as a provider (or a lease's holder) reported it, each count clamped to
+    /// [`MAX_REQUEST_TOKENS`]: a provider's number is not refused, but cannot be believed past
+    /// what one request can use.
+    pub fn reported(input: u64, output: u64) -> Usage {
+        Usage {
+            input: RequestTokens::clamped(input).get(),
+            output: RequestTokens::clamped(output).get(),
+        }
+    }
+
     pub fn total(&self) -> u64 {
         self.input.saturating_add(self.output)
     }
@@ -37,6 +48,9 @@ pub enum Verdict {
 
 /// Cooldown after a 429 without `retry-after`.
 const DEFAULT_RATE_LIMIT_COOLDOWN: Duration = Duration::from_secs(30);
+/// The longest cooldown a provider's `Retry-After` (or a lease report's `retry_after`) can
+/// impose on a credential: a day. A longer one is taken as a day.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 /// Cooldown after a 5xx or a connection failure.
 const SERVER_ERROR_COOLDOWN: Duration = Duration::from_secs(10);
 
@@ -119,26 +133,59 @@ impl Peek {
     }
 }
 
-/// The tokens a request may use: its output cap plus an estimate of its prompt (a quarter of
-/// the body's bytes, rounded up, which errs high for text), or `default` without a cap.
-pub fn reservation(format: Format, body: &Peek, body_len: usize, default: u64) -> u64 {
-    let cap = match format {
-        Format::Openai | Format::Kiro => body
-            .max_completion_tokens
-            .as_ref()
-            .and_then(u)
-            .or_else(|| body.max_tokens.as_ref().and_then(u)),
-        Format::Anthropic => body.max_tokens.as_ref().and_then(u),
-        Format::Gemini => body
-            .generation_config
-            .as_ref()
-            .and_then(|g| g.get("maxOutputTokens"))
-            .and_then(u),
+/// An output cap from a client's body: a whole number of tokens up to
+/// [`MAX_REQUEST_TOKENS`] (`100.0` counts as 100). A number outside that is refused with the
+/// message for a 400; anything else is not a cap we can read (the provider will judge it).
+fn output_cap(name: &str, value: Option<&Value>) -> Result<Option<u64>, String> {
+    let Some(Value::Number(n)) = value else {
+        return Ok(None);
     };
-    match cap {
+    let whole = n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.is_finite() && f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64)
+            .map(|f| f as u64)
+    });
+    match whole {
+        Some(tokens) if tokens <= MAX_REQUEST_TOKENS => Ok(Some(tokens)),
+        Some(_) => Err(format!(
+            "`{name}` is {n}: more than {MAX_REQUEST_TOKENS}, the most tokens one request may ask for"
+        )),
+        None if n.as_f64().is_some_and(|f| f > MAX_REQUEST_TOKENS as f64) => Err(format!(
+            "`{name}` is {n}: more than {MAX_REQUEST_TOKENS}, the most tokens one request may ask for"
+        )),
+        None => Err(format!("`{name}` is {n}: give a whole number of tokens")),
+    }
+}
+
+/// The tokens a request may use: its output cap plus an estimate of its prompt (a quarter of
+/// the body's bytes, rounded up, which errs high for text), or `default` without a cap. `Err`
+/// (the message for a 400) when a cap is not a whole number within [`MAX_REQUEST_TOKENS`].
+pub fn reservation(
+    format: Format,
+    body: &Peek,
+    body_len: usize,
+    default: u64,
+) -> Result<u64, String> {
+    let cap = match format {
+        Format::Openai | Format::Kiro => {
+            let completion =
+                output_cap("max_completion_tokens", body.max_completion_tokens.as_ref())?;
+            let max = output_cap("max_tokens", body.max_tokens.as_ref())?;
+            completion.or(max)
+        }
+        Format::Anthropic => output_cap("max_tokens", body.max_tokens.as_ref())?,
+        Format::Gemini => output_cap(
+            "generationConfig.maxOutputTokens",
+            body.generation_config
+                .as_ref()
+                .and_then(|g| g.get("maxOutputTokens")),
+        )?,
+    };
+    // The body is at most a few tens of MiB, so the sum stays far below any overflow.
+    Ok(match cap {
         Some(cap) => cap.saturating_add(body_len.div_ceil(4) as u64),
         None => default,
-    }
+    })
 }
 
 /// Read access to a usage object's counters: a parsed [`Value`], or the [`Counts`] read
@@ -314,11 +361,14 @@ pub fn usage_from_answer(format: Format, body: &[u8]) -> Option<Usage> {
     }
 }
 
+// Sums of a provider's counts saturate, and `Usage::reported` clamps each total: a provider
+// that reports 2^64 - 1 tokens plus 2 is charged the most one request can use, not 1.
+
 fn openai_usage(usage: &impl Counters) -> Option<Usage> {
-    Some(Usage {
-        input: usage.num("prompt_tokens")?,
-        output: usage.num("completion_tokens").unwrap_or(0),
-    })
+    Some(Usage::reported(
+        usage.num("prompt_tokens")?,
+        usage.num("completion_tokens").unwrap_or(0),
+    ))
 }
 
 fn anthropic_usage(usage: &impl Counters) -> Option<Usage> {
@@ -326,12 +376,12 @@ fn anthropic_usage(usage: &impl Counters) -> Option<Usage> {
     if !usage.has("input_tokens") && !usage.has("output_tokens") {
         return None;
     }
-    Some(Usage {
-        input: field("input_tokens")
-            + field("cache_creation_input_tokens")
-            + field("cache_read_input_tokens"),
-        output: field("output_tokens"),
-    })
+    Some(Usage::reported(
+        field("input_tokens")
+            .saturating_add(field("cache_creation_input_tokens"))
+            .saturating_add(field("cache_read_input_tokens")),
+        field("output_tokens"),
+    ))
 }
 
 fn gemini_usage(meta: &impl Counters) -> Option<Usage> {
@@ -339,14 +389,14 @@ fn gemini_usage(meta: &impl Counters) -> Option<Usage> {
     let input = field("promptTokenCount").unwrap_or(0);
     let output = match field("totalTokenCount") {
         Some(total) => total.saturating_sub(input),
-        None => {
-            field("candidatesTokenCount").unwrap_or(0) + field("thoughtsTokenCount").unwrap_or(0)
-        }
+        None => field("candidatesTokenCount")
+            .unwrap_or(0)
+            .saturating_add(field("thoughtsTokenCount").unwrap_or(0)),
     };
     if field("promptTokenCount").is_none() && field("totalTokenCount").is_none() {
         return None;
     }
-    Some(Usage { input, output })
+    Some(Usage::reported(input, output))
 }
 
 /// Fold one streamed event (its `data:` JSON) into the usage seen so far.
@@ -397,13 +447,24 @@ pub fn is_openai_usage_chunk(event: &Value) -> bool {
             .is_some_and(|c| c.is_empty())
 }
 
+/// A `Retry-After` in seconds, within [`MAX_RETRY_AFTER`]; `None` when it is missing, negative
+/// or not a number.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    v.trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| Duration::from_secs_f64(s.ceil()))
+    let secs = v.trim().parse::<f64>().ok().filter(|s| *s >= 0.0)?;
+    Some(clamp_wait(secs))
+}
+
+/// `secs` seconds (rounded up), at most [`MAX_RETRY_AFTER`]; never panics, whatever `secs` is
+/// (`inf` and huge values are the maximum, `NaN` and negatives zero).
+pub fn clamp_wait(secs: f64) -> Duration {
+    let max = MAX_RETRY_AFTER.as_secs_f64();
+    let secs = if secs.is_nan() {
+        0.0
+    } else {
+        secs.clamp(0.0, max)
+    };
+    Duration::from_secs_f64(secs.ceil())
 }
 
 /// What an error answer (status, headers, body) means for the credential.
@@ -497,6 +558,36 @@ mod tests {
                 "rate-limited (HTTP 429 from the provider)".into()
             )
         );
+        // A wait past a day, in any spelling, is a day; garbage is the default.
+        for (value, wait) in [
+            ("1e300", MAX_RETRY_AFTER),
+            ("100000000000000", MAX_RETRY_AFTER),
+            ("18446744073709551615", MAX_RETRY_AFTER),
+            ("340282366920938463463374607431768211456", MAX_RETRY_AFTER),
+            ("inf", MAX_RETRY_AFTER),
+            ("86401", MAX_RETRY_AFTER),
+            ("86400", MAX_RETRY_AFTER),
+            ("0.2", Duration::from_secs(1)),
+            ("0", Duration::ZERO),
+            ("-5", DEFAULT_RATE_LIMIT_COOLDOWN),
+            ("NaN", DEFAULT_RATE_LIMIT_COOLDOWN),
+            ("-inf", DEFAULT_RATE_LIMIT_COOLDOWN),
+            ("soon", DEFAULT_RATE_LIMIT_COOLDOWN),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("retry-after", value.parse().unwrap());
+            for status in [429, 503] {
+                let status = StatusCode::from_u16(status).unwrap();
+                match classify(Format::Openai, status, &h, b"{}") {
+                    Verdict::Cooldown(w, _) if status == 429 => assert_eq!(w, wait, "{value}"),
+                    Verdict::Cooldown(w, _) => assert!(w <= MAX_RETRY_AFTER, "{value}"),
+                    other => panic!("{value}: {other:?}"),
+                }
+            }
+        }
+        assert_eq!(clamp_wait(f64::NAN), Duration::ZERO);
+        assert_eq!(clamp_wait(f64::MAX), MAX_RETRY_AFTER);
+        assert_eq!(clamp_wait(-1.0), Duration::ZERO);
         assert!(matches!(
             classify(
                 Format::Anthropic,
@@ -527,11 +618,11 @@ mod tests {
         let len = body.to_string().len();
         assert_eq!(
             reservation(Format::Openai, &peek(&body), len, 4096),
-            100 + len.div_ceil(4) as u64
+            Ok(100 + len.div_ceil(4) as u64)
         );
         assert_eq!(
             reservation(Format::Openai, &peek(&json!({})), 2, 4096),
-            4096
+            Ok(4096)
         );
         assert_eq!(
             reservation(
@@ -540,8 +631,129 @@ mod tests {
                 4,
                 4096
             ),
-            9
+            Ok(9)
         );
+        // Caps within the bound, in any JSON spelling of a whole number.
+        for (cap, tokens) in [
+            ("0", 0),
+            ("1", 1),
+            ("100.0", 100),
+            ("1e3", 1000),
+            ("1000000000", MAX_REQUEST_TOKENS),
+        ] {
+            for (format, body) in [
+                (Format::Openai, format!("{{\"max_tokens\": {cap}}}")),
+                (
+                    Format::Openai,
+                    format!("{{\"max_completion_tokens\": {cap}}}"),
+                ),
+                (Format::Anthropic, format!("{{\"max_tokens\": {cap}}}")),
+                (
+                    Format::Gemini,
+                    format!("{{\"generationConfig\": {{\"maxOutputTokens\": {cap}}}}}"),
+                ),
+            ] {
+                let p = Peek::read(body.as_bytes()).unwrap();
+                assert_eq!(reservation(format, &p, 0, 7), Ok(tokens), "{body}");
+            }
+        }
+        // Above the bound, negative or fractional: refused, naming the field.
+        for cap in [
+            "18446744073709551615",
+            "9223372036854775807",
+            "1000000001",
+            "100000000000000000000",
+            "1e300",
+            "-1",
+            "-9223372036854775808",
+            "0.5",
+        ] {
+            for (format, body, field) in [
+                (
+                    Format::Openai,
+                    format!("{{\"max_tokens\": {cap}}}"),
+                    "max_tokens",
+                ),
+                (
+                    Format::Openai,
+                    format!("{{\"max_tokens\": 5, \"max_completion_tokens\": {cap}}}"),
+                    "max_completion_tokens",
+                ),
+                (
+                    Format::Openai,
+                    format!("{{\"max_completion_tokens\": 5, \"max_tokens\": {cap}}}"),
+                    "max_tokens",
+                ),
+                (
+                    Format::Anthropic,
+                    format!("{{\"max_tokens\": {cap}}}"),
+                    "max_tokens",
+                ),
+                (
+                    Format::Gemini,
+                    format!("{{\"generationConfig\": {{\"maxOutputTokens\": {cap}}}}}"),
+                    "maxOutputTokens",
+                ),
+            ] {
+                let p = Peek::read(body.as_bytes()).unwrap();
+                let e = reservation(format, &p, 10, 7).unwrap_err();
+                assert!(e.contains(field), "{body}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn usage_sums_saturate_and_clamp() {
+        let max = u64::MAX;
+        let answers = [
+            (
+                Format::Anthropic,
+                json!({"usage": {"input_tokens": max, "cache_read_input_tokens": 2, "output_tokens": 1}}),
+                (MAX_REQUEST_TOKENS, 1),
+            ),
+            (
+                Format::Anthropic,
+                json!({"usage": {"input_tokens": max, "cache_creation_input_tokens": max, "cache_read_input_tokens": max, "output_tokens": max}}),
+                (MAX_REQUEST_TOKENS, MAX_REQUEST_TOKENS),
+            ),
+            (
+                Format::Gemini,
+                json!({"usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": max, "thoughtsTokenCount": 2}}),
+                (1, MAX_REQUEST_TOKENS),
+            ),
+            (
+                Format::Gemini,
+                json!({"usageMetadata": {"promptTokenCount": max, "totalTokenCount": max}}),
+                (MAX_REQUEST_TOKENS, 0),
+            ),
+            (
+                Format::Openai,
+                json!({"usage": {"prompt_tokens": max, "completion_tokens": 9223372036854775807u64}}),
+                (MAX_REQUEST_TOKENS, MAX_REQUEST_TOKENS),
+            ),
+            (
+                Format::Openai,
+                json!({"usage": {"prompt_tokens": 3, "completion_tokens": 4}}),
+                (3, 4),
+            ),
+        ];
+        for (format, body, (input, output)) in answers {
+            let want = Some(Usage { input, output });
+            assert_eq!(
+                usage_from_answer(format, body.to_string().as_bytes()),
+                want,
+                "{body}"
+            );
+            assert_eq!(usage_from_body(format, &body), want, "{body}");
+        }
+        // Streamed events go through the same readings.
+        let mut seen = None;
+        usage_from_event(
+            Format::Anthropic,
+            &json!({"type": "message_start", "message": {"usage": {"input_tokens": max, "cache_read_input_tokens": 2}}}),
+            &mut seen,
+        );
+        assert_eq!(seen.map(|u| u.input), Some(MAX_REQUEST_TOKENS));
     }
 
     #[test]
@@ -554,7 +766,7 @@ mod tests {
         // Fields of unexpected types read as absent, as a key given twice reads its last.
         let p = Peek::read(br#"{"model": 5, "stream": "yes", "max_tokens": "9"}"#).unwrap();
         assert_eq!((p.model(), p.stream()), (None, false));
-        assert_eq!(reservation(Format::Openai, &p, 10, 7), 7);
+        assert_eq!(reservation(Format::Openai, &p, 10, 7), Ok(7));
         let p = Peek::read(br#"{"model": "a", "model": "b"}"#).unwrap();
         assert_eq!(p.model(), Some("b"));
         // Not an object: valid JSON, or not JSON at all.

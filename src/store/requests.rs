@@ -54,6 +54,9 @@ pub enum Unavailable {
     Busy { retry_after: u64, in_flight: bool },
     /// Every credential is disabled, invalid or expired (or was tried already).
     Unusable,
+    /// Every credential that is not unusable is out of quota (or too small for the request),
+    /// and its provider's quota never resets.
+    Exhausted,
 }
 
 /// What happened to the credential that made a request fail.
@@ -178,13 +181,37 @@ impl Store {
         now: DateTime<Utc>,
     ) {
         let (reply, _) = oneshot::channel();
-        let op = Op::Settle {
-            id: reservation_id.to_string(),
-            usage,
-            at_least_reserved,
-            now,
-            reply,
-        };
+        let id = reservation_id.to_string();
+        self.tell(
+            reservation_id,
+            Op::Settle {
+                id,
+                usage,
+                at_least_reserved,
+                now,
+                reply,
+            },
+        );
+    }
+
+    /// Queue a release without a mark (as [`Store::release`]) without waiting for it: for a
+    /// request path that cannot wait (a reservation dropped while unwinding).
+    pub fn release_later(&self, reservation_id: &str, now: DateTime<Utc>) {
+        let (reply, _) = oneshot::channel();
+        let id = reservation_id.to_string();
+        self.tell(
+            reservation_id,
+            Op::Release {
+                id,
+                mark: None,
+                now,
+                reply,
+            },
+        );
+    }
+
+    /// Queue an operation on a reservation whose outcome nobody waits for.
+    fn tell(&self, reservation_id: &str, op: Op) {
         if self.ledger.send(op).is_err() {
             tracing::error!(
                 reservation = reservation_id,
@@ -231,13 +258,14 @@ impl Store {
             for r in &dead {
                 // Deleting the row took the tokens out of `reserved`; charge them.
                 sqlx::query!(
-                    "UPDATE quotas SET used = used + ?1 WHERE credential_id = ?2",
+                    "UPDATE quotas SET used = MIN(used + ?1, 1000000000000000)
+                     WHERE credential_id = ?2",
                     r.tokens,
                     r.credential_id
                 )
                 .execute(&mut *tx)
                 .await?;
-                tokens += r.tokens.max(0) as u64;
+                tokens = tokens.saturating_add(r.tokens.max(0) as u64);
                 audits.push((
                     r.credential_id.clone(),
                     r.provider.clone(),

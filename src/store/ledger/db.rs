@@ -70,17 +70,21 @@ impl Effects {
 const INSERT: &str = "INSERT INTO reservations
         (id, credential_id, kind, tokens, owner, created_at, expires_at, provider)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
-const CHARGE: &str =
-    "UPDATE quotas SET used = used + ?2, last_used_at = ?3 WHERE credential_id = ?1";
+// Counters saturate at the counter bound (10^15, `quota::MAX_COUNTER_TOKENS`): an SQLite
+// integer sum past 2^63 would silently become a float, and MIN keeps even that an integer.
+#[cfg(test)]
+pub(super) const CHARGE_SQL: &str = CHARGE;
+const CHARGE: &str = "UPDATE quotas SET used = MIN(used + ?2, 1000000000000000), last_used_at = ?3
+    WHERE credential_id = ?1";
 const HISTORY: &str = "INSERT INTO usage_hourly
         (credential_id, provider, bucket_start, requests, input_tokens, output_tokens,
          unreported_tokens)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
     ON CONFLICT (credential_id, bucket_start) DO UPDATE SET
-        requests = requests + excluded.requests,
-        input_tokens = input_tokens + excluded.input_tokens,
-        output_tokens = output_tokens + excluded.output_tokens,
-        unreported_tokens = unreported_tokens + excluded.unreported_tokens";
+        requests = MIN(requests + excluded.requests, 1000000000000000),
+        input_tokens = MIN(input_tokens + excluded.input_tokens, 1000000000000000),
+        output_tokens = MIN(output_tokens + excluded.output_tokens, 1000000000000000),
+        unreported_tokens = MIN(unreported_tokens + excluded.unreported_tokens, 1000000000000000)";
 const DELETE: &str = "DELETE FROM reservations WHERE id = ?1";
 const MARK_STATE: &str =
     "UPDATE credentials SET state = ?1, state_reason = ?2, updated_at = ?3 WHERE id = ?4";

@@ -11,6 +11,9 @@ use sqlx::SqlitePool;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+/// The most a counter holds ([`crate::quota::MAX_COUNTER_TOKENS`]), as the mirror's integers.
+pub(super) const MAX_COUNTER: i64 = crate::quota::MAX_COUNTER_TOKENS as i64;
+
 #[derive(Debug, Clone)]
 pub(super) struct HotCred {
     pub(super) seq: i64,
@@ -37,9 +40,29 @@ impl HotCred {
             && self.cooldown_until.is_none_or(|c| c <= now)
     }
 
+    /// Whether `tokens` more fit under the limit beside what is used and reserved. Saturating:
+    /// counters and reservations are bounded where they come in, but a sum that would pass
+    /// `i64::MAX` must still read as "no room", never wrap to room.
     pub(super) fn has_room(&self, tokens: i64) -> bool {
-        self.limit
-            .is_none_or(|l| self.used + self.reserved + tokens <= l)
+        // A sum past `i64::MAX` is never room, limited or not, so `reserved` stays exact.
+        let total = self
+            .used
+            .checked_add(self.reserved)
+            .and_then(|t| t.checked_add(tokens.max(0)));
+        match (total, self.limit) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(total), Some(l)) => total <= l,
+        }
+    }
+
+    /// Room left under the limit (`u64::MAX` when unlimited), for quota_aware.
+    pub(super) fn room(&self) -> u64 {
+        self.limit.map_or(u64::MAX, |l| {
+            l.saturating_sub(self.used)
+                .saturating_sub(self.reserved)
+                .max(0) as u64
+        })
     }
 }
 
@@ -49,6 +72,8 @@ pub(super) struct HotRes {
     pub(super) provider: String,
     pub(super) tokens: i64,
     pub(super) kind: ReservationKind,
+    /// When an unreported lease is settled at its reservation (unix seconds).
+    pub(super) expires_at: Option<i64>,
 }
 
 /// A provider's credentials in selection order, with the round-robin cursors.
@@ -108,13 +133,10 @@ impl Hot {
                 Some(list.by_priority[i].clone())
             }
             SelectionStrategy::QuotaAware => {
-                let rooms = list.by_seq.iter().map(|id| {
-                    ok(id).then(|| {
-                        let c = &creds[id];
-                        c.limit
-                            .map_or(u64::MAX, |l| (l - c.used - c.reserved).max(0) as u64)
-                    })
-                });
+                let rooms = list
+                    .by_seq
+                    .iter()
+                    .map(|id| ok(id).then(|| creds[id].room()));
                 selection::most_room(rooms).map(|i| list.by_seq[i].clone())
             }
         }
@@ -134,6 +156,8 @@ impl Hot {
         };
         let mut earliest: Option<i64> = None;
         let mut in_flight = false;
+        // Some credential is out of room until a reset that its schedule never brings.
+        let mut for_good = false;
         let mut consider = |at: i64| earliest = Some(earliest.map_or(at, |e| e.min(at)));
         for id in &list.by_seq {
             let c = &self.creds[id];
@@ -148,9 +172,15 @@ impl Hot {
                     .next_reset(crate::domain::from_unix(c.period_start))
                     .map(|t| t.timestamp())
             };
-            if c.state == "exhausted" || c.limit.is_some_and(|l| c.used >= l) {
-                if let Some(at) = next_reset() {
-                    consider(at);
+            let tokens = tokens.max(0);
+            let out_of_room = c.state == "exhausted"
+                || c.limit
+                    .is_some_and(|l| c.used >= l || c.used.saturating_add(tokens) > l);
+            if out_of_room {
+                // Only a reset makes room: no reservation's end would.
+                match next_reset() {
+                    Some(at) => consider(at),
+                    None => for_good = true,
                 }
                 continue;
             }
@@ -158,25 +188,37 @@ impl Hot {
                 consider(until);
                 continue;
             }
-            match c.limit {
-                Some(l) if c.used + c.leased + tokens > l => {
-                    if let Some(at) = next_reset() {
-                        consider(at);
-                    }
-                }
-                _ => {
-                    in_flight = true;
-                    consider(now + 1);
-                }
+            // The room is held by reservations. Those of requests end within the request
+            // timeout, so a request may wait for them; leases last until reported or expired
+            // (minutes), so when they are what holds the room, the answer names their end.
+            let freed_by_requests = c
+                .limit
+                .is_none_or(|l| c.used.saturating_add(c.leased).saturating_add(tokens) <= l);
+            if freed_by_requests {
+                in_flight = true;
+                consider(now.saturating_add(1));
+            } else {
+                let end = self.first_lease_end(id).unwrap_or(now);
+                consider(end.max(now.saturating_add(1)));
             }
         }
         match earliest {
             Some(at) => Unavailable::Busy {
-                retry_after: (at - now).max(1) as u64,
+                retry_after: at.saturating_sub(now).max(1) as u64,
                 in_flight,
             },
+            None if for_good => Unavailable::Exhausted,
             None => Unavailable::Unusable,
         }
+    }
+
+    /// When the first of a credential's leases expires (unix seconds).
+    fn first_lease_end(&self, credential: &str) -> Option<i64> {
+        self.reservations
+            .values()
+            .filter(|r| r.credential_id == credential)
+            .filter_map(|r| r.expires_at)
+            .min()
     }
 }
 
@@ -197,10 +239,11 @@ pub(in crate::store) async fn load(
     )
     .fetch_all(writer)
     .await?;
-    let reservations =
-        sqlx::query!("SELECT id, credential_id, provider, tokens, kind FROM reservations")
-            .fetch_all(writer)
-            .await?;
+    let reservations = sqlx::query!(
+        "SELECT id, credential_id, provider, tokens, kind, expires_at FROM reservations"
+    )
+    .fetch_all(writer)
+    .await?;
     let mut hot = Hot::default();
     let old_tokens = std::mem::take(&mut mirror.lock().unwrap_or_else(|p| p.into_inner()).tokens);
     for r in rows {
@@ -228,8 +271,8 @@ pub(in crate::store) async fn load(
             HotCred {
                 seq: r.seq,
                 priority: r.priority,
-                limit: r.limit_tokens,
-                used: r.used,
+                limit: r.limit_tokens.map(|l| l.clamp(0, MAX_COUNTER)),
+                used: r.used.clamp(0, MAX_COUNTER),
                 reserved: 0,
                 leased: 0,
                 disabled: r.disabled,
@@ -247,10 +290,13 @@ pub(in crate::store) async fn load(
         } else {
             ReservationKind::Request
         };
+        // Rows are written bounded; read bounded too, so an edited database cannot make a
+        // sum wrap.
+        let tokens = r.tokens.clamp(0, MAX_COUNTER);
         if let Some(c) = hot.creds.get_mut(&r.credential_id) {
-            c.reserved += r.tokens;
+            c.reserved = c.reserved.saturating_add(tokens);
             if kind == ReservationKind::Lease {
-                c.leased += r.tokens;
+                c.leased = c.leased.saturating_add(tokens);
             }
         }
         hot.reservations.insert(
@@ -258,8 +304,9 @@ pub(in crate::store) async fn load(
             HotRes {
                 credential_id: r.credential_id,
                 provider: r.provider,
-                tokens: r.tokens,
+                tokens,
                 kind,
+                expires_at: r.expires_at,
             },
         );
     }

@@ -118,7 +118,8 @@ impl Ledger {
             for op in ops {
                 match op {
                     Op::Reserve { req, now, reply } => {
-                        let result = self.decide_reserve(&mut hot, req, now, &mut effects);
+                        let result =
+                            decide_reserve(&mut hot, &self.schedules, req, now, &mut effects);
                         pending.push(Pending::Reserve(reply, result));
                     }
                     Op::Settle {
@@ -215,62 +216,70 @@ impl Ledger {
             ),
         }
     }
+}
 
-    fn decide_reserve(
-        &self,
-        hot: &mut Hot,
-        req: ReserveRequestOwned,
-        now: DateTime<Utc>,
-        effects: &mut Effects,
-    ) -> std::result::Result<Reservation, Unavailable> {
-        let ts = now.timestamp();
-        let tokens = req.tokens.min(i64::MAX as u64) as i64;
-        let Some(credential_id) = hot.pick(&req.provider, tokens, req.strategy, &req.exclude, ts)
-        else {
-            let schedule = self
-                .schedules
-                .get(&req.provider)
-                .cloned()
-                .unwrap_or(ResetSchedule::Never);
-            return Err(hot.why(&req.provider, tokens, &req.exclude, ts, &schedule));
-        };
-        // A reservation (or lease) id: `res_` and 24 random lowercase letters and digits.
-        let id = super::random_id("res_", 24);
-        let c = hot
-            .creds
-            .get_mut(&credential_id)
-            .expect("picked from the mirror");
-        c.reserved += tokens;
-        if req.kind == ReservationKind::Lease {
-            c.leased += tokens;
-        }
-        hot.reservations.insert(
-            id.clone(),
-            HotRes {
-                credential_id: credential_id.clone(),
-                provider: req.provider.clone(),
-                tokens,
-                kind: req.kind,
-            },
-        );
-        effects.inserts.push(NewReservation {
-            id: id.clone(),
-            credential_id: credential_id.clone(),
-            kind: match req.kind {
-                ReservationKind::Lease => "lease",
-                ReservationKind::Request => "request",
-            },
-            tokens,
-            created_at: ts,
-            expires_at: req.expires_at.map(|t| t.timestamp()),
-            provider: req.provider,
-        });
-        Ok(Reservation {
-            id,
-            credential_id,
-            tokens: req.tokens,
-        })
+/// Decide one reservation against the mirror, recording its write. At least one token is
+/// reserved, so a request that names none (a lease estimating 0) still needs room and is not
+/// handed a credential that is already full; more than a counter can hold never fits.
+fn decide_reserve(
+    hot: &mut Hot,
+    schedules: &BTreeMap<String, ResetSchedule>,
+    req: ReserveRequestOwned,
+    now: DateTime<Utc>,
+    effects: &mut Effects,
+) -> std::result::Result<Reservation, Unavailable> {
+    let ts = now.timestamp();
+    if req.tokens > crate::quota::MAX_COUNTER_TOKENS {
+        // More than any counter can hold never fits (the API refuses far less than this).
+        return Err(Unavailable::Exhausted);
     }
+    let tokens = req.tokens.max(1) as i64;
+    let Some(credential_id) = hot.pick(&req.provider, tokens, req.strategy, &req.exclude, ts)
+    else {
+        let schedule = schedules
+            .get(&req.provider)
+            .cloned()
+            .unwrap_or(ResetSchedule::Never);
+        return Err(hot.why(&req.provider, tokens, &req.exclude, ts, &schedule));
+    };
+    // A reservation (or lease) id: `res_` and 24 random lowercase letters and digits.
+    let id = super::random_id("res_", 24);
+    let Some(c) = hot.creds.get_mut(&credential_id) else {
+        // `pick` only returns credentials of the mirror; should it not, nothing is reserved.
+        return Err(Unavailable::Unusable);
+    };
+    c.reserved = c.reserved.saturating_add(tokens);
+    if req.kind == ReservationKind::Lease {
+        c.leased = c.leased.saturating_add(tokens);
+    }
+    let expires_at = req.expires_at.map(|t| t.timestamp());
+    hot.reservations.insert(
+        id.clone(),
+        HotRes {
+            credential_id: credential_id.clone(),
+            provider: req.provider.clone(),
+            tokens,
+            kind: req.kind,
+            expires_at,
+        },
+    );
+    effects.inserts.push(NewReservation {
+        id: id.clone(),
+        credential_id: credential_id.clone(),
+        kind: match req.kind {
+            ReservationKind::Lease => "lease",
+            ReservationKind::Request => "request",
+        },
+        tokens,
+        created_at: ts,
+        expires_at,
+        provider: req.provider,
+    });
+    Ok(Reservation {
+        id,
+        credential_id,
+        tokens: tokens as u64,
+    })
 }
 
 /// Add to `ops` every operation queued, and for a group of settlements only, wait briefly for
@@ -316,20 +325,21 @@ fn settle_in(
     let Some(res) = hot.reservations.remove(&id) else {
         return false;
     };
-    let clamp = |n: u64| n.min(i64::MAX as u64) as i64;
+    // Usage arrives clamped (`Usage::reported`); clamped again so no caller can pass more.
+    let clamp = |n: u64| n.min(crate::quota::MAX_REQUEST_TOKENS) as i64;
     let (input, output) = (clamp(usage.input), clamp(usage.output));
     let unreported = if at_least_reserved {
-        (res.tokens - input.saturating_add(output)).max(0)
+        res.tokens
+            .saturating_sub(input.saturating_add(output))
+            .max(0)
     } else {
         0
     };
     let charged = input.saturating_add(output).saturating_add(unreported);
     if let Some(c) = hot.creds.get_mut(&res.credential_id) {
-        c.reserved = (c.reserved - res.tokens).max(0);
-        if res.kind == ReservationKind::Lease {
-            c.leased = (c.leased - res.tokens).max(0);
-        }
-        c.used = c.used.saturating_add(charged);
+        unhold(c, &res);
+        // As the database's counter does (`db.rs`), saturating at the bound.
+        c.used = c.used.saturating_add(charged).min(hot::MAX_COUNTER);
     }
     e.settles.push(Settlement {
         id,
@@ -349,10 +359,7 @@ fn release_in(hot: &mut Hot, id: String, mark: Option<Mark>, ts: i64, e: &mut Ef
         return false;
     };
     if let Some(c) = hot.creds.get_mut(&res.credential_id) {
-        c.reserved = (c.reserved - res.tokens).max(0);
-        if res.kind == ReservationKind::Lease {
-            c.leased = (c.leased - res.tokens).max(0);
-        }
+        unhold(c, &res);
         if let Some(m) = &mark {
             apply_mark(c, m, ts);
         }
@@ -364,6 +371,14 @@ fn release_in(hot: &mut Hot, id: String, mark: Option<Mark>, ts: i64, e: &mut Ef
     true
 }
 
+/// Take a reservation's tokens out of its credential's `reserved` (and `leased`).
+fn unhold(c: &mut HotCred, res: &HotRes) {
+    c.reserved = c.reserved.saturating_sub(res.tokens).max(0);
+    if res.kind == ReservationKind::Lease {
+        c.leased = c.leased.saturating_sub(res.tokens).max(0);
+    }
+}
+
 /// The same change a mark makes in SQL (`db.rs`), in the mirror.
 fn apply_mark(c: &mut HotCred, mark: &Mark, _ts: i64) {
     match mark {
@@ -373,5 +388,292 @@ fn apply_mark(c: &mut HotCred, mark: &Mark, _ts: i64) {
             let until = until.timestamp();
             c.cooldown_until = Some(c.cooldown_until.map_or(until, |u| u.max(until)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The ledger's decisions driven with arbitrary sizes and usages: a reservation is granted
+    //! only when it fits under the limit beside what is used and reserved, whatever the
+    //! numbers; `reserved` always equals the reservations held; counters never wrap.
+    use super::hot::{HotCred, MAX_COUNTER, ProviderList};
+    use super::*;
+    use crate::config::SelectionStrategy;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    const PROVIDER: &str = "openai";
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Reserve {
+            tokens: u64,
+            lease: bool,
+            strategy: SelectionStrategy,
+        },
+        Settle {
+            pick: usize,
+            input: u64,
+            output: u64,
+            at_least_reserved: bool,
+        },
+        Release {
+            pick: usize,
+            cooldown: bool,
+        },
+    }
+
+    /// Token counts, the extremes first: 0, 1, the bounds, and the integer limits.
+    fn tokens() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0u64),
+            Just(1),
+            Just(crate::quota::MAX_REQUEST_TOKENS),
+            Just(crate::quota::MAX_COUNTER_TOKENS),
+            Just(i64::MAX as u64),
+            Just(i64::MAX as u64 + 1),
+            Just(u64::MAX),
+            0u64..200,
+            any::<u64>(),
+        ]
+    }
+
+    /// A counter or limit as the mirror holds it (loaded within the counter bound).
+    fn counter() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            Just(0i64),
+            Just(1),
+            Just(MAX_COUNTER),
+            Just(MAX_COUNTER - 1),
+            0i64..300,
+            0..=MAX_COUNTER,
+        ]
+    }
+
+    fn strategy() -> impl Strategy<Value = SelectionStrategy> {
+        prop_oneof![
+            Just(SelectionStrategy::RoundRobin),
+            Just(SelectionStrategy::QuotaAware),
+            Just(SelectionStrategy::Priority),
+        ]
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (tokens(), any::<bool>(), strategy()).prop_map(|(tokens, lease, strategy)| {
+                Step::Reserve {
+                    tokens,
+                    lease,
+                    strategy,
+                }
+            }),
+            (any::<usize>(), tokens(), tokens(), any::<bool>()).prop_map(
+                |(pick, input, output, at_least_reserved)| Step::Settle {
+                    pick,
+                    input,
+                    output,
+                    at_least_reserved,
+                }
+            ),
+            (any::<usize>(), any::<bool>())
+                .prop_map(|(pick, cooldown)| Step::Release { pick, cooldown }),
+        ]
+    }
+
+    /// Credentials: (limit, used, priority).
+    fn creds() -> impl Strategy<Value = Vec<(Option<i64>, i64, i64)>> {
+        prop::collection::vec(
+            (
+                proptest::option::weighted(0.8, counter()),
+                counter(),
+                0i64..3,
+            ),
+            1..5,
+        )
+    }
+
+    fn mirror(creds: &[(Option<i64>, i64, i64)]) -> Hot {
+        let mut hot = Hot::default();
+        let mut list = ProviderList::default();
+        for (i, (limit, used, priority)) in creds.iter().enumerate() {
+            let id = format!("cred_{i}");
+            list.by_seq.push(id.clone());
+            hot.creds.insert(
+                id,
+                HotCred {
+                    seq: i as i64,
+                    priority: *priority,
+                    limit: *limit,
+                    used: *used,
+                    reserved: 0,
+                    leased: 0,
+                    disabled: false,
+                    state: "active".into(),
+                    expires_at: None,
+                    cooldown_until: None,
+                    has_token: true,
+                    period_start: 0,
+                },
+            );
+        }
+        list.by_priority = list.by_seq.clone();
+        list.by_priority
+            .sort_by_key(|id| (hot.creds[id].priority, hot.creds[id].seq));
+        list.levels = list
+            .by_priority
+            .iter()
+            .map(|id| hot.creds[id].priority)
+            .collect();
+        hot.lists.insert(PROVIDER.into(), list);
+        hot
+    }
+
+    /// Run `steps`, checking every grant and the accounting after each step. With `honest`,
+    /// usage never exceeds its reservation, and then no credential that started within its
+    /// limit ever has `used + reserved` past it.
+    fn run(creds: &[(Option<i64>, i64, i64)], steps: &[Step], honest: bool) {
+        let mut hot = mirror(creds);
+        let schedules = BTreeMap::new();
+        let now = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let within: Vec<bool> = creds
+            .iter()
+            .map(|(limit, used, _)| limit.is_none_or(|l| *used <= l))
+            .collect();
+        let mut live: Vec<String> = Vec::new();
+        for step in steps {
+            let before: HashMap<String, HotCred> = hot.creds.clone();
+            let mut effects = Effects::default();
+            match step {
+                Step::Reserve {
+                    tokens,
+                    lease,
+                    strategy,
+                } => {
+                    let req = ReserveRequestOwned {
+                        provider: PROVIDER.into(),
+                        tokens: *tokens,
+                        strategy: *strategy,
+                        exclude: Vec::new(),
+                        kind: if *lease {
+                            ReservationKind::Lease
+                        } else {
+                            ReservationKind::Request
+                        },
+                        expires_at: lease.then(|| now + chrono::Duration::minutes(10)),
+                    };
+                    if let Ok(r) = decide_reserve(&mut hot, &schedules, req, now, &mut effects) {
+                        let c = &before[&r.credential_id];
+                        assert!(*tokens <= crate::quota::MAX_COUNTER_TOKENS);
+                        let asked = i128::from((*tokens).max(1));
+                        if let Some(limit) = c.limit {
+                            let total = i128::from(c.used) + i128::from(c.reserved) + asked;
+                            assert!(
+                                total <= i128::from(limit),
+                                "granted {tokens} on used {} reserved {} limit {limit}",
+                                c.used,
+                                c.reserved
+                            );
+                        }
+                        assert_eq!(i128::from(r.tokens as i64), asked);
+                        live.push(r.id);
+                    }
+                }
+                Step::Settle {
+                    pick,
+                    input,
+                    output,
+                    at_least_reserved,
+                } if !live.is_empty() => {
+                    let id = live.swap_remove(pick % live.len());
+                    let held = hot.reservations[&id].tokens as u64;
+                    let (input, output) = if honest {
+                        let input = input % (held + 1);
+                        (input, output % (held - input + 1))
+                    } else {
+                        (*input, *output)
+                    };
+                    let usage = Usage { input, output };
+                    let ts = now.timestamp();
+                    assert!(settle_in(
+                        &mut hot,
+                        id.clone(),
+                        usage,
+                        *at_least_reserved,
+                        ts,
+                        &mut effects
+                    ));
+                    assert!(!settle_in(&mut hot, id, usage, true, ts, &mut effects));
+                }
+                Step::Release { pick, cooldown } if !live.is_empty() => {
+                    let id = live.swap_remove(pick % live.len());
+                    let mark = cooldown.then(|| Mark::Cooldown {
+                        until: now,
+                        reason: "test".into(),
+                    });
+                    let ts = now.timestamp();
+                    assert!(release_in(&mut hot, id.clone(), mark, ts, &mut effects));
+                    assert!(!release_in(&mut hot, id, None, ts, &mut effects));
+                }
+                _ => {}
+            }
+            for (id, c) in &hot.creds {
+                let held: i128 = hot
+                    .reservations
+                    .values()
+                    .filter(|r| &r.credential_id == id)
+                    .map(|r| i128::from(r.tokens))
+                    .sum();
+                let leased: i128 = hot
+                    .reservations
+                    .values()
+                    .filter(|r| &r.credential_id == id && r.kind == ReservationKind::Lease)
+                    .map(|r| i128::from(r.tokens))
+                    .sum();
+                assert_eq!(i128::from(c.reserved), held, "{id} reserved");
+                assert_eq!(i128::from(c.leased), leased, "{id} leased");
+                let was = &before[id];
+                assert!(c.used >= was.used.min(MAX_COUNTER), "{id}: used went down");
+                assert!(
+                    c.used <= was.used.max(MAX_COUNTER),
+                    "{id}: used past the bound"
+                );
+                let i = id["cred_".len()..].parse::<usize>().unwrap();
+                if honest
+                    && within[i]
+                    && let Some(limit) = c.limit
+                {
+                    let total = i128::from(c.used) + i128::from(c.reserved);
+                    assert!(total <= i128::from(limit), "{id}: {total} of {limit}");
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 10_000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn grants_never_pass_a_limit(creds in creds(), steps in prop::collection::vec(step(), 1..40)) {
+            run(&creds, &steps, false);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2_000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn honest_usage_keeps_used_and_reserved_within_limits(
+            creds in creds(),
+            steps in prop::collection::vec(step(), 1..40),
+        ) {
+            run(&creds, &steps, true);
+        }
+    }
+
+    #[test]
+    fn the_sql_bound_is_the_counter_bound() {
+        let bound = crate::quota::MAX_COUNTER_TOKENS.to_string();
+        assert!(super::db::CHARGE_SQL.contains(&bound));
+        assert_eq!(MAX_COUNTER.to_string(), bound);
     }
 }
