@@ -15,3 +15,4 @@ mod sdk;
 mod secrets;
 mod security;
 mod seed;
+mod streams;
