@@ -8,6 +8,7 @@ mod common;
 mod crash;
 mod management;
 mod mock;
+mod operations;
 mod persistence;
 mod proxy;
 #[cfg(feature = "sdk-tests")]
