@@ -1,7 +1,7 @@
 //! The command line (contract section 2). Exit codes: 0 ok, 1 runtime failure, 2 bad config
 //! or arguments, with one line naming the key or file at fault.
 
-use crate::app::{self, Application, StartError};
+use crate::app::{self, AppState, Application, StartError};
 use crate::config::Config;
 use crate::crypto::{self, EncryptionKey, Sealer};
 use crate::store::ImportMode;
@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -115,6 +116,10 @@ fn init_tracing(level: &str) {
 }
 
 async fn serve(loaded: crate::config::Loaded) -> Result<ExitCode, StartError> {
+    // Taken over before the (possibly long) start, so that from here on a SIGHUP, which log
+    // rotation sends, no longer ends the process as it does by default.
+    let hangups = signal(SignalKind::hangup())
+        .map_err(|e| StartError::Runtime(format!("cannot handle SIGHUP: {e}")))?;
     let app = Application::build(loaded).await?;
     release_startup_memory();
     let report = app.import_report();
@@ -126,9 +131,10 @@ async fn serve(loaded: crate::config::Loaded) -> Result<ExitCode, StartError> {
         "imported auth_dir"
     );
     tracing::info!(address = %app.local_addr(), "listening");
-    app.serve(shutdown_signal())
-        .await
-        .map_err(|e| StartError::Runtime(format!("server failed: {e}")))?;
+    let reopener = tokio::spawn(reopen_logs_on_hangup(hangups, app.state()));
+    let served = app.serve(shutdown_signal()).await;
+    reopener.abort();
+    served.map_err(|e| StartError::Runtime(format!("server failed: {e}")))?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -149,12 +155,30 @@ fn release_startup_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_startup_memory() {}
 
+/// On every SIGHUP, reopen `logs/auth.log` (rotated away, it is created again) and say so in
+/// it; the server keeps serving either way.
+async fn reopen_logs_on_hangup(mut hangups: Signal, state: Arc<AppState>) {
+    while hangups.recv().await.is_some() {
+        match state.auth_log.reopen() {
+            Ok(()) => state.auth_log.record(&format!(
+                "SIGHUP: reopened the auth log {}",
+                state.auth_log.path().display()
+            )),
+            Err(e) => tracing::error!(
+                path = %state.auth_log.path().display(),
+                error = %e,
+                "SIGHUP: cannot reopen the auth log; still writing to the file open before"
+            ),
+        }
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
     let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        match signal(SignalKind::terminate()) {
             Ok(mut s) => {
                 s.recv().await;
             }

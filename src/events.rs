@@ -3,6 +3,9 @@
 //!
 //! Lines are built only from ids, providers, sources, counts and reasons. Secrets are
 //! [`crate::crypto::Secret`]s, whose `Display` prints nothing, so none can end up here.
+//!
+//! The server reopens the file on `SIGHUP` ([`AuthLog::reopen`]), so log rotation can move it
+//! away and have new lines go to a new file.
 
 use crate::store::create_private_dir;
 use std::fs::{File, OpenOptions};
@@ -23,16 +26,22 @@ impl AuthLog {
         create_private_dir(dir)?;
         crate::store::warn_if_shared(dir);
         let path = dir.join("auth.log");
-        crate::store::warn_if_shared(&path);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)?;
+        let file = open_file(&path)?;
         Ok(AuthLog {
             path,
             file: Mutex::new(file),
         })
+    }
+
+    /// Open the log's path again and write there from now on: after log rotation moved the
+    /// file away, this creates a new one (owner-only). On failure the old file stays in use.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            create_private_dir(dir)?;
+        }
+        let file = open_file(&self.path)?;
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = file;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -73,4 +82,14 @@ impl AuthLog {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot write the auth log");
         }
     }
+}
+
+/// Open `path` for appending, created readable by the owner only.
+fn open_file(path: &Path) -> std::io::Result<File> {
+    crate::store::warn_if_shared(path);
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }

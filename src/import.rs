@@ -341,6 +341,77 @@ pub fn file_source(path: &Path) -> String {
     format!("file:{}", path.display())
 }
 
+/// What a file that is not a regular file is, for the report.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a folder"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    }
+}
+
+fn too_large() -> String {
+    format!(
+        "file is larger than the {} MiB a credential file may have",
+        MAX_FILE_BYTES / 1024 / 1024
+    )
+}
+
+/// Read a credential file (following symlinks): only a regular file, and never more than
+/// [`MAX_FILE_BYTES`] whatever size it claims (`/proc` files claim 0 and may never end).
+/// Anything else is checked before it is opened, since opening a FIFO waits for a writer and
+/// opening a device may act on it; and the open is non-blocking and checked again, in case
+/// the file was swapped between the two.
+fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let check = |meta: std::fs::Metadata| {
+        if !meta.file_type().is_file() {
+            return Err(format!(
+                "{} is not a regular file; only regular files are imported",
+                file_kind(meta.file_type())
+            ));
+        }
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(too_large());
+        }
+        Ok(())
+    };
+    let cannot = |e: std::io::Error| format!("cannot read file: {e}");
+    check(std::fs::metadata(path).map_err(cannot)?)?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(cannot)?;
+    check(file.metadata().map_err(cannot)?)?;
+    let mut bytes = Vec::new();
+    // Whole 64 KiB blocks, as `/proc/*/pagemap` refuses reads that are not a multiple of 8
+    // bytes; the read stops as soon as the total passes the cap.
+    let mut block = vec![0u8; 64 * 1024];
+    loop {
+        let n = match file.read(&mut block) {
+            Ok(0) => return Ok(bytes),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(cannot(e)),
+        };
+        if bytes.len() + n > MAX_FILE_BYTES as usize {
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&block[..n]);
+    }
+}
+
 /// Read one credential file into `batch`.
 pub fn read_file(batch: &mut Batch, registry: &Registry, path: &Path) {
     let source = file_source(path);
@@ -351,23 +422,9 @@ pub fn read_file(batch: &mut Batch, registry: &Registry, path: &Path) {
         })
     };
     batch.files += 1;
-    match std::fs::metadata(path) {
-        Ok(m) if m.len() > MAX_FILE_BYTES => {
-            return fail(
-                batch,
-                format!(
-                    "file is {} bytes, more than the {} MiB a credential file may have",
-                    m.len(),
-                    MAX_FILE_BYTES / 1024 / 1024
-                ),
-            );
-        }
-        Ok(_) => {}
-        Err(e) => return fail(batch, format!("cannot read file: {e}")),
-    }
-    let bytes = match std::fs::read(path) {
+    let bytes = match read_bounded(path) {
         Ok(b) => b,
-        Err(e) => return fail(batch, format!("cannot read file: {e}")),
+        Err(e) => return fail(batch, e),
     };
     let text = match std::str::from_utf8(&bytes) {
         Ok(t) => t,
@@ -408,37 +465,39 @@ pub fn read_file(batch: &mut Batch, registry: &Registry, path: &Path) {
     }
 }
 
-/// Read the credential files among `paths`: a directory contributes its `*.json` files (not
-/// recursively, in name order), a file is read as named.
+/// Read the credential files among `paths`: a directory contributes its `*.json` entries (not
+/// recursively), a file is read as named. All are read in sorted path order, each once, so
+/// that when two hold the same credential the first in that order wins. An entry named
+/// `*.json` that is not a regular file (a folder, FIFO, socket, device, or a symlink to one)
+/// is reported, not read.
 pub fn read_paths(registry: &Registry, paths: &[PathBuf]) -> Batch {
     let mut batch = Batch::default();
+    let mut files: Vec<PathBuf> = Vec::new();
     for path in paths {
         if path.is_dir() {
-            let mut files: Vec<PathBuf> = match std::fs::read_dir(path) {
-                Ok(dir) => dir
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.is_file() && is_credential_file(p))
-                    .collect(),
-                Err(e) => {
-                    batch.errors.push(ImportError {
-                        source: file_source(path),
-                        error: format!("cannot read folder: {e}"),
-                    });
-                    continue;
-                }
-            };
-            files.sort();
-            for file in files {
-                read_file(&mut batch, registry, &file);
+            match std::fs::read_dir(path) {
+                Ok(dir) => files.extend(
+                    dir.filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| is_credential_file(p)),
+                ),
+                Err(e) => batch.errors.push(ImportError {
+                    source: file_source(path),
+                    error: format!("cannot read folder: {e}"),
+                }),
             }
         } else if path.exists() {
-            read_file(&mut batch, registry, path);
+            files.push(path.clone());
         } else {
             batch.errors.push(ImportError {
                 source: file_source(path),
                 error: "no such file or folder".into(),
             });
         }
+    }
+    files.sort();
+    files.dedup();
+    for file in files {
+        read_file(&mut batch, registry, &file);
     }
     batch
 }

@@ -2,42 +2,88 @@
 //! latest usage report, and forwards every byte as it arrives, except (for OpenAI streams whose
 //! client did not ask for usage) the usage-only chunk the proxy asked for on its behalf, which
 //! needs whole events to be recognised.
+//!
+//! An event longer than [`MAX_PENDING`] is passed through unparsed as it arrives, without
+//! being buffered, and parsing starts again after its end: a usage report is small, and a huge
+//! event before it must neither grow the buffer without bound nor stop the report being read
+//! (and hidden) after it.
 
 use super::Format;
 use super::wire::{Usage, is_openai_usage_chunk, usage_from_event};
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 
-/// Largest partial event kept while waiting for its end; past it the tap stops parsing (and
-/// forwards everything) rather than grow without bound.
+/// Largest event (separator included) kept whole to be parsed. Longer ones pass unparsed.
 const MAX_PENDING: usize = 4 * 1024 * 1024;
+
+/// The longest event separator (`\r\n\r\n`), less one: how many bytes before a chunk can hold
+/// the start of a separator that ends in it.
+const SEPARATOR_LOOKBEHIND: usize = 3;
 
 #[derive(Debug)]
 pub struct StreamTap {
     format: Format,
     /// Hide OpenAI's usage-only chunk (the client did not ask for it).
     hide_usage_chunk: bool,
-    /// Bytes of the event in progress (all of them when hiding; a copy otherwise).
+    /// Bytes of the event in progress (all of them when hiding; a copy otherwise), at most
+    /// `cap`.
     pending: BytesMut,
+    /// [`MAX_PENDING`]; smaller in tests, so every size around it can be tried.
+    cap: usize,
+    /// The event in progress is longer than `cap`: its bytes pass through unkept until its
+    /// end.
+    oversized: bool,
+    /// The last bytes seen of an oversized event, for a separator split across chunks.
+    tail: Vec<u8>,
     usage: Option<Usage>,
     /// The stream was not server-sent events (Gemini without `alt=sse`): parse it at the end.
     json_array: bool,
-    overflowed: bool,
+    /// A JSON-array stream longer than `cap`: its usage is not read.
+    array_overflowed: bool,
 }
 
-/// Where one event ends in `buf`, and the length of its separator.
-fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
-    while i + 1 < buf.len() {
-        if buf[i] == b'\n' && buf[i + 1] == b'\n' {
-            return Some((i, 2));
+/// Where the first event separator that ends inside `chunk` ends: the number of bytes of
+/// `chunk` up to and including it, and the separator's length. `before` holds the bytes that
+/// preceded `chunk` in the stream (only its last [`SEPARATOR_LOOKBEHIND`] matter), so a
+/// separator split across chunks is found.
+fn separator_end(before: &[u8], chunk: &[u8]) -> Option<(usize, usize)> {
+    let before = &before[before.len().saturating_sub(SEPARATOR_LOOKBEHIND)..];
+    // The byte `back` places before `chunk[i]`, reaching into `before`.
+    let byte_before = |i: usize, back: usize| -> Option<u8> {
+        match i.checked_sub(back) {
+            Some(j) => Some(chunk[j]),
+            None => before.len().checked_sub(back - i).map(|j| before[j]),
         }
-        if i + 3 < buf.len() && &buf[i..i + 4] == b"\r\n\r\n" {
-            return Some((i, 4));
+    };
+    for (i, &b) in chunk.iter().enumerate() {
+        if b != b'\n' {
+            continue;
         }
-        i += 1;
+        if byte_before(i, 1) == Some(b'\n') {
+            return Some((i + 1, 2));
+        }
+        if byte_before(i, 1) == Some(b'\r')
+            && byte_before(i, 2) == Some(b'\n')
+            && byte_before(i, 3) == Some(b'\r')
+        {
+            return Some((i + 1, 4));
+        }
     }
     None
+}
+
+/// Add to `tail` the last bytes of `more`, keeping the last [`SEPARATOR_LOOKBEHIND`] bytes.
+fn keep_tail(tail: &mut Vec<u8>, more: &[u8]) {
+    tail.extend_from_slice(&more[more.len().saturating_sub(SEPARATOR_LOOKBEHIND)..]);
+    let excess = tail.len().saturating_sub(SEPARATOR_LOOKBEHIND);
+    tail.drain(..excess);
+}
+
+/// Add `bytes` to what goes to the client, when the tap builds it (only when hiding).
+fn forward(out: &mut Option<BytesMut>, bytes: &[u8]) {
+    if let Some(out) = out {
+        out.extend_from_slice(bytes);
+    }
 }
 
 /// The JSON of an event's `data:` lines, if any.
@@ -64,9 +110,12 @@ impl StreamTap {
             format,
             hide_usage_chunk,
             pending: BytesMut::new(),
+            cap: MAX_PENDING,
+            oversized: false,
+            tail: Vec::new(),
             usage: None,
             json_array,
-            overflowed: false,
+            array_overflowed: false,
         }
     }
 
@@ -77,62 +126,105 @@ impl StreamTap {
 
     /// Take in one upstream chunk; return what to send the client now.
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
-        if self.overflowed {
-            return chunk;
-        }
-        self.pending.extend_from_slice(&chunk);
-        if self.pending.len() > MAX_PENDING {
-            self.overflowed = true;
-            let rest = self.pending.split().freeze();
-            return if self.hide_usage_chunk { rest } else { chunk };
-        }
         if self.json_array {
+            if !self.array_overflowed {
+                if self.pending.len() + chunk.len() > self.cap {
+                    self.array_overflowed = true;
+                    self.pending = BytesMut::new();
+                } else {
+                    self.pending.extend_from_slice(&chunk);
+                }
+            }
             return chunk;
         }
-        let mut out = BytesMut::new();
-        while let Some((end, sep)) = event_end(&self.pending) {
-            let event = self.pending.split_to(end + sep);
-            let json = event_json(&event[..end]);
-            if let Some(json) = &json {
-                usage_from_event(self.format, json, &mut self.usage);
+        // Without hiding, every byte goes out as it came, and `pending` is only a copy.
+        let mut out = self.hide_usage_chunk.then(BytesMut::new);
+        let mut rest: &[u8] = &chunk;
+        while !rest.is_empty() {
+            if self.oversized {
+                let Some((n, _)) = separator_end(&self.tail, rest) else {
+                    forward(&mut out, rest);
+                    keep_tail(&mut self.tail, rest);
+                    break;
+                };
+                forward(&mut out, &rest[..n]);
+                rest = &rest[n..];
+                self.oversized = false;
+                self.tail.clear();
+                continue;
             }
-            let hide = self.hide_usage_chunk && json.as_ref().is_some_and(is_openai_usage_chunk);
-            if self.hide_usage_chunk && !hide {
-                out.extend_from_slice(&event);
+            match separator_end(&self.pending, rest) {
+                Some((n, sep)) if self.pending.len() + n <= self.cap => {
+                    self.pending.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                    let event = self.pending.split().freeze();
+                    self.take_event(&event, sep, &mut out);
+                }
+                // The event ends here, but is too long to have been kept whole.
+                Some((n, _)) => {
+                    forward(&mut out, &self.pending.split());
+                    forward(&mut out, &rest[..n]);
+                    rest = &rest[n..];
+                }
+                None if self.pending.len() + rest.len() <= self.cap => {
+                    self.pending.extend_from_slice(rest);
+                    break;
+                }
+                None => {
+                    self.tail.clear();
+                    keep_tail(&mut self.tail, &self.pending);
+                    keep_tail(&mut self.tail, rest);
+                    forward(&mut out, &self.pending.split());
+                    forward(&mut out, rest);
+                    // Give the buffer back: it may be as large as the cap.
+                    self.pending = BytesMut::new();
+                    self.oversized = true;
+                    break;
+                }
             }
         }
-        if self.hide_usage_chunk {
-            out.freeze()
-        } else {
-            chunk
+        match out {
+            Some(out) => out.freeze(),
+            None => chunk,
+        }
+    }
+
+    /// One whole event (with its separator of `sep` bytes): read its usage, and forward it
+    /// unless it is the usage chunk to hide.
+    fn take_event(&mut self, event: &[u8], sep: usize, out: &mut Option<BytesMut>) {
+        let json = event_json(&event[..event.len() - sep]);
+        if let Some(json) = &json {
+            usage_from_event(self.format, json, &mut self.usage);
+        }
+        let hide = self.hide_usage_chunk && json.as_ref().is_some_and(is_openai_usage_chunk);
+        if !hide {
+            forward(out, event);
         }
     }
 
     /// The stream ended: what is left to send, and the usage.
     pub fn finish(&mut self) -> Bytes {
-        if self.json_array && !self.overflowed {
-            if let Ok(Value::Array(items)) = serde_json::from_slice::<Value>(&self.pending) {
+        if self.json_array {
+            if !self.array_overflowed
+                && let Ok(Value::Array(items)) = serde_json::from_slice::<Value>(&self.pending)
+            {
                 for item in &items {
                     usage_from_event(self.format, item, &mut self.usage);
                 }
             }
             return Bytes::new();
         }
-        if self.hide_usage_chunk {
-            let rest = self.pending.split().freeze();
-            if let Some(json) = event_json(&rest) {
-                usage_from_event(self.format, &json, &mut self.usage);
-                if is_openai_usage_chunk(&json) {
-                    return Bytes::new();
-                }
-            }
-            return rest;
+        // An oversized last event went out as it came.
+        let rest = self.pending.split().freeze();
+        let json = event_json(&rest);
+        if let Some(json) = &json {
+            usage_from_event(self.format, json, &mut self.usage);
         }
-        let rest = self.pending.split();
-        if let Some(json) = event_json(&rest) {
-            usage_from_event(self.format, &json, &mut self.usage);
+        if self.hide_usage_chunk && !json.as_ref().is_some_and(is_openai_usage_chunk) {
+            rest
+        } else {
+            Bytes::new()
         }
-        Bytes::new()
     }
 }
 
@@ -216,5 +308,260 @@ mod tests {
                 output: 7
             })
         );
+    }
+
+    /// An OpenAI content event of exactly `size` bytes, separator included.
+    fn content_event(size: usize, sep: &str) -> String {
+        let head = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"";
+        let end = "\"}}],\"usage\":null}";
+        let pad = size - head.len() - end.len() - sep.len();
+        format!("{head}{}{end}{sep}", "x".repeat(pad))
+    }
+
+    const USAGE_EVENT: &str =
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}";
+
+    /// The usage-only chunk, padded to exactly `size` bytes with its `\n\n`.
+    fn usage_event(size: usize) -> String {
+        let pad = size - USAGE_EVENT.len() - 11;
+        let e = format!(
+            "{},\"pad\":\"{}\"}}\n\n",
+            &USAGE_EVENT[..USAGE_EVENT.len() - 1],
+            "y".repeat(pad)
+        );
+        assert_eq!(e.len(), size);
+        e
+    }
+
+    /// A tap whose cap is `cap` rather than [`MAX_PENDING`].
+    fn tap_with_cap(hide: bool, cap: usize) -> StreamTap {
+        let mut tap = StreamTap::new(Format::Openai, hide, false);
+        tap.cap = cap;
+        tap
+    }
+
+    /// Feed `stream` cut into pieces of the `sizes` given (cycled), and also cut inside every
+    /// separator; check at every step that the tap kept at most its cap and (when it builds
+    /// the output) forwarded all the rest but the `hidden` bytes of usage chunks.
+    fn feed_in_pieces(
+        tap: &mut StreamTap,
+        stream: &[u8],
+        sizes: &[usize],
+        hidden: usize,
+    ) -> Vec<u8> {
+        let mut cuts: Vec<usize> = Vec::new();
+        let mut at = 0usize;
+        for size in sizes.iter().cycle() {
+            at = at.saturating_add(*size);
+            if at >= stream.len() {
+                break;
+            }
+            cuts.push(at);
+        }
+        for (i, w) in stream.windows(2).enumerate() {
+            if w == b"\n\n" || w == b"\r\n" {
+                cuts.push(i + 1);
+            }
+        }
+        cuts.sort_unstable();
+        cuts.dedup();
+        cuts.push(stream.len());
+        let mut out = Vec::new();
+        let mut from = 0;
+        for to in cuts {
+            out.extend_from_slice(&tap.feed(Bytes::copy_from_slice(&stream[from..to])));
+            from = to;
+            assert!(tap.pending.len() <= tap.cap, "kept {}", tap.pending.len());
+            if tap.hide_usage_chunk {
+                assert!(
+                    out.len() + tap.cap + hidden >= to,
+                    "held back {}",
+                    to - out.len()
+                );
+            }
+        }
+        out.extend_from_slice(&tap.finish());
+        out
+    }
+
+    /// A small event, an oversized one of `size` bytes, another small one, the usage chunk
+    /// and `[DONE]`: the usage is read and hidden, everything else arrives in order.
+    fn check_usage_after_oversized(cap: usize, size: usize, sep: &str, chunking: &[usize]) {
+        let small = content_event(100, sep);
+        let huge = content_event(size, sep);
+        let usage = format!("{USAGE_EVENT}{sep}");
+        let done = format!("data: [DONE]{sep}");
+        let stream = format!("{small}{huge}{small}{usage}{done}");
+        let what = format!("cap {cap}, size {size}, sep {sep:?}, chunks {chunking:?}");
+        let mut tap = tap_with_cap(true, cap);
+        let out = feed_in_pieces(&mut tap, stream.as_bytes(), chunking, usage.len());
+        assert_eq!(
+            tap.usage(),
+            Some(Usage {
+                input: 5,
+                output: 7
+            }),
+            "{what}"
+        );
+        assert!(
+            out == format!("{small}{huge}{small}{done}").as_bytes(),
+            "{what}: the usage chunk is hidden, all else forwarded in order"
+        );
+        let mut tap = tap_with_cap(false, cap);
+        let out = feed_in_pieces(&mut tap, stream.as_bytes(), chunking, 0);
+        assert_eq!(
+            tap.usage(),
+            Some(Usage {
+                input: 5,
+                output: 7
+            }),
+            "{what}"
+        );
+        assert!(out == stream.as_bytes(), "{what}: passed through unchanged");
+    }
+
+    #[test]
+    fn usage_after_an_oversized_event_is_read_and_hidden() {
+        let cap = 200;
+        let mut chunkings: Vec<Vec<usize>> = (1..=9).map(|n| vec![n]).collect();
+        chunkings.extend([
+            vec![64],
+            vec![cap - 1],
+            vec![cap],
+            vec![cap + 1],
+            vec![cap - 1, 2, 1],
+            vec![usize::MAX],
+        ]);
+        for sep in ["\n\n", "\r\n\r\n"] {
+            for size in [
+                cap + 1,
+                cap + 2,
+                cap + 3,
+                cap + 4,
+                cap + 5,
+                2 * cap + 7,
+                50 * cap,
+            ] {
+                for chunking in &chunkings {
+                    check_usage_after_oversized(cap, size, sep, chunking);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn usage_after_an_oversized_event_at_the_real_cap() {
+        for size in [MAX_PENDING + 1, 2 * MAX_PENDING + 3] {
+            for chunking in [&[16 * 1024 + 1][..], &[usize::MAX]] {
+                check_usage_after_oversized(MAX_PENDING, size, "\n\n", chunking);
+            }
+        }
+    }
+
+    #[test]
+    fn events_up_to_the_cap_are_parsed() {
+        for cap in [200, MAX_PENDING] {
+            for size in [cap - 1, cap] {
+                for chunking in [&[usize::MAX][..], &[7, 1]] {
+                    let mut tap = tap_with_cap(true, cap);
+                    let out =
+                        feed_in_pieces(&mut tap, usage_event(size).as_bytes(), chunking, size);
+                    assert_eq!(
+                        tap.usage(),
+                        Some(Usage {
+                            input: 5,
+                            output: 7
+                        }),
+                        "{size}"
+                    );
+                    assert!(
+                        out.is_empty(),
+                        "{size}: the whole event is the hidden chunk"
+                    );
+                }
+            }
+            // One byte more and it is not kept, so not hidden: it goes out as it came.
+            let over = usage_event(cap + 1);
+            let mut tap = tap_with_cap(true, cap);
+            let out = feed_in_pieces(&mut tap, over.as_bytes(), &[1 << 20], 0);
+            assert_eq!(tap.usage(), None);
+            assert!(out == over.as_bytes());
+        }
+    }
+
+    #[test]
+    fn an_oversized_last_event_goes_out_whole() {
+        let cap = 200;
+        for sep in ["", "\n", "\r\n\r"] {
+            let stream = format!("{USAGE_EVENT}\n\n{}{sep}", content_event(cap + 100, ""));
+            for hide in [true, false] {
+                for piece in [1, 3, 64, usize::MAX] {
+                    let mut tap = tap_with_cap(hide, cap);
+                    let out = feed_in_pieces(
+                        &mut tap,
+                        stream.as_bytes(),
+                        &[piece],
+                        USAGE_EVENT.len() + 2,
+                    );
+                    assert_eq!(
+                        tap.usage(),
+                        Some(Usage {
+                            input: 5,
+                            output: 7
+                        })
+                    );
+                    let expected = if hide {
+                        &stream.as_bytes()[USAGE_EVENT.len() + 2..]
+                    } else {
+                        stream.as_bytes()
+                    };
+                    assert!(out == expected, "sep {sep:?} hide {hide} piece {piece}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn separators_split_across_chunks() {
+        for sep in ["\n\n", "\r\n\r\n"] {
+            let stream = format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"a\"}}}}]}}{sep}{USAGE_EVENT}{sep}data: [DONE]{sep}"
+            );
+            for size in 1..8 {
+                let mut tap = StreamTap::new(Format::Openai, true, false);
+                let out = feed_in_pieces(
+                    &mut tap,
+                    stream.as_bytes(),
+                    &[size],
+                    USAGE_EVENT.len() + sep.len(),
+                );
+                assert_eq!(
+                    tap.usage(),
+                    Some(Usage {
+                        input: 5,
+                        output: 7
+                    }),
+                    "{size}"
+                );
+                let out = String::from_utf8(out).unwrap();
+                assert!(!out.contains("prompt_tokens"), "{size}: {out}");
+                assert!(
+                    out.ends_with(&format!("data: [DONE]{sep}")),
+                    "{size}: {out}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn separator_end_looks_back_across_chunks() {
+        assert_eq!(separator_end(b"", b"a\n\nb"), Some((3, 2)));
+        assert_eq!(separator_end(b"a\n", b"\nb"), Some((1, 2)));
+        assert_eq!(separator_end(b"a\r\n\r", b"\nb"), Some((1, 4)));
+        assert_eq!(separator_end(b"\r", b"\n\r\nb"), Some((3, 4)));
+        assert_eq!(separator_end(b"\r\n", b"\r\n"), Some((2, 4)));
+        assert_eq!(separator_end(b"", b"\r\n\r"), None);
+        assert_eq!(separator_end(b"x", b"\n"), None);
+        assert_eq!(separator_end(b"", b""), None);
     }
 }

@@ -1,6 +1,7 @@
 //! Applying an import batch in one transaction: new entries are inserted, changed ones updated
-//! in place (never their live counters), unchanged ones left alone, and entries of credentials
-//! deleted through the API skipped (for file imports) with a notice.
+//! in place (never their live counters), unchanged ones left alone, entries of credentials
+//! deleted through the API skipped (for file imports) with a notice, and a credential given
+//! twice taken from its first source only, the others skipped with a notice.
 
 use super::audit::{self, AuditEntry};
 use super::credentials::insert_quotas;
@@ -52,6 +53,34 @@ pub struct Change {
     pub created: bool,
 }
 
+/// An entry with its fingerprint and the digest of its content.
+type Keyed = (Entry, Vec<u8>, Vec<u8>);
+
+/// Keep the first entry of each credential (by fingerprint: the same provider and token), in
+/// batch order, which is sorted path order for files and entry order for a body. Each later
+/// one is a notice naming both sources: two sources applied in turn would undo each other's
+/// settings at every import, and overwrite what was changed through the API.
+fn first_of_each(entries: Vec<Keyed>) -> (Vec<Keyed>, Vec<Notice>) {
+    let mut first: HashMap<Vec<u8>, String> = HashMap::with_capacity(entries.len());
+    let mut kept = Vec::with_capacity(entries.len());
+    let mut duplicates = Vec::new();
+    for (entry, fp, digest) in entries {
+        match first.get(&fp) {
+            Some(winner) => duplicates.push(Notice {
+                notice: format!(
+                    "duplicate: the same credential (provider and token) as {winner}, which comes first and wins; this entry is ignored"
+                ),
+                source: entry.source,
+            }),
+            None => {
+                first.insert(fp.clone(), entry.source.clone());
+                kept.push((entry, fp, digest));
+            }
+        }
+    }
+    (kept, duplicates)
+}
+
 impl Store {
     /// Apply `batch` (see `import_locked`).
     pub async fn import(
@@ -83,7 +112,7 @@ impl Store {
         let ts = now.timestamp();
         // Fingerprints and digests first (CPU only), then the rows they match, in two queries:
         // one statement per entry would cost a round trip to SQLite's thread each.
-        let entries: Vec<(Entry, Vec<u8>, Vec<u8>)> = batch
+        let entries: Vec<Keyed> = batch
             .entries
             .into_iter()
             .map(|e| {
@@ -92,6 +121,9 @@ impl Store {
                 (e, fp, digest)
             })
             .collect();
+        let (entries, duplicates) = first_of_each(entries);
+        report.skipped += duplicates.len();
+        report.notices.extend(duplicates);
         let wanted: Vec<String> = entries.iter().map(|(_, fp, _)| to_hex(fp)).collect();
         let wanted = serde_json::Value::from(wanted).to_string();
         let mut tx = self.begin_write().await?;

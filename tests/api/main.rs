@@ -6,9 +6,11 @@
 mod bad_input;
 mod common;
 mod crash;
+mod imports;
 mod management;
 mod mock;
 mod numbers;
+mod operations;
 mod persistence;
 mod proxy;
 #[cfg(feature = "sdk-tests")]
@@ -16,3 +18,4 @@ mod sdk;
 mod secrets;
 mod security;
 mod seed;
+mod streams;

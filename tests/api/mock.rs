@@ -2,7 +2,8 @@
 //! configured base URLs. Its behaviour depends on the credential it receives: a token
 //! containing `bad` gets 401, `broke` 402, `quota` OpenAI's insufficient_quota 429, `slow` a
 //! 429 with `retry-after: 30`, `down` a 503; any other succeeds. It reports usage derived from
-//! the request and keeps, per token, the requests it served and the tokens it reported.
+//! the request and keeps, per token, the requests it served and the tokens it reported. An
+//! OpenAI model named `…-huge-N` streams one content event of N bytes before the usage.
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -195,6 +196,16 @@ async fn openai(State(state): State<Arc<MockState>>, headers: HeaderMap, raw: By
                 format!("data: {chunk}\n\n")
             })
             .collect();
+        // A model named `…-huge-N` gets one content event of N bytes before the usage chunk.
+        if let Some(n) = model
+            .as_str()
+            .and_then(|m| m.rsplit_once("-huge-"))
+            .and_then(|(_, n)| n.parse::<usize>().ok())
+        {
+            let chunk = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                "choices": [{"index": 0, "delta": {"content": "x".repeat(n)}, "finish_reason": null}], "usage": null});
+            events.push(format!("data: {chunk}\n\n"));
+        }
         if include {
             let chunk = json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [], "usage": usage});
             events.push(format!("data: {chunk}\n\n"));
