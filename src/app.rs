@@ -25,6 +25,8 @@ pub struct AppState {
     pub registry: Registry,
     pub auth_log: AuthLog,
     pub management: crate::http::guard::ManagementAuth,
+    /// The client-key guard: `api_keys` and the bans of wrong ones.
+    pub clients: crate::http::guard::ClientAuth,
     /// The client for upstream calls (connection pools shared by all requests).
     pub upstream: crate::upstream::Upstream,
     clock: Clock,
@@ -202,12 +204,14 @@ pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, S
     let registry = Registry::from_config(&config.config.providers);
     let upstream = crate::upstream::Upstream::new(config.config.proxy.request_timeout.0)
         .map_err(StartError::Runtime)?;
+    let clients = crate::http::guard::ClientAuth::new(&config.config.api_keys);
     Ok(Arc::new(AppState {
         config: Arc::new(config),
         store,
         registry,
         auth_log,
         management,
+        clients,
         upstream,
         clock,
     }))

@@ -38,7 +38,8 @@ enum Command {
         /// Files or folders to import [default: the config's auth_dir].
         paths: Vec<PathBuf>,
     },
-    /// Read a secret on stdin; print its argon2id PHC string for `management.secret_key`.
+    /// Read a secret on stdin; print its argon2id PHC string for `management.secret_key`
+    /// (RFC 9106's second recommended parameters: 64 MiB, 3 passes, 4 lanes).
     HashSecret,
     /// Print a fresh base64 32-byte key for `auth.encryption.key`.
     GenKey,
@@ -233,18 +234,36 @@ async fn import(
     })
 }
 
+/// Longest secret `hash-secret` reads: a management key is a header value, and stdin could be
+/// a file that never ends.
+const MAX_SECRET_BYTES: u64 = 4096;
+
 fn hash_secret() -> ExitCode {
-    let mut secret = String::new();
-    if let Err(e) = std::io::stdin().read_line(&mut secret) {
+    use std::io::{BufRead, Read};
+    let mut line = Vec::new();
+    let read = std::io::stdin()
+        .lock()
+        .take(MAX_SECRET_BYTES + 1)
+        .read_until(b'\n', &mut line);
+    if let Err(e) = read {
         eprintln!("error: cannot read the secret from stdin: {e}");
         return ExitCode::from(1);
     }
+    let Ok(secret) = String::from_utf8(line) else {
+        eprintln!("error: the secret on stdin is not UTF-8 text");
+        return ExitCode::from(2);
+    };
     let secret = secret.trim_end_matches(['\n', '\r']);
+    if secret.len() as u64 > MAX_SECRET_BYTES {
+        eprintln!("error: the secret on stdin is longer than {MAX_SECRET_BYTES} bytes");
+        return ExitCode::from(2);
+    }
     if secret.is_empty() {
         eprintln!("error: the secret on stdin is empty");
         return ExitCode::from(2);
     }
-    match crypto::hash_secret(secret) {
+    // The printed hash must pass the policy a server applies at start.
+    match crypto::hash_secret(secret).and_then(|phc| crypto::check_phc(&phc).map(|_| phc)) {
         Ok(phc) => {
             println!("{phc}");
             ExitCode::SUCCESS

@@ -77,18 +77,6 @@ pub async fn read_bytes<S: Send + Sync>(
     })
 }
 
-/// The key of an `Authorization: Bearer KEY` header.
-pub fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-}
-
 /// Query parameters, with errors that name the parameter.
 pub struct Query<T>(pub T);
 

@@ -17,21 +17,18 @@ use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 type AppResult<T> = Result<T, ApiError>;
 
-/// Who made a management call, for the audit log: the client's IP address.
+/// Who made a management call, for the audit log: the client's IP address (behind a trusted
+/// proxy, the client it names; see [`super::caller`]).
 #[derive(Debug, Clone)]
 pub struct Actor(pub String);
 
 impl Actor {
-    pub fn from_peer(peer: Option<SocketAddr>) -> Actor {
-        Actor(
-            peer.map(|p| p.ip().to_string())
-                .unwrap_or_else(|| "unknown".into()),
-        )
+    pub fn from_caller(caller: &super::caller::Caller) -> Actor {
+        Actor(caller.actor())
     }
 }
 

@@ -1,5 +1,7 @@
-//! The HTTP edge: routers, the management guard, extractors, the one error shape, views.
+//! The HTTP edge: routers, the guards, extractors, the one error shape, views.
 
+pub mod bans;
+pub mod caller;
 pub mod error;
 pub mod extract;
 pub mod guard;
@@ -9,18 +11,16 @@ pub mod view;
 
 use crate::app::AppState;
 use axum::Router;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use error::ApiError;
-use management::Actor;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// The whole application router. Serve it with `into_make_service_with_connect_info`, so the
-/// management guard sees the TCP peer address.
+/// guards see the TCP peer address.
 pub fn router(state: Arc<AppState>) -> Router {
     let management = Router::new()
         .route("/auths", get(management::list).post(management::add))
@@ -37,8 +37,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            management_guard,
-        ));
+            guard::management_guard,
+        ))
+        .merge(
+            // Its own guard: the operator at the console may lift bans while banned.
+            Router::new()
+                .route("/bans", get(bans::list).delete(bans::lift))
+                .route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    guard::recovery_guard,
+                )),
+        );
     let v1 = Router::new()
         .route("/v1/chat/completions", post(proxy::chat_completions))
         .route("/v1/models", get(proxy::models))
@@ -53,7 +62,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            proxy::client_guard,
+            guard::client_guard,
         ))
         .layer(DefaultBodyLimit::max(proxy::MAX_PROXY_BODY));
     let management = management.layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES));
@@ -81,28 +90,4 @@ async fn method_not_allowed() -> ApiError {
 fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     // The panic message may hold anything; it is not repeated here.
     ApiError::internal(&"a handler panicked").into_response()
-}
-
-async fn management_guard(
-    State(state): State<Arc<AppState>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
-    let decision = state
-        .management
-        .check(
-            peer.map(|p| p.ip()),
-            guard::presented_key(req.headers()),
-            state.now(),
-        )
-        .await;
-    if let Err(e) = decision {
-        return e.into_response();
-    }
-    req.extensions_mut().insert(Actor::from_peer(peer));
-    next.run(req).await
 }

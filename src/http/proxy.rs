@@ -1,24 +1,21 @@
-//! The proxy API (contract section 7): the provider-shaped endpoints applications call, the
-//! client-key guard in front of them, and the lease API.
+//! The proxy API (contract section 7): the provider-shaped endpoints applications call and the
+//! lease API. The client-key guard in front of them is in [`super::guard`].
 
 use super::error::ApiError;
-use super::extract::{Json, Path, Query, bearer_token, read_bytes};
+use super::extract::{Json, Path, Query, read_bytes};
 use crate::app::AppState;
-use crate::crypto::Secret;
 use crate::providers::wire::Peek;
 use crate::providers::{Format, Provider};
 use crate::proxy::{self, Call};
 use crate::quota::RequestTokens;
 use crate::store::{Mark, ReservationKind, ReserveRequest};
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, FromRequest, Request, State};
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// Largest request body the proxy takes (prompts may carry images).
@@ -27,63 +24,6 @@ pub const MAX_PROXY_BODY: usize = 32 * 1024 * 1024;
 const LEASE_MINUTES: i64 = 10;
 
 type AppResult<T> = Result<T, ApiError>;
-
-/// The client key a request presents, in any of the places the SDKs put it.
-fn client_key(req: &Request) -> Option<String> {
-    let h = req.headers();
-    let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
-    if let Some(bearer) = bearer_token(h) {
-        return Some(bearer.to_string());
-    }
-    for name in ["x-api-key", "x-goog-api-key"] {
-        if let Some(v) = header(name) {
-            return Some(v.to_string());
-        }
-    }
-    let query = req.uri().query()?;
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "key")
-        .map(|(_, v)| v.into_owned())
-}
-
-/// Client keys for `/v1/*`: one of `api_keys`, or (when there are none) a loopback client.
-pub async fn client_guard(
-    State(state): State<Arc<AppState>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let keys = &state.config.config.api_keys;
-    if keys.is_empty() {
-        let loopback = req
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .is_some_and(|c| c.0.ip().to_canonical().is_loopback());
-        if !loopback {
-            return ApiError::new(
-                StatusCode::FORBIDDEN,
-                "remote_clients_disabled",
-                "This server answers only loopback clients until api_keys are configured",
-            )
-            .into_response();
-        }
-        return next.run(req).await;
-    }
-    match client_key(&req) {
-        Some(k) if keys.iter().any(|key: &Secret| key.ct_eq(&k)) => next.run(req).await,
-        Some(_) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_api_key",
-            "The API key is not one of this server's",
-        )
-        .into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing_api_key",
-            "Send an API key as Authorization: Bearer KEY, x-api-key, x-goog-api-key or ?key=",
-        )
-        .into_response(),
-    }
-}
 
 /// A JSON object body of up to [`MAX_PROXY_BODY`] bytes: the fields the request path reads,
 /// and its bytes, forwarded as they came unless something in them must change.

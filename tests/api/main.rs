@@ -6,6 +6,7 @@
 mod bad_input;
 mod common;
 mod crash;
+mod guard;
 mod imports;
 mod management;
 mod mock;

@@ -2,13 +2,14 @@
 //! rotation, wrong keys, and secrets kept out of every file on disk.
 
 use crate::common::{Api, Home};
+use axum::http::HeaderMap;
 use chrono::{DateTime, Duration, Utc};
 use cliproxyapi::app::Clock;
 use cliproxyapi::config::ManagementConfig;
 use cliproxyapi::crypto::{EncryptionKey, Secret, hash_secret};
+use cliproxyapi::http::caller::Caller;
 use cliproxyapi::http::guard::ManagementAuth;
 use serde_json::json;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 /// A clock the test moves by hand.
@@ -95,30 +96,39 @@ async fn management_key_as_phc_and_remote_policy() {
     assert_eq!(r.status, 200, "{}", r.text);
     app.stop().await;
 
-    // The policy on the peer address, for non-loopback peers.
+    // The policy on the client address, for non-loopback clients.
     let now = Utc::now();
-    let remote: IpAddr = "192.0.2.7".parse().unwrap();
-    let local: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+    let caller =
+        |ip: Option<&str>| Caller::resolve(ip.map(|i| i.parse().unwrap()), &HeaderMap::new(), &[]);
+    let remote = caller(Some("192.0.2.7"));
+    let local = caller(Some("::ffff:127.0.0.1"));
     let no_key = ManagementAuth::from_config(&ManagementConfig::default())
         .await
         .unwrap();
-    assert!(no_key.check(Some(local), None, now).await.is_ok());
+    assert!(no_key.check(&local, None, false, now).await.is_ok());
     assert_eq!(
         no_key
-            .check(Some(remote), None, now)
+            .check(&remote, None, false, now)
             .await
             .unwrap_err()
             .status,
         403
     );
-    assert_eq!(no_key.check(None, None, now).await.unwrap_err().status, 403);
+    assert_eq!(
+        no_key
+            .check(&caller(None), None, false, now)
+            .await
+            .unwrap_err()
+            .status,
+        403
+    );
     let config = ManagementConfig {
         secret_key: Secret::new(phc.clone()),
         allow_remote: false,
     };
     let keyed = ManagementAuth::from_config(&config).await.unwrap();
     let e = keyed
-        .check(Some(remote), Some("another-key"), now)
+        .check(&remote, Some("another-key"), false, now)
         .await
         .unwrap_err();
     assert_eq!(
@@ -132,13 +142,13 @@ async fn management_key_as_phc_and_remote_policy() {
     let remote_ok = ManagementAuth::from_config(&config).await.unwrap();
     assert!(
         remote_ok
-            .check(Some(remote), Some("another-key"), now)
+            .check(&remote, Some("another-key"), false, now)
             .await
             .is_ok()
     );
     assert_eq!(
         remote_ok
-            .check(Some(remote), Some("x"), now)
+            .check(&remote, Some("x"), false, now)
             .await
             .unwrap_err()
             .status,
@@ -146,11 +156,20 @@ async fn management_key_as_phc_and_remote_policy() {
     );
     assert_eq!(
         remote_ok
-            .check(Some(remote), None, now)
+            .check(&remote, None, false, now)
             .await
             .unwrap_err()
             .status,
         401
+    );
+    // An unknown client is refused, even with the key (nothing to ban).
+    assert_eq!(
+        remote_ok
+            .check(&caller(None), Some("another-key"), false, now)
+            .await
+            .unwrap_err()
+            .status,
+        403
     );
     // A bad PHC string in config is refused at start.
     let bad = ManagementConfig {
@@ -555,11 +574,37 @@ fn key_commands() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     let phc = String::from_utf8(out.stdout).unwrap();
-    assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+    // RFC 9106's second recommendation: argon2id, 64 MiB, 3 passes, 4 lanes, a 16-byte salt
+    // (22 base64 characters) and a 32-byte tag (43).
+    assert!(phc.starts_with("$argon2id$v=19$m=65536,t=3,p=4$"), "{phc}");
+    let parts: Vec<&str> = phc.trim().split('$').collect();
+    assert_eq!(
+        (parts.len(), parts[4].len(), parts[5].len()),
+        (6, 22, 43),
+        "{phc}"
+    );
+    cliproxyapi::crypto::check_phc(phc.trim()).unwrap();
     assert!(cliproxyapi::crypto::verify_secret(
         phc.trim(),
         "my management key"
     ));
+    // Secrets up to 4 KiB are hashed; a longer one (or an endless stdin) is refused, not read
+    // whole.
+    for (len, code) in [(8usize << 20, 2), (4097, 2), (4096, 0)] {
+        let mut child = home
+            .command(&["hash-secret"], &[])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        // The command stops reading at its limit: a broken pipe here is expected.
+        let _ = stdin.write_all(&vec![b'k'; len]);
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{len}: {out:?}");
+    }
     // Files are owner-only.
     use std::os::unix::fs::PermissionsExt;
     let out = home.run_binary(&["import"]);
