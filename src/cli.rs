@@ -3,7 +3,7 @@
 
 use crate::app::{self, Application, StartError};
 use crate::config::Config;
-use crate::crypto::{self, EncryptionKey, Sealer};
+use crate::crypto::{self, Encryption, EncryptionKey};
 use crate::store::ImportMode;
 use chrono::Utc;
 use clap::{Parser, Subcommand};
@@ -243,15 +243,19 @@ async fn rotate_key(
     })?;
     let new_key = EncryptionKey::from_base64(&text)
         .map_err(|e| StartError::Config(format!("--new-key-env {new_key_env}: the key {e}")))?;
+    // No server may write under the old key while the secrets move to the new one, nor start
+    // before the rotation is done.
+    let crate::config::DatabaseLocation::File(database) = &loaded.database;
+    let _lock = app::lock_database(database, app::Holder::RotateKey)?;
     let state = app::open_state(loaded, Arc::new(Utc::now)).await?;
     let count = state
         .store
-        .rekey(&Sealer::encrypted(&new_key))
+        .rekey(&Encryption::with_key(&new_key))
         .await
         .map_err(|e| StartError::Runtime(format!("rotation failed, nothing was changed: {e}")))?;
     state.store.close().await;
     state.auth_log.record(&format!(
-        "rotated the encryption key: {count} credential(s) re-sealed under key {:08x}",
+        "rotated the encryption key: {count} credential(s) re-sealed under key {:08x}, fingerprints recomputed under a new fingerprint key",
         new_key.id()
     ));
     println!(
