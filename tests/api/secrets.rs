@@ -1452,3 +1452,16 @@ fn files_holding_secrets_that_others_can_read_are_warned_about() {
         assert_eq!(hit, warned, "{name} {mode:o}: {stdout}");
     }
 }
+
+#[test]
+fn the_server_cannot_dump_core() {
+    let home = Home::new("");
+    let server = home.spawn_binary();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+}
