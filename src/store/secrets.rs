@@ -19,8 +19,8 @@
 
 use super::{Result, Store, StoreError};
 use crate::crypto::{
-    DatabaseId, Encryption, Field, Fingerprinter, Form, PREVIEW_UNKNOWN, Sealer, Secret, form_of,
-    to_hex, token_preview,
+    CryptoError, DatabaseId, Encryption, Field, Fingerprinter, Form, PREVIEW_UNKNOWN, Sealer,
+    Secret, form_of, to_hex, token_preview,
 };
 use crate::domain::CredentialKind;
 use crate::import::Entry;
@@ -290,7 +290,8 @@ async fn inspect(conn: &mut SqliteConnection, encryption: &Encryption) -> Result
         );
     }
     // A database of before the key check: its fingerprint key, sealed in the first format,
-    // is what tells whether the key is its own.
+    // is what tells whether the key is its own. That format has no database id in its
+    // associated data, so the id the sealer is bound to does not matter here.
     let check = encryption.for_database(&database.clone().unwrap_or_else(DatabaseId::random));
     match keys.iter().find(|(generation, _)| *generation == 1) {
         Some((_, key)) if form_of(key) == Form::Legacy => {
@@ -405,7 +406,7 @@ async fn reseal_found(
     conn: &mut SqliteConnection,
     sealer: &Sealer,
     form: Form,
-    open: impl Fn(&str, Field, &[u8]) -> Result<Secret, crate::crypto::CryptoError>,
+    open: impl Fn(&str, Field, &[u8]) -> Result<Secret, CryptoError>,
 ) -> Result<usize> {
     let mut changed = 0;
     for row in sealed_rows(conn).await? {
@@ -457,15 +458,23 @@ async fn load_fingerprint_keys(
     let mut keys = Vec::new();
     for (generation, sealed) in fingerprint_keys(conn).await? {
         let text = sealer.open(&key_owner(generation), Field::FingerprintKey, &sealed)?;
-        let key = Fingerprinter::from_text(&text).ok_or_else(|| {
-            StoreError::Key(format!(
-                "fingerprint key {generation} is not 32 hex-encoded bytes"
-            ))
+        let key = Fingerprinter::from_text(&text).ok_or_else(|| CryptoError::Open {
+            owner: key_owner(generation),
+            field: Field::FingerprintKey.as_str(),
+            reason: "the stored key is not 32 hex-encoded bytes",
         })?;
         keys.push(key);
     }
     match keys.pop() {
         Some(current) => Ok((current, keys)),
+        // A new key would not find the stored fingerprints again: only a database that has
+        // none gets one.
+        None if has_fingerprints(conn).await? => Err(CryptoError::Open {
+            owner: "fingerprint_keys".into(),
+            field: Field::FingerprintKey.as_str(),
+            reason: "there is none, yet the database holds fingerprints: the table was altered",
+        }
+        .into()),
         None => {
             let current = Fingerprinter::new(Fingerprinter::random_key());
             let sealed = sealer.seal(&key_owner(1), Field::FingerprintKey, &current.key_text());
@@ -478,6 +487,15 @@ async fn load_fingerprint_keys(
             Ok((current, Vec::new()))
         }
     }
+}
+
+async fn has_fingerprints(conn: &mut SqliteConnection) -> Result<bool> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM credentials) OR EXISTS (SELECT 1 FROM tombstones)
+           AS "some!: bool""#
+    )
+    .fetch_one(conn)
+    .await?)
 }
 
 /// The name of the preview rule in force (`meta.token_preview_rule`): the last 4 characters

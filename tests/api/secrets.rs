@@ -674,6 +674,27 @@ async fn a_key_that_cannot_be_verified_changes_nothing() {
             assert_eq!(now, files, "{case} {args:?} left files behind");
         }
     }
+    // The right key, but the fingerprint keys altered: the start fails, changing nothing,
+    // rather than make a new key that would not find the stored fingerprints again.
+    for tamper in [
+        "DELETE FROM fingerprint_keys;".to_string(),
+        format!("UPDATE fingerprint_keys SET key_sealed = {plain_key};"),
+        "UPDATE fingerprint_keys SET generation = 7;".to_string(),
+    ] {
+        restore(&home, &good);
+        exec(&home, &tamper).await;
+        let before = db_bytes(&home);
+        for args in [&[][..], &["import"][..]] {
+            let out = home.run_binary(args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{tamper} {args:?}: {stderr}");
+            assert!(stderr.contains("fingerprint"), "{tamper}: {stderr}");
+            assert!(
+                db_bytes(&home) == before,
+                "{tamper} {args:?} changed the database"
+            );
+        }
+    }
     // The untouched database with the right key: every credential still opens.
     restore(&home, &good);
     let app = home.start().await;
