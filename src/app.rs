@@ -3,7 +3,7 @@
 //! in tests); [`Application::serve`] runs until the shutdown future resolves.
 
 use crate::config::{DatabaseLocation, Loaded};
-use crate::crypto::{EncryptionKey, Sealer, Secret};
+use crate::crypto::{Encryption, EncryptionKey, Secret};
 use crate::events::AuthLog;
 use crate::import::{self, Batch};
 use crate::providers::Registry;
@@ -123,11 +123,13 @@ impl StartError {
     }
 }
 
-/// The sealer the config asks for: AES-256-GCM-SIV under `auth.encryption.key` (or the
-/// variable `key_env` names) when encryption is enabled, else plain.
-pub fn sealer_from_config(config: &crate::config::EncryptionConfig) -> Result<Sealer, StartError> {
+/// The encryption the config asks for: AES-256-GCM-SIV under `auth.encryption.key` (or the
+/// variable `key_env` names) when encryption is enabled, else off.
+pub fn encryption_from_config(
+    config: &crate::config::EncryptionConfig,
+) -> Result<Encryption, StartError> {
     if !config.enabled {
-        return Ok(Sealer::plain());
+        return Ok(Encryption::off());
     }
     let (setting, text) = if !config.key_env.is_empty() {
         let text = std::env::var(&config.key_env).map_err(|_| {
@@ -142,7 +144,7 @@ pub fn sealer_from_config(config: &crate::config::EncryptionConfig) -> Result<Se
     };
     let key = EncryptionKey::from_base64(text.expose())
         .map_err(|e| StartError::Config(format!("`{setting}`: the key {e}")))?;
-    Ok(Sealer::encrypted(&key))
+    Ok(Encryption::with_key(&key))
 }
 
 /// What a store error at open means for the operator: a key that does not fit is a config
@@ -165,23 +167,25 @@ fn open_error(e: StoreError, encryption: &crate::config::EncryptionConfig) -> St
     }
 }
 
-/// Open the store and the auth log for a loaded config (what `serve` and `import` share):
-/// check the key, seal secrets left in clear, mark credentials whose secrets do not open.
+/// Open the store and the auth log for a loaded config (what `serve`, `import` and
+/// `rotate-key` share): warn about secret files others can read, check the key, seal secrets
+/// left in clear, mark credentials whose secrets do not open.
 pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, StartError> {
     let DatabaseLocation::File(path) = &config.database;
-    let encryption = &config.config.auth.encryption;
-    let sealer = sealer_from_config(encryption)?;
+    let encryption_config = &config.config.auth.encryption;
+    let encryption = encryption_from_config(encryption_config)?;
+    warn_readable_secret_files(&config);
     let management = crate::http::guard::ManagementAuth::from_config(&config.config.management)
         .await
         .map_err(StartError::Config)?;
     let store = Store::open(StoreOptions {
         path: path.clone(),
-        sealer,
+        encryption,
         schedules: config.config.auth.quota.reset_schedule.clone(),
         read_connections: 2,
     })
     .await
-    .map_err(|e| open_error(e, encryption))?;
+    .map_err(|e| open_error(e, encryption_config))?;
     let auth_log = AuthLog::open(&config.log_dir).map_err(|e| {
         StartError::Runtime(format!(
             "{}: cannot open the auth log: {e}",
@@ -217,6 +221,43 @@ pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, S
     }))
 }
 
+/// Warn (naming the path, its mode and the fix) about files holding secrets that users other
+/// than the owner can read: the config file when it holds a key itself, and the credential
+/// files of `auth_dir`.
+fn warn_readable_secret_files(config: &Loaded) {
+    if let Some(file) = &config.config_file
+        && !config.secrets_in_file.is_empty()
+    {
+        warn_if_readable(file, &config.secrets_in_file.join(", "));
+    }
+    let Ok(entries) = std::fs::read_dir(&config.auth_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if import::is_credential_file(&path) {
+            warn_if_readable(&path, "credentials");
+        }
+    }
+}
+
+/// Warn when `path` (holding `what`) is readable by its group or by everyone.
+fn warn_if_readable(path: &std::path::Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if meta.is_file() && mode & 0o044 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{mode:03o}"),
+            "this file holds {what} and other users can read it; run: chmod 600 {}",
+            path.display()
+        );
+    }
+}
+
 /// A built application: store open, `auth_dir` imported, listener bound.
 pub struct Application {
     listener: TcpListener,
@@ -226,11 +267,32 @@ pub struct Application {
     _lock: std::fs::File,
 }
 
-/// Take `<database>.lock` for as long as the server runs. A second server on the same
-/// database would settle the first one's reservations as left by a dead process and decide on
-/// a mirror of its own, so it is refused. The lock is the kernel's (flock), so a killed server
-/// leaves none behind. CLI commands do not take it: they may run beside a live server.
-fn lock_database(database: &std::path::Path) -> Result<std::fs::File, StartError> {
+/// Who holds `<database>.lock`: a server, or a command that must not run beside one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    Server,
+    RotateKey,
+}
+
+impl Holder {
+    fn name(self) -> &'static str {
+        match self {
+            Holder::Server => "server",
+            Holder::RotateKey => "rotate-key",
+        }
+    }
+}
+
+/// Take `<database>.lock` for as long as the server (or `rotate-key`) runs. A second server on
+/// the same database would settle the first one's reservations as left by a dead process and
+/// decide on a mirror of its own, so it is refused; `rotate-key` under a live server would
+/// re-seal what the server then writes under the old key, so each refuses the other. The lock
+/// is the kernel's (flock), so a killed process leaves none behind. Other CLI commands do not
+/// take it: they may run beside a live server.
+pub fn lock_database(
+    database: &std::path::Path,
+    holder: Holder,
+) -> Result<std::fs::File, StartError> {
     use std::io::{Read, Write};
     use std::os::unix::fs::OpenOptionsExt;
     let mut name = database.as_os_str().to_owned();
@@ -252,22 +314,32 @@ fn lock_database(database: &std::path::Path) -> Result<std::fs::File, StartError
         .map_err(|e| cannot("open", &e))?;
     match file.try_lock() {
         Ok(()) => {
-            // The holder's pid, for the message a second server prints.
+            // The holder's pid and what it is, for the message a second one prints.
             file.set_len(0).map_err(|e| cannot("write", &e))?;
-            write!(file, "{}", std::process::id()).map_err(|e| cannot("write", &e))?;
+            write!(file, "{} {}", std::process::id(), holder.name())
+                .map_err(|e| cannot("write", &e))?;
             Ok(file)
         }
         Err(std::fs::TryLockError::WouldBlock) => {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            let holder = match pid.trim().parse::<u32>() {
-                Ok(pid) => format!(" (pid {pid})"),
-                Err(_) => String::new(),
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let mut words = text.split_whitespace();
+            let pid = match words.next().map(str::parse::<u32>) {
+                Some(Ok(pid)) => format!(" (pid {pid})"),
+                _ => String::new(),
             };
-            Err(StartError::Runtime(format!(
-                "another cliproxyapi server{holder} is using the database {}; stop it first",
-                database.display()
-            )))
+            let message = if words.next() == Some(Holder::RotateKey.name()) {
+                format!(
+                    "cliproxyapi rotate-key{pid} is re-sealing the database {}; wait for it to finish",
+                    database.display()
+                )
+            } else {
+                format!(
+                    "another cliproxyapi server{pid} is using the database {}; stop it first",
+                    database.display()
+                )
+            };
+            Err(StartError::Runtime(message))
         }
         Err(std::fs::TryLockError::Error(e)) => Err(cannot("lock", &e)),
     }
@@ -281,7 +353,7 @@ impl Application {
     pub async fn build_with_clock(config: Loaded, clock: Clock) -> Result<Application, StartError> {
         let addr = SocketAddr::new(config.config.host, config.config.port);
         let DatabaseLocation::File(database) = &config.database;
-        let lock = lock_database(database)?;
+        let lock = lock_database(database, Holder::Server)?;
         let state = open_state(config, clock).await?;
         // Only a server settles what a stopped one left: a CLI command may run beside a live
         // server, whose reservations are not dead.

@@ -3,7 +3,7 @@
 
 use crate::app::{self, AppState, Application, StartError};
 use crate::config::Config;
-use crate::crypto::{self, EncryptionKey, Sealer};
+use crate::crypto::{self, Encryption, EncryptionKey};
 use crate::store::ImportMode;
 use chrono::Utc;
 use clap::{Parser, Subcommand};
@@ -56,6 +56,11 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    // Every command holds a secret in memory (a key, a token, the secret to hash); a core
+    // file would write it to disk.
+    if let Err(e) = disable_core_dumps() {
+        eprintln!("warning: cannot disable core dumps: {e}");
+    }
     // The commands that need no config.
     match &cli.command {
         Some(Command::HashSecret) => return hash_secret(),
@@ -286,15 +291,19 @@ async fn rotate_key(
     })?;
     let new_key = EncryptionKey::from_base64(&text)
         .map_err(|e| StartError::Config(format!("--new-key-env {new_key_env}: the key {e}")))?;
+    // No server may write under the old key while the secrets move to the new one, nor start
+    // before the rotation is done.
+    let crate::config::DatabaseLocation::File(database) = &loaded.database;
+    let _lock = app::lock_database(database, app::Holder::RotateKey)?;
     let state = app::open_state(loaded, Arc::new(Utc::now)).await?;
     let count = state
         .store
-        .rekey(&Sealer::encrypted(&new_key))
+        .rekey(&Encryption::with_key(&new_key))
         .await
         .map_err(|e| StartError::Runtime(format!("rotation failed, nothing was changed: {e}")))?;
     state.store.close().await;
     state.auth_log.record(&format!(
-        "rotated the encryption key: {count} credential(s) re-sealed under key {:08x}",
+        "rotated the encryption key: {count} credential(s) re-sealed under key {:08x}, fingerprints recomputed under a new fingerprint key",
         new_key.id()
     ));
     println!(
@@ -302,6 +311,28 @@ async fn rotate_key(
         new_key.id()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// No core file for this process (`RLIMIT_CORE` 0, soft and hard), and not dumpable, which
+/// also keeps other processes of the same user from attaching to it or reading its memory
+/// through `/proc`.
+pub fn disable_core_dumps() -> std::io::Result<()> {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads the struct passed by reference; prctl(PR_SET_DUMPABLE) takes
+    // plain integers. Neither touches memory of ours beyond that.
+    unsafe {
+        if libc::setrlimit(libc::RLIMIT_CORE, &none) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        #[cfg(target_os = "linux")]
+        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Runtime worker threads: `TOKIO_WORKER_THREADS` when set, else one fewer than the cores (at
@@ -325,5 +356,25 @@ fn worker_threads() -> usize {
             );
             default
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn core_dumps_are_disabled() {
+        super::disable_core_dumps().unwrap();
+        let mut limit = libc::rlimit {
+            rlim_cur: 1,
+            rlim_max: 1,
+        };
+        // SAFETY: getrlimit writes the struct; prctl(PR_GET_DUMPABLE) only returns a value.
+        let dumpable = unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_CORE, &mut limit), 0);
+            libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0)
+        };
+        assert_eq!((limit.rlim_cur, limit.rlim_max), (0, 0));
+        assert_eq!(dumpable, 0);
     }
 }

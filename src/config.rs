@@ -401,10 +401,60 @@ pub struct Loaded {
     pub log_dir: PathBuf,
     /// The folder relative `source` paths in import reports are shown against.
     pub base_dir: PathBuf,
+    /// The config file read, if there was one.
+    pub config_file: Option<PathBuf>,
+    /// The secret settings the config file itself sets (not the environment): the file then
+    /// needs to be private. A hashed management key is not counted.
+    pub secrets_in_file: Vec<&'static str>,
 }
 
 /// Keys whose environment value is a comma-separated list.
 const ENV_LISTS: &[&str] = &["api_keys", "server.trusted_proxies"];
+
+/// Settings that hold secrets. Their environment values are taken as the text written (the
+/// generic parsing would turn `000123` into the number 123, or `true` into a boolean), and an
+/// error about them never shows their value.
+const SECRET_KEYS: &[&str] = &["api_keys", "management.secret_key", "auth.encryption.key"];
+
+/// The secret setting an error path (`api_keys[2]`, `management.secret_key`) is under.
+fn secret_key_of(path: &str) -> Option<&'static str> {
+    SECRET_KEYS.iter().copied().find(|key| {
+        path.strip_prefix(key)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('[') || rest.starts_with('.'))
+    })
+}
+
+/// The secret settings `yaml` sets to something non-empty.
+fn secrets_set_in(yaml: &str) -> Vec<&'static str> {
+    let Ok(raw) = config::Config::builder()
+        .add_source(config::File::from_str(yaml, config::FileFormat::Yaml))
+        .build()
+    else {
+        return Vec::new();
+    };
+    let text = |key: &str| {
+        raw.get::<config::Value>(key)
+            .ok()
+            .and_then(|v| v.into_string().ok())
+            .filter(|v| !v.is_empty())
+    };
+    let mut found = Vec::new();
+    if raw
+        .get::<config::Value>("api_keys")
+        .ok()
+        .and_then(|v| v.into_array().ok())
+        .is_some_and(|keys| !keys.is_empty())
+    {
+        found.push("api_keys");
+    }
+    if text("management.secret_key").is_some_and(|k| !crate::crypto::is_phc(&k)) {
+        found.push("management.secret_key");
+    }
+    if text("auth.encryption.key").is_some() {
+        found.push("auth.encryption.key");
+    }
+    found
+}
 
 impl Config {
     /// Load `path` (if it exists; a missing default file means all defaults) and the
@@ -420,17 +470,40 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Loaded, ConfigError> {
         let mut builder = config::Config::builder();
+        let mut config_file = None;
+        let mut secrets_in_file = Vec::new();
         if path.exists() {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| err(format!("{}: cannot read config: {e}", path.display())))?;
+            secrets_in_file = secrets_set_in(&text);
+            config_file = Some(path.to_path_buf());
             builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Yaml));
         } else if must_exist {
             return Err(err(format!("{}: config file not found", path.display())));
         }
-        let env: config::Map<String, String> = env
+        let mut env: config::Map<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("CLIPROXY__"))
             .collect();
+        // Secret settings are set from their text as written, past the generic parsing.
+        for (name, value) in env.clone() {
+            let key = name["CLIPROXY__".len()..].to_lowercase().replace("__", ".");
+            let Some(key) = SECRET_KEYS.iter().copied().find(|k| *k == key) else {
+                continue;
+            };
+            env.remove(&name);
+            let set = if key == "api_keys" {
+                let keys: Vec<String> = if value.is_empty() {
+                    Vec::new()
+                } else {
+                    value.split(',').map(str::to_string).collect()
+                };
+                builder.set_override(key, keys)
+            } else {
+                builder.set_override(key, value)
+            };
+            builder = set.map_err(|e| err(format!("`{key}`: {e}")))?;
+        }
         let mut source = config::Environment::with_prefix("CLIPROXY")
             .prefix_separator("__")
             .separator("__")
@@ -446,6 +519,17 @@ impl Config {
             .map_err(|e| err(format!("{}: {e}", path.display())))?;
         let config: Config = serde_path_to_error::deserialize(raw).map_err(|e| {
             let key = e.path().to_string();
+            if let Some(secret) = secret_key_of(&key) {
+                let what = if secret == "api_keys" {
+                    "a list of texts"
+                } else {
+                    "text"
+                };
+                return err(format!(
+                    "{}: `{key}`: must be {what} (quote it in YAML); the value is not shown",
+                    path.display()
+                ));
+            }
             let inner = e.into_inner().to_string();
             if key == "." || key.is_empty() {
                 err(format!("{}: {inner}", path.display()))
@@ -474,6 +558,8 @@ impl Config {
             log_dir: resolve(&config.logging.dir),
             database,
             base_dir,
+            config_file,
+            secrets_in_file,
             config,
         })
     }
@@ -518,6 +604,12 @@ impl Config {
         }
         if self.auth.refresh.check_interval.0.is_zero() {
             return Err(err("`auth.refresh.check_interval`: must be longer than 0s"));
+        }
+        // An empty key would admit a client that sends an empty one.
+        if let Some(i) = self.api_keys.iter().position(Secret::is_empty) {
+            return Err(err(format!(
+                "`api_keys[{i}]`: a client key must not be empty"
+            )));
         }
         if self.management.allow_remote && self.management.secret_key.is_empty() {
             return Err(err(
@@ -791,6 +883,157 @@ mod tests {
             let e = load(yaml, &[]).unwrap_err().0;
             assert!(e.contains(key), "{yaml}: {e}");
         }
+    }
+
+    /// Values that the generic parsing would turn into numbers, booleans or lists.
+    const TRICKY: &[&str] = &[
+        "000123",
+        "0",
+        "-0",
+        "9223372036854775808",
+        "1e5",
+        "1.50",
+        "0x1F",
+        "true",
+        "FALSE",
+        "[a, b]",
+        "{k: v}",
+        " padded ",
+        "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+    ];
+
+    #[test]
+    fn secret_overrides_keep_their_text() {
+        for value in TRICKY {
+            let l = load(
+                "",
+                &[
+                    ("CLIPROXY__MANAGEMENT__SECRET_KEY", value),
+                    ("CLIPROXY__AUTH__ENCRYPTION__KEY", value),
+                    ("CLIPROXY__API_KEYS", value),
+                ],
+            )
+            .unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(l.config.management.secret_key.expose(), *value);
+            assert_eq!(l.config.auth.encryption.key.expose(), *value);
+            let keys: Vec<&str> = l.config.api_keys.iter().map(Secret::expose).collect();
+            assert_eq!(keys, value.split(',').collect::<Vec<_>>(), "{value}");
+        }
+        let l = load("", &[("CLIPROXY__API_KEYS", "000123,true,1e5")]).unwrap();
+        let keys: Vec<&str> = l.config.api_keys.iter().map(Secret::expose).collect();
+        assert_eq!(keys, ["000123", "true", "1e5"]);
+        // Set but empty: no client keys (not one empty key).
+        let l = load("api_keys: [k]\n", &[("CLIPROXY__API_KEYS", "")]).unwrap();
+        assert!(l.config.api_keys.is_empty());
+        // Other settings are still parsed.
+        let l = load("", &[("CLIPROXY__PORT", "0009000")]).unwrap();
+        assert_eq!(l.config.port, 9000);
+    }
+
+    #[test]
+    fn config_errors_never_show_a_secret() {
+        let secret = "271828182845904523536";
+        /// The config file, the environment, and the key the error must name.
+        type Case<'a> = (String, Vec<(&'a str, String)>, &'a str);
+        let cases: Vec<Case> = vec![
+            // A secret beside a bad neighbour, from the environment.
+            (
+                String::new(),
+                vec![
+                    ("CLIPROXY__API_KEYS", format!("{secret},{secret}1")),
+                    ("CLIPROXY__MANAGEMENT__SECRET_KEY", secret.to_string()),
+                    ("CLIPROXY__AUTH__ENCRYPTION__KEY", secret.to_string()),
+                    ("CLIPROXY__MANAGEMENT__ALLOW_REMOTE", "sometimes".into()),
+                ],
+                "management.allow_remote",
+            ),
+            (
+                String::new(),
+                vec![
+                    ("CLIPROXY__API_KEYS", secret.to_string()),
+                    ("CLIPROXY__PORT", "99999999".into()),
+                ],
+                "port",
+            ),
+            (
+                String::new(),
+                vec![("CLIPROXY__API_KEYS", format!("{secret},,x"))],
+                "api_keys[1]",
+            ),
+            // Secrets in the file that YAML reads as numbers, booleans, lists or maps.
+            (format!("api_keys: {secret}\n"), vec![], "api_keys"),
+            (format!("api_keys: [{secret}]\n"), vec![], "api_keys[0]"),
+            (
+                format!("api_keys: [\"x\", {{k: {secret}}}]\n"),
+                vec![],
+                "api_keys[1]",
+            ),
+            (format!("api_keys: \"{secret}\"\n"), vec![], "api_keys"),
+            (
+                format!("management:\n  secret_key: {secret}\n"),
+                vec![],
+                "management.secret_key",
+            ),
+            (
+                format!("management:\n  secret_key: [{secret}]\n"),
+                vec![],
+                "management.secret_key",
+            ),
+            (
+                format!("auth:\n  encryption:\n    key: {secret}.5\n"),
+                vec![],
+                "auth.encryption.key",
+            ),
+            (
+                "auth:\n  encryption:\n    key: true\n".into(),
+                vec![],
+                "auth.encryption.key",
+            ),
+            (
+                format!("management:\n  secret_key: \"{secret}\"\n  allow_remote: maybe\n"),
+                vec![],
+                "management.allow_remote",
+            ),
+        ];
+        for (yaml, env, key) in cases {
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let e = load(&yaml, &env).unwrap_err().0;
+            assert!(e.contains(key), "{yaml} {env:?}: {e}");
+            // Not the secret, nor any long part of it.
+            assert!(!e.contains(&secret[..8]), "{yaml} {env:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn secrets_in_the_file_are_noticed() {
+        for (yaml, found) in [
+            ("", vec![]),
+            ("api_keys: []\n", vec![]),
+            ("api_keys: [\"k\"]\n", vec!["api_keys"]),
+            ("management:\n  secret_key: \"\"\n", vec![]),
+            (
+                "management:\n  secret_key: plain-key\n",
+                vec!["management.secret_key"],
+            ),
+            (
+                "management:\n  secret_key: \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo\"\n",
+                vec![],
+            ),
+            (
+                "auth:\n  encryption:\n    enabled: true\n    key_env: K\n",
+                vec![],
+            ),
+            (
+                "api_keys: [a]\nauth:\n  encryption:\n    key: \"abc\"\n",
+                vec!["api_keys", "auth.encryption.key"],
+            ),
+        ] {
+            assert_eq!(secrets_set_in(yaml), found, "{yaml}");
+        }
+        // From the environment only: the file holds none.
+        let l = load("port: 1\n", &[("CLIPROXY__API_KEYS", "k")]).unwrap();
+        assert!(l.secrets_in_file.is_empty());
+        assert!(l.config_file.is_some());
     }
 
     #[test]

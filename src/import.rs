@@ -330,7 +330,7 @@ pub fn add_document(
 }
 
 /// Should this directory entry be imported? `*.json`, but not `*.example.json`.
-fn is_credential_file(path: &Path) -> bool {
+pub fn is_credential_file(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     name.ends_with(".json") && !name.ends_with(".example.json") && !name.starts_with('.')
 }

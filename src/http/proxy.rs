@@ -226,10 +226,25 @@ pub struct LeaseInput {
     estimated_tokens: Option<RequestTokens>,
 }
 
+/// Leases hand out the token itself, so they need a client key, even from loopback: with no
+/// `api_keys` any local process could take a token in clear.
+fn leases_allowed(state: &AppState) -> AppResult<()> {
+    if state.config.config.api_keys.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "leases_need_client_key",
+            "Leases hand out the credential itself, so they need a client key: configure api_keys",
+        ));
+    }
+    Ok(())
+}
+
 pub async fn lease(
     State(state): State<Arc<AppState>>,
-    Json(input): Json<LeaseInput>,
+    body: Result<Json<LeaseInput>, ApiError>,
 ) -> AppResult<Response> {
+    leases_allowed(&state)?;
+    let Json(input) = body?;
     let provider = state
         .registry
         .get(&input.provider)
@@ -306,9 +321,11 @@ pub struct ReportInput {
 
 pub async fn report(
     State(state): State<Arc<AppState>>,
-    Path(lease_id): Path<String>,
-    Json(input): Json<ReportInput>,
+    lease_id: Result<Path<String>, ApiError>,
+    body: Result<Json<ReportInput>, ApiError>,
 ) -> AppResult<Response> {
+    leases_allowed(&state)?;
+    let (Path(lease_id), Json(input)) = (lease_id?, body?);
     let Some((credential_id, provider)) = state.store.lease(&lease_id).await? else {
         return Err(ApiError::not_found(
             "lease_not_found",

@@ -217,13 +217,20 @@ impl Store {
         actor: &str,
         now: DateTime<Utc>,
     ) -> Result<CredentialRow> {
-        self.exclusive(self.update_locked(id, patch, actor, now))
-            .await
+        let row = self
+            .exclusive(self.update_locked(id, patch, actor, now))
+            .await?;
+        if patch.token.is_some() || patch.refresh_token.is_some() {
+            self.forget_old_secrets().await;
+        }
+        Ok(row)
     }
 
     /// Delete a credential (see `delete_locked`).
     pub async fn delete(&self, id: &str, actor: &str, now: DateTime<Utc>) -> Result<CredentialRow> {
-        self.exclusive(self.delete_locked(id, actor, now)).await
+        let row = self.exclusive(self.delete_locked(id, actor, now)).await?;
+        self.forget_old_secrets().await;
+        Ok(row)
     }
 
     /// Add a credential through the API. A credential with the same provider and identifying

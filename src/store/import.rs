@@ -91,8 +91,13 @@ impl Store {
         dry_run: bool,
         now: DateTime<Utc>,
     ) -> Result<ImportReport> {
-        self.exclusive(self.import_locked(batch, mode, actor, dry_run, now))
-            .await
+        let report = self
+            .exclusive(self.import_locked(batch, mode, actor, dry_run, now))
+            .await?;
+        if report.updated > 0 && !dry_run {
+            self.forget_old_secrets().await;
+        }
+        Ok(report)
     }
 
     /// Apply `batch` in one write transaction (rolled back when `dry_run`). Errors already in
@@ -127,6 +132,7 @@ impl Store {
         let wanted: Vec<String> = entries.iter().map(|(_, fp, _)| to_hex(fp)).collect();
         let wanted = serde_json::Value::from(wanted).to_string();
         let mut tx = self.begin_write().await?;
+        self.adopt_retired(&mut tx, &entries).await?;
         // fingerprint -> (id, digest of its last import)
         let mut known: HashMap<Vec<u8>, (String, Option<Vec<u8>>)> = sqlx::query!(
             "SELECT fingerprint, id, import_digest FROM credentials

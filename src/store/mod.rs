@@ -20,7 +20,7 @@ pub use import::{ImportMode, ImportReport, Notice};
 pub use quota::QuotaPatch;
 pub use requests::{Mark, Reservation, ReservationKind, ReserveRequest, Unavailable};
 
-use crate::crypto::{CryptoError, Field, Fingerprinter, Sealer, Secret, to_hex};
+use crate::crypto::{CryptoError, Encryption, Fingerprinter, Sealer, to_hex};
 use crate::quota::ResetSchedule;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
@@ -60,6 +60,9 @@ pub enum StoreError {
     GroupFailed(String),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Readers kept the WAL from being checkpointed and truncated, attempt after attempt.
+    #[error("the WAL could not be checkpointed: readers kept it busy")]
+    Checkpoint,
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -68,7 +71,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     pub path: PathBuf,
-    pub sealer: Sealer,
+    /// What the config asks for; bound to the database's id it becomes the store's sealer.
+    pub encryption: Encryption,
     /// Quota reset schedules by provider (absent: never), for the period of new counters.
     pub schedules: BTreeMap<String, ResetSchedule>,
     pub read_connections: u32,
@@ -81,6 +85,11 @@ pub struct Store {
     reader: SqlitePool,
     sealer: Sealer,
     fingerprinter: Fingerprinter,
+    /// Fingerprint keys before the last `rotate-key`s, only to recognise the tombstones and
+    /// import digests made under them (see `secrets::Store::adopt_retired`).
+    retired: Arc<Vec<Fingerprinter>>,
+    /// Credentials whose secrets opening the database sealed or re-sealed.
+    resealed_at_open: usize,
     schedules: BTreeMap<String, ResetSchedule>,
     /// This process's name on the reservations it makes, so those of a dead one are known.
     instance: Arc<str>,
@@ -129,7 +138,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 }
 
 impl Store {
-    /// Open (creating if missing) the database, apply migrations, load the fingerprint key.
+    /// Open (creating if missing) the database after checking that the configured key fits
+    /// it, apply migrations, bring its secrets to the configured form, load the fingerprint
+    /// keys.
     #[tracing::instrument(skip_all, fields(path = %options.path.display()))]
     pub async fn open(options: StoreOptions) -> Result<Store> {
         let path = &options.path;
@@ -140,9 +151,9 @@ impl Store {
         if let Some(parent) = path.parent() {
             warn_if_shared(parent);
         }
-        // An existing database must open with the configured key before anything is written.
-        if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
-            secrets::check_key(path, &options.sealer).await?;
+        // An existing database must fit the configured key before anything is written.
+        if path.exists() {
+            secrets::check(path, &options.encryption).await?;
         }
         // Create the file ourselves so it is owner-only from its first byte; SQLite gives the
         // WAL and shared-memory files the same mode.
@@ -175,7 +186,7 @@ impl Store {
             // Readers serve management lists; a small page cache each keeps memory low.
             .connect_with(base.clone().read_only(true).pragma("cache_size", "-1024"))
             .await?;
-        let fingerprinter = Self::load_fingerprint_key(&writer, &options.sealer).await?;
+        let opened = secrets::prepare(&writer, &options.encryption).await?;
         let instance = format!("proc_{}", to_hex(&rand::random::<[u8; 8]>()));
         // The ledger writes on a connection of its own, never at the same time as the pool's
         // writer (see `gate`), so neither waits on the other's lock.
@@ -192,8 +203,10 @@ impl Store {
         let store = Store {
             writer,
             reader,
-            sealer: options.sealer,
-            fingerprinter,
+            sealer: opened.sealer,
+            fingerprinter: opened.fingerprinter,
+            retired: Arc::new(opened.retired),
+            resealed_at_open: opened.resealed,
             schedules: options.schedules,
             instance: Arc::from(instance),
             freed: Arc::new(tokio::sync::Notify::new()),
@@ -214,38 +227,6 @@ impl Store {
         .start(ledger_db, ops)
         .map_err(io_err(path))?;
         Ok(store)
-    }
-
-    /// The fingerprint key is random per database, created on first open, and kept sealed in
-    /// `meta` like any other secret.
-    async fn load_fingerprint_key(writer: &SqlitePool, sealer: &Sealer) -> Result<Fingerprinter> {
-        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
-        let row = sqlx::query_scalar!("SELECT value FROM meta WHERE key = 'fingerprint_key'")
-            .fetch_optional(&mut *tx)
-            .await?;
-        let key = match row {
-            Some(sealed) => {
-                let secret = sealer.open("meta", Field::FingerprintKey, &sealed)?;
-                hex_key(secret.expose()).ok_or_else(|| CryptoError::Open {
-                    owner: "meta".into(),
-                    field: Field::FingerprintKey.as_str(),
-                    reason: "the stored key is not 32 hex-encoded bytes",
-                })?
-            }
-            None => {
-                let key = Fingerprinter::random_key();
-                let sealed = sealer.seal("meta", Field::FingerprintKey, &Secret::new(to_hex(&key)));
-                sqlx::query!(
-                    "INSERT INTO meta (key, value) VALUES ('fingerprint_key', ?)",
-                    sealed
-                )
-                .execute(&mut *tx)
-                .await?;
-                key
-            }
-        };
-        tx.commit().await?;
-        Ok(Fingerprinter::new(key))
     }
 
     /// Run a write that is not the request path's (a management change): no ledger group runs
@@ -296,19 +277,17 @@ impl Store {
             .timestamp()
     }
 
-    /// At start: seal secrets left in clear (encryption just turned on), then mark the
-    /// credentials whose secrets do not open. Returns how many were sealed, and the marked
-    /// ones with their reasons.
+    /// At start: mark the credentials whose secrets do not open. Returns how many credentials
+    /// opening the database sealed (encryption just turned on) or re-sealed (an older sealed
+    /// format), and the marked ones with their reasons.
     pub async fn prepare_secrets(
         &self,
         now: DateTime<Utc>,
     ) -> Result<(usize, Vec<(String, String)>)> {
-        self.exclusive(async {
-            let sealed = self.seal_stale().await?;
-            let failed = self.mark_unopenable(now.timestamp()).await?;
-            Ok((sealed, failed))
-        })
-        .await
+        let failed = self
+            .exclusive(self.mark_unopenable(now.timestamp()))
+            .await?;
+        Ok((self.resealed_at_open, failed))
     }
 
     /// `PRAGMA integrity_check`; `Ok(())` when the database is sound.
@@ -329,18 +308,6 @@ impl Store {
         self.reader.close().await;
         self.writer.close().await;
     }
-}
-
-fn hex_key(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
-        let s = std::str::from_utf8(chunk).ok()?;
-        out[i] = u8::from_str_radix(s, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// Map a unique-constraint violation on insert to [`StoreError::Duplicate`].

@@ -1,62 +1,112 @@
-//! Keeping stored secrets under the configured key: checking the key before anything is
-//! written, sealing values left in clear when encryption is turned on, marking credentials
-//! whose secrets do not open, and re-sealing everything under a new key. Each change is one
-//! transaction, so a crash leaves the database wholly before or wholly after it.
+//! Keeping stored secrets under the configured key.
+//!
+//! Where a database's secrets stand is read from `meta` and the stored values themselves:
+//! - no `key_check` and every value in clear: the database is not encrypted. With encryption
+//!   off it stays so; with it on, the start seals every value once (the one migration in which
+//!   a value in clear is sealed) and writes the key check.
+//! - a `key_check`: the database is encrypted, and the configured key must open the marker
+//!   (sealed under the key, bound to the database id) before anything is written. A value in
+//!   clear found in it was put there behind the program's back: it is refused, never sealed.
+//! - no `key_check` but values sealed in the first format (v1, no database id), and a
+//!   fingerprint key in that format that opens: a database of before the marker, re-sealed
+//!   once in the current format.
+//!
+//! Anything else (a marker that is missing, in clear or does not open while values are
+//! sealed, or encryption off over sealed values) stops the start before any write. Each
+//! change is one transaction, so a crash leaves the database wholly before or wholly after
+//! it; after one that replaced secrets, the WAL is checkpointed and truncated so no old copy
+//! stays on disk.
 
 use super::{Result, Store, StoreError};
-use crate::crypto::{Field, Sealer};
-use sqlx::sqlite::SqliteConnectOptions;
+use crate::crypto::{
+    CryptoError, DatabaseId, Encryption, Field, Fingerprinter, Form, PREVIEW_UNKNOWN, Sealer,
+    Secret, form_of, to_hex, token_preview,
+};
+use crate::domain::CredentialKind;
+use crate::import::Entry;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
+use std::time::Duration;
 
-/// One credential's sealed secrets.
-struct SealedRow {
-    id: String,
-    token: Option<Vec<u8>>,
-    refresh: Option<Vec<u8>>,
-    client_secret: Option<Vec<u8>>,
+/// Where a database's secrets stand, and so what opening it must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// Not encrypted, and encryption is off (or a new database without encryption).
+    Plain,
+    /// Not encrypted, and encryption is on: seal every value once (or a new database).
+    TurnOn,
+    /// Sealed in the first format under the configured key: re-seal once in the current one.
+    Legacy,
+    /// Encrypted, and the configured key opened its key check.
+    Sealed,
 }
 
-impl SealedRow {
-    fn fields(&self) -> [(Field, Option<&Vec<u8>>); 3] {
-        [
-            (Field::Token, self.token.as_ref()),
-            (Field::RefreshToken, self.refresh.as_ref()),
-            (Field::ClientSecret, self.client_secret.as_ref()),
-        ]
-    }
+/// What [`inspect`] found.
+struct Found {
+    database: Option<DatabaseId>,
+    standing: Standing,
+}
 
+/// The secret columns of one credential.
+struct SealedRow {
+    id: String,
+    provider: String,
+    kind: String,
+    values: [Option<Vec<u8>>; 3],
+}
+
+const FIELDS: [Field; 3] = [Field::Token, Field::RefreshToken, Field::ClientSecret];
+
+impl SealedRow {
     /// The first secret of the row that does not open, and why.
     fn first_failure(&self, sealer: &Sealer) -> Option<String> {
-        self.fields().into_iter().find_map(|(field, value)| {
-            value.and_then(|v| sealer.open(&self.id, field, v).err().map(|e| e.to_string()))
+        FIELDS.iter().zip(&self.values).find_map(|(field, value)| {
+            let v = value.as_ref()?;
+            sealer
+                .open(&self.id, *field, v)
+                .err()
+                .map(|e| e.to_string())
         })
     }
 
-    /// Every secret of the row re-sealed by `to` (opened by `from`).
-    fn resealed(&self, from: &Sealer, to: &Sealer) -> Result<[Option<Vec<u8>>; 3]> {
-        let mut out: [Option<Vec<u8>>; 3] = [None, None, None];
-        for (slot, (field, value)) in out.iter_mut().zip(self.fields()) {
+    /// Every secret of the row, opened.
+    fn open_all(&self, sealer: &Sealer) -> Result<[Option<Secret>; 3]> {
+        let mut out: [Option<Secret>; 3] = [None, None, None];
+        for ((slot, field), value) in out.iter_mut().zip(FIELDS).zip(&self.values) {
             if let Some(v) = value {
-                let secret = from.open(&self.id, field, v)?;
-                *slot = Some(to.seal(&self.id, field, &secret));
+                *slot = Some(sealer.open(&self.id, field, v)?);
             }
         }
         Ok(out)
+    }
+
+    /// The secret that identifies the credential (see `NewCredential::identity`).
+    fn identity<'a>(&self, secrets: &'a [Option<Secret>; 3]) -> Option<&'a Secret> {
+        let [token, refresh, _] = secrets;
+        match CredentialKind::parse(&self.kind) {
+            Some(CredentialKind::Oauth) => refresh.as_ref().or(token.as_ref()),
+            _ => token.as_ref(),
+        }
     }
 }
 
 async fn sealed_rows(conn: &mut SqliteConnection) -> Result<Vec<SealedRow>> {
     Ok(sqlx::query!(
-        "SELECT id, token_sealed, refresh_token_sealed, client_secret_sealed FROM credentials"
+        "SELECT id, provider, kind, token_sealed, refresh_token_sealed, client_secret_sealed
+         FROM credentials"
     )
     .fetch_all(conn)
     .await?
     .into_iter()
     .map(|r| SealedRow {
         id: r.id,
-        token: r.token_sealed,
-        refresh: r.refresh_token_sealed,
-        client_secret: r.client_secret_sealed,
+        provider: r.provider,
+        kind: r.kind,
+        values: [
+            r.token_sealed,
+            r.refresh_token_sealed,
+            r.client_secret_sealed,
+        ],
     })
     .collect())
 }
@@ -64,7 +114,7 @@ async fn sealed_rows(conn: &mut SqliteConnection) -> Result<Vec<SealedRow>> {
 async fn write_row(
     conn: &mut SqliteConnection,
     id: &str,
-    sealed: [Option<Vec<u8>>; 3],
+    sealed: &[Option<Vec<u8>>; 3],
 ) -> Result<()> {
     let [token, refresh, client_secret] = sealed;
     sqlx::query!(
@@ -80,78 +130,446 @@ async fn write_row(
     Ok(())
 }
 
-async fn reseal_meta(conn: &mut SqliteConnection, from: &Sealer, to: &Sealer) -> Result<()> {
-    let sealed = sqlx::query_scalar!("SELECT value FROM meta WHERE key = 'fingerprint_key'")
-        .fetch_optional(&mut *conn)
-        .await?;
-    if let Some(sealed) = sealed {
-        let key = from.open("meta", Field::FingerprintKey, &sealed)?;
-        let resealed = to.seal("meta", Field::FingerprintKey, &key);
-        sqlx::query!(
-            "UPDATE meta SET value = ? WHERE key = 'fingerprint_key'",
-            resealed
-        )
-        .execute(conn)
-        .await?;
-    }
+/// The owner a fingerprint key is sealed for: its generation is part of it, so keys cannot
+/// be swapped between generations.
+fn key_owner(generation: i64) -> String {
+    format!("meta/{generation}")
+}
+
+/// The owner of the fingerprint key in the first sealed format, from when it lived in `meta`.
+const LEGACY_KEY_OWNER: &str = "meta";
+
+fn is_missing_table(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.message().contains("no such table"))
+}
+
+async fn meta_value(conn: &mut SqliteConnection, key: &str) -> Result<Option<Vec<u8>>> {
+    Ok(
+        sqlx::query_scalar!("SELECT value FROM meta WHERE key = ?", key)
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
+async fn set_meta(conn: &mut SqliteConnection, key: &str, value: &[u8]) -> Result<()> {
+    sqlx::query!(
+        "INSERT INTO meta (key, value) VALUES (?, ?)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        key,
+        value
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
-/// Before an existing database is opened for writing: does `sealer` open its secrets? The
-/// check reads through a read-only connection, so a wrong key changes nothing on disk.
-pub(super) async fn check_key(path: &std::path::Path, sealer: &Sealer) -> Result<()> {
+/// The stored fingerprint keys by generation, oldest first. Before the migration that made
+/// `fingerprint_keys`, the one key lived in `meta` (the check at start reads a database of any
+/// version).
+async fn fingerprint_keys(conn: &mut SqliteConnection) -> Result<Vec<(i64, Vec<u8>)>> {
+    match sqlx::query!("SELECT generation, key_sealed FROM fingerprint_keys ORDER BY generation")
+        .fetch_all(&mut *conn)
+        .await
+    {
+        Ok(rows) => Ok(rows
+            .into_iter()
+            .map(|r| (r.generation, r.key_sealed))
+            .collect()),
+        Err(e) if is_missing_table(&e) => Ok(meta_value(conn, "fingerprint_key")
+            .await?
+            .map(|v| (1, v))
+            .into_iter()
+            .collect()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Which forms the stored secrets (of credentials and fingerprint keys) are in.
+#[derive(Debug, Default)]
+struct Forms {
+    plain: bool,
+    legacy: bool,
+    sealed: bool,
+    unknown: bool,
+}
+
+impl Forms {
+    fn add(&mut self, form: Form) {
+        match form {
+            Form::Plain => self.plain = true,
+            Form::Legacy => self.legacy = true,
+            Form::Sealed => self.sealed = true,
+            Form::Unknown => self.unknown = true,
+        }
+    }
+
+    fn any_encrypted(&self) -> bool {
+        self.legacy || self.sealed || self.unknown
+    }
+}
+
+async fn forms(conn: &mut SqliteConnection, keys: &[(i64, Vec<u8>)]) -> Result<Forms> {
+    let mut forms = Forms::default();
+    let firsts = sqlx::query_scalar!(
+        r#"SELECT DISTINCT substr(v, 1, 1) AS "first!: Vec<u8>" FROM (
+               SELECT token_sealed AS v FROM credentials
+               UNION ALL SELECT refresh_token_sealed FROM credentials
+               UNION ALL SELECT client_secret_sealed FROM credentials)
+           WHERE v IS NOT NULL"#
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for first in firsts {
+        forms.add(form_of(&first));
+    }
+    for (_, key) in keys {
+        forms.add(form_of(key));
+    }
+    Ok(forms)
+}
+
+/// Where the database's secrets stand under `encryption`; an error (changing nothing) when the
+/// configured key, or its absence, does not fit the database.
+async fn inspect(conn: &mut SqliteConnection, encryption: &Encryption) -> Result<Found> {
+    let fresh = Found {
+        database: None,
+        standing: if encryption.is_on() {
+            Standing::TurnOn
+        } else {
+            Standing::Plain
+        },
+    };
+    let database = match meta_value(conn, "database_id").await {
+        // A database from before the first migration has no `meta` yet: nothing is stored.
+        Err(StoreError::Db(e)) if is_missing_table(&e) => return Ok(fresh),
+        Err(e) => return Err(e),
+        Ok(id) => id,
+    };
+    let marker = meta_value(conn, "key_check").await?;
+    let keys = fingerprint_keys(conn).await?;
+    let forms = forms(conn, &keys).await?;
+    let refuse = |reason: &str| Err(StoreError::Key(reason.to_string()));
+    let database = match database {
+        None => None,
+        Some(stored) => match DatabaseId::parse(&stored) {
+            Some(id) => Some(id),
+            None => return refuse("the database id in `meta` is malformed, so `meta` was altered"),
+        },
+    };
+    if let Some(marker) = marker {
+        if !encryption.is_on() {
+            return refuse("the database's secrets are encrypted, and encryption is off");
+        }
+        let Some(id) = &database else {
+            return refuse(
+                "the database has a key check but no database id, so `meta` was altered",
+            );
+        };
+        return match encryption.for_database(id).verify_key_check(&marker) {
+            Ok(()) => Ok(Found {
+                database,
+                standing: Standing::Sealed,
+            }),
+            Err(e) => refuse(&format!(
+                "the key does not open the database's key check: {e}"
+            )),
+        };
+    }
+    if !forms.any_encrypted() {
+        return Ok(Found {
+            database,
+            standing: fresh.standing,
+        });
+    }
+    if !encryption.is_on() {
+        return refuse("the database's secrets are encrypted, and encryption is off");
+    }
+    if forms.sealed || forms.unknown {
+        return refuse(
+            "the database holds encrypted values but no key check, so the key cannot be verified (`meta` was altered)",
+        );
+    }
+    // A database of before the key check: its fingerprint key, sealed in the first format,
+    // is what tells whether the key is its own. That format has no database id in its
+    // associated data, so the id the sealer is bound to does not matter here.
+    let check = encryption.for_database(&database.clone().unwrap_or_else(DatabaseId::random));
+    match keys.iter().find(|(generation, _)| *generation == 1) {
+        Some((_, key)) if form_of(key) == Form::Legacy => {
+            match check.open_legacy(LEGACY_KEY_OWNER, Field::FingerprintKey, key) {
+                Ok(_) => Ok(Found {
+                    database,
+                    standing: Standing::Legacy,
+                }),
+                Err(e) => refuse(&format!(
+                    "the key does not open the database's fingerprint key: {e}"
+                )),
+            }
+        }
+        _ => refuse(
+            "the database holds encrypted values but its fingerprint key is in clear or missing, so the key cannot be verified",
+        ),
+    }
+}
+
+/// Before an existing database is opened for writing: does `encryption` fit it? The check
+/// reads through a read-only connection, so a wrong key changes nothing on disk. Without a
+/// WAL the file is the whole database, and it is read as immutable, so that not even an empty
+/// WAL or shared-memory file is left behind.
+pub(super) async fn check(path: &std::path::Path, encryption: &Encryption) -> Result<()> {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
     let mut conn = SqliteConnectOptions::new()
         .filename(path)
         .read_only(true)
+        .immutable(!std::path::Path::new(&wal).exists())
         .connect()
         .await?;
-    let sealed = sqlx::query_scalar!("SELECT value FROM meta WHERE key = 'fingerprint_key'")
-        .fetch_optional(&mut conn)
-        .await;
-    let result = match sealed {
-        // A database from before the first migration has no `meta` yet: nothing to check.
-        Err(sqlx::Error::Database(e)) if e.message().contains("no such table") => Ok(()),
-        Err(e) => Err(e.into()),
-        Ok(None) => Ok(()),
-        Ok(Some(sealed)) => sealer
-            .open("meta", Field::FingerprintKey, &sealed)
-            .map(|_| ())
-            .map_err(|e| StoreError::Key(e.to_string())),
-    };
+    let result = inspect(&mut conn, encryption).await.map(|_| ());
     conn.close().await?;
     result
 }
 
-impl Store {
-    /// Seal, under the configured key, every secret still stored in another form (in clear,
-    /// from before encryption was turned on). One transaction; returns how many credentials
-    /// changed.
-    pub(super) async fn seal_stale(&self) -> Result<usize> {
-        if !self.sealer.is_encrypted() {
-            return Ok(0);
+/// What opening a database produced for the store.
+pub(super) struct Opened {
+    pub sealer: Sealer,
+    /// The current fingerprint key.
+    pub fingerprinter: Fingerprinter,
+    /// Earlier keys, kept only to recognise tombstones and import digests made under them.
+    pub retired: Vec<Fingerprinter>,
+    /// Credentials whose secrets were sealed (encryption turned on) or re-sealed (upgraded).
+    pub resealed: usize,
+}
+
+/// After the migrations, in one transaction: give the database its id, seal what the standing
+/// asks for (turning encryption on, or upgrading the first sealed format), write the key
+/// check, load (or create) the fingerprint keys, and bring stored previews to the current
+/// rule. Then checkpoint, so nothing replaced stays in the WAL or the database file, also
+/// after a crash between an earlier commit and its checkpoint.
+pub(super) async fn prepare(writer: &SqlitePool, encryption: &Encryption) -> Result<Opened> {
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+    let found = inspect(&mut tx, encryption).await?;
+    let database = match found.database {
+        Some(id) => id,
+        None => {
+            let id = DatabaseId::random();
+            set_meta(&mut tx, "database_id", id.as_str().as_bytes()).await?;
+            id
         }
-        let mut tx = self.begin_write().await?;
-        let mut changed = 0;
-        for row in sealed_rows(&mut tx).await? {
-            let stale = row
-                .fields()
-                .iter()
-                .any(|(_, v)| v.is_some_and(|v| !self.sealer.is_current(v)));
-            // A value that does not open is left as it is, for `mark_unopenable` to report.
-            if stale && row.first_failure(&self.sealer).is_none() {
-                let resealed = row.resealed(&self.sealer, &self.sealer)?;
-                write_row(&mut tx, &row.id, resealed).await?;
-                changed += 1;
+    };
+    let sealer = encryption.for_database(&database);
+    let resealed = match found.standing {
+        Standing::Plain | Standing::Sealed => 0,
+        Standing::TurnOn => {
+            reseal_found(&mut tx, &sealer, Form::Plain, |owner, field, v| {
+                sealer.open_plain(owner, field, v)
+            })
+            .await?
+        }
+        Standing::Legacy => {
+            reseal_found(&mut tx, &sealer, Form::Legacy, |owner, field, v| {
+                sealer.open_legacy(owner, field, v)
+            })
+            .await?
+        }
+    };
+    if found.standing != Standing::Sealed
+        && let Some(marker) = sealer.seal_key_check()
+    {
+        set_meta(&mut tx, "key_check", &marker).await?;
+    }
+    let (fingerprinter, retired) = load_fingerprint_keys(&mut tx, &sealer).await?;
+    let previews = apply_preview_rule(&mut tx, &sealer).await?;
+    tx.commit().await?;
+    if resealed > 0 || previews > 0 {
+        tracing::info!(
+            resealed,
+            previews,
+            "stored secrets brought to the current form"
+        );
+    }
+    // Committed either way; a command run beside a busy server may find readers in the way.
+    if let Err(e) = checkpoint(writer).await {
+        tracing::error!(error = %e, "replaced secrets may remain in the WAL until the next checkpoint");
+    }
+    Ok(Opened {
+        sealer,
+        fingerprinter,
+        retired,
+        resealed,
+    })
+}
+
+/// Seal under `sealer` every stored value in `form` (credential secrets and fingerprint keys),
+/// opened by `open`. A value that does not open stays as it is, for `mark_unopenable` to
+/// report. Returns how many credentials changed.
+async fn reseal_found(
+    conn: &mut SqliteConnection,
+    sealer: &Sealer,
+    form: Form,
+    open: impl Fn(&str, Field, &[u8]) -> Result<Secret, CryptoError>,
+) -> Result<usize> {
+    let mut changed = 0;
+    for row in sealed_rows(conn).await? {
+        let mut values = row.values.clone();
+        let mut touched = false;
+        for (field, value) in FIELDS.into_iter().zip(values.iter_mut()) {
+            if let Some(v) = value
+                && form_of(v) == form
+                && let Ok(secret) = open(&row.id, field, v)
+            {
+                *v = sealer.seal(&row.id, field, &secret);
+                touched = true;
             }
         }
-        let meta = sqlx::query_scalar!("SELECT value FROM meta WHERE key = 'fingerprint_key'")
-            .fetch_optional(&mut *tx)
-            .await?;
-        if meta.is_some_and(|m| !self.sealer.is_current(&m)) {
-            reseal_meta(&mut tx, &self.sealer, &self.sealer).await?;
+        if touched {
+            write_row(conn, &row.id, &values).await?;
+            changed += 1;
         }
-        tx.commit().await?;
-        Ok(changed)
+    }
+    for (generation, key) in fingerprint_keys(conn).await? {
+        if form_of(&key) != form {
+            continue;
+        }
+        // The first format sealed the one key for `meta`; a key in clear has no owner.
+        let owner = if form == Form::Legacy {
+            LEGACY_KEY_OWNER.to_string()
+        } else {
+            key_owner(generation)
+        };
+        let secret = open(&owner, Field::FingerprintKey, &key)?;
+        let sealed = sealer.seal(&key_owner(generation), Field::FingerprintKey, &secret);
+        sqlx::query!(
+            "UPDATE fingerprint_keys SET key_sealed = ? WHERE generation = ?",
+            sealed,
+            generation
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(changed)
+}
+
+/// Open every fingerprint key (creating the first one of a new database): the newest is the
+/// current one, the others are retired.
+async fn load_fingerprint_keys(
+    conn: &mut SqliteConnection,
+    sealer: &Sealer,
+) -> Result<(Fingerprinter, Vec<Fingerprinter>)> {
+    let mut keys = Vec::new();
+    for (generation, sealed) in fingerprint_keys(conn).await? {
+        let text = sealer.open(&key_owner(generation), Field::FingerprintKey, &sealed)?;
+        let key = Fingerprinter::from_text(&text).ok_or_else(|| CryptoError::Open {
+            owner: key_owner(generation),
+            field: Field::FingerprintKey.as_str(),
+            reason: "the stored key is not 32 hex-encoded bytes",
+        })?;
+        keys.push(key);
+    }
+    match keys.pop() {
+        Some(current) => Ok((current, keys)),
+        // A new key would not find the stored fingerprints again: only a database that has
+        // none gets one.
+        None if has_fingerprints(conn).await? => Err(CryptoError::Open {
+            owner: "fingerprint_keys".into(),
+            field: Field::FingerprintKey.as_str(),
+            reason: "there is none, yet the database holds fingerprints: the table was altered",
+        }
+        .into()),
+        None => {
+            let current = Fingerprinter::new(Fingerprinter::random_key());
+            let sealed = sealer.seal(&key_owner(1), Field::FingerprintKey, &current.key_text());
+            sqlx::query!(
+                "INSERT INTO fingerprint_keys (generation, key_sealed) VALUES (1, ?)",
+                sealed
+            )
+            .execute(&mut *conn)
+            .await?;
+            Ok((current, Vec::new()))
+        }
+    }
+}
+
+async fn has_fingerprints(conn: &mut SqliteConnection) -> Result<bool> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM credentials) OR EXISTS (SELECT 1 FROM tombstones)
+           AS "some!: bool""#
+    )
+    .fetch_one(conn)
+    .await?)
+}
+
+/// The name of the preview rule in force (`meta.token_preview_rule`): the last 4 characters
+/// after a known public prefix.
+const PREVIEW_RULE: &[u8] = b"prefix-last4";
+
+/// Recompute, once, the stored previews made under an earlier rule (which showed up to a
+/// quarter of each end): from the token where it opens, else nothing of it.
+async fn apply_preview_rule(conn: &mut SqliteConnection, sealer: &Sealer) -> Result<usize> {
+    if meta_value(conn, "token_preview_rule").await?.as_deref() == Some(PREVIEW_RULE) {
+        return Ok(0);
+    }
+    let previews: std::collections::HashMap<String, String> =
+        sqlx::query!("SELECT id, token_preview FROM credentials")
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r.token_preview))
+            .collect();
+    let mut changed = 0;
+    for row in sealed_rows(conn).await? {
+        let [token, refresh, _] = &row.values;
+        let (field, value) = match (CredentialKind::parse(&row.kind), refresh) {
+            (Some(CredentialKind::Oauth), Some(r)) => (Field::RefreshToken, Some(r)),
+            _ => (Field::Token, token.as_ref()),
+        };
+        let preview = value
+            .and_then(|v| sealer.open(&row.id, field, v).ok())
+            .map(|s| token_preview(s.expose()))
+            .unwrap_or_else(|| PREVIEW_UNKNOWN.to_string());
+        if previews.get(&row.id) != Some(&preview) {
+            sqlx::query!(
+                "UPDATE credentials SET token_preview = ? WHERE id = ?",
+                preview,
+                row.id
+            )
+            .execute(&mut *conn)
+            .await?;
+            changed += 1;
+        }
+    }
+    set_meta(conn, "token_preview_rule", PREVIEW_RULE).await?;
+    Ok(changed)
+}
+
+/// Attempts at a truncating checkpoint before giving up; each waits for readers up to the
+/// busy timeout, and the next one starts a little later.
+const CHECKPOINT_ATTEMPTS: u32 = 3;
+
+/// Copy the WAL into the database file and truncate it to nothing, so that a page image that
+/// held a replaced or deleted secret survives neither in the WAL nor, overwritten by its new
+/// image (freed space being zeroed by `secure_delete`), in the database file. Readers on an
+/// older snapshot block it: it is retried.
+async fn checkpoint(pool: &SqlitePool) -> Result<()> {
+    for attempt in 0..CHECKPOINT_ATTEMPTS {
+        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(pool)
+            .await?;
+        if busy == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+    }
+    Err(StoreError::Checkpoint)
+}
+
+impl Store {
+    /// After a write that replaced or deleted secrets (a `PUT` of a token, a delete, an import
+    /// update): checkpoint (see [`checkpoint`]). The write is committed whatever happens here,
+    /// so a failure is logged, not returned; the next such write, or the next start, retries.
+    pub(super) async fn forget_old_secrets(&self) {
+        if let Err(e) = checkpoint(&self.writer).await {
+            tracing::error!(error = %e, "replaced secrets may remain in the WAL until the next checkpoint");
+        }
     }
 
     /// Mark every credential whose stored secrets do not open as `invalid`, with the reason;
@@ -182,22 +600,126 @@ impl Store {
         Ok(failed)
     }
 
-    /// Re-seal every stored secret under `to` (see `rekey_locked`).
-    pub async fn rekey(&self, to: &Sealer) -> Result<usize> {
-        self.exclusive(self.rekey_locked(to)).await
+    /// Re-seal every stored secret under `to` and replace the fingerprint key (see
+    /// `rekey_locked`), then checkpoint so no value under the old key stays on disk.
+    pub async fn rekey(&self, to: &Encryption) -> Result<usize> {
+        let count = self.exclusive(self.rekey_locked(to)).await?;
+        self.forget_old_secrets().await;
+        Ok(count)
     }
 
-    /// Re-seal every stored secret under `to`, in one transaction. Fails, changing nothing,
-    /// if any secret does not open under the current key.
-    async fn rekey_locked(&self, to: &Sealer) -> Result<usize> {
+    /// In one transaction: re-seal every credential's secrets under `to`, recompute every
+    /// credential's fingerprint under a new random fingerprint key, re-seal the older keys
+    /// (kept for the tombstones and import digests made under them, which cannot be recomputed;
+    /// dropped when there are none), and seal the key check under `to`. Fails, changing
+    /// nothing, if any secret does not open under the current key.
+    async fn rekey_locked(&self, to: &Encryption) -> Result<usize> {
+        let to = to.for_database(self.sealer.database());
+        let fresh = Fingerprinter::new(Fingerprinter::random_key());
         let mut tx = self.begin_write().await?;
         let rows = sealed_rows(&mut tx).await?;
         for row in &rows {
-            let resealed = row.resealed(&self.sealer, to)?;
-            write_row(&mut tx, &row.id, resealed).await?;
+            let secrets = row.open_all(&self.sealer)?;
+            let mut resealed: [Option<Vec<u8>>; 3] = [None, None, None];
+            for ((slot, field), secret) in resealed.iter_mut().zip(FIELDS).zip(&secrets) {
+                *slot = secret.as_ref().map(|s| to.seal(&row.id, field, s));
+            }
+            write_row(&mut tx, &row.id, &resealed).await?;
+            if let Some(identity) = row.identity(&secrets) {
+                let fingerprint = fresh.credential(&row.provider, identity);
+                sqlx::query!(
+                    "UPDATE credentials SET fingerprint = ? WHERE id = ?",
+                    fingerprint,
+                    row.id
+                )
+                .execute(&mut *tx)
+                .await?;
+            }
         }
-        reseal_meta(&mut tx, &self.sealer, to).await?;
+        let keys = fingerprint_keys(&mut tx).await?;
+        let next = keys.last().map_or(1, |(generation, _)| generation + 1);
+        let still_needed = sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM tombstones)
+                   OR EXISTS (SELECT 1 FROM credentials WHERE import_digest IS NOT NULL)
+               AS "needed!: bool""#
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        for (generation, sealed) in keys {
+            let owner = key_owner(generation);
+            if still_needed {
+                let key = self.sealer.open(&owner, Field::FingerprintKey, &sealed)?;
+                let resealed = to.seal(&owner, Field::FingerprintKey, &key);
+                sqlx::query!(
+                    "UPDATE fingerprint_keys SET key_sealed = ? WHERE generation = ?",
+                    resealed,
+                    generation
+                )
+                .execute(&mut *tx)
+                .await?;
+            } else {
+                sqlx::query!(
+                    "DELETE FROM fingerprint_keys WHERE generation = ?",
+                    generation
+                )
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let sealed = to.seal(&key_owner(next), Field::FingerprintKey, &fresh.key_text());
+        sqlx::query!(
+            "INSERT INTO fingerprint_keys (generation, key_sealed) VALUES (?, ?)",
+            next,
+            sealed
+        )
+        .execute(&mut *tx)
+        .await?;
+        if let Some(marker) = to.seal_key_check() {
+            set_meta(&mut tx, "key_check", &marker).await?;
+        }
         tx.commit().await?;
         Ok(rows.len())
+    }
+
+    /// Inside an import's transaction, before it looks up tombstones and digests: the
+    /// tombstones and import digests of `entries` made under a retired fingerprint key (before
+    /// a `rotate-key`) are re-keyed under the current one, so the import finds them as if they
+    /// had always been. `entries` are (entry, fingerprint, digest) under the current key.
+    pub(super) async fn adopt_retired(
+        &self,
+        conn: &mut SqliteConnection,
+        entries: &[(Entry, Vec<u8>, Vec<u8>)],
+    ) -> Result<()> {
+        for old in &*self.retired {
+            let pairs: Vec<[String; 4]> = entries
+                .iter()
+                .map(|(e, fp, digest)| {
+                    [
+                        to_hex(&e.credential.fingerprint(old)),
+                        to_hex(fp),
+                        to_hex(&e.credential.content_digest(old)),
+                        to_hex(digest),
+                    ]
+                })
+                .collect();
+            let pairs = serde_json::to_string(&pairs).expect("strings serialize");
+            sqlx::query!(
+                "UPDATE OR REPLACE tombstones SET fingerprint = unhex(j.value ->> 1)
+                 FROM json_each(?) j WHERE tombstones.fingerprint = unhex(j.value ->> 0)",
+                pairs
+            )
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query!(
+                "UPDATE credentials SET import_digest = unhex(j.value ->> 3)
+                 FROM json_each(?) j
+                 WHERE credentials.fingerprint = unhex(j.value ->> 1)
+                   AND credentials.import_digest = unhex(j.value ->> 2)",
+                pairs
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
     }
 }

@@ -1,8 +1,16 @@
-//! No token appears in clear in any API response or in `logs/auth.log`: a whole scenario runs,
-//! every response is kept, and all of them and the log are searched for every token.
+//! Secrets in responses, logs and at rest: no token appears in clear in any API response or in
+//! `logs/auth.log`; no old secret stays in the database files after sealing, key rotation or a
+//! secure delete (read raw, after a clean stop and after `kill -9`); a key that does not fit
+//! changes nothing; sealed values open only in their own database and format; the fingerprint
+//! key rotates; previews, leases, environment secrets, file modes and core dumps.
 
 use crate::common::{Api, Home, Resp};
-use serde_json::json;
+use cliproxyapi::crypto::{EncryptionKey, to_hex};
+use serde_json::{Value, json};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, Connection, SqliteConnection};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 const TOKENS: &[&str] = &[
     "sk-ant-api03-SECRETfileAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
@@ -141,4 +149,1340 @@ async fn no_token_in_any_response_or_the_log() {
         );
     }
     app.stop().await;
+}
+
+// ---- helpers ---------------------------------------------------------------------------
+
+fn enc_yaml(key: &str) -> String {
+    format!("auth:\n  encryption:\n    enabled: true\n    key: \"{key}\"\n")
+}
+
+/// Rewrite the home's config: port 0 plus `extra`.
+fn set_config(home: &Home, extra: &str) {
+    std::fs::write(
+        home.config_path(),
+        format!("host: 127.0.0.1\nport: 0\n{extra}"),
+    )
+    .unwrap();
+}
+
+fn db_path(home: &Home) -> PathBuf {
+    home.path().join("data/cliproxy.db")
+}
+
+/// The database, its WAL and its shared-memory file, raw (those that exist).
+fn raw_db(home: &Home) -> Vec<(String, Vec<u8>)> {
+    ["", "-wal", "-shm"]
+        .iter()
+        .filter_map(|suffix| {
+            let p = format!("{}{suffix}", db_path(home).display());
+            std::fs::read(&p).ok().map(|b| (p, b))
+        })
+        .collect()
+}
+
+/// The raw database files `needle` occurs in.
+fn found_in(home: &Home, needle: &[u8]) -> Vec<String> {
+    assert!(needle.len() >= 12, "a needle too short to be distinctive");
+    raw_db(home)
+        .into_iter()
+        .filter(|(_, bytes)| bytes.windows(needle.len()).any(|w| w == needle))
+        .map(|(p, _)| p)
+        .collect()
+}
+
+fn assert_gone(home: &Home, needles: &[Vec<u8>], when: &str) {
+    for n in needles {
+        let at = found_in(home, n);
+        assert!(
+            at.is_empty(),
+            "{when}: {} still in {at:?}",
+            String::from_utf8(n.clone()).unwrap_or_else(|_| to_hex(n))
+        );
+    }
+}
+
+fn assert_present(home: &Home, needles: &[Vec<u8>], when: &str) {
+    for n in needles {
+        assert!(
+            !found_in(home, n).is_empty(),
+            "{when}: {} is not on disk (the scan would miss it)",
+            String::from_utf8(n.clone()).unwrap_or_else(|_| to_hex(n))
+        );
+    }
+}
+
+/// `n` tokens whose last 24 characters are random hex (the part searched for on disk; a
+/// preview shows at most 4 of them).
+fn tokens(prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("{prefix}{i:02}-{}", to_hex(&rand::random::<[u8; 12]>())))
+        .collect()
+}
+
+fn needles(tokens: &[String]) -> Vec<Vec<u8>> {
+    tokens
+        .iter()
+        .map(|t| t.as_bytes()[t.len() - 24..].to_vec())
+        .collect()
+}
+
+async fn post_key(api: &impl Api, provider: &str, token: &str) -> String {
+    let r = api
+        .post(
+            "/v0/management/auths",
+            &json!({"provider": provider, "token": token}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+/// A read-write connection to the home's database, for changes behind the server's back.
+async fn connect(home: &Home) -> SqliteConnection {
+    SqliteConnectOptions::new()
+        .filename(db_path(home))
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Another process's connection to the database, idle after one read (which maps the WAL
+/// index, so a closing server knows it is not the last connection and does not checkpoint).
+async fn hold_open(home: &Home) -> SqliteConnection {
+    let mut conn = connect(home).await;
+    let _: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sqlite_schema")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    conn
+}
+
+async fn exec(home: &Home, sql: &str) {
+    let mut conn = connect(home).await;
+    // Test-made statements, not outside input.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+}
+
+/// Every sealed value and key of the database: (what, bytes).
+async fn sealed_values(home: &Home) -> Vec<(String, Vec<u8>)> {
+    let mut conn = SqliteConnectOptions::new()
+        .filename(db_path(home))
+        .read_only(true)
+        .connect()
+        .await
+        .unwrap();
+    let mut out: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT id || ' token', token_sealed FROM credentials WHERE token_sealed IS NOT NULL
+         UNION ALL SELECT id || ' refresh', refresh_token_sealed FROM credentials
+             WHERE refresh_token_sealed IS NOT NULL
+         UNION ALL SELECT id || ' client secret', client_secret_sealed FROM credentials
+             WHERE client_secret_sealed IS NOT NULL
+         UNION ALL SELECT 'fingerprint key ' || generation, key_sealed FROM fingerprint_keys
+         UNION ALL SELECT 'meta ' || key, value FROM meta WHERE key = 'key_check'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    out.sort();
+    out
+}
+
+/// The database file and its WAL, byte for byte (a missing WAL is an empty one).
+fn db_bytes(home: &Home) -> (Vec<u8>, Vec<u8>) {
+    let read = |suffix: &str| {
+        std::fs::read(format!("{}{suffix}", db_path(home).display())).unwrap_or_default()
+    };
+    (read(""), read("-wal"))
+}
+
+/// Put back the database and WAL that [`db_bytes`] read (a stale shared-memory index goes).
+fn restore(home: &Home, (db, wal): &(Vec<u8>, Vec<u8>)) {
+    let path = db_path(home).display().to_string();
+    std::fs::write(&path, db).unwrap();
+    if wal.is_empty() {
+        let _ = std::fs::remove_file(format!("{path}-wal"));
+    } else {
+        std::fs::write(format!("{path}-wal"), wal).unwrap();
+    }
+    let _ = std::fs::remove_file(format!("{path}-shm"));
+}
+
+/// A value of the first sealed format (no database id in the associated data), as the
+/// program before it wrote them.
+fn seal_v1(key_b64: &str, owner: &str, field: &str, text: &str) -> Vec<u8> {
+    use aes_gcm_siv::KeyInit;
+    use aes_gcm_siv::aead::{Aead, Payload};
+    use base64::Engine;
+    let raw: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(key_b64)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let id = EncryptionKey::from_base64(key_b64).unwrap().id();
+    let nonce: [u8; 12] = rand::random();
+    let aad = format!("cliproxyapi/v1/{owner}/{field}/{id:08x}");
+    let ct = aes_gcm_siv::Aes256GcmSiv::new(&raw.into())
+        .encrypt(
+            &nonce.into(),
+            Payload {
+                msg: text.as_bytes(),
+                aad: aad.as_bytes(),
+            },
+        )
+        .unwrap();
+    [&[1u8][..], &id.to_be_bytes(), &nonce, &ct].concat()
+}
+
+fn status_of<'a>(auths: &'a [Value], id: &str) -> &'a Value {
+    auths
+        .iter()
+        .find(|a| a["id"] == id)
+        .unwrap_or_else(|| panic!("no credential {id}"))
+}
+
+// ---- no old secret stays on disk ----------------------------------------------------------
+
+/// Credentials of every secret field, added through a running server: api keys, copilot
+/// (refresh and access token) and kiro (refresh token and client secret).
+async fn add_mixed(api: &impl Api, toks: &[String]) {
+    assert!(toks.len() >= 12);
+    for (i, t) in toks[..8].iter().enumerate() {
+        post_key(api, ["openai", "claude", "gemini"][i % 3], t).await;
+    }
+    let body = json!([
+        {"provider": "copilot", "type": "oauth", "refresh_token": toks[8], "access_token": toks[9],
+         "expires_at": "2030-01-01T00:00:00Z"},
+        {"provider": "kiro", "type": "oauth", "refresh_token": toks[10], "client_id": "cid",
+         "client_secret": toks[11], "region": "us-east-1", "auth_method": "builder_id"}
+    ]);
+    let r = api
+        .post("/v0/management/auths/import", &body.to_string())
+        .await;
+    assert_eq!(r.json()["imported"], 2, "{}", r.text);
+}
+
+#[tokio::test]
+async fn turning_encryption_on_leaves_no_clear_token_on_disk() {
+    for kill in [false, true] {
+        let home = Home::new("");
+        let toks = tokens("sk-proj-on", 24);
+        // Stored in clear, and left in the WAL by a kill.
+        let server = home.spawn_binary();
+        add_mixed(&server, &toks[..12]).await;
+        add_mixed(&server, &toks[12..]).await;
+        server.kill9();
+        let all = needles(&toks);
+        assert_present(&home, &all, "before sealing");
+
+        let key = EncryptionKey::generate_base64();
+        set_config(&home, &enc_yaml(&key));
+        if kill {
+            let server = home.spawn_binary();
+            let auths = server.auths().await;
+            assert_eq!(auths.len(), 20);
+            assert!(auths.iter().all(|a| a["status"] == "active"), "{auths:?}");
+            server.kill9();
+            assert_gone(&home, &all, "turned on, then kill -9");
+        } else {
+            // Another process has the database open (a backup, a shell), so the server's
+            // close is not the last one, which would checkpoint.
+            let hold = hold_open(&home).await;
+            let app = home.start().await;
+            assert_eq!(app.auths().await.len(), 20);
+            assert!(
+                home.auth_log()
+                    .contains("sealed the secrets of 20 credential(s)")
+            );
+            app.stop().await;
+            assert_gone(&home, &all, "turned on, then a clean stop");
+            hold.close().await.unwrap();
+        }
+        // Sealed, not lost: they open under the key.
+        let app = home.start().await;
+        let auths = app.auths().await;
+        assert!(auths.iter().all(|a| a["status"] == "active"), "{auths:?}");
+        let id = auths[0]["id"].as_str().unwrap();
+        let token = app.state.store.open_token(id).await.unwrap().unwrap();
+        assert!(toks.iter().any(|t| t == token.expose()));
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn rotate_key_leaves_no_value_of_the_old_key_on_disk() {
+    let (old, new) = (
+        EncryptionKey::generate_base64(),
+        EncryptionKey::generate_base64(),
+    );
+    let home = Home::new(&enc_yaml(&old));
+    let server = home.spawn_binary();
+    add_mixed(&server, &tokens("sk-rot", 12)).await;
+    add_mixed(&server, &tokens("sk-rot2", 12)).await;
+    // Killed: the values under the old key are in the WAL as well as in the file.
+    server.kill9();
+    let before = sealed_values(&home).await;
+    // 16 api keys, 2 copilot and 2 kiro credentials with two secrets each, a fingerprint
+    // key and the key check.
+    assert_eq!(before.len(), 26);
+    // The nonce and the start of the ciphertext: unique to each sealed value.
+    let old_values: Vec<Vec<u8>> = before.iter().map(|(_, v)| v[5..29].to_vec()).collect();
+    assert_present(&home, &old_values, "before the rotation");
+
+    // Another process has the database open, so rotate-key's close is not the last one.
+    let hold = hold_open(&home).await;
+    let out = home.run_binary_env(&["rotate-key", "--new-key-env", "K"], &[("K", &new)]);
+    assert!(out.status.success(), "{out:?}");
+    assert_gone(&home, &old_values, "after rotate-key");
+    hold.close().await.unwrap();
+    let after = sealed_values(&home).await;
+    assert!(
+        after.len() > before.len(),
+        "a new fingerprint key was added"
+    );
+
+    // Under the new key: usable, and still nothing of the old one after a kill.
+    set_config(&home, &enc_yaml(&new));
+    let server = home.spawn_binary();
+    let auths = server.auths().await;
+    assert_eq!(auths.len(), 20);
+    assert!(auths.iter().all(|a| a["status"] == "active"), "{auths:?}");
+    server.kill9();
+    assert_gone(&home, &old_values, "after rotate-key, a start and kill -9");
+}
+
+/// Replace and delete secrets in every way the API and an import can; returns the tokens
+/// that must be gone from disk and those that must still be there (in clear: encryption is
+/// off, which makes the scan's control).
+async fn replace_and_delete(api: &impl Api, home: &Home) -> (Vec<String>, Vec<String>) {
+    let toks = tokens("sk-del", 8);
+    let mut ids = Vec::new();
+    for (i, t) in toks.iter().enumerate() {
+        ids.push(post_key(api, ["openai", "claude"][i % 2], t).await);
+    }
+    let first_access = tokens("tid_a", 3);
+    let second_access = tokens("tid_b", 3);
+    let refresh = tokens("gho_r", 3);
+    let copilot = |access: &[String]| {
+        let entries: Vec<Value> = refresh
+            .iter()
+            .zip(access)
+            .map(|(r, a)| {
+                json!({"type": "oauth", "refresh_token": r, "access_token": a,
+                                 "expires_at": "2030-01-01T00:00:00Z"})
+            })
+            .collect();
+        Value::from(entries).to_string()
+    };
+    home.auth_file("copilot.json", copilot(&first_access));
+    let r = api
+        .post("/v0/management/auths/import", r#"{"rescan": true}"#)
+        .await;
+    assert_eq!(r.json()["imported"], 3, "{}", r.text);
+    let replaced = tokens("sk-new", 2);
+    assert_present(
+        home,
+        &needles(&[&toks[..], &first_access[..]].concat()),
+        "before",
+    );
+
+    // Deleted by id, by token, by id; replaced through PUT; updated by an import.
+    for key in [&ids[0], &toks[1], &ids[2]] {
+        let provider = if key == &toks[1] { "claude" } else { "openai" };
+        let r = api
+            .delete(&format!("/v0/management/auths/{provider}?id={key}"))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    for (id, new) in ids[3..5].iter().zip(&replaced) {
+        let provider = if id == &ids[3] { "claude" } else { "openai" };
+        let r = api
+            .put(
+                &format!("/v0/management/auths/{provider}?id={id}"),
+                &json!({"token": new}).to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    home.auth_file("copilot.json", copilot(&second_access));
+    let r = api
+        .post("/v0/management/auths/import", r#"{"rescan": true}"#)
+        .await;
+    assert_eq!(r.json()["updated"], 3, "{}", r.text);
+
+    let gone = [&toks[..5], &first_access[..]].concat();
+    let kept = [&toks[5..], &replaced[..], &second_access[..], &refresh[..]].concat();
+    (gone, kept)
+}
+
+#[tokio::test]
+async fn deleted_and_replaced_tokens_leave_no_copy_on_disk() {
+    // kill -9 right after the last answer: no clean close to checkpoint.
+    let home = Home::new("");
+    let server = home.spawn_binary();
+    let (gone, kept) = replace_and_delete(&server, &home).await;
+    server.kill9();
+    assert_present(&home, &needles(&kept), "kill -9");
+    assert_gone(&home, &needles(&gone), "kill -9");
+
+    // A clean stop, while another process has the database open (so the server's close is
+    // not the last one, which would checkpoint).
+    let home = Home::new("");
+    let app = home.start().await;
+    let hold = hold_open(&home).await;
+    let (gone, kept) = replace_and_delete(&app, &home).await;
+    // Already before the stop, once each change was answered.
+    assert_gone(&home, &needles(&gone), "while running");
+    app.stop().await;
+    assert_present(&home, &needles(&kept), "clean stop");
+    assert_gone(&home, &needles(&gone), "clean stop");
+    hold.close().await.unwrap();
+}
+
+// ---- a key that does not fit changes nothing ---------------------------------------------
+
+#[tokio::test]
+async fn a_key_that_cannot_be_verified_changes_nothing() {
+    let key = EncryptionKey::generate_base64();
+    let wrong = EncryptionKey::generate_base64();
+    let home = Home::new(&enc_yaml(&key));
+    let app = home.start().await;
+    add_mixed(&app, &tokens("sk-check", 12)).await;
+    app.stop().await;
+    // The key check of another database under the same key.
+    let other = Home::new(&enc_yaml(&key));
+    other.start().await.stop().await;
+    let foreign = sealed_values(&other)
+        .await
+        .into_iter()
+        .find(|(what, _)| what == "meta key_check")
+        .unwrap()
+        .1;
+    let good = db_bytes(&home);
+
+    let plain_key = format!("x'00{}'", to_hex(&[b'a'; 64]));
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("wrong key", String::new(), &wrong),
+        ("encryption off", String::new(), ""),
+        (
+            "no key check",
+            "DELETE FROM meta WHERE key = 'key_check';".into(),
+            &key,
+        ),
+        (
+            "no key check, wrong key",
+            "DELETE FROM meta WHERE key = 'key_check';".into(),
+            &wrong,
+        ),
+        (
+            "key check in clear",
+            format!(
+                "UPDATE meta SET value = x'00{}' WHERE key = 'key_check';",
+                to_hex(b"cliproxyapi key check")
+            ),
+            &key,
+        ),
+        (
+            "key check in clear, wrong key",
+            format!(
+                "UPDATE meta SET value = x'00{}' WHERE key = 'key_check';",
+                to_hex(b"cliproxyapi key check")
+            ),
+            &wrong,
+        ),
+        (
+            "key check of another database",
+            format!(
+                "UPDATE meta SET value = x'{}' WHERE key = 'key_check';",
+                to_hex(&foreign)
+            ),
+            &key,
+        ),
+        (
+            "another database id",
+            format!(
+                "UPDATE meta SET value = x'{}' WHERE key = 'database_id';",
+                to_hex(&[b'0'; 32])
+            ),
+            &key,
+        ),
+        (
+            "no key check, fingerprint key in clear, wrong key",
+            format!(
+                "DELETE FROM meta WHERE key = 'key_check';
+                 UPDATE fingerprint_keys SET key_sealed = {plain_key};"
+            ),
+            &wrong,
+        ),
+        (
+            "no key check, no fingerprint key, wrong key",
+            "DELETE FROM meta WHERE key = 'key_check'; DELETE FROM fingerprint_keys;".into(),
+            &wrong,
+        ),
+    ];
+    let new_key = EncryptionKey::generate_base64();
+    for (case, tamper, key_env) in cases {
+        restore(&home, &good);
+        if !tamper.is_empty() {
+            exec(&home, &tamper).await;
+        }
+        let before = db_bytes(&home);
+        let files = raw_db(&home)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect::<Vec<_>>();
+        let (env, setting): (Vec<(&str, &str)>, &str) = if key_env.is_empty() {
+            (
+                vec![
+                    ("CLIPROXY__AUTH__ENCRYPTION__ENABLED", "false"),
+                    ("K", &new_key),
+                ],
+                "auth.encryption.enabled",
+            )
+        } else {
+            (
+                vec![
+                    ("CLIPROXY__AUTH__ENCRYPTION__KEY", key_env),
+                    ("K", &new_key),
+                ],
+                "auth.encryption.key",
+            )
+        };
+        for args in [
+            &[][..],
+            &["serve"][..],
+            &["import"][..],
+            &["import", "--dry-run"][..],
+            &["rotate-key", "--new-key-env", "K"][..],
+        ] {
+            let out = home.run_binary_env(args, &env);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{case} {args:?}: {stderr}");
+            assert!(stderr.contains(setting), "{case} {args:?}: {stderr}");
+            assert!(stderr.contains("nothing was changed"), "{case}: {stderr}");
+            assert_eq!(stderr.trim().lines().count(), 1, "{case}: {stderr}");
+            assert!(
+                db_bytes(&home) == before,
+                "{case} {args:?} changed the database files"
+            );
+            let now: Vec<String> = raw_db(&home).into_iter().map(|(p, _)| p).collect();
+            assert_eq!(now, files, "{case} {args:?} left files behind");
+        }
+    }
+    // The right key, but the fingerprint keys altered: the start fails, changing nothing,
+    // rather than make a new key that would not find the stored fingerprints again.
+    for tamper in [
+        "DELETE FROM fingerprint_keys;".to_string(),
+        format!("UPDATE fingerprint_keys SET key_sealed = {plain_key};"),
+        "UPDATE fingerprint_keys SET generation = 7;".to_string(),
+    ] {
+        restore(&home, &good);
+        exec(&home, &tamper).await;
+        let before = db_bytes(&home);
+        for args in [&[][..], &["import"][..]] {
+            let out = home.run_binary(args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{tamper} {args:?}: {stderr}");
+            assert!(stderr.contains("fingerprint"), "{tamper}: {stderr}");
+            assert!(
+                db_bytes(&home) == before,
+                "{tamper} {args:?} changed the database"
+            );
+        }
+    }
+    // The untouched database with the right key: every credential still opens.
+    restore(&home, &good);
+    let app = home.start().await;
+    let auths = app.auths().await;
+    assert_eq!(auths.len(), 10);
+    assert!(auths.iter().all(|a| a["status"] == "active"), "{auths:?}");
+    app.stop().await;
+}
+
+// ---- only sealed values, only of this database --------------------------------------------
+
+#[tokio::test]
+async fn a_value_in_clear_in_an_encrypted_database_is_refused() {
+    let key = EncryptionKey::generate_base64();
+    let home = Home::new(&format!("api_keys: [\"client\"]\n{}", enc_yaml(&key)));
+    let app = home.start().await;
+    let mut ids = Vec::new();
+    for t in tokens("sk-good", 6) {
+        ids.push(post_key(&app, "openai", &t).await);
+    }
+    app.stop().await;
+    // Planted in clear: a token, an empty one, a long one, and one with bytes that are not
+    // UTF-8; a refresh token and a client secret of other credentials.
+    let planted = [
+        "sk-planted-0000000000000000000000".to_string(),
+        String::new(),
+        format!("sk-planted-{}", "p".repeat(4000)),
+    ];
+    for (id, value) in ids.iter().zip(&planted) {
+        exec(
+            &home,
+            &format!(
+                "UPDATE credentials SET token_sealed = x'00{}' WHERE id = '{id}';",
+                to_hex(value.as_bytes())
+            ),
+        )
+        .await;
+    }
+    exec(
+        &home,
+        &format!(
+            "UPDATE credentials SET token_sealed = x'00ff00' WHERE id = '{}';
+             UPDATE credentials SET kind = 'oauth', refresh_token_sealed = x'00{}' WHERE id = '{}';",
+            ids[3],
+            to_hex(b"gho_planted_refresh_000000000"),
+            ids[4]
+        ),
+    )
+    .await;
+    for round in 0..2 {
+        let app = home.start().await;
+        let auths = app.auths().await;
+        for id in &ids[..5] {
+            let a = status_of(&auths, id);
+            assert_eq!(a["status"], "invalid", "round {round}: {a}");
+            assert!(
+                a["status_reason"].as_str().unwrap().contains("in clear"),
+                "{a}"
+            );
+        }
+        assert_eq!(status_of(&auths, &ids[5])["status"], "active");
+        // Leases hand out only the good one.
+        for _ in 0..4 {
+            let r = app
+                .call_with(
+                    "POST",
+                    "/v1/credentials/lease",
+                    Some(r#"{"provider": "openai", "estimated_tokens": 1}"#),
+                    &[("authorization", "Bearer client")],
+                )
+                .await;
+            assert_eq!(r.status, 201, "{}", r.text);
+            assert_eq!(r.json()["credential_id"], ids[5].as_str());
+            assert!(!r.text.contains("planted"));
+        }
+        app.stop().await;
+        // Never sealed: still in clear, as planted.
+        let values = sealed_values(&home).await;
+        for id in &ids[..3] {
+            let (_, v) = values
+                .iter()
+                .find(|(what, _)| what == &format!("{id} token"))
+                .unwrap();
+            assert_eq!(v[0], 0, "round {round}: {id} was sealed");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_value_copied_from_another_database_does_not_open() {
+    let key = EncryptionKey::generate_base64();
+    let (a, b) = (Home::new(&enc_yaml(&key)), Home::new(&enc_yaml(&key)));
+    let mut copied = Vec::new();
+    for (home, ids) in [(&a, &mut copied), (&b, &mut Vec::new())] {
+        let app = home.start().await;
+        for t in tokens("sk-db", 2) {
+            ids.push(post_key(&app, "openai", &t).await);
+        }
+        add_mixed(&app, &tokens("sk-dbm", 12)).await;
+        if ids.len() == 2 {
+            ids.extend(
+                app.auths()
+                    .await
+                    .iter()
+                    .filter(|x| x["provider"] == "copilot" || x["provider"] == "kiro")
+                    .map(|x| x["id"].as_str().unwrap().to_string()),
+            );
+        }
+        app.stop().await;
+    }
+    // Whole rows (same credential id) copied from a's database into b's.
+    let columns = "id, provider, kind, label, fingerprint, token_sealed, refresh_token_sealed,
+                   client_secret_sealed, token_preview, extra, priority, disabled, state,
+                   state_reason, expires_at, source, import_digest, created_at, updated_at";
+    let list = copied
+        .iter()
+        .map(|id| format!("'{id}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    exec(
+        &b,
+        &format!(
+            "ATTACH DATABASE '{}' AS a;
+             INSERT INTO credentials ({columns}) SELECT {columns} FROM a.credentials WHERE id IN ({list});
+             INSERT INTO quotas (credential_seq, credential_id, limit_tokens, used, reserved, period_start)
+                 SELECT c.seq, c.id, NULL, 0, 0, 0 FROM credentials c WHERE c.id IN ({list});
+             DETACH DATABASE a;",
+            db_path(&a).display()
+        ),
+    )
+    .await;
+    let app = b.start().await;
+    let auths = app.auths().await;
+    assert_eq!(auths.len(), 12 + copied.len());
+    for a in &auths {
+        let id = a["id"].as_str().unwrap();
+        if copied.iter().any(|c| c == id) {
+            assert_eq!(a["status"], "invalid", "{a}");
+            assert!(
+                a["status_reason"].as_str().unwrap().contains("database"),
+                "{a}"
+            );
+            assert!(app.state.store.open_token(id).await.unwrap().is_err());
+        } else {
+            assert_eq!(a["status"], "active", "{a}");
+        }
+    }
+    app.stop().await;
+}
+
+/// A database of the program before the database id: values sealed in the first format, the
+/// fingerprint key in `meta`, and the migrations before `fingerprint_keys`.
+async fn make_legacy(home: &Home, key: &str) {
+    let mut conn = connect(home).await;
+    type Blob = Option<Vec<u8>>;
+    let rows: Vec<(String, Blob, Blob, Blob)> = sqlx::query_as(
+        "SELECT id, token_sealed, refresh_token_sealed, client_secret_sealed FROM credentials",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let v1 = |owner: &str, field: &str, value: &Option<Vec<u8>>| {
+        value.as_ref().map(|v| {
+            assert_eq!(v[0], 0, "built in clear");
+            seal_v1(key, owner, field, std::str::from_utf8(&v[1..]).unwrap())
+        })
+    };
+    for (id, token, refresh, secret) in &rows {
+        sqlx::query(
+            "UPDATE credentials SET token_sealed = ?, refresh_token_sealed = ?,
+             client_secret_sealed = ? WHERE id = ?",
+        )
+        .bind(v1(id, "token", token))
+        .bind(v1(id, "refresh_token", refresh))
+        .bind(v1(id, "client_secret", secret))
+        .bind(id)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let fp_key: Vec<u8> =
+        sqlx::query_scalar("SELECT key_sealed FROM fingerprint_keys WHERE generation = 1")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    let fp_key = v1("meta", "fingerprint_key", &Some(fp_key)).unwrap();
+    sqlx::query("INSERT INTO meta (key, value) VALUES ('fingerprint_key', ?)")
+        .bind(fp_key)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "DROP TABLE fingerprint_keys;
+         DELETE FROM meta WHERE key IN ('database_id', 'key_check', 'token_preview_rule');
+         DELETE FROM _sqlx_migrations WHERE version = 20261127000010;",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+}
+
+/// Whether the database has a `meta` row `what` (read whatever the schema version).
+async fn sealed_values_any(home: &Home, what: &str) -> bool {
+    let key = what.trim_start_matches("meta ");
+    let mut conn = connect(home).await;
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM meta WHERE key = ?")
+        .bind(key)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    n > 0
+}
+
+async fn versions(home: &Home) -> Vec<u8> {
+    let mut conn = connect(home).await;
+    let v: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT DISTINCT substr(token_sealed, 1, 1) FROM credentials
+         WHERE token_sealed IS NOT NULL ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    v.into_iter().map(|b| b[0]).collect()
+}
+
+#[tokio::test]
+async fn a_database_sealed_before_the_database_id_is_upgraded_once() {
+    let key = EncryptionKey::generate_base64();
+    let home = Home::new("");
+    // Enough credentials that the upgrade takes a while to kill it in the middle.
+    let file_tokens = tokens("sk-file", 2000);
+    home.auth_file(
+        "openai.json",
+        Value::from(
+            file_tokens
+                .iter()
+                .map(|t| json!({"token": t}))
+                .collect::<Vec<_>>(),
+        )
+        .to_string(),
+    );
+    let app = home.start().await;
+    let api_tokens = tokens("sk-api", 12);
+    add_mixed(&app, &api_tokens).await;
+    let ids: Vec<String> = app
+        .auths()
+        .await
+        .iter()
+        .map(|a| a["id"].as_str().unwrap().to_string())
+        .collect();
+    app.stop().await;
+    make_legacy(&home, &key).await;
+    // One value moved to another row, and one planted in clear: neither may open.
+    exec(
+        &home,
+        &format!(
+            "UPDATE credentials SET token_sealed = (SELECT token_sealed FROM credentials WHERE id = '{}') WHERE id = '{}';
+             UPDATE credentials SET token_sealed = x'00{}' WHERE id = '{}';",
+            ids[0],
+            ids[1],
+            to_hex(b"sk-planted-in-legacy-000000"),
+            ids[2]
+        ),
+    )
+    .await;
+    set_config(&home, &enc_yaml(&key));
+
+    // A wrong key, and the legacy database with its fingerprint key in clear: refused, and
+    // nothing changed.
+    let before = db_bytes(&home);
+    let wrong = EncryptionKey::generate_base64();
+    for args in [&["import", "--dry-run"][..], &[][..]] {
+        let out = home.run_binary_env(args, &[("CLIPROXY__AUTH__ENCRYPTION__KEY", wrong.as_str())]);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(
+            db_bytes(&home) == before,
+            "a wrong key changed the database"
+        );
+    }
+
+    // kill -9 during the upgrade, at several moments: wholly before or wholly after it.
+    for delay_ms in [10u64, 40, 80, 150, 300] {
+        let mut child = home
+            .command(&[], &[])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        // Every value of the first format upgraded, with the key check, or none.
+        let v = versions(&home).await;
+        let marked = sealed_values_any(&home, "meta key_check").await;
+        assert!(
+            (v == [0, 1] && !marked) || (v == [0, 1, 2] && marked),
+            "after a kill at {delay_ms} ms: versions {v:?}, key check {marked}"
+        );
+        if marked {
+            break;
+        }
+    }
+
+    let app = home.start().await;
+    // The file's credentials are the same ones: fingerprints and digests were kept.
+    assert_eq!(app.import_report.imported, 0, "{:?}", app.import_report);
+    assert_eq!(app.import_report.updated, 0, "{:?}", app.import_report);
+    let auths = app.auths().await;
+    assert_eq!(auths.len(), 2010);
+    for a in &auths {
+        let id = a["id"].as_str().unwrap();
+        if id == ids[1] || id == ids[2] {
+            assert_eq!(a["status"], "invalid", "{a}");
+        } else {
+            assert_eq!(a["status"], "active", "{a}");
+            let token = app.state.store.open_token(id).await.unwrap();
+            if a["provider"] != "kiro" {
+                let token = token.unwrap();
+                assert!(
+                    api_tokens
+                        .iter()
+                        .chain(&file_tokens)
+                        .any(|t| t == token.expose()),
+                    "{id}"
+                );
+            }
+        }
+    }
+    app.stop().await;
+    assert_eq!(
+        versions(&home).await,
+        [0, 1, 2],
+        "the two that did not open stay"
+    );
+    let values = sealed_values(&home).await;
+    assert!(
+        values
+            .iter()
+            .any(|(w, v)| w == "meta key_check" && v[0] == 2)
+    );
+    assert!(
+        values
+            .iter()
+            .any(|(w, v)| w == "fingerprint key 1" && v[0] == 2)
+    );
+}
+
+// ---- the fingerprint key rotates -----------------------------------------------------------
+
+async fn fingerprints(home: &Home) -> Vec<(String, Vec<u8>)> {
+    let mut conn = connect(home).await;
+    let v = sqlx::query_as("SELECT id, fingerprint FROM credentials ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    v
+}
+
+async fn key_generations(home: &Home) -> Vec<i64> {
+    let mut conn = connect(home).await;
+    let v = sqlx::query_scalar("SELECT generation FROM fingerprint_keys ORDER BY generation")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    v
+}
+
+#[tokio::test]
+async fn rotate_key_replaces_the_fingerprint_key_and_deleted_stays_deleted() {
+    let keys: Vec<String> = (0..3).map(|_| EncryptionKey::generate_base64()).collect();
+    let home = Home::new(&enc_yaml(&keys[0]));
+    let file_tokens = tokens("sk-fpr", 5);
+    home.auth_file(
+        "openai.json",
+        Value::from(
+            file_tokens
+                .iter()
+                .map(|t| json!({"token": t}))
+                .collect::<Vec<_>>(),
+        )
+        .to_string(),
+    );
+    let api_tokens = tokens("sk-fpa", 3);
+    let app = home.start().await;
+    for t in &api_tokens {
+        post_key(&app, "claude", t).await;
+    }
+    // A tombstone, and an API edit that rescans must keep.
+    let r = app
+        .delete(&format!(
+            "/v0/management/auths/openai?id={}",
+            file_tokens[0]
+        ))
+        .await;
+    assert_eq!(r.status, 200);
+    let edited = app
+        .auths()
+        .await
+        .iter()
+        .find(|a| a["provider"] == "openai")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = app
+        .put(
+            &format!("/v0/management/auths/openai?id={edited}"),
+            r#"{"priority": 7}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    app.stop().await;
+
+    for round in 1..3 {
+        let before = fingerprints(&home).await;
+        let env = [
+            ("CLIPROXY__AUTH__ENCRYPTION__KEY", keys[round - 1].as_str()),
+            ("K", keys[round].as_str()),
+        ];
+        let out = home.run_binary_env(&["rotate-key", "--new-key-env", "K"], &env);
+        assert!(out.status.success(), "{out:?}");
+        let after = fingerprints(&home).await;
+        assert_eq!(before.len(), after.len());
+        for ((id, old), (id2, new)) in before.iter().zip(&after) {
+            assert_eq!(id, id2);
+            assert_ne!(
+                old, new,
+                "round {round}: the fingerprint of {id} did not change"
+            );
+        }
+        // The older keys stay for the tombstone and the import digests.
+        assert_eq!(
+            key_generations(&home).await,
+            (1..=round as i64 + 1).collect::<Vec<_>>()
+        );
+
+        let env = [("CLIPROXY__AUTH__ENCRYPTION__KEY", keys[round].as_str())];
+        for _ in 0..2 {
+            let app = home.start_with(&env, Arc::new(chrono::Utc::now)).await;
+            let report = &app.import_report;
+            // Unchanged entries are known (no update overwrites the edit); the deleted one
+            // stays deleted.
+            assert_eq!(
+                (report.imported, report.updated, report.skipped),
+                (0, 0, 5),
+                "round {round}: {report:?}"
+            );
+            assert_eq!(report.notices.len(), 1, "{report:?}");
+            let auths = app.auths().await;
+            assert_eq!(auths.len(), 7);
+            assert_eq!(status_of(&auths, &edited)["priority"], 7);
+            // Found again by token, under the new key.
+            let r = app
+                .post(
+                    "/v0/management/auths",
+                    &json!({"provider": "claude", "token": api_tokens[0]}).to_string(),
+                )
+                .await;
+            assert_eq!(r.status, 409, "{}", r.text);
+            app.stop().await;
+        }
+    }
+    // Deleting by token finds the credential under the newest key.
+    let env = [("CLIPROXY__AUTH__ENCRYPTION__KEY", keys[2].as_str())];
+    let app = home.start_with(&env, Arc::new(chrono::Utc::now)).await;
+    let r = app
+        .delete(&format!("/v0/management/auths/claude?id={}", api_tokens[1]))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    app.stop().await;
+
+    // Nothing recorded under an older key (no tombstone, no import): no older key is kept.
+    let home = Home::new(&enc_yaml(&keys[0]));
+    let app = home.start().await;
+    post_key(&app, "openai", &tokens("sk-only", 1)[0]).await;
+    app.stop().await;
+    let out = home.run_binary_env(&["rotate-key", "--new-key-env", "K"], &[("K", &keys[1])]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(key_generations(&home).await, [2]);
+}
+
+#[tokio::test]
+async fn rotate_key_refuses_while_a_server_holds_the_database() {
+    let (key, new) = (
+        EncryptionKey::generate_base64(),
+        EncryptionKey::generate_base64(),
+    );
+    let home = Home::new(&enc_yaml(&key));
+    let app = home.start().await;
+    post_key(&app, "openai", "sk-held-0123456789abcdef").await;
+    let out = home.run_binary_env(&["rotate-key", "--new-key-env", "K"], &[("K", &new)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("(pid {})", std::process::id())),
+        "{stderr}"
+    );
+    // The server goes on adding credentials that open after a restart.
+    let id = post_key(&app, "openai", "sk-held-after-0123456789").await;
+    app.stop().await;
+    let app = home.start().await;
+    let auths = app.auths().await;
+    assert_eq!(auths.len(), 2);
+    assert!(auths.iter().all(|a| a["status"] == "active"), "{auths:?}");
+    assert!(app.state.store.open_token(&id).await.unwrap().is_ok());
+    app.stop().await;
+
+    // While rotate-key holds it, no server starts.
+    let lock =
+        cliproxyapi::app::lock_database(&db_path(&home), cliproxyapi::app::Holder::RotateKey)
+            .unwrap();
+    let err = home
+        .build(&[], Arc::new(chrono::Utc::now))
+        .await
+        .err()
+        .expect("no server under rotate-key");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("rotate-key") && msg.contains(&format!("(pid {})", std::process::id())),
+        "{msg}"
+    );
+    drop(lock);
+    home.start().await.stop().await;
+}
+
+// ---- previews, leases, environment, files, core dumps -------------------------------------
+
+#[tokio::test]
+async fn previews_show_a_public_prefix_and_the_last_four() {
+    let home = Home::new("");
+    let app = home.start().await;
+    let cases = [
+        (
+            "claude",
+            "sk-ant-api03-ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789wxyz",
+            "sk-ant…wxyz",
+        ),
+        (
+            "openai",
+            "sk-proj-ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd",
+            "sk-proj…abcd",
+        ),
+        (
+            "openai",
+            "sk-ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789",
+            "sk…6789",
+        ),
+        (
+            "gemini",
+            "AIzaSyABCDEFGHIJKLMNOPQRSTUVWXYZ0123456",
+            "AIza…3456",
+        ),
+        ("groq", "gsk_ABCDEFGHIJKLMNOPQRSTUVWXYZ012345", "gsk…2345"),
+        ("openai", "no-known-prefix-ABCDEFGHIJKL", "…IJKL"),
+        ("openai", "sk-ab12", "sk…2"),
+        ("openai", "short", "…t"),
+        ("openai", "abc", "…"),
+    ];
+    let mut ids = Vec::new();
+    for (provider, token, preview) in cases {
+        let id = post_key(&app, provider, token).await;
+        let auths = app.auths().await;
+        assert_eq!(status_of(&auths, &id)["token_preview"], preview, "{token}");
+        ids.push((id, preview));
+    }
+    app.stop().await;
+    // Previews stored under the earlier rule are recomputed once, at the next start.
+    exec(
+        &home,
+        "UPDATE credentials SET token_preview = 'sk-ant-ap…90wxyz';
+         DELETE FROM meta WHERE key = 'token_preview_rule';",
+    )
+    .await;
+    let app = home.start().await;
+    let auths = app.auths().await;
+    for (id, preview) in &ids {
+        assert_eq!(status_of(&auths, id)["token_preview"], *preview);
+    }
+    app.stop().await;
+    // Once: a preview changed afterwards stays as it is.
+    exec(&home, "UPDATE credentials SET token_preview = 'kept';").await;
+    let app = home.start().await;
+    assert!(
+        app.auths()
+            .await
+            .iter()
+            .all(|a| a["token_preview"] == "kept")
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn leases_need_a_client_key_even_from_loopback() {
+    let home = Home::new("");
+    let app = home.start().await;
+    post_key(&app, "openai", "sk-lease-0123456789abcdef").await;
+    for body in [
+        r#"{"provider": "openai"}"#,
+        r#"{"provider": "openai", "estimated_tokens": 1}"#,
+        r#"{"provider": "nope"}"#,
+        r#"{}"#,
+        "not json",
+    ] {
+        let r = app.post("/v1/credentials/lease", body).await;
+        assert_eq!(r.status, 403, "{body}: {}", r.text);
+        assert_eq!(r.error_code(), "leases_need_client_key");
+        assert!(!r.text.contains("sk-lease"));
+    }
+    for id in ["lease_x", "", "%00"] {
+        let r = app
+            .post(
+                &format!("/v1/credentials/lease/{id}/report"),
+                r#"{"tokens_used": 1}"#,
+            )
+            .await;
+        assert_eq!(r.status, 403, "{id}: {}", r.text);
+        assert_eq!(r.error_code(), "leases_need_client_key");
+    }
+    // The proxy API itself still answers loopback clients without keys.
+    assert_eq!(app.get("/v1/models").await.status, 200);
+    app.stop().await;
+
+    // With a client key: leases work.
+    let env = [("CLIPROXY__API_KEYS", "client-key")];
+    let app = home.start_with(&env, Arc::new(chrono::Utc::now)).await;
+    let auth = [("authorization", "Bearer client-key")];
+    let r = app
+        .call_with(
+            "POST",
+            "/v1/credentials/lease",
+            Some(r#"{"provider": "openai"}"#),
+            &auth,
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let lease = r.json()["lease_id"].as_str().unwrap().to_string();
+    let r = app
+        .call_with(
+            "POST",
+            &format!("/v1/credentials/lease/{lease}/report"),
+            Some(r#"{"tokens_used": 3}"#),
+            &auth,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    app.stop().await;
+}
+
+async fn models_with_key(app: &crate::common::TestApp, key: &str) -> u16 {
+    app.call_with("GET", "/v1/models", None, &[("x-api-key", key)])
+        .await
+        .status
+}
+
+#[tokio::test]
+async fn secret_settings_from_the_environment_keep_their_text() {
+    let home = Home::new("");
+    for value in ["000123", "true", "1e5", "-0", "0x10"] {
+        let env = [
+            ("CLIPROXY__API_KEYS", value),
+            ("CLIPROXY__MANAGEMENT__SECRET_KEY", value),
+        ];
+        let app = home.start_with(&env, Arc::new(chrono::Utc::now)).await;
+        assert_eq!(models_with_key(&app, value).await, 200, "{value}");
+        for parsed in ["123", "1", "100000", "0", "16"] {
+            if parsed != value {
+                assert_eq!(
+                    models_with_key(&app, parsed).await,
+                    401,
+                    "{value} as {parsed}"
+                );
+            }
+        }
+        let r = app
+            .call_with(
+                "GET",
+                "/v0/management/auths",
+                None,
+                &[("x-management-key", value)],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{value}: {}", r.text);
+        app.stop().await;
+    }
+    // A client key that reads as a number, alone and beside a bad value: the server starts,
+    // or the error names the bad key; no output shows the key.
+    for (env, code) in [
+        (vec![("CLIPROXY__API_KEYS", "31415926535897")], 0),
+        (
+            vec![
+                ("CLIPROXY__API_KEYS", "31415926535897,27182818284590"),
+                ("CLIPROXY__MANAGEMENT__SECRET_KEY", "16180339887498"),
+                ("CLIPROXY__PORT", "lots"),
+            ],
+            2,
+        ),
+    ] {
+        let out = home.run_binary_env(&["import"], &env);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(code), "{env:?}: {stderr}");
+        if code == 2 {
+            assert!(stderr.contains("port"), "{stderr}");
+        }
+        for secret in ["3141592", "2718281", "1618033"] {
+            assert!(
+                !stderr.contains(secret) && !stdout.contains(secret),
+                "{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn files_holding_secrets_that_others_can_read_are_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |p: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let phc = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$2d6Wf8gqC1Re2v2Ql8sK4qXkJqKXvDkT1v8yIyA8fGQ";
+    let cases = [
+        ("api_keys: [\"k\"]\n", 0o644, true),
+        ("api_keys: [\"k\"]\n", 0o640, true),
+        ("api_keys: [\"k\"]\n", 0o604, true),
+        ("api_keys: [\"k\"]\n", 0o600, false),
+        ("management:\n  secret_key: plain-key\n", 0o644, true),
+        ("auth:\n  encryption:\n    key: \"abc\"\n", 0o644, true),
+        ("", 0o644, false),
+        ("api_keys: []\n", 0o666, false),
+    ];
+    for (extra, mode, warned) in cases {
+        let home = Home::new(extra);
+        chmod(&home.config_path(), mode);
+        let out = home.run_binary(&["import"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(&home.config_path().display().to_string()) && l.contains("WARN"));
+        assert_eq!(line.is_some(), warned, "{extra:?} {mode:o}: {stdout}");
+        if let Some(line) = line {
+            assert!(line.contains(&format!("{mode:03o}")), "{line}");
+            assert!(line.contains("chmod 600"), "{line}");
+        }
+    }
+    // A hashed management key is not a secret to hide.
+    let home = Home::new(&format!("management:\n  secret_key: \"{phc}\"\n"));
+    chmod(&home.config_path(), 0o644);
+    let out = home.run_binary(&["import"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("chmod"));
+
+    // Credential files in auth_dir.
+    let home = Home::new("");
+    for (name, mode, warned) in [
+        ("open.json", 0o644, true),
+        ("group.json", 0o640, true),
+        ("private.json", 0o600, false),
+        ("team.example.json", 0o644, false),
+    ] {
+        let p = home.auth_file(
+            name,
+            json!({"provider": "openai", "token": format!("sk-{name}")}).to_string(),
+        );
+        chmod(&p, mode);
+        let out = home.run_binary(&["import"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let hit = stdout
+            .lines()
+            .any(|l| l.contains(&p.display().to_string()) && l.contains("chmod 600"));
+        assert_eq!(hit, warned, "{name} {mode:o}: {stdout}");
+    }
+}
+
+#[test]
+fn the_server_cannot_dump_core() {
+    let home = Home::new("");
+    let server = home.spawn_binary();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
 }
