@@ -131,16 +131,17 @@ pub fn encryption_from_config(
     if !config.enabled {
         return Ok(Encryption::off());
     }
+    let from_env;
     let (setting, text) = if !config.key_env.is_empty() {
-        let text = std::env::var(&config.key_env).map_err(|_| {
+        from_env = Secret::new(std::env::var(&config.key_env).map_err(|_| {
             StartError::Config(format!(
                 "`auth.encryption.key_env`: the environment variable {} is not set",
                 config.key_env
             ))
-        })?;
-        ("auth.encryption.key_env", Secret::new(text))
+        })?);
+        ("auth.encryption.key_env", &from_env)
     } else {
-        ("auth.encryption.key", config.key.clone())
+        ("auth.encryption.key", &config.key)
     };
     let key = EncryptionKey::from_base64(text.expose())
         .map_err(|e| StartError::Config(format!("`{setting}`: the key {e}")))?;
@@ -209,6 +210,13 @@ pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, S
     let upstream = crate::upstream::Upstream::new(config.config.proxy.request_timeout.0)
         .map_err(StartError::Runtime)?;
     let clients = crate::http::guard::ClientAuth::new(&config.config.api_keys);
+    // The guards keep digests and the store its cipher; the keys in clear are not needed any
+    // more, so they are wiped now rather than kept for the life of the process.
+    let mut config = config;
+    let settings = &mut config.config;
+    settings.api_keys.clear();
+    settings.management.secret_key.take();
+    settings.auth.encryption.key.take();
     Ok(Arc::new(AppState {
         config: Arc::new(config),
         store,

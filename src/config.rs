@@ -36,7 +36,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub host: IpAddr,
@@ -186,7 +186,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ManagementConfig {
     /// argon2id PHC string, or plain text (hashed at start). Empty: loopback only, no key.
@@ -204,7 +204,7 @@ pub enum SelectionStrategy {
     Priority,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub selection_strategy: SelectionStrategy,
@@ -263,7 +263,7 @@ impl Default for RefreshConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EncryptionConfig {
     pub enabled: bool,
@@ -393,7 +393,7 @@ pub enum DatabaseLocation {
 }
 
 /// A loaded config with its relative paths resolved against the config file's folder.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Loaded {
     pub config: Config,
     pub database: DatabaseLocation,

@@ -12,16 +12,24 @@ use sha2::Sha256;
 use std::fmt;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
 
 /// A secret string. `Debug` and `Display` print nothing of it, so it cannot leak through a log
 /// line, an error message or a panic; the value is reached only through [`Secret::expose`].
+/// It is not `Clone`, so every copy in memory is one somebody made on purpose (shared through
+/// an `Arc` where several owners need it), and its bytes are wiped when it is dropped.
 /// The default is empty (an unset key in the config).
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
+#[derive(Default, PartialEq, Eq)]
+pub struct Secret(Zeroizing<String>);
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
+        Secret(Zeroizing::new(value.into()))
+    }
+
+    /// Take the secret out, leaving an empty one (a setting no longer needed after start).
+    pub fn take(&mut self) -> Secret {
+        std::mem::take(self)
     }
 
     /// The secret in clear. Every caller is a place where the token legitimately leaves us
@@ -71,10 +79,10 @@ impl<'de> serde::Deserialize<'de> for Secret {
                 f.write_str("text")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
+                Ok(Secret::new(v))
             }
             fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Secret, E> {
-                Ok(Secret(v))
+                Ok(Secret::new(v))
             }
             fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
                 Self::refuse("a boolean")
@@ -95,7 +103,7 @@ impl<'de> serde::Deserialize<'de> for Secret {
                 Self::refuse("a number")
             }
             fn visit_char<E: serde::de::Error>(self, v: char) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
+                Ok(Secret::new(v))
             }
             fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<Secret, E> {
                 Self::refuse("bytes")
@@ -190,9 +198,9 @@ pub fn form_of(stored: &[u8]) -> Form {
 
 /// A 256-bit encryption key and its id. The id is derived from the key (the first four bytes
 /// of a hash of it), so a stored value tells which key sealed it without revealing the key.
-#[derive(Clone)]
+/// Not `Clone`; wiped when dropped (the cipher made from it wipes its own copy too).
 pub struct EncryptionKey {
-    key: [u8; 32],
+    key: Zeroizing<[u8; 32]>,
     id: u32,
 }
 
@@ -203,11 +211,11 @@ impl fmt::Debug for EncryptionKey {
 }
 
 impl EncryptionKey {
-    pub fn new(key: [u8; 32]) -> Self {
+    pub fn new(key: Zeroizing<[u8; 32]>) -> Self {
         use sha2::Digest;
         let digest = Sha256::new()
             .chain_update(b"cliproxyapi key id\0")
-            .chain_update(key)
+            .chain_update(key.as_slice())
             .finalize();
         let id = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
         EncryptionKey { key, id }
@@ -216,23 +224,27 @@ impl EncryptionKey {
     /// Parse the base64 text of 32 bytes (what `cliproxyapi gen-key` prints).
     pub fn from_base64(text: &str) -> Result<Self, String> {
         use base64::Engine;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(text.trim())
-            .map_err(|_| "is not base64 (make one with `cliproxyapi gen-key`)".to_string())?;
-        let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
-            format!(
+        let bytes = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map_err(|_| "is not base64 (make one with `cliproxyapi gen-key`)".to_string())?,
+        );
+        if bytes.len() != 32 {
+            return Err(format!(
                 "is {} bytes; it must be 32 (make one with `cliproxyapi gen-key`)",
-                b.len()
-            )
-        })?;
+                bytes.len()
+            ));
+        }
+        let mut key = Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(&bytes);
         Ok(Self::new(key))
     }
 
     /// A fresh random key, as base64.
     pub fn generate_base64() -> String {
         use base64::Engine;
-        let key: [u8; 32] = rand::random();
-        base64::engine::general_purpose::STANDARD.encode(key)
+        let key = Zeroizing::new(rand::random::<[u8; 32]>());
+        base64::engine::general_purpose::STANDARD.encode(key.as_slice())
     }
 
     pub fn id(&self) -> u32 {
@@ -300,7 +312,8 @@ impl Encryption {
         use aes_gcm_siv::KeyInit;
         Encryption {
             keyed: Some(Arc::new(Keyed {
-                cipher: aes_gcm_siv::Aes256GcmSiv::new(&key.key.into()),
+                cipher: aes_gcm_siv::Aes256GcmSiv::new_from_slice(key.key.as_slice())
+                    .expect("a 32-byte key is an AES-256 key"),
                 key_id: key.id,
             })),
         }
@@ -506,9 +519,14 @@ fn open_error(owner: &str, field: Field) -> impl Fn(&'static str) -> CryptoError
 }
 
 fn utf8(bytes: Vec<u8>) -> Result<Secret, &'static str> {
-    String::from_utf8(bytes)
-        .map(Secret)
-        .map_err(|_| "the stored value is not UTF-8")
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok(Secret::new(text)),
+        Err(e) => {
+            // Not a secret we can use, but still a secret's bytes: wiped before they go.
+            drop(Zeroizing::new(e.into_bytes()));
+            Err("the stored value is not UTF-8")
+        }
+    }
 }
 
 /// Decrypt a v1 or v2 value (`version | key id | nonce | ct‖tag`) under `keyed`, with the
@@ -546,9 +564,10 @@ fn decrypt(
 /// Keyed fingerprints of provider + token, used to find the same credential again without
 /// keeping or comparing the token in clear. The key is random per database and replaced by
 /// `rotate-key` (see the store).
+/// Clones share one key, which is wiped when the last of them is dropped.
 #[derive(Clone)]
 pub struct Fingerprinter {
-    key: [u8; 32],
+    key: Arc<Zeroizing<[u8; 32]>>,
 }
 
 impl fmt::Debug for Fingerprinter {
@@ -558,18 +577,18 @@ impl fmt::Debug for Fingerprinter {
 }
 
 impl Fingerprinter {
-    pub fn new(key: [u8; 32]) -> Self {
-        Fingerprinter { key }
+    pub fn new(key: Zeroizing<[u8; 32]>) -> Self {
+        Fingerprinter { key: Arc::new(key) }
     }
 
     /// A fresh random key.
-    pub fn random_key() -> [u8; 32] {
-        rand::random()
+    pub fn random_key() -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(rand::random())
     }
 
     /// The key as stored (sealed): 64 hex digits.
     pub fn key_text(&self) -> Secret {
-        Secret(to_hex(&self.key))
+        Secret::new(to_hex(self.key.as_slice()))
     }
 
     /// The key from its stored text, if it is 64 hex digits.
@@ -578,15 +597,16 @@ impl Fingerprinter {
         if hex.len() != 64 {
             return None;
         }
-        let mut key = [0u8; 32];
+        let mut key = Zeroizing::new([0u8; 32]);
         for (out, pair) in key.iter_mut().zip(hex.chunks(2)) {
             *out = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
         }
-        Some(Fingerprinter { key })
+        Some(Fingerprinter::new(key))
     }
 
     fn mac(&self, parts: &[&[u8]]) -> Vec<u8> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key size");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(self.key.as_slice()).expect("HMAC takes any key size");
         for part in parts {
             // Length-prefix every part so ("ab","c") and ("a","bc") differ.
             mac.update(&(part.len() as u64).to_be_bytes());
@@ -793,6 +813,29 @@ mod tests {
         assert!(!format!("{:?}", Some(&s)).contains("super"));
     }
 
+    /// `Secret`, `EncryptionKey` and the cipher holders cannot be copied by accident: this
+    /// stops compiling as soon as one of them implements `Clone` (the name would then be
+    /// ambiguous between the two impls).
+    #[test]
+    fn keys_and_secrets_are_not_clone() {
+        trait AmbiguousIfClone<A> {
+            fn check() {}
+        }
+        impl<T: ?Sized> AmbiguousIfClone<()> for T {}
+        impl<T: ?Sized + Clone> AmbiguousIfClone<u8> for T {}
+        <Secret as AmbiguousIfClone<_>>::check();
+        <EncryptionKey as AmbiguousIfClone<_>>::check();
+        <Keyed as AmbiguousIfClone<_>>::check();
+    }
+
+    #[test]
+    fn a_taken_secret_leaves_an_empty_one() {
+        let mut s = Secret::new("hunter2hunter2");
+        let taken = s.take();
+        assert!(s.is_empty());
+        assert_eq!(taken.expose(), "hunter2hunter2");
+    }
+
     #[test]
     fn preview_shows_little() {
         // Known public prefixes stay; of the rest, the last 4 characters at most, and never
@@ -919,7 +962,7 @@ mod tests {
     fn seal_v1(key: &EncryptionKey, owner: &str, field: Field, text: &str) -> Vec<u8> {
         use aes_gcm_siv::KeyInit;
         use aes_gcm_siv::aead::{Aead, Payload};
-        let cipher = aes_gcm_siv::Aes256GcmSiv::new(&key.key.into());
+        let cipher = aes_gcm_siv::Aes256GcmSiv::new_from_slice(key.key.as_slice()).unwrap();
         let nonce = [7u8; NONCE_LEN];
         let aad = aad_v1(owner, field, key.id());
         let ct = cipher
@@ -1131,8 +1174,8 @@ mod tests {
 
     #[test]
     fn fingerprints_are_keyed_and_separated() {
-        let a = Fingerprinter::new([1; 32]);
-        let b = Fingerprinter::new([2; 32]);
+        let a = Fingerprinter::new(Zeroizing::new([1; 32]));
+        let b = Fingerprinter::new(Zeroizing::new([2; 32]));
         let t = Secret::new("tok");
         assert_ne!(a.credential("claude", &t), b.credential("claude", &t));
         assert_ne!(a.credential("claude", &t), a.credential("openai", &t));

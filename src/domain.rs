@@ -99,7 +99,7 @@ impl OauthExtra {
 
 /// A validated credential about to be stored: from a file, a bulk body, a POST, or an OAuth
 /// login. Every check of its fields has been made; the store only de-duplicates.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NewCredential {
     pub provider: String,
     pub kind: CredentialKind,

@@ -26,7 +26,7 @@ pub struct ImportError {
 }
 
 /// One good entry, with where it came from (`file:auths/claude.json`, `body[3]`, …).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Entry {
     pub source: String,
     pub credential: NewCredential,

@@ -346,7 +346,9 @@ impl Target {
 
 /// The header that carries `token` for a provider, marked sensitive (never logged by hyper).
 pub fn credential_value(prefix: &str, token: &str) -> Result<HeaderValue, UpstreamError> {
-    let mut value = HeaderValue::from_str(&format!("{prefix}{token}")).map_err(|_| {
+    // The joined text is a copy of the token: wiped once the header holds its own.
+    let text = zeroize::Zeroizing::new(format!("{prefix}{token}"));
+    let mut value = HeaderValue::from_str(&text).map_err(|_| {
         UpstreamError::other("the credential holds characters a header cannot carry")
     })?;
     value.set_sensitive(true);

@@ -374,6 +374,11 @@ impl ClientAuth {
         }
     }
 
+    /// Whether any client key is configured (`api_keys` is not empty).
+    pub fn has_keys(&self) -> bool {
+        !self.digests.is_empty()
+    }
+
     pub fn bans(&self) -> &Bans {
         &self.bans
     }

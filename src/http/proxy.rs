@@ -229,7 +229,7 @@ pub struct LeaseInput {
 /// Leases hand out the token itself, so they need a client key, even from loopback: with no
 /// `api_keys` any local process could take a token in clear.
 fn leases_allowed(state: &AppState) -> AppResult<()> {
-    if state.config.config.api_keys.is_empty() {
+    if !state.clients.has_keys() {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "leases_need_client_key",

@@ -20,7 +20,7 @@ pub struct ListFilter {
 }
 
 /// A change through `PUT`: every field optional; `Some(None)` clears a nullable field.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct CredentialPatch {
     pub token: Option<Secret>,
     pub refresh_token: Option<Secret>,

@@ -13,6 +13,7 @@ use crate::crypto::Field;
 use crate::providers::wire::Usage;
 use chrono::{DateTime, Utc};
 use serde_json::json;
+use std::sync::Arc;
 use tokio::sync::oneshot;
 
 /// What a reservation is for.
@@ -324,7 +325,7 @@ impl Store {
     pub async fn open_token(
         &self,
         id: &str,
-    ) -> Result<std::result::Result<crate::crypto::Secret, String>> {
+    ) -> Result<std::result::Result<Arc<crate::crypto::Secret>, String>> {
         if let Some((_, t)) = self
             .hot
             .lock()
@@ -342,6 +343,7 @@ impl Store {
             None => Err("the credential has no token".to_string()),
             Some(s) => match self.sealer.open(id, Field::Token, &s) {
                 Ok(token) => {
+                    let token = Arc::new(token);
                     self.hot
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

@@ -1486,3 +1486,65 @@ fn the_server_cannot_dump_core() {
     let fields: Vec<&str> = core.split_whitespace().collect();
     assert_eq!(&fields[4..6], ["0", "0"], "{core}");
 }
+
+#[tokio::test]
+async fn secret_settings_are_wiped_from_the_running_config() {
+    let key = EncryptionKey::generate_base64();
+    let home = Home::new(&format!(
+        "api_keys: [\"client-key-to-wipe\", \"second-client-key\"]\nmanagement:\n  secret_key: plain-management-key-to-wipe\nauth:\n  encryption:\n    enabled: true\n    key: \"{key}\"\n"
+    ));
+    let app = home.start().await;
+    // The guards hold digests and the store its cipher: the settings in clear are gone...
+    let config = &app.state.config.config;
+    assert!(config.api_keys.is_empty());
+    assert!(config.management.secret_key.is_empty());
+    assert!(config.auth.encryption.key.is_empty());
+    // ...and every key still works, as the wrong ones still fail.
+    for (key, status) in [
+        ("plain-management-key-to-wipe", 200),
+        ("plain-management-key", 401),
+    ] {
+        let r = app
+            .call_with(
+                "GET",
+                "/v0/management/auths",
+                None,
+                &[("x-management-key", key)],
+            )
+            .await;
+        assert_eq!(r.status, status, "{}", r.text);
+    }
+    for (key, status) in [
+        ("client-key-to-wipe", 200),
+        ("second-client-key", 200),
+        ("client-key", 401),
+    ] {
+        assert_eq!(models_with_key(&app, key).await, status, "{key}");
+    }
+    let r = app
+        .call_with(
+            "POST",
+            "/v0/management/auths",
+            Some(r#"{"provider": "claude", "token": "sk-ant-sealed-after-wipe"}"#),
+            &[("x-management-key", "plain-management-key-to-wipe")],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    app.stop().await;
+    let restarted = home.start().await;
+    assert_eq!(
+        restarted.state.store.integrity_check().await.unwrap().len(),
+        0
+    );
+    let r = restarted
+        .call_with(
+            "POST",
+            "/v1/credentials/lease",
+            Some(r#"{"provider": "claude", "estimated_tokens": 1}"#),
+            &[("authorization", "Bearer client-key-to-wipe")],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.json()["token"], "sk-ant-sealed-after-wipe");
+    restarted.stop().await;
+}

@@ -9,7 +9,7 @@ use crate::quota::ResetSchedule;
 use crate::selection;
 use sqlx::SqlitePool;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// The most a counter holds ([`crate::quota::MAX_COUNTER_TOKENS`]), as the mirror's integers.
 pub(super) const MAX_COUNTER: i64 = crate::quota::MAX_COUNTER_TOKENS as i64;
@@ -98,7 +98,8 @@ pub(in crate::store) struct Hot {
     pub(super) reservations: HashMap<String, HotRes>,
     /// Opened tokens with the sealed value they came from: opened when the mirror is loaded,
     /// and kept across reloads while the stored value is unchanged.
-    pub(in crate::store) tokens: HashMap<String, (Vec<u8>, Secret)>,
+    /// Shared, not copied: a request holds the `Arc` while it sends the token.
+    pub(in crate::store) tokens: HashMap<String, (Vec<u8>, Arc<Secret>)>,
 }
 
 impl Hot {
@@ -245,18 +246,19 @@ pub(in crate::store) async fn load(
     .fetch_all(writer)
     .await?;
     let mut hot = Hot::default();
-    let old_tokens = std::mem::take(&mut mirror.lock().unwrap_or_else(|p| p.into_inner()).tokens);
+    let mut old_tokens =
+        std::mem::take(&mut mirror.lock().unwrap_or_else(|p| p.into_inner()).tokens);
     for r in rows {
         if let Some(sealed) = &r.token_sealed {
-            match old_tokens.get(&r.id) {
-                Some((was, secret)) if was == sealed => {
-                    hot.tokens
-                        .insert(r.id.clone(), (was.clone(), secret.clone()));
+            match old_tokens.remove(&r.id) {
+                Some((was, secret)) if &was == sealed => {
+                    hot.tokens.insert(r.id.clone(), (was, secret));
                 }
                 _ => {
                     // One that does not open is left out; `open_token` reports it on use.
                     if let Ok(secret) = sealer.open(&r.id, crate::crypto::Field::Token, sealed) {
-                        hot.tokens.insert(r.id.clone(), (sealed.clone(), secret));
+                        hot.tokens
+                            .insert(r.id.clone(), (sealed.clone(), Arc::new(secret)));
                     }
                 }
             }
