@@ -821,8 +821,8 @@ mod tests {
         trait AmbiguousIfClone<A> {
             fn check() {}
         }
-        impl<T: ?Sized> AmbiguousIfClone<()> for T {}
-        impl<T: ?Sized + Clone> AmbiguousIfClone<u8> for T {}
+        impl<T> AmbiguousIfClone<()> for T {}
+        impl<T: Clone> AmbiguousIfClone<u8> for T {}
         <Secret as AmbiguousIfClone<_>>::check();
         <EncryptionKey as AmbiguousIfClone<_>>::check();
         <Keyed as AmbiguousIfClone<_>>::check();
