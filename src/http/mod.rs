@@ -1,8 +1,11 @@
-//! The HTTP edge: routers, the management guard, extractors, the one error shape, views.
+//! The HTTP edge: the listener, routers, the management guard, extractors, the one error
+//! shape, views.
 
+pub mod body;
 pub mod error;
 pub mod extract;
 pub mod guard;
+pub mod listener;
 pub mod management;
 pub mod proxy;
 pub mod view;
@@ -19,8 +22,8 @@ use management::Actor;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// The whole application router. Serve it with `into_make_service_with_connect_info`, so the
-/// management guard sees the TCP peer address.
+/// The whole application router. Serve it with [`listener::serve`], which gives each request
+/// its TCP peer address (for the guards) and its body limits (for the body readers).
 pub fn router(state: Arc<AppState>) -> Router {
     let management = Router::new()
         .route("/auths", get(management::list).post(management::add))
@@ -56,7 +59,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             proxy::client_guard,
         ))
         .layer(DefaultBodyLimit::max(proxy::MAX_PROXY_BODY));
-    let management = management.layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES));
+    // Management bodies may use the share of the body budget kept from proxy bodies.
+    let management = management
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
+        .layer(axum::Extension(body::BodyClass::Management));
     Router::new()
         .nest("/v0/management", management)
         .merge(v1)
