@@ -3,7 +3,8 @@
 //! bound what clients can make the server hold:
 //! - one budget of bytes buffered across all requests at once (`server.max_buffered_bytes`),
 //!   charged as the bytes arrive and given back when the last copy of the body is dropped, so a
-//!   client that announces 31 MiB and sends slowly holds what it sent, not more;
+//!   client that announces 31 MiB and sends slowly holds what it sent, not more; shares of it
+//!   are kept from large proxy bodies and from all proxy bodies ([`BodyBudget`]);
 //! - a deadline by which the body must have arrived whole (`server.body_read_timeout`, counted
 //!   from the request's headers).
 //!
@@ -24,21 +25,24 @@ use tokio::time::Instant;
 /// and handed on within moments, or cut off by `body_read_timeout`.
 const BUSY_RETRY_SECS: u64 = 1;
 
-/// Which share of the budget a body may use. Management bodies keep a reserved share that
-/// proxy bodies cannot take, so operators can still act while proxy clients fill the rest.
+/// Which share of the budget a body may use. Management bodies may use what proxy bodies
+/// cannot take, so operators can still act while proxy clients fill the rest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyClass {
     Management,
     Proxy,
 }
 
+/// Proxy bodies above this size are "large" (prompts with images): they may fill less of the
+/// budget than small ones, so a few slow uploads cannot crowd out ordinary requests.
+pub const LARGE_BODY: usize = 1024 * 1024;
+
 /// The bytes of request bodies buffered across all requests at once, against one ceiling.
-/// Proxy bodies may fill 7/8 of it; the last 1/8 is kept for management bodies, which may use
-/// the whole of it.
+/// Large proxy bodies may fill 3/4 of it, proxy bodies up to [`LARGE_BODY`] 7/8, and
+/// management bodies all of it.
 #[derive(Debug)]
 pub struct BodyBudget {
     total: usize,
-    reserve: usize,
     used: AtomicUsize,
 }
 
@@ -46,22 +50,23 @@ impl BodyBudget {
     pub fn new(total: usize) -> Self {
         BodyBudget {
             total,
-            reserve: total / 8,
             used: AtomicUsize::new(0),
         }
     }
 
-    /// The most a body of `class` may find buffered, its own bytes included.
-    pub fn ceiling(&self, class: BodyClass) -> usize {
+    /// The most a body of `class` and `size` bytes (announced, or read so far) may find
+    /// buffered, its own bytes included.
+    pub fn ceiling(&self, class: BodyClass, size: usize) -> usize {
         match class {
             BodyClass::Management => self.total,
-            BodyClass::Proxy => self.total - self.reserve,
+            BodyClass::Proxy if size <= LARGE_BODY => self.total - self.total / 8,
+            BodyClass::Proxy => self.total - self.total / 4,
         }
     }
 
-    /// Bytes a body of `class` could still take now.
-    pub fn left(&self, class: BodyClass) -> usize {
-        self.ceiling(class)
+    /// Bytes a body of `class` and `size` could still take now.
+    pub fn left(&self, class: BodyClass, size: usize) -> usize {
+        self.ceiling(class, size)
             .saturating_sub(self.used.load(Ordering::Acquire))
     }
 
@@ -70,8 +75,7 @@ impl BodyBudget {
         self.used.load(Ordering::Acquire)
     }
 
-    fn try_take(&self, n: usize, class: BodyClass) -> bool {
-        let ceiling = self.ceiling(class);
+    fn try_take(&self, n: usize, ceiling: usize) -> bool {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 used.checked_add(n).filter(|&after| after <= ceiling)
@@ -101,8 +105,9 @@ struct Held {
 }
 
 impl Held {
-    fn take(&mut self, n: usize, class: BodyClass) -> bool {
-        let ok = self.budget.try_take(n, class);
+    /// Take `n` more bytes for a body of `class` that will then be `size` bytes (or more).
+    fn take(&mut self, n: usize, class: BodyClass, size: usize) -> bool {
+        let ok = self.budget.try_take(n, self.budget.ceiling(class, size));
         if ok {
             self.bytes += n;
         }
@@ -169,18 +174,17 @@ pub async fn read(req: Request, limit: usize) -> Result<Bytes, ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let budget = &limits.budget;
-    if let Some(n) = announced {
-        let n = usize::try_from(n).unwrap_or(usize::MAX);
-        if n > limit {
-            return Err(too_large(limit));
-        }
-        if n > budget.ceiling(class) {
-            return Err(too_large(budget.ceiling(class)));
-        }
-        // Refused at once rather than read until it runs out.
-        if n > budget.left(class) {
-            return Err(busy());
-        }
+    let announced = announced.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    if announced > limit {
+        return Err(too_large(limit));
+    }
+    let ceiling = budget.ceiling(class, announced);
+    if announced > ceiling {
+        return Err(too_large(ceiling));
+    }
+    // Refused at once rather than read until the budget runs out.
+    if announced > budget.left(class, announced) {
+        return Err(busy());
     }
     let mut body = req.into_body();
     let collect = async {
@@ -199,10 +203,11 @@ pub async fn read(req: Request, limit: usize) -> Result<Bytes, ApiError> {
             let Ok(chunk) = frame.into_data() else {
                 continue;
             };
-            if data.len().saturating_add(chunk.len()) > limit {
+            let size = data.len().saturating_add(chunk.len());
+            if size > limit {
                 return Err(too_large(limit));
             }
-            if !held.take(chunk.len(), class) {
+            if !held.take(chunk.len(), class, size.max(announced)) {
                 return Err(busy());
             }
             data.extend_from_slice(&chunk);
@@ -227,20 +232,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proxy_bodies_leave_management_its_share() {
+    fn large_bodies_leave_room_for_small_ones_and_proxy_bodies_for_management() {
+        let small = LARGE_BODY;
+        let large = LARGE_BODY + 1;
         for total in [1 << 20, 8, 256 << 20, usize::MAX] {
             let b = BodyBudget::new(total);
-            let proxy = b.ceiling(BodyClass::Proxy);
-            assert_eq!(b.ceiling(BodyClass::Management), total);
-            assert!(proxy < total || total < 8);
-            assert!(b.try_take(proxy, BodyClass::Proxy));
-            assert!(!b.try_take(1, BodyClass::Proxy));
-            assert_eq!(b.left(BodyClass::Proxy), 0);
-            assert_eq!(b.left(BodyClass::Management), total - proxy);
-            assert!(b.try_take(total - proxy, BodyClass::Management));
-            assert!(!b.try_take(1, BodyClass::Management));
+            let (m, s, l) = (
+                b.ceiling(BodyClass::Management, large),
+                b.ceiling(BodyClass::Proxy, small),
+                b.ceiling(BodyClass::Proxy, large),
+            );
+            assert_eq!(m, total);
+            assert!(l <= s && s <= m);
+            assert_eq!(b.ceiling(BodyClass::Proxy, 0), s);
+            assert!(b.try_take(l, l));
+            assert!(!b.try_take(1, l));
+            assert_eq!(b.left(BodyClass::Proxy, large), 0);
+            assert_eq!(b.left(BodyClass::Proxy, small), s - l);
+            assert!(b.try_take(s - l, s));
+            assert!(!b.try_take(1, s));
+            assert_eq!(b.left(BodyClass::Management, small), m - s);
+            assert!(b.try_take(m - s, m));
+            assert!(!b.try_take(1, m));
             // A take that would overflow is refused, not wrapped.
-            assert!(!b.try_take(usize::MAX, BodyClass::Management));
+            assert!(!b.try_take(usize::MAX, usize::MAX));
             b.give_back(total);
             assert_eq!(b.in_use(), 0);
         }
@@ -253,9 +268,9 @@ mod tests {
             budget: budget.clone(),
             bytes: 0,
         };
-        assert!(held.take(300, BodyClass::Proxy));
-        assert!(held.take(500, BodyClass::Proxy));
-        assert!(!held.take(200, BodyClass::Proxy), "past 7/8 of 1000");
+        assert!(held.take(300, BodyClass::Proxy, 300));
+        assert!(held.take(500, BodyClass::Proxy, 800));
+        assert!(!held.take(200, BodyClass::Proxy, 1000), "past 7/8 of 1000");
         let bytes = Bytes::from_owner(Buffered {
             data: vec![0; 800],
             _held: held,

@@ -6,10 +6,12 @@
 mod bad_input;
 mod common;
 mod crash;
+mod limits;
 mod management;
 mod mock;
 mod persistence;
 mod proxy;
+mod raw;
 #[cfg(feature = "sdk-tests")]
 mod sdk;
 mod secrets;
