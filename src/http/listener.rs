@@ -85,7 +85,7 @@ pub fn raise_file_limit() -> io::Result<u64> {
     Ok(rlim_u64(limit.rlim_cur))
 }
 
-#[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+#[allow(clippy::useless_conversion)]
 fn rlim_u64(value: libc::rlim_t) -> u64 {
     // rlim_t is u64 on the 64-bit targets and u32 on some 32-bit ones.
     u64::try_from(value).unwrap_or(u64::MAX)
@@ -447,10 +447,24 @@ async fn connection(
     // Set once an HTTP/2 connection past its deadline was sent its GOAWAY.
     let mut goodbye: Option<Instant> = None;
     loop {
-        let deadline = goodbye.or_else(|| watch.deadline(&shared.timeouts));
-        if stopping && deadline.is_some() {
-            // Nothing in flight: nothing to finish.
-            return;
+        // A request in flight is never cut, not even one that slipped in before a GOAWAY.
+        let deadline = watch
+            .deadline(&shared.timeouts)
+            .map(|d| goodbye.unwrap_or(d));
+        if let Some(deadline) = deadline {
+            if stopping {
+                // Nothing in flight: nothing to finish.
+                return;
+            }
+            if deadline <= Instant::now() {
+                if goodbye.is_none() && watch.h2.load(Ordering::Relaxed) {
+                    http.as_mut().graceful_shutdown();
+                    goodbye = Some(after(Instant::now(), H2_GOODBYE));
+                    continue;
+                }
+                tracing::debug!(%peer, "closing a connection past its header or idle deadline");
+                return;
+            }
         }
         let far = after(Instant::now(), Duration::from_secs(3600));
         tokio::select! {
@@ -461,19 +475,7 @@ async fn connection(
                 return;
             }
             () = watch.changed.notified() => {}
-            () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
-                let due = goodbye.or_else(|| watch.deadline(&shared.timeouts));
-                if due.is_none_or(|d| d > Instant::now()) {
-                    continue;
-                }
-                if goodbye.is_none() && watch.h2.load(Ordering::Relaxed) {
-                    http.as_mut().graceful_shutdown();
-                    goodbye = Some(after(Instant::now(), H2_GOODBYE));
-                    continue;
-                }
-                tracing::debug!(%peer, "closing a connection past its header or idle deadline");
-                return;
-            }
+            () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {}
             _ = stop.wait_for(|stop| *stop), if !stopping => {
                 stopping = true;
                 http.as_mut().graceful_shutdown();
@@ -502,6 +504,30 @@ mod tests {
         for (max, files, cap) in cases {
             assert_eq!(connection_cap(max, files), cap, "{max} under {files}");
         }
+    }
+
+    #[test]
+    fn the_soft_file_limit_is_raised_to_the_hard_one() {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: as in raise_file_limit.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        let hard = limit.rlim_max;
+        limit.rlim_cur = hard.min(256);
+        // SAFETY: as in raise_file_limit.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        assert_eq!(raise_file_limit().unwrap(), rlim_u64(hard));
+        // SAFETY: as in raise_file_limit.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!(limit.rlim_cur, hard);
     }
 
     #[test]

@@ -17,3 +17,4 @@ mod sdk;
 mod secrets;
 mod security;
 mod seed;
+mod soak;
