@@ -54,9 +54,10 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// connection before a handler reads it, outside the body budget. hyper's default of 1 MiB
 /// would let `max_connections` clients park a GiB.
 const H2_WINDOW: u32 = 65_535;
-/// How long an HTTP/2 connection past its deadline gets to send its GOAWAY before it is
-/// dropped.
-const H2_GOODBYE: Duration = Duration::from_secs(1);
+/// How long a connection closed gracefully (an HTTP/2 one past its deadline, which is sent a
+/// GOAWAY, or any one with nothing in flight when the server stops) gets to write what it has
+/// before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// The pause after an accept error other than a failed handshake (such as running out of
 /// descriptors anyway, through upstream connections), so the loop does not spin on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -135,8 +136,8 @@ fn builder() -> auto::Builder<TokioExecutor> {
 }
 
 /// Serve `app` on `listener` within `config`'s limits until `shutdown` resolves; then stop
-/// accepting, close connections with nothing in flight, let requests in flight finish (each
-/// connection then closes), and return once every connection is closed.
+/// accepting, close connections with nothing in flight (within [`CLOSE_GRACE`]), let requests
+/// in flight finish (each connection then closes), and return once every connection is closed.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -444,29 +445,30 @@ async fn connection(
     let http = shared.builder.serve_connection(io, service);
     tokio::pin!(http);
     let mut stopping = false;
-    // Set once an HTTP/2 connection past its deadline was sent its GOAWAY.
-    let mut goodbye: Option<Instant> = None;
+    // Set when a graceful close starts: the connection is dropped then if still open.
+    let mut closing_by: Option<Instant> = None;
     loop {
-        // A request in flight is never cut, not even one that slipped in before a GOAWAY.
+        let now = Instant::now();
+        // None while a request is in flight: nothing cuts it, not even a graceful close.
         let deadline = watch
             .deadline(&shared.timeouts)
-            .map(|d| goodbye.unwrap_or(d));
+            .map(|d| closing_by.unwrap_or(d));
         if let Some(deadline) = deadline {
-            if stopping {
-                // Nothing in flight: nothing to finish.
-                return;
+            let due = deadline <= now;
+            let h2 = watch.h2.load(Ordering::Relaxed);
+            if closing_by.is_none() && (stopping || (due && h2)) {
+                http.as_mut().graceful_shutdown();
+                closing_by = Some(after(now, CLOSE_GRACE));
+                continue;
             }
-            if deadline <= Instant::now() {
-                if goodbye.is_none() && watch.h2.load(Ordering::Relaxed) {
-                    http.as_mut().graceful_shutdown();
-                    goodbye = Some(after(Instant::now(), H2_GOODBYE));
-                    continue;
-                }
-                tracing::debug!(%peer, "closing a connection past its header or idle deadline");
+            if due {
+                // An HTTP/1.1 connection past its header or idle deadline has nothing to
+                // finish; any other is past its grace.
+                tracing::debug!(%peer, "closing a connection past its deadline");
                 return;
             }
         }
-        let far = after(Instant::now(), Duration::from_secs(3600));
+        let far = after(now, Duration::from_secs(3600));
         tokio::select! {
             result = http.as_mut() => {
                 if let Err(e) = result {
@@ -478,6 +480,7 @@ async fn connection(
             () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {}
             _ = stop.wait_for(|stop| *stop), if !stopping => {
                 stopping = true;
+                // Requests in flight finish; then HTTP/1.1 closes, HTTP/2 sends a GOAWAY.
                 http.as_mut().graceful_shutdown();
             }
         }
