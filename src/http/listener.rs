@@ -164,6 +164,8 @@ pub async fn serve(
             config.max_connections
         }
     };
+    // The semaphore's own ceiling (about 2^61 permits, or 2^29 on 32-bit targets).
+    let cap = u32::try_from(Semaphore::MAX_PERMITS).map_or(cap, |most| cap.min(most));
     let budget = usize::try_from(config.max_buffered_bytes.0).unwrap_or(usize::MAX);
     let shared = Arc::new(Shared {
         builder: builder(),
