@@ -405,22 +405,19 @@ impl Application {
     }
 
     /// Serve until `shutdown` resolves, then finish in-flight requests and close the store.
+    /// The listener applies the `server:` limits (see [`crate::http::listener`]).
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let app = crate::http::router(self.state.clone());
         let sweeper = tokio::spawn(sweep_leases(self.state.clone()));
-        use axum::serve::ListenerExt;
-        // Small writes (stream chunks) go out at once, not after a delayed ACK.
-        let listener = self.listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let result = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+        let result = crate::http::listener::serve(
+            self.listener,
+            app,
+            &self.state.config.config.server,
+            shutdown,
         )
-        .with_graceful_shutdown(shutdown)
         .await;
         sweeper.abort();
         self.state.store.close().await;

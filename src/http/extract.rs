@@ -1,10 +1,9 @@
 //! Extractors whose rejections are our JSON error: a body parser that names the field at
 //! fault and accepts a JSON body whatever its content type (curl's `-d` sends a form type),
-//! and a query parser that does the same.
+//! and a query parser that does the same. Bodies are read within the listener's limits.
 
 use super::error::ApiError;
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -57,24 +56,14 @@ impl<S: Send + Sync> FromRequest<S> for JsonValue {
     }
 }
 
-/// Read a whole body whose router allows at most `limit` bytes (the limit is for the message;
-/// `DefaultBodyLimit` enforces it).
+/// Read a whole body of at most `limit` bytes, within the listener's budget and deadline
+/// (see [`super::body`]).
 pub async fn read_bytes<S: Send + Sync>(
     req: Request,
-    state: &S,
+    _state: &S,
     limit: usize,
 ) -> Result<Bytes, ApiError> {
-    Bytes::from_request(req, state).await.map_err(|rej| {
-        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("The body is larger than {limit} bytes"),
-            )
-        } else {
-            ApiError::bad_request("invalid_body", rej.body_text())
-        }
-    })
+    super::body::read(req, limit).await
 }
 
 /// Query parameters, with errors that name the parameter.

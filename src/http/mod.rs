@@ -1,10 +1,12 @@
-//! The HTTP edge: routers, the guards, extractors, the one error shape, views.
+//! The HTTP edge: the listener, routers, the guards, extractors, the one error shape, views.
 
 pub mod bans;
+pub mod body;
 pub mod caller;
 pub mod error;
 pub mod extract;
 pub mod guard;
+pub mod listener;
 pub mod management;
 pub mod proxy;
 pub mod view;
@@ -19,8 +21,8 @@ use axum::routing::{get, post};
 use error::ApiError;
 use std::sync::Arc;
 
-/// The whole application router. Serve it with `into_make_service_with_connect_info`, so the
-/// guards see the TCP peer address.
+/// The whole application router. Serve it with [`listener::serve`], which gives each request
+/// its TCP peer address (for the guards) and its body limits (for the body readers).
 pub fn router(state: Arc<AppState>) -> Router {
     let management = Router::new()
         .route("/auths", get(management::list).post(management::add))
@@ -65,7 +67,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             guard::client_guard,
         ))
         .layer(DefaultBodyLimit::max(proxy::MAX_PROXY_BODY));
-    let management = management.layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES));
+    // Management bodies may use the share of the body budget kept from proxy bodies.
+    let management = management
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
+        .layer(axum::Extension(body::BodyClass::Management));
     Router::new()
         .nest("/v0/management", management)
         .merge(v1)

@@ -8,15 +8,18 @@ mod common;
 mod crash;
 mod guard;
 mod imports;
+mod limits;
 mod management;
 mod mock;
 mod numbers;
 mod operations;
 mod persistence;
 mod proxy;
+mod raw;
 #[cfg(feature = "sdk-tests")]
 mod sdk;
 mod secrets;
 mod security;
 mod seed;
+mod soak;
 mod streams;

@@ -1,0 +1,577 @@
+//! The listener's limits (README, Security, Limits): the connection cap, the header, idle and
+//! body deadlines, and the budget of buffered body bytes, each tried with raw sockets that
+//! hold, trickle or stall as a hostile client would.
+
+use crate::common::{Api, Home, eventually};
+use crate::mock::Mock;
+use crate::raw::{self, RawResponse};
+use futures_util::future::join_all;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+
+const MIB: usize = 1024 * 1024;
+/// Longer than any deadline these tests set, by far: a connection still open after it was
+/// not closed by a deadline.
+const PATIENCE: Duration = Duration::from_secs(15);
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// A home with `server:` lines and, with a mock, an openai and a gemini credential served by
+/// it.
+fn home(server: &str, mock: Option<&Mock>) -> Home {
+    let providers = mock.map(Mock::providers_yaml).unwrap_or_default();
+    let server = if server.is_empty() {
+        String::new()
+    } else {
+        format!("server:\n{server}")
+    };
+    let home = Home::new(&format!("{server}{providers}"));
+    if mock.is_some() {
+        for provider in ["openai", "gemini"] {
+            home.auth_file(
+                &format!("{provider}.json"),
+                format!(r#"{{"provider": "{provider}", "type": "api_key", "token": "sk-limits-{provider}"}}"#),
+            );
+        }
+    }
+    home
+}
+
+/// A chat body of exactly `size` bytes (JSON padded with spaces) for a model no provider
+/// serves: the server reads it whole and answers 404 `unknown_model`, without sending MiBs
+/// to the mock.
+fn unrouted_of(size: usize) -> String {
+    let body = r#"{"model":"no-such-model","messages":[]}"#;
+    assert!(size >= body.len());
+    format!("{body}{}", " ".repeat(size - body.len()))
+}
+
+/// A client whose every request opens its own connection, so a test's short idle timeout never
+/// meets a pooled connection just as it is closed.
+fn fresh_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn past_the_cap_connections_wait_in_the_backlog_until_others_close() {
+    for cap in [1usize, 2, 5] {
+        let home = home(&format!("  max_connections: {cap}\n"), None);
+        let app = home.start().await;
+        let mut held = Vec::new();
+        for _ in 0..cap {
+            let mut s = raw::connect(&app.base).await;
+            assert_eq!(
+                raw::request(&mut s, "GET", "/v1/models", b"").await.status,
+                200
+            );
+            held.push(s);
+        }
+        // More waiting than the cap: the kernel completes their handshakes, the server does
+        // not accept them.
+        let mut waiting = Vec::new();
+        for _ in 0..=cap {
+            let mut s = raw::connect(&app.base).await;
+            s.write_all(raw::head("GET", "/v1/models", None).as_bytes())
+                .await
+                .unwrap();
+            waiting.push(s);
+        }
+        let unanswered = join_all(
+            waiting
+                .iter_mut()
+                .map(|s| tokio::time::timeout(Duration::from_millis(300), raw::read_response(s))),
+        )
+        .await;
+        assert!(
+            unanswered.iter().all(Result::is_err),
+            "cap {cap}: a connection past the cap was served"
+        );
+        // Each connection that closes lets the next one in, in order.
+        let mut open: VecDeque<TcpStream> = held.into();
+        let mut waiting: VecDeque<TcpStream> = waiting.into();
+        while let Some(mut next) = waiting.pop_front() {
+            drop(open.pop_front().expect("a connection in a slot"));
+            let answer = tokio::time::timeout(PATIENCE, raw::read_response(&mut next))
+                .await
+                .unwrap_or_else(|_| panic!("cap {cap}: a waiting connection was never served"))
+                .expect("an answer");
+            assert_eq!(answer.status, 200);
+            open.push_back(next);
+        }
+        // A normal client still gets in, once a slot is free.
+        drop(open);
+        assert_eq!(app.get("/v1/models").await.status, 200);
+        app.stop().await;
+    }
+}
+
+/// A slow client: it sends `first`, then the parts of `then` in turn with `every` between
+/// them, round and round, and never closes its side of the connection.
+struct Slow {
+    name: &'static str,
+    first: Vec<u8>,
+    then: Vec<Vec<u8>>,
+    every: Duration,
+}
+
+impl Slow {
+    fn new(name: &'static str, first: impl Into<Vec<u8>>) -> Slow {
+        Slow {
+            name,
+            first: first.into(),
+            then: Vec::new(),
+            every: Duration::ZERO,
+        }
+    }
+
+    fn then(mut self, parts: Vec<Vec<u8>>, every_ms: u64) -> Slow {
+        self.then = parts;
+        self.every = Duration::from_millis(every_ms);
+        self
+    }
+
+    /// Connect and start sending; the read half, and the task that writes.
+    async fn start(self, base: &str) -> (OwnedReadHalf, tokio::task::JoinHandle<()>) {
+        let (r, mut w) = raw::connect(base).await.into_split();
+        let writer = tokio::spawn(async move {
+            if w.write_all(&self.first).await.is_err() {
+                return;
+            }
+            for part in self.then.iter().cycle() {
+                tokio::time::sleep(self.every).await;
+                if w.write_all(part).await.is_err() {
+                    return;
+                }
+            }
+            // Dropping the write half would half-close the connection.
+            std::future::pending::<()>().await;
+        });
+        (r, writer)
+    }
+
+    /// Whether the server closes the connection within [`PATIENCE`].
+    async fn closed(self, base: &str) -> bool {
+        let (mut r, writer) = self.start(base).await;
+        let closed = raw::closed_within(&mut r, PATIENCE).await;
+        writer.abort();
+        closed
+    }
+
+    /// The server's answer, and whether it closed the connection after it.
+    async fn answer(self, base: &str) -> (Option<RawResponse>, bool) {
+        let (mut r, writer) = self.start(base).await;
+        let answer = tokio::time::timeout(PATIENCE, raw::read_response(&mut r))
+            .await
+            .ok()
+            .flatten();
+        let closed = answer.is_some() && raw::closed_within(&mut r, PATIENCE).await;
+        writer.abort();
+        (answer, closed)
+    }
+}
+
+fn bytes_of(text: &str) -> Vec<Vec<u8>> {
+    text.bytes().map(|b| vec![b]).collect()
+}
+
+#[tokio::test]
+async fn slow_headers_are_closed_after_header_read_timeout() {
+    let home = home("  header_read_timeout: 1s\n  idle_timeout: 1h\n", None);
+    let app = home.start().await;
+    let base = app.base.clone();
+    let h2_preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let h2_settings = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    let h2_ping = vec![0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    let line = || vec![b"X-Slow: a\r\n".to_vec()];
+    let slow = [
+        Slow::new("nothing at all", []),
+        Slow::new("half a request line", b"GET /v1/mod"),
+        Slow::new("a byte every 100 ms", []).then(
+            bytes_of("GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-Slow: aaaaaaaaaaaa\r\n"),
+            100,
+        ),
+        Slow::new("a header line every 200 ms", b"GET /v1/models HTTP/1.1\r\n").then(line(), 200),
+        Slow::new(
+            "a header line every 900 ms",
+            b"POST /v0/management/auths HTTP/1.1\r\n",
+        )
+        .then(line(), 900),
+        Slow::new("an HTTP/2 preface and no request", h2_preface.clone()),
+        Slow::new(
+            "HTTP/2 pings and no request",
+            [h2_preface, h2_settings.to_vec()].concat(),
+        )
+        .then(vec![h2_ping], 200),
+    ];
+    let mut tasks = Vec::new();
+    for slow in slow {
+        let base = base.clone();
+        tasks.push(tokio::spawn(async move {
+            (slow.name, slow.closed(&base).await)
+        }));
+    }
+    // The next request on a kept-alive connection gets its own header clock.
+    tasks.push(tokio::spawn(async move {
+        let mut s = raw::connect(&base).await;
+        for _ in 0..3 {
+            let r = raw::request(&mut s, "GET", "/v1/models", b"").await;
+            assert_eq!(r.status, 200);
+        }
+        s.write_all(b"GET /v1/models HTTP/1.1\r\n").await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        let writer = tokio::spawn(async move {
+            while w.write_all(b"X-Slow: a\r\n").await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let closed = raw::closed_within(&mut r, PATIENCE).await;
+        writer.abort();
+        ("a slow second request on a kept-alive connection", closed)
+    }));
+    for task in tasks {
+        let (name, closed) = task.await.unwrap();
+        assert!(closed, "{name}: still open after {PATIENCE:?}");
+    }
+    assert_eq!(app.get("/v1/models").await.status, 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn idle_kept_alive_connections_are_closed_after_idle_timeout() {
+    let home = home("  header_read_timeout: 1h\n  idle_timeout: 1s\n", None);
+    let app = home.start().await;
+    let mut tasks = Vec::new();
+    for (requests, path) in [
+        (1, "/v1/models"),
+        (5, "/v1/models"),
+        (2, "/v0/management/auths"),
+    ] {
+        let base = app.base.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = raw::connect(&base).await;
+            for _ in 0..requests {
+                assert_eq!(raw::request(&mut s, "GET", path, b"").await.status, 200);
+            }
+            (requests, raw::closed_within(&mut s, PATIENCE).await)
+        }));
+    }
+    for task in tasks {
+        let (requests, closed) = task.await.unwrap();
+        assert!(closed, "idle after {requests} request(s): still open");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn requests_in_flight_outlast_the_idle_and_header_timeouts() {
+    let mock = Mock::start().await;
+    // Every pause of the mock is longer than both timeouts.
+    mock.state.delay_ms.store(700, Ordering::Relaxed);
+    let home = home(
+        "  header_read_timeout: 500ms\n  idle_timeout: 500ms\n",
+        Some(&mock),
+    );
+    let app = home.start().await;
+    let client = fresh_client();
+    let post = |path: &str, body: &str| {
+        client
+            .post(format!("{}{path}", app.base))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let gemini = r#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#;
+    let (streamed, answered, listed) = tokio::join!(
+        post(
+            "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+            gemini
+        ),
+        post("/v1/chat/completions", CHAT),
+        async {
+            // A management call on a connection that idles in between.
+            client
+                .get(format!("{}/v0/management/auths", app.base))
+                .send()
+                .await
+        },
+    );
+    let streamed = streamed.unwrap();
+    assert_eq!(streamed.status(), 200);
+    let text = streamed.text().await.expect("the whole stream");
+    assert!(text.contains("tok2"), "the stream was cut: {text}");
+    let answered = answered.unwrap();
+    assert_eq!(answered.status(), 200);
+    assert!(
+        answered
+            .text()
+            .await
+            .unwrap()
+            .contains("hello from the mock")
+    );
+    assert_eq!(listed.unwrap().status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn slow_bodies_get_408_after_body_read_timeout_and_are_closed() {
+    let home = home(
+        "  body_read_timeout: 1s\n  header_read_timeout: 1h\n  idle_timeout: 1h\n",
+        None,
+    );
+    let app = home.start().await;
+    let with = |method: &str, path: &str, length: usize, sent: usize| {
+        let mut bytes = raw::head(method, path, Some(length)).into_bytes();
+        bytes.extend(std::iter::repeat_n(b' ', sent));
+        bytes
+    };
+    let chat = "/v1/chat/completions";
+    let slow = [
+        Slow::new("1 byte announced, none sent", with("POST", chat, 1, 0)),
+        Slow::new("31 MiB announced, none sent", with("POST", chat, 31 * MIB, 0)),
+        Slow::new("half of 1000 bytes", with("POST", chat, 1000, 500)),
+        Slow::new("1 MiB but its last byte", with("POST", chat, MIB, MIB - 1)),
+        Slow::new("31 MiB a KiB at a time", with("POST", chat, 31 * MIB, 0))
+            .then(vec![vec![b' '; 1024]], 100),
+        Slow::new(
+            "chunked, never ending",
+            format!(
+                "POST {chat} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{{\"a\":\r\n"
+            ),
+        )
+        .then(vec![b"1\r\n \r\n".to_vec()], 300),
+        Slow::new(
+            "a management body, half sent",
+            with("POST", "/v0/management/auths", 100, 50),
+        ),
+        Slow::new(
+            "an Anthropic body, a byte at a time",
+            with("POST", "/v1/messages", 100, 0),
+        )
+        .then(vec![b" ".to_vec()], 200),
+    ];
+    let tasks: Vec<_> = slow
+        .into_iter()
+        .map(|slow| {
+            let base = app.base.clone();
+            tokio::spawn(async move { (slow.name, slow.answer(&base).await) })
+        })
+        .collect();
+    for task in tasks {
+        let (name, (answer, closed)) = task.await.unwrap();
+        let answer = answer.unwrap_or_else(|| panic!("{name}: no answer"));
+        assert_eq!(answer.status, 408, "{name}: {answer:?}");
+        assert_eq!(answer.error_code(), "body_timeout", "{name}");
+        assert!(closed, "{name}: the connection stayed open");
+    }
+    assert_eq!(app.get("/v1/models").await.status, 200);
+    app.stop().await;
+}
+
+/// A connection holding `sent` bytes of a proxy body that announced `announced`.
+async fn hold_body(base: &str, announced: usize, sent: usize) -> TcpStream {
+    let mut s = raw::connect(base).await;
+    s.write_all(raw::head("POST", "/v1/chat/completions", Some(announced)).as_bytes())
+        .await
+        .unwrap();
+    s.write_all(&vec![b' '; sent]).await.unwrap();
+    s
+}
+
+/// Announce a body of `size` bytes to `path` and send none of it: the answer if the server
+/// refuses it at once, `None` if it starts reading (the connection is then dropped, holding
+/// nothing).
+async fn announce(base: &str, path: &str, size: usize) -> Option<RawResponse> {
+    let mut s = raw::connect(base).await;
+    s.write_all(raw::head("POST", path, Some(size)).as_bytes())
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_millis(500), raw::read_response(&mut s))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Poll until a chat body of `size` bytes is refused for want of budget (the held bytes have
+/// reached the server); that refusal.
+async fn until_busy(base: &str, size: usize) -> RawResponse {
+    eventually(PATIENCE, || async {
+        announce(base, "/v1/chat/completions", size)
+            .await
+            .filter(|r| r.status == 503)
+    })
+    .await
+}
+
+/// Poll until a chat body of `size` bytes would be read, then send one; whether it was read
+/// whole (and refused only for its model).
+async fn read_whole_when_free(app: &impl Api, size: usize) -> bool {
+    eventually(PATIENCE, || async {
+        announce(app.base(), "/v1/chat/completions", size)
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let r = app.post("/v1/chat/completions", &unrouted_of(size)).await;
+    (r.status, r.error_code()) == (404, "unknown_model".to_string())
+}
+
+#[tokio::test]
+async fn bodies_past_the_budget_get_503_and_the_budget_comes_back() {
+    let mock = Mock::start().await;
+    // 8 MiB: large proxy bodies (over 1 MiB) may fill 6, all proxy bodies 7, management 8.
+    let home = home(
+        "  max_buffered_bytes: 8MiB\n  body_read_timeout: 1m\n",
+        Some(&mock),
+    );
+    let app = home.start().await;
+    let base = app.base.clone();
+    let large = 6 * MIB;
+
+    // Never fits: 413 at once, whatever is free.
+    for (path, size) in [
+        ("/v1/chat/completions", large + 1),
+        ("/v1/chat/completions", 32 * MIB + 1),
+        // The largest length hyper passes on (it refuses the two above with 431 itself).
+        ("/v1/chat/completions", usize::MAX - 2),
+        ("/v0/management/auths", MIB + 1),
+    ] {
+        let r = announce(&base, path, size).await.expect("refused at once");
+        assert_eq!(
+            (r.status, r.error_code()),
+            (413, "body_too_large".into()),
+            "{size}"
+        );
+    }
+
+    // Bytes count as they arrive: a client announcing the whole large share but sending 1 MiB
+    // holds 1 MiB, not 6.
+    let holder = hold_body(&base, large, MIB).await;
+    until_busy(&base, large - MIB + 1).await;
+    assert!(
+        read_whole_when_free(&app, large - MIB).await,
+        "exactly what is left"
+    );
+    drop(holder);
+    assert!(read_whole_when_free(&app, large).await);
+
+    for (count, size) in [(1, large), (2, large / 2), (5, large / 5)] {
+        // Each holder sends all but the last byte; the last holder takes what integer
+        // division left over.
+        let mut holders = Vec::new();
+        for i in 0..count {
+            let size = if i == count - 1 {
+                large - size * (count - 1)
+            } else {
+                size
+            };
+            holders.push(hold_body(&base, size, size - 1).await);
+        }
+        let r = until_busy(&base, MIB + 1).await;
+        assert_eq!(r.error_code(), "server_busy", "{count} x {size}");
+        let retry_after = r.header("retry-after").and_then(|v| v.parse::<u64>().ok());
+        assert!(
+            retry_after.is_some_and(|s| s >= 1),
+            "503 needs a Retry-After"
+        );
+
+        // Large bodies cannot crowd out small ones, nor proxy bodies management.
+        let r = app.post("/v1/chat/completions", CHAT).await;
+        assert_eq!(r.status, 200, "{count} x {size}: {}", r.text);
+        assert_eq!(app.get("/v0/management/auths").await.status, 200);
+        let small_holder = hold_body(&base, MIB, MIB - 1).await;
+        until_busy(&base, CHAT.len()).await;
+        let padded = format!(r#"{{"limit": 1000000}}{}"#, " ".repeat(MIB / 2));
+        let r = app.put("/v0/management/auths/openai/quota", &padded).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let r = app
+            .post(
+                "/v0/management/auths",
+                r#"{"provider": "claude", "type": "api_key", "token": "sk-ant-limits"}"#,
+            )
+            .await;
+        assert!(r.status == 201 || r.status == 409, "{}", r.text);
+
+        // Given back when the holders go: the whole large share fits again (a byte still
+        // held would not let it).
+        drop(holders);
+        drop(small_holder);
+        assert!(read_whole_when_free(&app, large).await, "{count} x {size}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_served_with_the_peer_address() {
+    let home = home("  idle_timeout: 1s\n", None);
+    let app = home.start().await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        // The loopback rule needs the peer address: without it, 403.
+        let r = client
+            .get(format!("{}/v1/models", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 200);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish() {
+    let mock = Mock::start().await;
+    mock.state.delay_ms.store(500, Ordering::Relaxed);
+    let home = home("", Some(&mock));
+    let app = home.start().await;
+    let (base, client) = (app.base.clone(), app.client.clone());
+    let in_flight = tokio::spawn(async move {
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(CHAT)
+            .send()
+            .await
+    });
+    eventually(PATIENCE, || async {
+        (!mock.state.seen_headers.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    // Connections with nothing in flight do not hold the stop up: a kept-alive one, one in
+    // the middle of its headers, one that sent nothing.
+    let mut idle = raw::connect(&app.base).await;
+    assert_eq!(
+        raw::request(&mut idle, "GET", "/v1/models", b"")
+            .await
+            .status,
+        200
+    );
+    let mut heading = raw::connect(&app.base).await;
+    heading
+        .write_all(b"GET /v1/models HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let silent = raw::connect(&app.base).await;
+    let base = app.base.clone();
+    tokio::time::timeout(PATIENCE, app.stop())
+        .await
+        .expect("the server stops");
+    drop((idle, heading, silent));
+    let answered = in_flight.await.unwrap().expect("answered");
+    assert_eq!(answered.status(), 200);
+    assert!(
+        tokio::net::TcpStream::connect(raw::addr(&base))
+            .await
+            .is_err()
+    );
+}

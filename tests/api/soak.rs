@@ -1,0 +1,325 @@
+//! The soak: the real binary, over loopback, under thousands of idle connections and
+//! hundreds of slow-header and slow-body connections at once (each reconnecting as soon as the
+//! server closes it), while a normal client's proxied requests and management calls keep
+//! being answered and the server's peak memory stays under [`MEMORY_CEILING`].
+//!
+//! The ceiling: the server's own footprint (tens of MB), plus the body budget of this config
+//! (`max_buffered_bytes: 64MiB`, of which slow bodies may fill 48), plus a few KiB per open
+//! connection (hyper's buffers, capped at 64 KiB for a request head).
+//!
+//! A hostile client is a [`Load`]: `count` copies of one `attempt`, each started again as soon
+//! as the last ended, until the soak ends. Add a kind of attack by adding a `Load` in
+//! [`loads`].
+
+use crate::common::{Home, eventually};
+use crate::mock::Mock;
+use crate::raw;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The server's peak resident memory (VmHWM) must stay under this.
+const MEMORY_CEILING: u64 = 200_000_000;
+/// How long the attack lasts.
+const ATTACK: Duration = Duration::from_secs(15);
+/// The pause before a hostile connection comes back, so that a refused one does not spin.
+const COME_BACK: Duration = Duration::from_millis(200);
+/// The most a normal call may take before the soak counts it as not answered.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+const STREAM: &str =
+    r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+/// What one hostile connection saw at its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Seen {
+    /// The server closed it, without an answer.
+    Closed,
+    Answered(u16),
+    /// It could not connect.
+    Refused,
+}
+
+/// Where the attacks go.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    addr: SocketAddr,
+}
+
+type Attempt = Pin<Box<dyn Future<Output = Seen> + Send>>;
+/// How many connections of each load ended each way.
+type Tally = Arc<Mutex<BTreeMap<(&'static str, Seen), usize>>>;
+
+/// `count` hostile clients of one kind.
+struct Load {
+    name: &'static str,
+    count: usize,
+    attempt: fn(Target) -> Attempt,
+}
+
+/// The attacks, for a test process that may open about `room` connections (3,400 when the
+/// file limits allow).
+fn loads(room: usize) -> Vec<Load> {
+    let share = |n: usize| (n * room / 3400).max(1);
+    vec![
+        Load {
+            name: "idle",
+            count: share(3000),
+            attempt: |t| Box::pin(idle(t)),
+        },
+        Load {
+            name: "slow headers",
+            count: share(300),
+            attempt: |t| Box::pin(slow_headers(t)),
+        },
+        Load {
+            name: "slow bodies",
+            count: share(100),
+            attempt: |t| Box::pin(slow_body(t)),
+        },
+    ]
+}
+
+/// Connect and send nothing.
+async fn idle(t: Target) -> Seen {
+    let Ok(mut s) = TcpStream::connect(t.addr).await else {
+        return Seen::Refused;
+    };
+    let mut buf = [0u8; 512];
+    while let Ok(n) = s.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+    Seen::Closed
+}
+
+/// A request line, then a header line every half second.
+async fn slow_headers(t: Target) -> Seen {
+    let Ok(s) = TcpStream::connect(t.addr).await else {
+        return Seen::Refused;
+    };
+    let (mut r, mut w) = s.into_split();
+    let write = async move {
+        w.write_all(b"GET /v1/models HTTP/1.1\r\nHost: soak\r\n")
+            .await?;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            w.write_all(b"X-Slow: a\r\n").await?;
+        }
+    };
+    ended(&mut r, write).await
+}
+
+/// A proxy body announced at 31 MiB, sent 64 KiB every 100 ms.
+async fn slow_body(t: Target) -> Seen {
+    let Ok(s) = TcpStream::connect(t.addr).await else {
+        return Seen::Refused;
+    };
+    let (mut r, mut w) = s.into_split();
+    let write = async move {
+        let head = raw::head("POST", "/v1/chat/completions", Some(31 << 20));
+        w.write_all(head.as_bytes()).await?;
+        let chunk = vec![b' '; 64 << 10];
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            w.write_all(&chunk).await?;
+        }
+    };
+    ended(&mut r, write).await
+}
+
+/// How a connection that keeps writing ends: the server's answer, or its closing.
+async fn ended(
+    r: &mut tokio::net::tcp::OwnedReadHalf,
+    write: impl Future<Output = std::io::Result<()>>,
+) -> Seen {
+    let seen = |answer: Option<raw::RawResponse>| {
+        answer.map_or(Seen::Closed, |a| Seen::Answered(a.status))
+    };
+    tokio::select! {
+        answer = raw::read_response(r) => seen(answer),
+        _ = write => {
+            // The server stopped reading; what did it say?
+            let answer = tokio::time::timeout(Duration::from_secs(1), raw::read_response(r)).await;
+            seen(answer.ok().flatten())
+        }
+    }
+}
+
+/// Run every load until `until`; the tally of what their connections saw.
+fn attack(
+    loads: Vec<Load>,
+    target: Target,
+    until: Instant,
+) -> (Vec<tokio::task::JoinHandle<()>>, Tally) {
+    let tally = Tally::default();
+    let mut tasks = Vec::new();
+    for load in loads {
+        for _ in 0..load.count {
+            let tally = tally.clone();
+            let (name, attempt) = (load.name, load.attempt);
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    let seen = attempt(target).await;
+                    *tally.lock().unwrap().entry((name, seen)).or_insert(0) += 1;
+                    tokio::time::sleep(COME_BACK).await;
+                }
+            }));
+        }
+    }
+    (tasks, tally)
+}
+
+/// One round of a normal client's calls; panics naming the call that was not answered as it
+/// should be.
+async fn normal_round(client: &reqwest::Client, base: &str, round: usize) {
+    let call = |req: reqwest::RequestBuilder| async move {
+        let r = req.timeout(ANSWER_WITHIN).send().await?;
+        let status = r.status().as_u16();
+        Ok::<_, reqwest::Error>((status, r.text().await?))
+    };
+    let post = |path: &str, body: &str| {
+        client
+            .post(format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+    };
+    let calls = [
+        ("chat", post("/v1/chat/completions", CHAT), 200, "hello"),
+        (
+            "stream",
+            post("/v1/chat/completions", STREAM),
+            200,
+            "[DONE]",
+        ),
+        (
+            "list",
+            client.get(format!("{base}/v0/management/auths")),
+            200,
+            "auths",
+        ),
+        (
+            "quota",
+            client
+                .put(format!("{base}/v0/management/auths/openai/quota"))
+                .header("content-type", "application/json")
+                .body(r#"{"limit": 1000000000}"#),
+            200,
+            "openai",
+        ),
+    ];
+    for (name, req, want, needle) in calls {
+        let (status, text) = call(req)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {name} not answered: {e}"));
+        assert_eq!(status, want, "round {round}: {name}: {text}");
+        assert!(text.contains(needle), "round {round}: {name}: {text}");
+    }
+}
+
+/// The server's `VmHWM` and `VmRSS`, in bytes.
+fn memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_stays_up_and_small_under_thousands_of_hostile_connections() {
+    // This process holds every hostile connection, and the server one per each of them: keep
+    // both well under the open-file limit (the server raises its own the same way).
+    let files = cliproxyapi::http::listener::raise_file_limit().unwrap();
+    let files = usize::try_from(files).unwrap_or(usize::MAX);
+    let server_cap = cliproxyapi::http::listener::connection_cap(u32::MAX, files as u64) as usize;
+    let room = files
+        .saturating_sub(256)
+        .min(server_cap.saturating_sub(128))
+        .min(3400);
+    let loads = loads(room);
+    let hostile: usize = loads.iter().map(|l| l.count).sum();
+    let counts: BTreeMap<&str, usize> = loads.iter().map(|l| (l.name, l.count)).collect();
+
+    let mock = Mock::start().await;
+    let home = Home::new(&format!(
+        "server:\n  max_connections: {}\n  header_read_timeout: 2s\n  idle_timeout: 4s\n  \
+         body_read_timeout: 3s\n  max_buffered_bytes: 64MiB\n{}",
+        hostile + 64,
+        mock.providers_yaml()
+    ));
+    home.auth_file(
+        "openai.json",
+        r#"{"provider": "openai", "type": "api_key", "token": "sk-soak-1"}"#,
+    );
+    let server = home.spawn_binary();
+    let pid = server.child.id();
+    let base = server.base.clone();
+    let target = Target {
+        addr: raw::addr(&base),
+    };
+    // A normal client lets its idle connections go before the server's idle timeout would.
+    let client = reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    normal_round(&client, &base, 0).await;
+    let (baseline, _) = memory(pid);
+
+    let until = Instant::now() + ATTACK;
+    let (tasks, tally) = attack(loads, target, until);
+    let mut rounds = 0;
+    while Instant::now() < until {
+        rounds += 1;
+        normal_round(&client, &base, rounds).await;
+    }
+    let (peak, now) = memory(pid);
+    for t in &tasks {
+        t.abort();
+    }
+    let tally = tally.lock().unwrap().clone();
+    eprintln!(
+        "soak: {hostile} hostile connections at once, {rounds} normal rounds, memory baseline \
+         {} MB, peak {} MB, now {} MB; hostile ends: {tally:?}",
+        baseline / 1_000_000,
+        peak / 1_000_000,
+        now / 1_000_000
+    );
+    assert!(rounds >= 5, "only {rounds} normal rounds in {ATTACK:?}");
+    assert!(
+        peak < MEMORY_CEILING,
+        "peak memory {peak} bytes, ceiling {MEMORY_CEILING}"
+    );
+    let seen = |name: &str, seen: Seen| tally.get(&(name, seen)).copied().unwrap_or(0);
+    // The deadlines worked under load: every idle and slow-header connection was closed by
+    // the server at least once; slow bodies met both the deadline and the budget.
+    for load in ["idle", "slow headers"] {
+        assert!(
+            seen(load, Seen::Closed) >= counts[load],
+            "{load}: {tally:?}"
+        );
+    }
+    assert!(seen("slow bodies", Seen::Answered(408)) > 0, "{tally:?}");
+    assert!(seen("slow bodies", Seen::Answered(503)) > 0, "{tally:?}");
+    // And the server is still there once the attack stops.
+    eventually(ANSWER_WITHIN, || async {
+        client
+            .get(format!("{base}/v0/management/auths"))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status() == 200)
+    })
+    .await;
+}
