@@ -6,6 +6,7 @@
 
 use crate::app::AppState;
 use crate::http::error::ApiError;
+use crate::providers::json::{self, Members};
 use crate::providers::tap::StreamTap;
 use crate::providers::wire::{self, Peek, Usage, Verdict};
 use crate::providers::{Format, Provider};
@@ -18,7 +19,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use chrono::Utc;
 use futures_util::{Stream, StreamExt};
-use serde_json::Value;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -44,21 +44,31 @@ pub struct Call {
     pub pass_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
-/// `body` (a JSON object, as [`Peek::read`] found) changed by `change`, as new bytes. Only a
-/// body that must change is built in full, so only then are the parts `Peek` skipped checked
-/// as strictly as any JSON value (lone surrogate escapes, numbers out of range, nesting).
-pub fn rewrite(
-    body: &Bytes,
-    change: impl FnOnce(&mut serde_json::Map<String, Value>),
-) -> Result<Bytes, ApiError> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(mut map)) => {
-            change(&mut map);
-            Ok(Bytes::from(Value::Object(map).to_string()))
+/// `body` (a JSON object, as [`Peek::read`] found) changed by `change`, as new bytes. Only
+/// the top-level object is split into its members, each value kept as its raw text, so a
+/// change costs about the body's size whatever it holds (see [`json`]).
+pub fn rewrite(body: &Bytes, change: impl FnOnce(&mut Members)) -> Result<Bytes, ApiError> {
+    let mut members = Members::parse(body).map_err(unusable_body)?;
+    change(&mut members);
+    Ok(Bytes::from(members.to_json()))
+}
+
+/// Ask an OpenAI stream for its usage: `stream_options.include_usage` set, the other options
+/// kept (a `stream_options` that is not an object is replaced).
+fn ask_for_usage(body: &mut Members) {
+    let options = body
+        .get("stream_options")
+        .and_then(|o| Members::parse(o.get().as_bytes()).ok());
+    let options = match options {
+        Some(mut o) => {
+            o.set("include_usage", json::raw(&true));
+            o.to_json()
         }
-        Ok(_) => Err(unusable_body(None)),
-        Err(e) => Err(unusable_body(Some(e))),
-    }
+        None => r#"{"include_usage":true}"#.to_string(),
+    };
+    let options =
+        serde_json::value::RawValue::from_string(options).expect("the joined members are JSON");
+    body.set("stream_options", options);
 }
 
 /// The answer for a body that is not a JSON object: `None` when it is JSON of another kind.
@@ -200,17 +210,7 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
     // that did not.
     let hide_usage_chunk = format == Format::Openai && call.stream && !call.peek.includes_usage();
     let body = if hide_usage_chunk {
-        let asked = rewrite(&call.raw, |body| {
-            let opts = body
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(Default::default()));
-            match opts.as_object_mut() {
-                Some(opts) => {
-                    opts.insert("include_usage".into(), Value::Bool(true));
-                }
-                None => *opts = serde_json::json!({"include_usage": true}),
-            }
-        });
+        let asked = rewrite(&call.raw, ask_for_usage);
         match asked {
             Ok(body) => body,
             Err(e) => return e.into_response(),

@@ -3,6 +3,7 @@
 //! and a query parser that does the same. Bodies are read within the listener's limits.
 
 use super::error::ApiError;
+use crate::providers::json;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use bytes::Bytes;
@@ -11,8 +12,9 @@ use serde::de::DeserializeOwned;
 /// Largest body we read, everywhere.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// Read a body (at most [`MAX_BODY_BYTES`]) and parse it as JSON of any shape.
-async fn read_json<S: Send + Sync>(req: Request, state: &S) -> Result<serde_json::Value, ApiError> {
+/// Read a body (at most [`MAX_BODY_BYTES`]) that holds JSON, checked whole without building
+/// it (so a bad one is `invalid_json` wherever its fault is).
+async fn read_json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
     let bytes = read_bytes(req, state, MAX_BODY_BYTES).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request(
@@ -20,39 +22,64 @@ async fn read_json<S: Send + Sync>(req: Request, state: &S) -> Result<serde_json
             "The request body is empty; send JSON",
         ));
     }
-    serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::bad_request("invalid_json", format!("The body is not valid JSON: {e}"))
-    })
+    match json::not_an_object(&bytes) {
+        Some(e) => Err(ApiError::bad_request(
+            "invalid_json",
+            format!("The body is not valid JSON: {e}"),
+        )),
+        None => Ok(bytes),
+    }
 }
 
-/// A JSON object body, deserialized with errors that name their field.
+/// A JSON object body, deserialized straight into `T` (never through a `serde_json::Value`,
+/// which takes tens of times the body's size), with errors that name their field.
 pub struct Json<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let value = read_json(req, state).await?;
-        if !value.is_object() {
+        let bytes = read_json_bytes(req, state).await?;
+        if !json::is_object(&bytes) {
             return Err(ApiError::bad_request(
                 "invalid_body",
                 "The body must be a JSON object",
             ));
         }
-        crate::import::from_value(value)
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(&mut de)
             .map(Json)
-            .map_err(|e| ApiError::bad_request("invalid_body", format!("Invalid body: {e}")))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let message = if path == "." || path.is_empty() {
+                    format!("Invalid body: {inner}")
+                } else {
+                    format!("Invalid body: {path}: {inner}")
+                };
+                ApiError::bad_request("invalid_body", message)
+            })
     }
 }
 
-/// A JSON body of any shape (the bulk import takes an object or an array).
+/// A JSON body of any shape (the bulk import takes an object or an array), as a
+/// `serde_json::Value`. Such a value can take tens of times the body's size, so bodies are
+/// built into one at a time across the server: at most [`MAX_BODY_BYTES`] times that.
 pub struct JsonValue(pub serde_json::Value);
 
 impl<S: Send + Sync> FromRequest<S> for JsonValue {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        read_json(req, state).await.map(JsonValue)
+        static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+        let bytes = read_json_bytes(req, state).await?;
+        let _turn = ONE_AT_A_TIME
+            .acquire()
+            .await
+            .map_err(|e| ApiError::internal(&e))?;
+        serde_json::from_slice(&bytes).map(JsonValue).map_err(|e| {
+            ApiError::bad_request("invalid_json", format!("The body is not valid JSON: {e}"))
+        })
     }
 }
 

@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Duration;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::sync::Arc;
 
 /// Largest request body the proxy takes (prompts may carry images).
@@ -93,10 +93,8 @@ pub async fn chat_completions(
     let raw = if upstream_model == model {
         raw
     } else {
-        let model = Value::String(upstream_model.to_string());
-        match proxy::rewrite(&raw, |body| {
-            body.insert("model".into(), model);
-        }) {
+        let model = crate::providers::json::raw(&upstream_model);
+        match proxy::rewrite(&raw, |body| body.set("model", model)) {
             Ok(body) => body,
             Err(e) => return e.into_response(),
         }

@@ -2,6 +2,7 @@
 //! config's `providers` blocks (everything that asks "is this a provider?" asks here), and per
 //! upstream format what the request path needs to know ([`wire`], [`tap`]).
 
+pub mod json;
 pub mod tap;
 pub mod wire;
 

@@ -3,10 +3,12 @@
 //! status means for the credential that got it.
 
 use super::Format;
+use super::json::{Pick, Picked, Quantity};
 use crate::quota::{MAX_REQUEST_TOKENS, RequestTokens};
 use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderMap, HeaderName, StatusCode};
 use serde::Deserialize;
+use serde::de::{IgnoredAny, MapAccess};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -67,93 +69,154 @@ fn u(v: &Value) -> Option<u64> {
     v.as_u64()
 }
 
-/// The fields of a client's request body that the request path reads. Everything else is
-/// skipped as it is parsed, never built: the body is forwarded as the bytes it came as unless
-/// something in it must change.
-#[derive(Debug, Default, Deserialize)]
+/// The fields of a client's request body that the request path reads, each only if it has
+/// the kind the request path uses; everything else, and every other field, is skipped as it
+/// is parsed, never built (see [`super::json`]). The body is forwarded as the bytes it came as
+/// unless something in it must change. A key given twice reads its last value.
+#[derive(Debug, Default)]
 pub struct Peek {
-    model: Option<Value>,
-    stream: Option<Value>,
-    max_tokens: Option<Value>,
-    max_completion_tokens: Option<Value>,
-    stream_options: Option<Value>,
+    model: Option<String>,
+    stream: Option<bool>,
+    max_tokens: Option<Quantity>,
+    max_completion_tokens: Option<Quantity>,
+    /// `stream_options.include_usage`.
+    include_usage: Option<bool>,
+    /// `generationConfig.maxOutputTokens`.
+    max_output_tokens: Option<Quantity>,
+}
+
+/// `stream_options`: only `include_usage` is read.
+struct StreamOptions(Option<bool>);
+
+impl Pick for StreamOptions {
+    fn object<'de, A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        one_member(map, "include_usage").map(|v| Some(StreamOptions(v)))
+    }
+}
+
+/// `generationConfig`: only `maxOutputTokens` is read.
+struct GenerationConfig(Option<Quantity>);
+
+impl Pick for GenerationConfig {
+    fn object<'de, A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        one_member(map, "maxOutputTokens").map(|v| Some(GenerationConfig(v)))
+    }
+}
+
+/// Read one member of an object (its last occurrence) as `T`, skipping the others.
+fn one_member<'de, A: MapAccess<'de>, T: Pick>(
+    mut map: A,
+    wanted: &str,
+) -> Result<Option<T>, A::Error> {
+    let mut found = None;
+    while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+        if key == wanted {
+            found = map.next_value::<Picked<T>>()?.0;
+        } else {
+            map.next_value::<IgnoredAny>()?;
+        }
+    }
+    Ok(found)
+}
+
+/// The keys of [`Peek`], read without allocating.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum PeekKey {
+    Model,
+    Stream,
+    MaxTokens,
+    MaxCompletionTokens,
+    StreamOptions,
     #[serde(rename = "generationConfig")]
-    generation_config: Option<Value>,
+    GenerationConfig,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Peek {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Peek;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Peek, A::Error> {
+                let mut p = Peek::default();
+                while let Some(key) = map.next_key::<PeekKey>()? {
+                    match key {
+                        PeekKey::Model => p.model = map.next_value::<Picked<_>>()?.0,
+                        PeekKey::Stream => p.stream = map.next_value::<Picked<_>>()?.0,
+                        PeekKey::MaxTokens => p.max_tokens = map.next_value::<Picked<_>>()?.0,
+                        PeekKey::MaxCompletionTokens => {
+                            p.max_completion_tokens = map.next_value::<Picked<_>>()?.0
+                        }
+                        PeekKey::StreamOptions => {
+                            p.include_usage = map
+                                .next_value::<Picked<StreamOptions>>()?
+                                .0
+                                .and_then(|o| o.0)
+                        }
+                        PeekKey::GenerationConfig => {
+                            p.max_output_tokens = map
+                                .next_value::<Picked<GenerationConfig>>()?
+                                .0
+                                .and_then(|g| g.0)
+                        }
+                        PeekKey::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(p)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 impl Peek {
     /// Read a body that must be a JSON object. `Err(None)` when it is valid JSON but not an
     /// object; `Err(Some(e))` when it is not JSON.
     pub fn read(body: &[u8]) -> Result<Peek, Option<serde_json::Error>> {
-        let object = body.trim_ascii_start().first() == Some(&b'{');
-        if object && let Ok(peek) = serde_json::from_slice::<Peek>(body) {
-            return Ok(peek);
+        if !super::json::is_object(body) {
+            return Err(super::json::not_an_object(body));
         }
-        // Not an object, or one the fields above do not fit (a key given twice, say): the
-        // whole value decides, as any JSON reader would.
-        match serde_json::from_slice::<Value>(body) {
-            Ok(Value::Object(map)) => Ok(Peek::of(&map)),
-            Ok(_) => Err(None),
-            Err(e) => Err(Some(e)),
-        }
-    }
-
-    /// The same fields of an object already parsed.
-    pub fn of(map: &serde_json::Map<String, Value>) -> Peek {
-        let field = |k: &str| map.get(k).cloned();
-        Peek {
-            model: field("model"),
-            stream: field("stream"),
-            max_tokens: field("max_tokens"),
-            max_completion_tokens: field("max_completion_tokens"),
-            stream_options: field("stream_options"),
-            generation_config: field("generationConfig"),
-        }
+        serde_json::from_slice::<Peek>(body).map_err(Some)
     }
 
     pub fn model(&self) -> Option<&str> {
-        self.model.as_ref().and_then(Value::as_str)
+        self.model.as_deref()
     }
 
     /// `"stream": true`.
     pub fn stream(&self) -> bool {
-        self.stream
-            .as_ref()
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
+        self.stream.unwrap_or(false)
     }
 
     /// `"stream_options": {"include_usage": true}`.
     pub fn includes_usage(&self) -> bool {
-        self.stream_options
-            .as_ref()
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
+        self.include_usage.unwrap_or(false)
     }
 }
 
 /// An output cap from a client's body: a whole number of tokens up to
 /// [`MAX_REQUEST_TOKENS`] (`100.0` counts as 100). A number outside that is refused with the
 /// message for a 400; anything else is not a cap we can read (the provider will judge it).
-fn output_cap(name: &str, value: Option<&Value>) -> Result<Option<u64>, String> {
-    let Some(Value::Number(n)) = value else {
-        return Ok(None);
-    };
-    let whole = n.as_u64().or_else(|| {
-        n.as_f64()
-            .filter(|f| f.is_finite() && f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64)
-            .map(|f| f as u64)
-    });
-    match whole {
-        Some(tokens) if tokens <= MAX_REQUEST_TOKENS => Ok(Some(tokens)),
-        Some(_) => Err(format!(
+fn output_cap(name: &str, value: Option<Quantity>) -> Result<Option<u64>, String> {
+    match value {
+        None => Ok(None),
+        Some(Quantity::Whole(tokens)) if tokens <= MAX_REQUEST_TOKENS => Ok(Some(tokens)),
+        Some(n @ Quantity::Whole(_)) => Err(format!(
             "`{name}` is {n}: more than {MAX_REQUEST_TOKENS}, the most tokens one request may ask for"
         )),
-        None if n.as_f64().is_some_and(|f| f > MAX_REQUEST_TOKENS as f64) => Err(format!(
-            "`{name}` is {n}: more than {MAX_REQUEST_TOKENS}, the most tokens one request may ask for"
+        Some(Quantity::Other(f)) if f > MAX_REQUEST_TOKENS as f64 => Err(format!(
+            "`{name}` is {f}: more than {MAX_REQUEST_TOKENS}, the most tokens one request may ask for"
         )),
-        None => Err(format!("`{name}` is {n}: give a whole number of tokens")),
+        Some(n) => Err(format!("`{name}` is {n}: give a whole number of tokens")),
     }
 }
 
@@ -168,18 +231,12 @@ pub fn reservation(
 ) -> Result<u64, String> {
     let cap = match format {
         Format::Openai | Format::Kiro => {
-            let completion =
-                output_cap("max_completion_tokens", body.max_completion_tokens.as_ref())?;
-            let max = output_cap("max_tokens", body.max_tokens.as_ref())?;
+            let completion = output_cap("max_completion_tokens", body.max_completion_tokens)?;
+            let max = output_cap("max_tokens", body.max_tokens)?;
             completion.or(max)
         }
-        Format::Anthropic => output_cap("max_tokens", body.max_tokens.as_ref())?,
-        Format::Gemini => output_cap(
-            "generationConfig.maxOutputTokens",
-            body.generation_config
-                .as_ref()
-                .and_then(|g| g.get("maxOutputTokens")),
-        )?,
+        Format::Anthropic => output_cap("max_tokens", body.max_tokens)?,
+        Format::Gemini => output_cap("generationConfig.maxOutputTokens", body.max_output_tokens)?,
     };
     // The body is at most a few tens of MiB, so the sum stays far below any overflow.
     Ok(match cap {

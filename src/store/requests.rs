@@ -373,3 +373,77 @@ impl Store {
         .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{Encryption, Secret};
+    use crate::domain::{CredentialKind, NewCredential, OauthExtra};
+
+    /// A reservation whose caller is gone by the time its group commits (a lease call whose
+    /// client disconnected) is released by the ledger itself, not held until the next start.
+    #[tokio::test]
+    async fn a_reservation_nobody_waits_for_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(super::super::StoreOptions {
+            path: dir.path().join("db.sqlite"),
+            encryption: Encryption::off(),
+            schedules: Default::default(),
+            read_connections: 1,
+        })
+        .await
+        .unwrap();
+        let now = Utc::now();
+        let new = NewCredential {
+            provider: "claude".into(),
+            kind: CredentialKind::ApiKey,
+            token: Some(Secret::new("sk-ant-orphan")),
+            refresh_token: None,
+            client_secret: None,
+            extra: OauthExtra::default(),
+            priority: 100,
+            label: None,
+            limit: Some(100),
+            used: 0,
+            disabled: false,
+            expires_at: None,
+        };
+        let id = store.add(&new, "api", "test", now).await.unwrap().id;
+        for kind in [ReservationKind::Lease, ReservationKind::Request] {
+            for tokens in [1, 60, 100] {
+                let (reply, gone) = oneshot::channel();
+                drop(gone);
+                let req = ReserveRequestOwned {
+                    provider: "claude".into(),
+                    tokens,
+                    strategy: SelectionStrategy::RoundRobin,
+                    exclude: Vec::new(),
+                    kind,
+                    expires_at: Some(now + chrono::Duration::minutes(10)),
+                };
+                store.ledger.send(Op::Reserve { req, now, reply }).unwrap();
+                // The whole limit is free again: a reservation of all of it goes through.
+                let full = ReserveRequest {
+                    provider: "claude",
+                    tokens: 100,
+                    strategy: SelectionStrategy::RoundRobin,
+                    exclude: &[],
+                    kind: ReservationKind::Request,
+                    expires_at: None,
+                };
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                let r = loop {
+                    if let Ok(r) = store.reserve(&full, Utc::now()).await.unwrap() {
+                        break r;
+                    }
+                    assert!(std::time::Instant::now() < deadline, "{kind:?} {tokens}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                };
+                assert!(store.release(&r.id, None, Utc::now()).await.unwrap());
+            }
+        }
+        let row = store.get(&id, Utc::now()).await.unwrap();
+        assert_eq!((row.used, row.reserved), (0, 0));
+        store.close().await;
+    }
+}

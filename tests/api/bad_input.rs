@@ -433,3 +433,125 @@ async fn no_input_makes_a_5xx() {
     }
     app.stop().await;
 }
+
+/// The server's peak resident memory (VmHWM), in bytes.
+fn peak_memory(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+/// A body of `size` bytes: `head`, then `0,` repeated, then `tail`.
+fn zeros(head: &str, size: usize, tail: &str) -> Vec<u8> {
+    let mut body = head.as_bytes().to_vec();
+    while body.len() + tail.len() + 2 < size {
+        body.extend_from_slice(b"0,");
+    }
+    body.push(b'0');
+    body.extend_from_slice(tail.as_bytes());
+    body
+}
+
+/// A large body of tiny JSON elements is read without being built into a JSON tree (which
+/// takes tens of times its size): whatever the request path reads or changes in it, the
+/// server's memory grows by a small multiple of the body, not by gigabytes.
+#[tokio::test]
+async fn large_json_bodies_are_read_without_being_built() {
+    let mock = crate::mock::Mock::start().await;
+    let home = Home::new(&format!(
+        "api_keys: [\"big-body-key\"]\n{}",
+        mock.providers_yaml()
+    ));
+    for (file, token) in [
+        ("openai.json", "sk-big-1"),
+        ("claude.json", "sk-ant-big-1"),
+        ("gemini.json", "AIza-big-1"),
+    ] {
+        home.auth_file(file, format!(r#"{{"token": "{token}"}}"#));
+    }
+    let server = home.spawn_binary();
+    let pid = server.child.id();
+    let client = reqwest::Client::new();
+    let post = |path: &str, body: Vec<u8>| {
+        client
+            .post(format!("{}{path}", server.base))
+            .header("authorization", "Bearer big-body-key")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let small = br#"{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}"#;
+    assert_eq!(
+        post("/v1/chat/completions", small.to_vec())
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let baseline = peak_memory(pid);
+    // 8 MiB of `0,`: four million elements, which a JSON tree holds in over 300 MB.
+    let size = 8 << 20;
+    let cases = [
+        // Peeked, then rebuilt to ask for usage.
+        (
+            "/v1/chat/completions",
+            zeros(
+                r#"{"model":"gpt-4o","stream":true,"messages":["#,
+                size,
+                "]}",
+            ),
+        ),
+        // Peeked, then rebuilt to strip the provider prefix.
+        (
+            "/v1/chat/completions",
+            zeros(r#"{"model":"openai/gpt-4o","messages":["#, size, "]}"),
+        ),
+        // Every field the request path reads, huge where it is not the kind it reads.
+        ("/v1/messages", zeros(r#"{"model":["#, size, "]}")),
+        (
+            "/v1/messages",
+            zeros(r#"{"model":"claude-x","max_tokens":["#, size, "]}"),
+        ),
+        (
+            "/v1/chat/completions",
+            zeros(
+                r#"{"model":"gpt-4o","stream":true,"stream_options":{"x":["#,
+                size,
+                "]}}",
+            ),
+        ),
+        (
+            "/v1beta/models/gemini-x:generateContent",
+            zeros(r#"{"generationConfig":{"stopSequences":["#, size, "]}}"),
+        ),
+        // The lease body (1 MiB at most) goes straight into its struct.
+        (
+            "/v1/credentials/lease",
+            zeros(r#"{"provider":"claude","x":["#, 1 << 20, "]}"),
+        ),
+    ];
+    for (path, body) in cases {
+        let len = body.len();
+        let r = post(path, body).await.unwrap();
+        // The mock refuses bodies this large (the answer may be its 413, or a 502 when it
+        // closes before reading all); what matters is what the server held.
+        assert_ne!(r.status(), 500, "{path} ({len} bytes)");
+        let grown = peak_memory(pid).saturating_sub(baseline);
+        assert!(
+            grown < 150_000_000,
+            "{path} ({len} bytes): the server grew by {} MB",
+            grown / 1_000_000
+        );
+    }
+    let models = client
+        .get(format!("{}/v1/models", server.base))
+        .header("authorization", "Bearer big-body-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 200);
+}

@@ -907,9 +907,12 @@ async fn bad_bodies_are_refused_before_any_provider() {
             b"{\"model\": \"gpt-4o\", \"messages\": [{\"content\": \"\xff\xfe\"}]}".to_vec(),
             "invalid_json",
         ),
-        // Skipped by the cheap read, caught when the body is rebuilt to ask for usage.
         (
-            br#"{"model": "gpt-4o", "stream": true, "messages": [{"content": "\ud800"}]}"#.to_vec(),
+            br#"{"model": "gpt-4o", "stream": true, "messages": [{"content": "x"}]"#.to_vec(),
+            "invalid_json",
+        ),
+        (
+            br#"{"model": "gpt-4o", "stream": true} {}"#.to_vec(),
             "invalid_json",
         ),
     ];

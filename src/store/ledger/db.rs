@@ -72,8 +72,9 @@ const INSERT: &str = "INSERT INTO reservations
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 // Counters saturate at the counter bound (10^15, `quota::MAX_COUNTER_TOKENS`): an SQLite
 // integer sum past 2^63 would silently become a float, and MIN keeps even that an integer.
+/// The statements that saturate at the counter bound, for the test that ties them to it.
 #[cfg(test)]
-pub(super) const CHARGE_SQL: &str = CHARGE;
+pub(super) const BOUNDED_SQL: [&str; 2] = [CHARGE, HISTORY];
 const CHARGE: &str = "UPDATE quotas SET used = MIN(used + ?2, 1000000000000000), last_used_at = ?3
     WHERE credential_id = ?1";
 const HISTORY: &str = "INSERT INTO usage_hourly

@@ -159,6 +159,7 @@ impl Hot {
         let mut in_flight = false;
         // Some credential is out of room until a reset that its schedule never brings.
         let mut for_good = false;
+        let mut lease_ends: Option<HashMap<&str, i64>> = None;
         let mut consider = |at: i64| earliest = Some(earliest.map_or(at, |e| e.min(at)));
         for id in &list.by_seq {
             let c = &self.creds[id];
@@ -199,7 +200,9 @@ impl Hot {
                 in_flight = true;
                 consider(now.saturating_add(1));
             } else {
-                let end = self.first_lease_end(id).unwrap_or(now);
+                // Built once per answer, and only when leases hold some credential's room.
+                let ends = lease_ends.get_or_insert_with(|| self.first_lease_ends());
+                let end = ends.get(id.as_str()).copied().unwrap_or(now);
                 consider(end.max(now.saturating_add(1)));
             }
         }
@@ -213,13 +216,18 @@ impl Hot {
         }
     }
 
-    /// When the first of a credential's leases expires (unix seconds).
-    fn first_lease_end(&self, credential: &str) -> Option<i64> {
-        self.reservations
-            .values()
-            .filter(|r| r.credential_id == credential)
-            .filter_map(|r| r.expires_at)
-            .min()
+    /// When the first lease of each credential that has one expires (unix seconds): one pass
+    /// over the reservations.
+    fn first_lease_ends(&self) -> HashMap<&str, i64> {
+        let mut ends: HashMap<&str, i64> = HashMap::new();
+        for r in self.reservations.values() {
+            if let Some(at) = r.expires_at {
+                ends.entry(r.credential_id.as_str())
+                    .and_modify(|e| *e = (*e).min(at))
+                    .or_insert(at);
+            }
+        }
+        ends
     }
 }
 

@@ -100,7 +100,27 @@ impl Ledger {
             }
             let mut ops = vec![first];
             let close = gather(&rx, &mut ops);
-            self.run_group(&mut db, ops);
+            let orphans = self.run_group(&mut db, ops);
+            if !orphans.is_empty() {
+                // Their requests went away while the group committed (a client that
+                // disconnected from a lease call): nobody will settle them, so they are
+                // released now rather than held until the next start or a lease's expiry.
+                tracing::warn!(
+                    reservations = orphans.len(),
+                    "reservations whose requests went away; releasing them"
+                );
+                let now = Utc::now();
+                let releases = orphans
+                    .into_iter()
+                    .map(|id| Op::Release {
+                        id,
+                        mark: None,
+                        now,
+                        reply: oneshot::channel().0,
+                    })
+                    .collect();
+                self.run_group(&mut db, releases);
+            }
             if let Some(reply) = close {
                 drop(db);
                 let _ = reply.send(());
@@ -109,7 +129,10 @@ impl Ledger {
         }
     }
 
-    fn run_group(&self, db: &mut LedgerDb, ops: Vec<Op>) {
+    /// Decide and commit one group, then answer each caller. Returns the reservations made
+    /// whose caller was gone by then.
+    fn run_group(&self, db: &mut LedgerDb, ops: Vec<Op>) -> Vec<String> {
+        let mut orphans = Vec::new();
         let _gate = self.gate.blocking_read();
         let mut effects = Effects::default();
         let mut pending = Vec::with_capacity(ops.len());
@@ -169,7 +192,9 @@ impl Ledger {
                 for p in pending {
                     match p {
                         Pending::Reserve(reply, r) => {
-                            let _ = reply.send(Ok(r));
+                            if let Err(Ok(Ok(r))) = reply.send(Ok(r)) {
+                                orphans.push(r.id);
+                            }
                         }
                         Pending::Done(reply, done, id) => {
                             let _ = reply.send(Ok(done && !gone.contains(&id)));
@@ -194,6 +219,7 @@ impl Ledger {
                 }
             }
         }
+        orphans
     }
 
     /// Reload the mirror from the database (after a group that failed or found reservations
@@ -673,7 +699,15 @@ mod tests {
     #[test]
     fn the_sql_bound_is_the_counter_bound() {
         let bound = crate::quota::MAX_COUNTER_TOKENS.to_string();
-        assert!(super::db::CHARGE_SQL.contains(&bound));
+        for sql in super::db::BOUNDED_SQL {
+            let mins = sql.matches("MIN(").count();
+            assert!(mins > 0, "{sql}");
+            assert_eq!(sql.matches(&bound).count(), mins, "{sql}");
+        }
+        // The start-up settlement of reservations left by a dead process (sqlx, checked at
+        // compile time, so written out there).
+        let settle_dead = include_str!("../requests.rs");
+        assert!(settle_dead.contains(&format!("MIN(used + ?1, {bound})")));
         assert_eq!(MAX_COUNTER.to_string(), bound);
     }
 }
