@@ -478,6 +478,39 @@ async fn wrong_client_keys_are_banned_per_address() {
     assert!(!log.contains("sk-client"), "{log}");
 }
 
+#[test]
+fn broad_trusted_proxies_are_warned_about_at_start() {
+    let home = Home::new(
+        "server:\n  trusted_proxies: [\"0.0.0.0/0\", \"10.0.0.0/8\", \"::/0\", \"2001:db8::/32\", \"fc00::/7\", \"2.0.0.0/7\", \"::ffff:10.0.0.0/104\", \"192.0.2.1\"]\n",
+    );
+    let out = home.run_binary(&["import"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let warned: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split("server.trusted_proxies: ").nth(1))
+        .map(|rest| rest.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(
+        warned,
+        [
+            "0.0.0.0/0",
+            "::/0",
+            "fc00::/7",
+            "2.0.0.0/7",
+            "::ffff:10.0.0.0/104"
+        ],
+        "{stdout}"
+    );
+    // Narrow blocks, and none at all, are not.
+    for proxies in ["[\"10.0.0.0/8\", \"2001:db8::/32\", \"::1\"]", "[]"] {
+        let home = Home::new(&format!("server:\n  trusted_proxies: {proxies}\n"));
+        let out = home.run_binary(&["import"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!stdout.contains("trusted_proxies"), "{stdout}");
+    }
+}
+
 #[tokio::test]
 async fn the_console_lifts_bans_while_loopback_is_banned() {
     let home = Home::new(&format!(
