@@ -565,7 +565,8 @@ async fn the_console_lifts_bans_while_loopback_is_banned() {
         "?address=",
         "?address=nonsense",
         "?address=10.0.0.0/8",
-        "?address=2001:db8::/48",
+        "?address=2001:db8::/47",
+        "?address=192.0.2.0/25",
         "?ip=1.2.3.4",
     ] {
         let r = lift(q).await;
@@ -575,7 +576,12 @@ async fn the_console_lifts_bans_while_loopback_is_banned() {
             "{q}"
         );
     }
-    for q in ["?address=192.0.2.1", "?address=2001:db8::1"] {
+    for q in [
+        "?address=192.0.2.1",
+        "?address=2001:db8::1",
+        "?address=192.0.2.0/24",
+        "?address=2001:db8::/48",
+    ] {
         let r = lift(q).await;
         assert_eq!(
             (r.status, r.error_code().as_str()),
