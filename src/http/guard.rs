@@ -14,7 +14,8 @@
 //!
 //! Client keys ([`ClientAuth`]): one of `api_keys`, compared in constant time, or (with none
 //! configured) a loopback client. Wrong keys are counted per address too
-//! ([`ban_table::CLIENT_RULE`]), and a banned address is refused before any key is compared.
+//! ([`ban_table::CLIENT_RULE`]), and a banned address is refused before any key is compared;
+//! a direct loopback peer is not counted.
 //!
 //! The address is the one [`Caller`] resolves (the TCP peer, or behind a trusted proxy the
 //! client it names). The operator at the console (a loopback TCP peer, not a forwarded client)

@@ -478,6 +478,83 @@ async fn wrong_client_keys_are_banned_per_address() {
     assert!(!log.contains("sk-client"), "{log}");
 }
 
+#[tokio::test]
+async fn a_local_application_with_a_stale_client_key_locks_no_one_out() {
+    let home = Home::new(
+        "api_keys: [\"sk-client-one-0123456789\"]\nserver:\n  trusted_proxies: [\"127.0.0.1\"]\n",
+    );
+    let app = home.start().await;
+    let right = "sk-client-one-0123456789";
+    // One local application retrying with a stale key, far past the ban's ten, every way.
+    let stale = from(&app, "127.0.0.2");
+    for (i, how) in ["bearer", "x-api-key", "goog", "query"]
+        .iter()
+        .cycle()
+        .take(60)
+        .enumerate()
+    {
+        let (status, code, _) = client_call_direct(&stale, how, &format!("stale-{i}")).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (401, "invalid_api_key"),
+            "{i} {how}"
+        );
+    }
+    // Every local application, the stale one included, still gets in with the right key.
+    for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.255.255.254"] {
+        let r = client_call_direct(&from(&app, ip), "bearer", right).await;
+        assert_eq!(r.0, 200, "{ip}: {}", r.1);
+    }
+    let r = from(&app, "127.0.0.1").get(BANS).await;
+    assert_eq!(bans_of(&r.json()), vec![]);
+    // A loopback client forwarded by the local proxy is counted, as loopback; the direct
+    // peers are not held to that ban.
+    let proxy = from(&app, "127.0.0.1");
+    for _ in 0..10 {
+        assert_eq!(client_call(&proxy, "::1", "bearer", "nope").await.0, 401);
+    }
+    assert_eq!(
+        client_call(&proxy, "::1", "bearer", right).await.1,
+        "too_many_attempts"
+    );
+    let r = proxy.get(BANS).await;
+    assert_eq!(
+        bans_of(&r.json()),
+        vec![("loopback".into(), "client".into())]
+    );
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        assert_eq!(
+            client_call_direct(&from(&app, ip), "bearer", right).await.0,
+            200
+        );
+    }
+    app.stop().await;
+}
+
+/// GET /v1/models from `api` itself (no `X-Forwarded-For`), with the client key `k`.
+async fn client_call_direct(api: &From, how: &str, k: &str) -> (u16, String, Option<String>) {
+    let (path, header) = match how {
+        "bearer" => (
+            "/v1/models".to_string(),
+            Some(("authorization", format!("Bearer {k}"))),
+        ),
+        "x-api-key" => ("/v1/models".to_string(), Some(("x-api-key", k.to_string()))),
+        "goog" => (
+            "/v1/models".to_string(),
+            Some(("x-goog-api-key", k.to_string())),
+        ),
+        _ => (format!("/v1/models?key={k}"), None),
+    };
+    let h: Vec<(&str, &str)> = header.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let r = api.call_with("GET", &path, None, &h).await;
+    let code = if r.status == 200 {
+        String::new()
+    } else {
+        r.error_code()
+    };
+    (r.status, code, r.retry_after)
+}
+
 #[test]
 fn broad_trusted_proxies_are_warned_about_at_start() {
     let home = Home::new(

@@ -8,6 +8,10 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use subtle::ConstantTimeEq;
 
+/// Client keys shorter than this get a warning at start: they are guessed online, and a
+/// loopback peer is never banned for wrong ones.
+pub const SHORT_KEY_CHARS: usize = 16;
+
 /// The client-key guard's state: digests of `api_keys` under a per-process key (so every
 /// compare is of 32 bytes, whatever the lengths) and its table of bans.
 pub struct ClientAuth {
@@ -26,6 +30,13 @@ impl std::fmt::Debug for ClientAuth {
 
 impl ClientAuth {
     pub fn new(api_keys: &[Secret]) -> ClientAuth {
+        for (i, key) in api_keys.iter().enumerate() {
+            if key.expose().chars().count() < SHORT_KEY_CHARS {
+                tracing::warn!(
+                    "api_keys: entry {i} is shorter than {SHORT_KEY_CHARS} characters; client keys can be guessed online, so use long random ones (such as the output of `cliproxyapi gen-key`)"
+                );
+            }
+        }
         let digester = Fingerprinter::new(Fingerprinter::random_key());
         ClientAuth {
             digests: api_keys
@@ -54,6 +65,12 @@ impl ClientAuth {
     }
 
     /// Decide on one `/v1/*` call from `caller` presenting `presented` at `now`.
+    ///
+    /// A direct loopback peer is never banned nor counted: all of loopback is one address, so
+    /// one local application retrying with a stale key would otherwise lock every other one
+    /// out. A local process that wants to guess can do so (without a ban it is only slowed by
+    /// how fast the server answers); client keys are long random secrets, and a process on
+    /// this machine is already past most of what the bans defend.
     pub fn check(
         &self,
         caller: &Caller,
@@ -72,7 +89,10 @@ impl ClientAuth {
             ));
         }
         let key = BanKey::of(caller.client_or_refuse()?);
-        self.bans.check(key, now)?;
+        let counted = !caller.is_direct_loopback();
+        if counted {
+            self.bans.check(key, now)?;
+        }
         let Some(presented) = presented else {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -89,9 +109,11 @@ impl ClientAuth {
         if bool::from(matched) {
             return Ok(());
         }
-        // False when even the block was full: the key was compared uncounted, as the
-        // table's doc explains, rather than every new address refused.
-        let _ = self.bans.record_failure(key, now);
+        if counted {
+            // False when even the block was full: the key was compared uncounted, as the
+            // table's doc explains, rather than every new address refused.
+            let _ = self.bans.record_failure(key, now);
+        }
         Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_api_key",
@@ -156,6 +178,52 @@ mod tests {
         assert!(auth.check(&remote("192.0.2.2"), Some(b"k2"), now).is_ok());
         let later = now + chrono::Duration::minutes(15);
         assert!(auth.check(&a, Some(RIGHT), later).is_ok());
+    }
+
+    #[test]
+    fn a_direct_loopback_peer_is_never_banned() {
+        let auth = ClientAuth::new(&[Secret::new("sk-client-1-0123456789")]);
+        let now = Utc::now();
+        let local = ["127.0.0.1", "::1", "::ffff:127.0.0.1", "127.255.255.254"];
+        // A stale local application, retrying a thousand times.
+        for i in 0..1000 {
+            let caller = remote(local[i % local.len()]);
+            assert_eq!(
+                code(auth.check(&caller, Some(b"stale"), now)),
+                "invalid_api_key"
+            );
+        }
+        for ip in local {
+            assert!(auth.check(&remote(ip), Some(RIGHT), now).is_ok(), "{ip}");
+        }
+        assert!(auth.bans().list(now).is_empty());
+        assert!(auth.bans().take_events().is_empty());
+        // A loopback client forwarded by a proxy is counted (as loopback), a remote one by
+        // its address; neither ban reaches the direct peers.
+        let via_proxy = forwarded("127.0.0.1", "::1", "127.0.0.1");
+        let far = remote("198.51.100.1");
+        for caller in [via_proxy, far] {
+            for _ in 0..10 {
+                assert_eq!(
+                    code(auth.check(&caller, Some(b"x"), now)),
+                    "invalid_api_key"
+                );
+            }
+            assert_eq!(
+                code(auth.check(&caller, Some(RIGHT), now)),
+                "too_many_attempts"
+            );
+        }
+        let banned: Vec<String> = auth
+            .bans()
+            .list(now)
+            .iter()
+            .map(|b| b.key.to_string())
+            .collect();
+        assert_eq!(banned, ["loopback", "198.51.100.1"]);
+        for ip in local {
+            assert!(auth.check(&remote(ip), Some(RIGHT), now).is_ok(), "{ip}");
+        }
     }
 
     #[test]
