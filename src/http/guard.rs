@@ -8,7 +8,7 @@
 //! counted against its address before it runs (a burst from one address runs at most five,
 //! the rest wait and then meet the ban), and a semaphore caps the checks in flight so that
 //! together they hold at most [`ARGON2_MEMORY_BUDGET_KIB`] (or one check, if a single one
-//! needs more). A check that cannot start within
+//! needs more), plus one check kept for the console. A check that cannot start within
 //! [`CHECK_WAIT`] is refused with 503 `server_busy`. The right key, once verified, is
 //! recognised by a keyed digest without argon2.
 //!

@@ -1,5 +1,5 @@
 //! The management key check: argon2id off the async runtime, counted against the caller's
-//! address before it runs, bounded in number.
+//! address before it runs, bounded in number, with one check kept for the console.
 
 use super::ban_table::{self, Admission, BanKey, Bans};
 use crate::config::ManagementConfig;
@@ -17,7 +17,8 @@ use tokio::sync::Semaphore;
 /// The memory argon2 checks in flight may hold together (each holds the hash's `m`): one
 /// check of `hash-secret`'s 64 MiB. Checks are CPU-bound, so more of them at once would not
 /// answer faster on a small machine, and this keeps a server under a flood of wrong keys well
-/// within the soak test's 200 MB.
+/// within the soak test's 200 MB. The console's own check comes on top (see
+/// [`ManagementAuth`]).
 pub const ARGON2_MEMORY_BUDGET_KIB: u32 = 64 * 1024;
 /// Checks in flight at most, whatever their memory: they are CPU-bound.
 pub const MAX_CHECKS: usize = 4;
@@ -76,12 +77,20 @@ impl Drop for Ticket {
 }
 
 /// The management guard's state.
+///
+/// Checks run under one of two semaphores: `checks`, which callers from anywhere but the
+/// console share and which holds [`check_permits`] checks, and `console`, one check kept for
+/// direct loopback peers. Without it, guesses from many addresses (each allowed five) could
+/// keep every permit taken and the queue long enough that the operator's own call never gets
+/// a turn within [`CHECK_WAIT`]. So argon2 holds at most the budget for everyone else, plus
+/// one check's `m` for the console.
 pub struct ManagementAuth {
     /// The argon2id PHC string of the key; `None` when no key is configured.
     phc: Option<Arc<str>>,
     allow_remote: bool,
     bans: Arc<Bans>,
     checks: Arc<Semaphore>,
+    console: Arc<Semaphore>,
     permits: usize,
     wait: Duration,
     /// A keyed digest of the last key that verified, so a correct key costs one argon2 run
@@ -128,6 +137,7 @@ impl ManagementAuth {
             allow_remote: config.allow_remote,
             bans: Arc::new(Bans::new(ban_table::MANAGEMENT_RULE)),
             checks: Arc::new(Semaphore::new(permits)),
+            console: Arc::new(Semaphore::new(1)),
             permits,
             wait: CHECK_WAIT,
             accepted: Mutex::new(None),
@@ -136,7 +146,8 @@ impl ManagementAuth {
         })
     }
 
-    /// The same, with another limit on checks in flight and on the wait for one.
+    /// The same, with another limit on checks in flight (the console's aside) and on the
+    /// wait for one.
     pub fn with_limits(mut self, permits: usize, wait: Duration) -> Self {
         self.permits = permits.max(1);
         self.checks = Arc::new(Semaphore::new(self.permits));
@@ -148,7 +159,7 @@ impl ManagementAuth {
         &self.bans
     }
 
-    /// Argon2 checks in flight at most.
+    /// Argon2 checks in flight at most, the console's aside.
     pub fn permits(&self) -> usize {
         self.permits
     }
@@ -191,7 +202,8 @@ impl ManagementAuth {
             ));
         }
         let key = BanKey::of(client);
-        let recovering = recovery && caller.is_direct_loopback();
+        let console = caller.is_direct_loopback();
+        let recovering = recovery && console;
         if !recovering && let Some(until) = self.bans.banned_until(key, now) {
             return Err(self.bans.refusal(until, now));
         }
@@ -208,11 +220,17 @@ impl ManagementAuth {
             self.bans.forgive(key);
             return Ok(());
         };
-        let permit =
-            match tokio::time::timeout_at(deadline, self.checks.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                _ => return Err(busy()),
-            };
+        let checks = if console { &self.console } else { &self.checks };
+        let permit = match tokio::time::timeout_at(deadline, checks.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            _ => return Err(busy()),
+        };
+        // A check this one queued behind may have verified the same key.
+        if self.is_accepted(&digest) {
+            drop(ticket);
+            self.bans.forgive(key);
+            return Ok(());
+        }
         let (phc, presented, stats) = (phc.clone(), presented.to_string(), self.stats.clone());
         // The permit and the ticket go with the check: if this request is abandoned, the check
         // still runs to its end, holding its memory and its place, and still counts.
@@ -421,6 +439,72 @@ mod tests {
         let (_, peak) = auth.check_counts();
         assert!(peak >= 1 && peak <= auth.permits(), "{peak}");
         assert_eq!(auth.bans().take_events().len(), banned_addresses);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_console_keeps_a_check_of_its_own() {
+        // From one permit (hash-secret's cost) to the most there can be.
+        for permits in [1, MAX_CHECKS] {
+            let auth = Arc::new(keyed(true).await.with_limits(permits, PATIENT));
+            let now = Utc::now();
+            // Every shared permit held, and guessers from many addresses queued behind them.
+            let held = auth.checks.clone().acquire_many_owned(permits as u32).await;
+            let held = held.unwrap();
+            let guessers: Vec<_> = (0..20)
+                .map(|i| {
+                    let auth = auth.clone();
+                    let caller = remote(&format!("2001:db8:{i:x}::1"));
+                    tokio::spawn(
+                        async move { auth.check(&caller, Some("guess"), false, now).await },
+                    )
+                })
+                .collect();
+            // The console's checks still run, from every loopback address, right key or wrong.
+            // (Bounded, so that without a check of its own this fails rather than waits out
+            // PATIENT; the bound is no measure of speed.)
+            let console = |ip: &'static str, key: &'static str| {
+                let auth = auth.clone();
+                async move {
+                    let caller = remote(ip);
+                    let check = auth.check(&caller, Some(key), false, now);
+                    tokio::time::timeout(Duration::from_secs(60), check)
+                        .await
+                        .expect("the console's check did not run")
+                }
+            };
+            for ip in ["127.0.0.1", "::1", "::ffff:127.0.0.1", "127.9.9.9"] {
+                let e = console(ip, "wrong").await.unwrap_err();
+                assert_eq!(e.code, "invalid_management_key", "{ip}");
+            }
+            assert!(console("127.0.0.1", "right").await.is_ok());
+            assert_eq!(auth.check_counts().0, 5, "{permits}");
+            assert!(guessers.iter().all(|g| !g.is_finished()));
+            // The guessers' turn comes when the shared permits free.
+            drop(held);
+            for g in guessers {
+                let e = g.await.unwrap().unwrap_err();
+                assert_eq!(e.code, "invalid_management_key");
+            }
+            assert_eq!(auth.check_counts().0, 25);
+        }
+        // Neither a loopback client forwarded by a local proxy nor a remote one forwarding
+        // loopback is the console: they wait for the shared permits.
+        let auth = keyed(true).await.with_limits(1, Duration::from_millis(50));
+        let now = Utc::now();
+        let held = auth.checks.clone().acquire_many_owned(1).await.unwrap();
+        for caller in [
+            forwarded("127.0.0.1", "127.0.0.1", "127.0.0.1"),
+            forwarded("192.0.2.2", "127.0.0.1", "192.0.2.0/24"),
+            remote("192.0.2.2"),
+        ] {
+            let e = auth
+                .check(&caller, Some("right"), false, now)
+                .await
+                .unwrap_err();
+            assert_eq!(e.code, "server_busy", "{caller:?}");
+        }
+        assert_eq!(auth.check_counts().0, 0);
+        drop(held);
     }
 
     #[tokio::test]
