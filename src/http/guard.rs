@@ -20,7 +20,9 @@
 //! The address is the one [`Caller`] resolves (the TCP peer, or behind a trusted proxy the
 //! client it names). The operator at the console (a loopback TCP peer, not a forwarded client)
 //! may list and lift bans even while loopback is banned, still with the key, one check at a
-//! time.
+//! time. The keys a request presents are read where they lie in the request, or (a `?key=`
+//! that needs decoding, the copy an argon2 check takes off the runtime) copied into buffers
+//! wiped when dropped.
 
 pub mod ban_table;
 mod client;
@@ -40,6 +42,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ban_table::Bans;
 use std::sync::Arc;
+use zeroize::Zeroizing;
 
 /// The token of an `Authorization: Bearer TOKEN` header. The scheme is case-insensitive and
 /// may be followed by any number of spaces or tabs.
@@ -65,22 +68,84 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     bearer_token(headers)
 }
 
-/// The client key a request presents, in any of the places the SDKs put it.
-pub fn client_key(req: &Request) -> Option<String> {
-    let h = req.headers();
-    let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
-    if let Some(bearer) = bearer_token(h) {
-        return Some(bearer.to_string());
-    }
-    for name in ["x-api-key", "x-goog-api-key"] {
-        if let Some(v) = header(name) {
-            return Some(v.to_string());
+/// A client key as a request presents it: borrowed from its header, or percent-decoded from
+/// the query into a buffer wiped when dropped.
+pub enum PresentedKey<'a> {
+    Header(&'a str),
+    Query(Zeroizing<Vec<u8>>),
+}
+
+impl PresentedKey<'_> {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            PresentedKey::Header(s) => s.as_bytes(),
+            PresentedKey::Query(v) => v,
         }
     }
-    let query = req.uri().query()?;
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "key")
-        .map(|(_, v)| v.into_owned())
+}
+
+impl std::fmt::Debug for PresentedKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PresentedKey(..)")
+    }
+}
+
+/// The client key a request presents, in any of the places the SDKs put it.
+pub fn client_key(req: &Request) -> Option<PresentedKey<'_>> {
+    let h = req.headers();
+    if let Some(bearer) = bearer_token(h) {
+        return Some(PresentedKey::Header(bearer));
+    }
+    for name in ["x-api-key", "x-goog-api-key"] {
+        if let Some(v) = h.get(name).and_then(|v| v.to_str().ok()) {
+            return Some(PresentedKey::Header(v.trim()));
+        }
+    }
+    query_key(req.uri().query()?).map(PresentedKey::Query)
+}
+
+/// The first `key` parameter of a query (`application/x-www-form-urlencoded`: `+` is a
+/// space, `%XX` a byte, a `%` without two hex digits itself), decoded straight into a wiped
+/// buffer. Decoding never lengthens, so the buffer is never reallocated (which would leave
+/// a copy behind).
+fn query_key(query: &str) -> Option<Zeroizing<Vec<u8>>> {
+    query.split('&').find_map(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let mut decoded_name = Vec::with_capacity(name.len());
+        form_decode(name.as_bytes(), &mut decoded_name);
+        if decoded_name != b"key" {
+            return None;
+        }
+        let mut out = Zeroizing::new(Vec::with_capacity(value.len()));
+        form_decode(value.as_bytes(), &mut out);
+        Some(out)
+    })
+}
+
+fn form_decode(input: &[u8], out: &mut Vec<u8>) {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut i = 0;
+    while i < input.len() {
+        let b = input[i];
+        let escaped = match (b, input.get(i + 1), input.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| (h * 16 + l) as u8),
+            _ => None,
+        };
+        match (b, escaped) {
+            (_, Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', None) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, None) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
 }
 
 /// Write the bans set since the last call to the auth log.
@@ -135,12 +200,11 @@ pub async fn client_guard(
     next: Next,
 ) -> Response {
     let caller = Caller::of_request(&req, &state.config.config.server.trusted_proxies);
-    let presented = client_key(&req);
-    let decision = state.clients.check(
-        &caller,
-        presented.as_deref().map(str::as_bytes),
-        state.now(),
-    );
+    let decision = {
+        let presented = client_key(&req);
+        let presented = presented.as_ref().map(PresentedKey::as_bytes);
+        state.clients.check(&caller, presented, state.now())
+    };
     log_bans(&state, state.clients.bans());
     match decision {
         Ok(()) => next.run(req).await,
@@ -188,5 +252,58 @@ mod tests {
             assert_eq!(token(v), None, "{v:?}");
         }
         assert_eq!(token(b"BEARER a b").as_deref(), Some("a b"));
+    }
+
+    #[test]
+    fn client_keys_are_read_from_every_place_without_a_plain_copy() {
+        let key = |headers: &[(&str, &str)], uri: &str| {
+            let mut req = Request::builder().uri(uri);
+            for (n, v) in headers {
+                req = req.header(*n, *v);
+            }
+            let req = req.body(axum::body::Body::empty()).unwrap();
+            let k = client_key(&req);
+            let borrowed = matches!(k, Some(PresentedKey::Header(_)));
+            (k.map(|k| k.as_bytes().to_vec()), borrowed)
+        };
+        let some = |b: &[u8]| Some(b.to_vec());
+        // Headers are borrowed, in their order of precedence.
+        assert_eq!(
+            key(&[("authorization", "Bearer a")], "/"),
+            (some(b"a"), true)
+        );
+        assert_eq!(
+            key(&[("x-api-key", " b "), ("x-goog-api-key", "c")], "/?key=d"),
+            (some(b"b"), true)
+        );
+        assert_eq!(
+            key(&[("x-goog-api-key", "c")], "/?key=d"),
+            (some(b"c"), true)
+        );
+        assert_eq!(key(&[("x-api-key", "")], "/"), (some(b""), true));
+        // The query is decoded as a form, into the wiped buffer.
+        for (q, want) in [
+            ("key=d", &b"d"[..]),
+            ("key=", b""),
+            ("key", b""),
+            ("a=1&key=x%2By+z&key=second", b"x+y z"),
+            ("k%65y=named", b"named"),
+            ("key=%zz%4", b"%zz%4"),
+            ("key=%", b"%"),
+            ("key=%ff%00", b"\xff\x00"),
+            ("&&key=after-empty", b"after-empty"),
+            ("key=a%3Db%26c", b"a=b&c"),
+        ] {
+            assert_eq!(key(&[], &format!("/?{q}")), (some(want), false), "{q}");
+        }
+        for uri in ["/", "/?", "/?keys=x", "/?a=key", "/?KEY=x", "/?k=key"] {
+            assert_eq!(key(&[], uri), (None, false), "{uri}");
+        }
+        // A key is never shown by Debug.
+        let req = Request::builder()
+            .uri("/?key=sk-secret")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert_eq!(format!("{:?}", client_key(&req)), "Some(PresentedKey(..))");
     }
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
 
 /// The memory argon2 checks in flight may hold together (each holds the hash's `m`): one
 /// check of `hash-secret`'s 64 MiB. Checks are CPU-bound, so more of them at once would not
@@ -114,13 +115,13 @@ impl ManagementAuth {
     /// From the config: a PHC string must pass the policy of [`crypto::check_phc`]; plain text
     /// is hashed now, with a warning to store the hash instead.
     pub async fn from_config(config: &ManagementConfig) -> Result<Self, String> {
-        let key = config.secret_key.expose().trim().to_string();
+        let key = Zeroizing::new(config.secret_key.expose().trim().to_owned());
         let (phc, cost) = if key.is_empty() {
             (None, crypto::HASH_PARAMS)
         } else if crypto::is_phc(&key) {
             let cost =
                 crypto::check_phc(&key).map_err(|e| format!("`management.secret_key`: {e}"))?;
-            (Some(key), cost)
+            (Some(String::from(key.as_str())), cost)
         } else {
             tracing::warn!(
                 "management.secret_key is plain text; it was hashed for this run. Store the output of `cliproxyapi hash-secret` instead"
@@ -231,7 +232,9 @@ impl ManagementAuth {
             self.bans.forgive(key);
             return Ok(());
         }
-        let (phc, presented, stats) = (phc.clone(), presented.to_string(), self.stats.clone());
+        // The copy the blocking thread needs is wiped when the check is done.
+        let presented = Zeroizing::new(presented.to_owned());
+        let (phc, stats) = (phc.clone(), self.stats.clone());
         // The permit and the ticket go with the check: if this request is abandoned, the check
         // still runs to its end, holding its memory and its place, and still counts.
         let ok = tokio::task::spawn_blocking(move || {
