@@ -176,6 +176,7 @@ pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, S
     let encryption_config = &config.config.auth.encryption;
     let encryption = encryption_from_config(encryption_config)?;
     warn_readable_secret_files(&config);
+    crate::http::caller::warn_about_trusted_proxies(&config.config.server.trusted_proxies);
     let management = crate::http::guard::ManagementAuth::from_config(&config.config.management)
         .await
         .map_err(StartError::Config)?;

@@ -14,16 +14,29 @@
 //! and treating its callers as the proxy itself would make every one of them share one
 //! address (and, for a proxy on the same machine, loopback's rights).
 //!
+//! A loopback address in the header means the machine of the hop that wrote it (the entry on
+//! its right, or the peer for the rightmost): a proxy on another host that names 127.0.0.1 is
+//! forwarding a process on *its* host. So a forwarded loopback client is loopback here only
+//! when every hop between it and us, the peer included, is loopback too; otherwise the client
+//! is the nearest of those hops that is not, a remote client like any other. Without that, a
+//! trusted proxy elsewhere (or anyone inside a broad trusted block) could claim
+//! `X-Forwarded-For: 127.0.0.1` and get loopback's rights, or share loopback's bans.
+//!
 //! Without the header, a trusted peer is the client. `Forwarded` and `X-Real-IP` are not read.
 
 use super::error::ApiError;
 use crate::config::Cidr;
 use axum::extract::{ConnectInfo, Request};
 use axum::http::HeaderMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 /// Entries of `X-Forwarded-For` read at most; a longer chain of trusted proxies is not real.
 pub const MAX_HOPS: usize = 32;
+
+/// IPv4 blocks in `server.trusted_proxies` shorter than this prefix get a warning at start.
+pub const BROAD_V4_PREFIX: u8 = 8;
+/// IPv6 blocks shorter than this prefix (a whole ISP's allocation) get a warning at start.
+pub const BROAD_V6_PREFIX: u8 = 32;
 
 /// The client of one request, as the guards see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +44,8 @@ pub struct Caller {
     /// The TCP peer, if the connection has one (always, behind the real listener).
     pub peer: Option<IpAddr>,
     /// The client: the peer, or the address a trusted proxy forwarded. `None` when it cannot
-    /// be known (no peer, or a trusted proxy's unreadable header).
+    /// be known (no peer, or a trusted proxy's unreadable header). Loopback only when the
+    /// whole path to us is.
     pub client: Option<IpAddr>,
     /// Whether the request came through a trusted proxy that named its client.
     pub forwarded: bool,
@@ -55,8 +69,16 @@ impl Caller {
         if values.peek().is_none() {
             return direct;
         }
+        let forwarded = |client: Option<IpAddr>| Caller {
+            peer,
+            client,
+            forwarded: true,
+        };
         // Several header lines are one list, in order.
         let lines: Vec<Option<&str>> = values.map(|v| v.to_str().ok()).collect();
+        // The nearest hop walked so far (the peer first) that is not loopback: the machine
+        // whose loopback the next entry to the left would be.
+        let mut machine = (!p.is_loopback()).then_some(p);
         let mut last_trusted = None;
         let mut walked = 0;
         'lines: for line in lines.iter().rev() {
@@ -71,20 +93,15 @@ impl Caller {
                 };
                 let ip = ip.to_canonical();
                 if !is_trusted(ip, trusted) {
-                    return Caller {
-                        peer,
-                        client: Some(ip),
-                        forwarded: true,
-                    };
+                    return forwarded(Some(on_our_side(ip, machine)));
                 }
-                last_trusted = Some(ip);
+                last_trusted = Some(on_our_side(ip, machine));
+                if !ip.is_loopback() {
+                    machine = Some(ip);
+                }
             }
         }
-        Caller {
-            peer,
-            client: last_trusted,
-            forwarded: true,
-        }
+        forwarded(last_trusted)
     }
 
     /// The caller of an axum request (the peer from `ConnectInfo`).
@@ -96,9 +113,11 @@ impl Caller {
         Caller::resolve(peer, req.headers(), trusted)
     }
 
-    /// Whether the client is on this machine (the loopback rules).
+    /// Whether the client is on this machine (the loopback rules): a loopback client over a
+    /// loopback peer ([`Caller::resolve`] checks the hops between).
     pub fn is_loopback(&self) -> bool {
         self.client.is_some_and(|ip| ip.is_loopback())
+            && self.peer.is_some_and(|ip| ip.is_loopback())
     }
 
     /// Whether the TCP peer itself is on this machine and speaks for itself (not a proxy
@@ -136,6 +155,62 @@ impl Caller {
 
 fn is_trusted(ip: IpAddr, trusted: &[Cidr]) -> bool {
     trusted.iter().any(|c| c.contains(ip))
+}
+
+/// A forwarded address as seen from here: a loopback address written by a hop on another
+/// machine names that machine.
+fn on_our_side(ip: IpAddr, machine: Option<IpAddr>) -> IpAddr {
+    match machine {
+        Some(m) if ip.is_loopback() => m,
+        _ => ip,
+    }
+}
+
+/// What is wrong with an entry of `server.trusted_proxies`, if anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrustProblem {
+    /// Wider than an IPv4 /8 or an IPv6 /32: every host in it may name any client.
+    Broad,
+    /// An IPv4-mapped IPv6 block: clients are compared as IPv4, so it matches none.
+    Mapped,
+}
+
+impl TrustProblem {
+    /// The problem with `cidr`, if it has one.
+    pub fn of(cidr: &Cidr) -> Option<TrustProblem> {
+        match cidr.0 {
+            ipnet::IpNet::V4(n) if n.prefix_len() < BROAD_V4_PREFIX => Some(TrustProblem::Broad),
+            ipnet::IpNet::V4(_) => None,
+            ipnet::IpNet::V6(n) if n.prefix_len() >= 96 && is_mapped(n.network()) => {
+                Some(TrustProblem::Mapped)
+            }
+            ipnet::IpNet::V6(n) if n.prefix_len() < BROAD_V6_PREFIX => Some(TrustProblem::Broad),
+            ipnet::IpNet::V6(_) => None,
+        }
+    }
+}
+
+fn is_mapped(ip: Ipv6Addr) -> bool {
+    ip.to_ipv4_mapped().is_some()
+}
+
+/// Warn, at start, about entries of `server.trusted_proxies` that trust far more than a
+/// reverse proxy: every host inside such a block can pick the address the bans count and the
+/// audit log names (though never loopback's rights, unless it is on this machine).
+pub fn warn_about_trusted_proxies(trusted: &[Cidr]) {
+    for cidr in trusted {
+        match TrustProblem::of(cidr) {
+            Some(TrustProblem::Broad) => tracing::warn!(
+                "server.trusted_proxies: {} trusts every host in a block that wide to name its own client in X-Forwarded-For, so any of them can choose the address that is banned and logged; list only your reverse proxies (IPv4 blocks of /{BROAD_V4_PREFIX} or narrower, IPv6 /{BROAD_V6_PREFIX} or narrower)",
+                cidr.0
+            ),
+            Some(TrustProblem::Mapped) => tracing::warn!(
+                "server.trusted_proxies: {} is an IPv4-mapped IPv6 block, which matches no peer (IPv4 peers are compared as IPv4); write it as an IPv4 block",
+                cidr.0
+            ),
+            None => {}
+        }
+    }
 }
 
 #[cfg(test)]
@@ -239,6 +314,141 @@ mod tests {
         // A trusted peer without the header is the client itself.
         let c = client("10.0.0.1", &[], t);
         assert_eq!((c.client, c.forwarded), (ip("10.0.0.1"), false));
+    }
+
+    #[test]
+    fn a_forwarded_loopback_client_is_loopback_only_over_a_loopback_path() {
+        let t = &[
+            "192.0.2.0/24",
+            "10.0.0.0/8",
+            "127.0.0.0/8",
+            "::1",
+            "2001:db8:aa::/48",
+        ];
+        // (peer, X-Forwarded-For, the client, loopback).
+        let cases: &[(&str, &[&[u8]], &str, bool)] = &[
+            // A proxy on another host naming loopback forwards a process on its own host,
+            // in every spelling of loopback.
+            ("192.0.2.2", &[b"127.0.0.1"], "192.0.2.2", false),
+            ("192.0.2.2", &[b"127.255.255.254"], "192.0.2.2", false),
+            ("192.0.2.2", &[b"::1"], "192.0.2.2", false),
+            ("192.0.2.2", &[b"::ffff:127.0.0.1"], "192.0.2.2", false),
+            ("::ffff:192.0.2.2", &[b"127.0.0.1"], "192.0.2.2", false),
+            ("2001:db8:aa::5", &[b"::1"], "2001:db8:aa::5", false),
+            ("2001:db8:aa::5", &[b"127.0.0.1"], "2001:db8:aa::5", false),
+            // What a client writes on the left of a remote proxy changes nothing.
+            (
+                "192.0.2.2",
+                &[b"127.0.0.1, ::1, 127.0.0.1"],
+                "192.0.2.2",
+                false,
+            ),
+            ("192.0.2.2", &[b"garbage, 127.0.0.1"], "192.0.2.2", false),
+            // A loopback hop right of a remote one is that remote machine's.
+            ("127.0.0.1", &[b"127.0.0.1, 10.0.0.5"], "10.0.0.5", false),
+            ("::1", &[b"::1, 10.0.0.5, 127.0.0.1"], "10.0.0.5", false),
+            (
+                "127.0.0.1",
+                &[b"127.0.0.1", b"2001:db8:aa::9", b"::1"],
+                "2001:db8:aa::9",
+                false,
+            ),
+            // The nearest remote hop counts, not the farthest.
+            (
+                "127.0.0.1",
+                &[b"::1, 10.0.0.7, 10.0.0.5"],
+                "10.0.0.7",
+                false,
+            ),
+            // Remote clients stay themselves, whatever the path.
+            (
+                "127.0.0.1",
+                &[b"203.0.113.5, 10.0.0.5"],
+                "203.0.113.5",
+                false,
+            ),
+            (
+                "192.0.2.2",
+                &[b"203.0.113.5, 127.0.0.1"],
+                "203.0.113.5",
+                false,
+            ),
+            ("127.0.0.1", &[b"203.0.113.5, ::1"], "203.0.113.5", false),
+            // Loopback all the way, over IPv4, IPv6 and IPv4-mapped hops: this machine.
+            ("127.0.0.1", &[b"127.0.0.1"], "127.0.0.1", true),
+            ("127.0.0.1", &[b"::1"], "::1", true),
+            ("::1", &[b"::ffff:127.0.0.2"], "127.0.0.2", true),
+            (
+                "::ffff:127.0.0.1",
+                &[b"127.0.0.1, ::1, 127.0.0.2"],
+                "127.0.0.1",
+                true,
+            ),
+            ("127.0.0.1", &[b"garbage, ::1"], "::1", true),
+        ];
+        for (peer, values, want, loopback) in cases {
+            let c = client(peer, values, t);
+            assert_eq!(c.client, ip(want), "{peer} {values:?}");
+            assert_eq!(c.is_loopback(), *loopback, "{peer} {values:?}");
+            assert!(c.forwarded && !c.is_direct_loopback(), "{peer} {values:?}");
+        }
+        // A loopback client that is not a trusted proxy names the hop that wrote it too.
+        let c = client("10.0.0.1", &[b"198.51.100.1, 127.0.0.1"], &["10.0.0.0/8"]);
+        assert_eq!((c.client, c.is_loopback()), (ip("10.0.0.1"), false));
+        let c = client("127.0.0.1", &[b"198.51.100.1, ::1"], &["127.0.0.1"]);
+        assert_eq!((c.client, c.is_loopback()), (ip("::1"), true));
+        // Trusting a whole block changes none of it.
+        for trusted in [&["0.0.0.0/0", "::/0"][..], &["192.0.2.2"]] {
+            for xff in [&b"127.0.0.1"[..], b"::1", b"127.0.0.1, 127.0.0.1"] {
+                let c = client("192.0.2.2", &[xff], trusted);
+                assert!(!c.is_loopback(), "{trusted:?} {xff:?}");
+                assert_ne!(c.client, ip("127.0.0.1"));
+            }
+        }
+        // Whatever the fields say, loopback needs a loopback peer.
+        let c = Caller {
+            peer: ip("192.0.2.2"),
+            client: ip("127.0.0.1"),
+            forwarded: true,
+        };
+        assert!(!c.is_loopback());
+    }
+
+    #[test]
+    fn broad_and_mapped_trusted_blocks_are_named() {
+        let problem = |s: &str| TrustProblem::of(&cidrs(&[s])[0]);
+        for broad in [
+            "0.0.0.0/0",
+            "0.0.0.0/1",
+            "128.0.0.0/7",
+            "::/0",
+            "::/1",
+            "2000::/3",
+            "2001:db8::/31",
+            "fd00::/8",
+        ] {
+            assert_eq!(problem(broad), Some(TrustProblem::Broad), "{broad}");
+        }
+        for mapped in [
+            "::ffff:0:0/96",
+            "::ffff:10.0.0.0/104",
+            "::ffff:10.0.0.1/128",
+        ] {
+            assert_eq!(problem(mapped), Some(TrustProblem::Mapped), "{mapped}");
+        }
+        for fine in [
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.0.2.1",
+            "255.255.255.255/32",
+            "2001:db8::/32",
+            "2001:db8:1::/48",
+            "::1",
+            "::ffff:10.0.0.1",
+            "fd00::1/128",
+        ] {
+            assert_eq!(problem(fine), None, "{fine}");
+        }
     }
 
     #[test]

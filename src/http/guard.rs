@@ -1,61 +1,48 @@
 //! The guards: who may call `/v0/management` (contract section 8) and `/v1/*` (section 7).
 //!
-//! Management: without a configured key only loopback clients are served. With one, every call
-//! presents it (`Authorization: Bearer` or `X-Management-Key`), checked against its argon2id
-//! hash off the async runtime; remote clients also need `allow_remote`. Five wrong keys from
-//! one address ban it for 30 minutes ([`bans::MANAGEMENT_RULE`]). Each argon2 check holds the
-//! hash's `m` of memory, so they are bounded twice: an attempt is counted against its address
-//! before it runs (a burst from one address runs at most five, the rest wait and then meet the
-//! ban), and a semaphore caps the checks in flight so that together they hold at most
-//! [`ARGON2_MEMORY_BUDGET_KIB`] (or one check, if a single one needs more). A check that cannot
-//! start within [`CHECK_WAIT`] is refused with 503 `server_busy`. The right key, once verified,
-//! is recognised by a keyed digest without argon2.
+//! Management ([`ManagementAuth`]): without a configured key only loopback clients are served.
+//! With one, every call presents it (`Authorization: Bearer` or `X-Management-Key`), checked
+//! against its argon2id hash off the async runtime; remote clients also need `allow_remote`.
+//! Five wrong keys from one address ban it for 30 minutes ([`ban_table::MANAGEMENT_RULE`]).
+//! Each argon2 check holds the hash's `m` of memory, so they are bounded twice: an attempt is
+//! counted against its address before it runs (a burst from one address runs at most five,
+//! the rest wait and then meet the ban), and a semaphore caps the checks in flight so that
+//! together they hold at most [`ARGON2_MEMORY_BUDGET_KIB`] (or one check, if a single one
+//! needs more), plus one check kept for the console. A check that cannot start within
+//! [`CHECK_WAIT`] is refused with 503 `server_busy`. The right key, once verified, is
+//! recognised by a keyed digest without argon2.
 //!
-//! Client keys: one of `api_keys`, compared in constant time, or (with none configured) a
-//! loopback client. Wrong keys are counted per address too ([`bans::CLIENT_RULE`]), and a
-//! banned address is refused before any key is compared.
+//! Client keys ([`ClientAuth`]): one of `api_keys`, compared in constant time, or (with none
+//! configured) a loopback client. Wrong keys are counted per address too
+//! ([`ban_table::CLIENT_RULE`]), and a banned address is refused before any key is compared;
+//! a direct loopback peer is not counted.
 //!
 //! The address is the one [`Caller`] resolves (the TCP peer, or behind a trusted proxy the
 //! client it names). The operator at the console (a loopback TCP peer, not a forwarded client)
 //! may list and lift bans even while loopback is banned, still with the key, one check at a
-//! time.
+//! time. The keys a request presents are read where they lie in the request, or (a `?key=`
+//! that needs decoding, the copy an argon2 check takes off the runtime) copied into buffers
+//! wiped when dropped.
 
-use super::bans::{self, Admission, BanKey, Bans};
+pub mod ban_table;
+mod client;
+mod management;
+
+pub use client::ClientAuth;
+pub use management::{
+    ARGON2_MEMORY_BUDGET_KIB, CHECK_WAIT, MAX_CHECKS, ManagementAuth, check_permits,
+};
+
 use super::caller::Caller;
-use super::error::ApiError;
 use super::management::Actor;
 use crate::app::AppState;
-use crate::config::ManagementConfig;
-use crate::crypto::{self, Fingerprinter, PhcParams, Secret};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, Utc};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use subtle::ConstantTimeEq;
-use tokio::sync::Semaphore;
-
-/// The memory argon2 checks in flight may hold together (each holds the hash's `m`): one
-/// check of `hash-secret`'s 64 MiB. Checks are CPU-bound, so more of them at once would not
-/// answer faster on a small machine, and this keeps a server under a flood of wrong keys well
-/// within the soak test's 200 MB.
-pub const ARGON2_MEMORY_BUDGET_KIB: u32 = 64 * 1024;
-/// Checks in flight at most, whatever their memory: they are CPU-bound.
-pub const MAX_CHECKS: usize = 4;
-/// How long a management call waits for its turn at an argon2 check before 503.
-pub const CHECK_WAIT: Duration = Duration::from_secs(5);
-/// The `Retry-After` of that 503.
-const BUSY_RETRY_SECS: u64 = 2;
-
-/// The argon2 checks in flight allowed for a hash of this cost: as many as fit the budget,
-/// at least one, at most [`MAX_CHECKS`].
-pub fn check_permits(cost: PhcParams) -> usize {
-    let fit = ARGON2_MEMORY_BUDGET_KIB / cost.m_kib.max(1);
-    (fit as usize).clamp(1, MAX_CHECKS)
-}
+use ban_table::Bans;
+use std::sync::Arc;
+use zeroize::Zeroizing;
 
 /// The token of an `Authorization: Bearer TOKEN` header. The scheme is case-insensitive and
 /// may be followed by any number of spaces or tabs.
@@ -81,355 +68,83 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     bearer_token(headers)
 }
 
+/// A client key as a request presents it: borrowed from its header, or percent-decoded from
+/// the query into a buffer wiped when dropped.
+pub enum PresentedKey<'a> {
+    Header(&'a str),
+    Query(Zeroizing<Vec<u8>>),
+}
+
+impl PresentedKey<'_> {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            PresentedKey::Header(s) => s.as_bytes(),
+            PresentedKey::Query(v) => v,
+        }
+    }
+}
+
+impl std::fmt::Debug for PresentedKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PresentedKey(..)")
+    }
+}
+
 /// The client key a request presents, in any of the places the SDKs put it.
-pub fn client_key(req: &Request) -> Option<String> {
+pub fn client_key(req: &Request) -> Option<PresentedKey<'_>> {
     let h = req.headers();
-    let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
     if let Some(bearer) = bearer_token(h) {
-        return Some(bearer.to_string());
+        return Some(PresentedKey::Header(bearer));
     }
     for name in ["x-api-key", "x-goog-api-key"] {
-        if let Some(v) = header(name) {
-            return Some(v.to_string());
+        if let Some(v) = h.get(name).and_then(|v| v.to_str().ok()) {
+            return Some(PresentedKey::Header(v.trim()));
         }
     }
-    let query = req.uri().query()?;
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "key")
-        .map(|(_, v)| v.into_owned())
+    query_key(req.uri().query()?).map(PresentedKey::Query)
 }
 
-fn busy() -> ApiError {
-    bans::busy(
-        BUSY_RETRY_SECS,
-        "Too many management keys are being checked at once; try again shortly",
-    )
+/// The first `key` parameter of a query (`application/x-www-form-urlencoded`: `+` is a
+/// space, `%XX` a byte, a `%` without two hex digits itself), decoded straight into a wiped
+/// buffer. Decoding never lengthens, so the buffer is never reallocated (which would leave
+/// a copy behind).
+fn query_key(query: &str) -> Option<Zeroizing<Vec<u8>>> {
+    query.split('&').find_map(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let mut decoded_name = Vec::with_capacity(name.len());
+        form_decode(name.as_bytes(), &mut decoded_name);
+        if decoded_name != b"key" {
+            return None;
+        }
+        let mut out = Zeroizing::new(Vec::with_capacity(value.len()));
+        form_decode(value.as_bytes(), &mut out);
+        Some(out)
+    })
 }
 
-/// Counts of argon2 checks: their bound is what bounds memory, so tests read them.
-#[derive(Debug, Default)]
-struct CheckStats {
-    runs: AtomicU64,
-    running: AtomicUsize,
-    peak: AtomicUsize,
-}
-
-impl CheckStats {
-    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
-        self.runs.fetch_add(1, Ordering::Relaxed);
-        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
-        self.peak.fetch_max(now, Ordering::SeqCst);
-        let out = f();
-        self.running.fetch_sub(1, Ordering::SeqCst);
-        out
-    }
-}
-
-/// An attempt counted against its address. Dropped unresolved (the check never ran, or its
-/// request was abandoned before), it gives its place back without counting as a wrong key.
-struct Ticket {
-    bans: Arc<Bans>,
-    key: BanKey,
-    now: DateTime<Utc>,
-    outcome: Option<bool>,
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.bans.finish(self.key, self.outcome, self.now);
-    }
-}
-
-pub struct ManagementAuth {
-    /// The argon2id PHC string of the key; `None` when no key is configured.
-    phc: Option<Arc<str>>,
-    allow_remote: bool,
-    bans: Arc<Bans>,
-    checks: Arc<Semaphore>,
-    permits: usize,
-    wait: Duration,
-    /// A keyed digest of the last key that verified, so a correct key costs one argon2 run
-    /// per process rather than one per request.
-    accepted: Mutex<Option<Vec<u8>>>,
-    digester: Fingerprinter,
-    stats: Arc<CheckStats>,
-}
-
-impl std::fmt::Debug for ManagementAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ManagementAuth")
-            .field("key_configured", &self.phc.is_some())
-            .field("allow_remote", &self.allow_remote)
-            .field("permits", &self.permits)
-            .finish()
-    }
-}
-
-impl ManagementAuth {
-    /// From the config: a PHC string must pass the policy of [`crypto::check_phc`]; plain text
-    /// is hashed now, with a warning to store the hash instead.
-    pub async fn from_config(config: &ManagementConfig) -> Result<Self, String> {
-        let key = config.secret_key.expose().trim().to_string();
-        let (phc, cost) = if key.is_empty() {
-            (None, crypto::HASH_PARAMS)
-        } else if crypto::is_phc(&key) {
-            let cost =
-                crypto::check_phc(&key).map_err(|e| format!("`management.secret_key`: {e}"))?;
-            (Some(key), cost)
-        } else {
-            tracing::warn!(
-                "management.secret_key is plain text; it was hashed for this run. Store the output of `cliproxyapi hash-secret` instead"
-            );
-            let phc = tokio::task::spawn_blocking(move || crypto::hash_secret(&key))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("`management.secret_key`: cannot hash it: {e}"))?;
-            (Some(phc), crypto::HASH_PARAMS)
+fn form_decode(input: &[u8], out: &mut Vec<u8>) {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut i = 0;
+    while i < input.len() {
+        let b = input[i];
+        let escaped = match (b, input.get(i + 1), input.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) => hex(h).zip(hex(l)).map(|(h, l)| (h * 16 + l) as u8),
+            _ => None,
         };
-        let permits = check_permits(cost);
-        Ok(ManagementAuth {
-            phc: phc.map(Arc::from),
-            allow_remote: config.allow_remote,
-            bans: Arc::new(Bans::new(bans::MANAGEMENT_RULE)),
-            checks: Arc::new(Semaphore::new(permits)),
-            permits,
-            wait: CHECK_WAIT,
-            accepted: Mutex::new(None),
-            digester: Fingerprinter::new(Fingerprinter::random_key()),
-            stats: Arc::default(),
-        })
-    }
-
-    /// The same, with another limit on checks in flight and on the wait for one.
-    pub fn with_limits(mut self, permits: usize, wait: Duration) -> Self {
-        self.permits = permits.max(1);
-        self.checks = Arc::new(Semaphore::new(self.permits));
-        self.wait = wait;
-        self
-    }
-
-    pub fn bans(&self) -> &Bans {
-        &self.bans
-    }
-
-    /// Argon2 checks in flight at most.
-    pub fn permits(&self) -> usize {
-        self.permits
-    }
-
-    /// Argon2 checks run since start, and the most that ever ran at once.
-    pub fn check_counts(&self) -> (u64, usize) {
-        (
-            self.stats.runs.load(Ordering::SeqCst),
-            self.stats.peak.load(Ordering::SeqCst),
-        )
-    }
-
-    /// Decide on one call from `caller` presenting `presented` at `now`. `recovery` marks the
-    /// ban endpoints, which the operator at the console may reach while banned.
-    pub async fn check(
-        &self,
-        caller: &Caller,
-        presented: Option<&str>,
-        recovery: bool,
-        now: DateTime<Utc>,
-    ) -> Result<(), ApiError> {
-        let loopback = caller.is_loopback();
-        let Some(phc) = &self.phc else {
-            if loopback {
-                return Ok(());
+        match (b, escaped) {
+            (_, Some(byte)) => {
+                out.push(byte);
+                i += 3;
             }
-            caller.client_or_refuse()?;
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "remote_management_disabled",
-                "The management API answers only loopback clients unless a management key is configured",
-            ));
-        };
-        let client = caller.client_or_refuse()?;
-        if !loopback && !self.allow_remote {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "remote_management_disabled",
-                "The management API answers remote clients only with management.allow_remote",
-            ));
-        }
-        let key = BanKey::of(client);
-        let recovering = recovery && caller.is_direct_loopback();
-        if !recovering && let Some(until) = self.bans.banned_until(key, now) {
-            return Err(self.bans.refusal(until, now));
-        }
-        let Some(presented) = presented.filter(|p| !p.is_empty()) else {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing_management_key",
-                "Send the management key as Authorization: Bearer KEY or X-Management-Key: KEY",
-            ));
-        };
-        let digest = self.digester.content(presented.as_bytes());
-        let deadline = tokio::time::Instant::now() + self.wait;
-        let Some(ticket) = self.admit(key, &digest, recovering, now, deadline).await? else {
-            self.bans.forgive(key);
-            return Ok(());
-        };
-        let permit =
-            match tokio::time::timeout_at(deadline, self.checks.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                _ => return Err(busy()),
-            };
-        let (phc, presented_owned, stats) =
-            (phc.clone(), presented.to_string(), self.stats.clone());
-        // The permit and the ticket go with the check: if this request is abandoned, the check
-        // still runs to its end, holding its memory and its place, and still counts.
-        let ok = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let mut ticket = ticket;
-            let ok = stats.run(|| crypto::verify_secret(&phc, &presented_owned));
-            ticket.outcome = Some(ok);
-            ok
-        })
-        .await
-        .unwrap_or(false);
-        if ok {
-            *self.accepted.lock().unwrap_or_else(|p| p.into_inner()) = Some(digest);
-            Ok(())
-        } else {
-            Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_management_key",
-                "The management key is wrong",
-            ))
-        }
-    }
-
-    fn is_accepted(&self, digest: &[u8]) -> bool {
-        self.accepted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_deref()
-            .is_some_and(|c| bool::from(c.ct_eq(digest)))
-    }
-
-    /// Count an attempt from `key` before its check runs, waiting while the address has as
-    /// many in flight as it has wrong keys left. `None`: the key is already known to be right
-    /// (perhaps verified by a check this one waited for).
-    async fn admit(
-        &self,
-        key: BanKey,
-        digest: &[u8],
-        recovering: bool,
-        now: DateTime<Utc>,
-        deadline: tokio::time::Instant,
-    ) -> Result<Option<Ticket>, ApiError> {
-        loop {
-            if self.is_accepted(digest) {
-                return Ok(None);
+            (b'+', None) => {
+                out.push(b' ');
+                i += 1;
             }
-            let notified = self.bans.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            match self.bans.admit(key, now, recovering) {
-                Admission::Go => {
-                    return Ok(Some(Ticket {
-                        bans: self.bans.clone(),
-                        key,
-                        now,
-                        outcome: None,
-                    }));
-                }
-                Admission::Banned(until) => return Err(self.bans.refusal(until, now)),
-                Admission::Full(secs) => return Err(Bans::full(secs)),
-                Admission::Wait => {}
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(busy());
+            (b, None) => {
+                out.push(b);
+                i += 1;
             }
         }
-    }
-}
-
-/// The client-key guard's state: digests of `api_keys` under a per-process key (so every
-/// compare is of 32 bytes, whatever the lengths) and its table of bans.
-pub struct ClientAuth {
-    digests: Vec<Vec<u8>>,
-    digester: Fingerprinter,
-    bans: Bans,
-}
-
-impl std::fmt::Debug for ClientAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientAuth")
-            .field("keys", &self.digests.len())
-            .finish()
-    }
-}
-
-impl ClientAuth {
-    pub fn new(api_keys: &[Secret]) -> ClientAuth {
-        let digester = Fingerprinter::new(Fingerprinter::random_key());
-        ClientAuth {
-            digests: api_keys
-                .iter()
-                .map(|k| digester.content(k.expose().as_bytes()))
-                .collect(),
-            digester,
-            bans: Bans::new(bans::CLIENT_RULE),
-        }
-    }
-
-    /// Whether any client key is configured (`api_keys` is not empty).
-    pub fn has_keys(&self) -> bool {
-        !self.digests.is_empty()
-    }
-
-    pub fn bans(&self) -> &Bans {
-        &self.bans
-    }
-
-    /// Decide on one `/v1/*` call from `caller` presenting `presented` at `now`.
-    pub fn check(
-        &self,
-        caller: &Caller,
-        presented: Option<&str>,
-        now: DateTime<Utc>,
-    ) -> Result<(), ApiError> {
-        if self.digests.is_empty() {
-            if caller.is_loopback() {
-                return Ok(());
-            }
-            caller.client_or_refuse()?;
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "remote_clients_disabled",
-                "This server answers only loopback clients until api_keys are configured",
-            ));
-        }
-        let key = BanKey::of(caller.client_or_refuse()?);
-        self.bans.check(key, now)?;
-        let Some(presented) = presented else {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing_api_key",
-                "Send an API key as Authorization: Bearer KEY, x-api-key, x-goog-api-key or ?key=",
-            ));
-        };
-        let digest = self.digester.content(presented.as_bytes());
-        // Every key is compared, so the time taken does not tell which one matched.
-        let matched = self
-            .digests
-            .iter()
-            .fold(subtle::Choice::from(0), |acc, d| acc | d.ct_eq(&digest));
-        if bool::from(matched) {
-            return Ok(());
-        }
-        if !self.bans.record_failure(key, now) {
-            return Err(Bans::full(1));
-        }
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_api_key",
-            "The API key is not one of this server's",
-        ))
     }
 }
 
@@ -485,9 +200,11 @@ pub async fn client_guard(
     next: Next,
 ) -> Response {
     let caller = Caller::of_request(&req, &state.config.config.server.trusted_proxies);
-    let decision = state
-        .clients
-        .check(&caller, client_key(&req).as_deref(), state.now());
+    let decision = {
+        let presented = client_key(&req);
+        let presented = presented.as_ref().map(PresentedKey::as_bytes);
+        state.clients.check(&caller, presented, state.now())
+    };
     log_bans(&state, state.clients.bans());
     match decision {
         Ok(()) => next.run(req).await,
@@ -538,221 +255,55 @@ mod tests {
     }
 
     #[test]
-    fn permits_fit_the_memory_budget() {
-        let p = |m_kib| check_permits(PhcParams { m_kib, t: 3, p: 4 });
-        assert_eq!(p(crypto::HASH_PARAMS.m_kib), 1);
-        assert_eq!(p(19_456), 3);
-        assert_eq!(p(7_168), 4);
-        assert_eq!(p(47_104), 1);
-        assert_eq!(p(131_072), 1);
-        assert_eq!(p(crypto::PHC_MAX.m_kib), 1);
-        assert_eq!(p(u32::MAX), 1);
-        assert_eq!(p(0), MAX_CHECKS);
-        for m in [7_168u32, 19_456, 65_536, 131_072, 262_144] {
-            // The bound the README states: permits × m ≤ max(budget, m).
-            assert!(p(m) as u64 * u64::from(m) <= u64::from(ARGON2_MEMORY_BUDGET_KIB.max(m)));
-        }
-    }
-
-    fn cheap_phc(secret: &str) -> String {
-        crypto::hash_secret_with(
-            secret,
-            PhcParams {
-                m_kib: 7_168,
-                t: 5,
-                p: 1,
-            },
-        )
-        .unwrap()
-    }
-
-    async fn keyed(allow_remote: bool) -> ManagementAuth {
-        ManagementAuth::from_config(&ManagementConfig {
-            secret_key: Secret::new(cheap_phc("right")),
-            allow_remote,
-        })
-        .await
-        .unwrap()
-    }
-
-    fn remote(ip: &str) -> Caller {
-        Caller::resolve(Some(ip.parse().unwrap()), &HeaderMap::new(), &[])
-    }
-
-    #[tokio::test]
-    async fn a_check_past_the_wait_is_refused_busy_and_not_counted() {
-        let auth = keyed(true).await.with_limits(1, Duration::from_millis(50));
-        let now = Utc::now();
-        let caller = remote("192.0.2.1");
-        // Every permit taken: the next check waits, then gives up without running argon2.
-        let held = auth.checks.clone().acquire_many_owned(1).await.unwrap();
-        for _ in 0..10 {
-            let e = auth
-                .check(&caller, Some("wrong"), false, now)
-                .await
-                .unwrap_err();
-            assert_eq!((e.status.as_u16(), e.code), (503, "server_busy"));
-            assert_eq!(e.retry_after, Some(BUSY_RETRY_SECS));
-        }
-        assert_eq!(auth.check_counts(), (0, 0));
-        assert!(
-            auth.bans()
-                .banned_until(BanKey::of("192.0.2.1".parse().unwrap()), now)
-                .is_none()
-        );
-        drop(held);
-        assert!(auth.check(&caller, Some("right"), false, now).await.is_ok());
-        assert_eq!(auth.check_counts().0, 1);
-        // Verified once, the right key is recognised without argon2, even with no permit free.
-        let held = auth.checks.clone().acquire_many_owned(1).await.unwrap();
-        for _ in 0..20 {
-            assert!(auth.check(&caller, Some("right"), false, now).await.is_ok());
-        }
-        assert_eq!(auth.check_counts().0, 1);
-        drop(held);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn a_burst_of_wrong_keys_runs_few_checks_and_bans_every_address() {
-        let auth = Arc::new(keyed(true).await);
-        let now = Utc::now();
-        // Extremes first: one address, then many; IPv6 hosts of one /64 are one address.
-        let groups: Vec<Vec<String>> = vec![
-            vec!["198.51.100.1".into()],
-            (1..=8).map(|i| format!("203.0.113.{i}")).collect(),
-            (1..=8).map(|i| format!("2001:db8:7:7::{i:x}")).collect(),
-        ];
-        let mut banned_addresses = 0;
-        for addrs in groups {
-            let before = auth.check_counts().0;
-            let mut tasks = Vec::new();
-            for i in 0..400 {
-                let auth = auth.clone();
-                let caller = remote(&addrs[i % addrs.len()]);
-                tasks.push(tokio::spawn(async move {
-                    auth.check(&caller, Some(&format!("guess-{i}")), false, now)
-                        .await
-                        .unwrap_err()
-                }));
+    fn client_keys_are_read_from_every_place_without_a_plain_copy() {
+        let key = |headers: &[(&str, &str)], uri: &str| {
+            let mut req = Request::builder().uri(uri);
+            for (n, v) in headers {
+                req = req.header(*n, *v);
             }
-            let mut codes = std::collections::BTreeMap::new();
-            for t in tasks {
-                *codes.entry(t.await.unwrap().code).or_insert(0) += 1;
-            }
-            let keys: std::collections::BTreeSet<BanKey> = addrs
-                .iter()
-                .map(|a| BanKey::of(a.parse().unwrap()))
-                .collect();
-            let runs = auth.check_counts().0 - before;
-            assert_eq!(runs, 5 * keys.len() as u64, "{addrs:?} {codes:?}");
-            assert_eq!(codes.get("invalid_management_key"), Some(&(runs as i32)));
-            assert_eq!(codes.get("too_many_attempts"), Some(&(400 - runs as i32)));
-            for k in &keys {
-                assert!(auth.bans().banned_until(*k, now).is_some(), "{k}");
-            }
-            banned_addresses += keys.len();
-            assert_eq!(auth.bans().list(now).len(), banned_addresses);
-        }
-        let (_, peak) = auth.check_counts();
-        assert!(peak >= 1 && peak <= auth.permits(), "{peak}");
-        assert_eq!(auth.bans().take_events().len(), banned_addresses);
-    }
-
-    #[tokio::test]
-    async fn the_console_may_lift_a_loopback_ban() {
-        let auth = keyed(false).await;
-        let now = Utc::now();
-        let console = remote("127.0.0.1");
-        for _ in 0..5 {
-            assert_eq!(
-                auth.check(&console, Some("wrong"), false, now)
-                    .await
-                    .unwrap_err()
-                    .code,
-                "invalid_management_key"
-            );
-        }
-        // Banned everywhere else, from every loopback address.
-        for ip in ["127.0.0.1", "127.0.0.2", "::1"] {
-            let e = auth
-                .check(&remote(ip), Some("right"), false, now)
-                .await
-                .unwrap_err();
-            assert_eq!(e.code, "too_many_attempts");
-        }
-        // The ban endpoints: the console passes, with the key.
-        let e = auth
-            .check(&console, Some("wrong"), true, now)
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, "invalid_management_key");
+            let req = req.body(axum::body::Body::empty()).unwrap();
+            let k = client_key(&req);
+            let borrowed = matches!(k, Some(PresentedKey::Header(_)));
+            (k.map(|k| k.as_bytes().to_vec()), borrowed)
+        };
+        let some = |b: &[u8]| Some(b.to_vec());
+        // Headers are borrowed, in their order of precedence.
         assert_eq!(
-            auth.check(&console, None, true, now)
-                .await
-                .unwrap_err()
-                .code,
-            "missing_management_key"
+            key(&[("authorization", "Bearer a")], "/"),
+            (some(b"a"), true)
         );
-        assert!(auth.check(&console, Some("right"), true, now).await.is_ok());
-        // A loopback client forwarded by a trusted proxy is not the console.
-        let trusted: Vec<crate::config::Cidr> =
-            vec![serde_json::from_value(serde_json::json!("127.0.0.1")).unwrap()];
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("127.0.0.1"));
-        let forwarded = Caller::resolve(Some("127.0.0.1".parse().unwrap()), &h, &trusted);
-        assert!(forwarded.is_loopback());
-        let e = auth
-            .check(&forwarded, Some("right"), true, now)
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, "too_many_attempts");
-        // Nor is a remote client.
-        let auth = keyed(true).await;
-        let far = remote("192.0.2.9");
-        for _ in 0..5 {
-            let _ = auth.check(&far, Some("wrong"), true, now).await;
+        assert_eq!(
+            key(&[("x-api-key", " b "), ("x-goog-api-key", "c")], "/?key=d"),
+            (some(b"b"), true)
+        );
+        assert_eq!(
+            key(&[("x-goog-api-key", "c")], "/?key=d"),
+            (some(b"c"), true)
+        );
+        assert_eq!(key(&[("x-api-key", "")], "/"), (some(b""), true));
+        // The query is decoded as a form, into the wiped buffer.
+        for (q, want) in [
+            ("key=d", &b"d"[..]),
+            ("key=", b""),
+            ("key", b""),
+            ("a=1&key=x%2By+z&key=second", b"x+y z"),
+            ("k%65y=named", b"named"),
+            ("key=%zz%4", b"%zz%4"),
+            ("key=%", b"%"),
+            ("key=%ff%00", b"\xff\x00"),
+            ("&&key=after-empty", b"after-empty"),
+            ("key=a%3Db%26c", b"a=b&c"),
+        ] {
+            assert_eq!(key(&[], &format!("/?{q}")), (some(want), false), "{q}");
         }
-        let e = auth
-            .check(&far, Some("right"), true, now)
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, "too_many_attempts");
-    }
-
-    #[test]
-    fn client_keys_are_counted_and_banned() {
-        let auth = ClientAuth::new(&[Secret::new("sk-client-1"), Secret::new("k2")]);
-        let now = Utc::now();
-        let a = remote("192.0.2.1");
-        for k in ["sk-client-1", "k2"] {
-            assert!(auth.check(&a, Some(k), now).is_ok());
+        for uri in ["/", "/?", "/?keys=x", "/?a=key", "/?KEY=x", "/?k=key"] {
+            assert_eq!(key(&[], uri), (None, false), "{uri}");
         }
-        for wrong in ["", "sk-client-", "sk-client-12", "K2", "k2 ", "x"] {
-            assert_eq!(
-                auth.check(&a, Some(wrong), now).unwrap_err().code,
-                "invalid_api_key"
-            );
-        }
-        // A missing key is not a guess.
-        for _ in 0..50 {
-            assert_eq!(
-                auth.check(&a, None, now).unwrap_err().code,
-                "missing_api_key"
-            );
-        }
-        for _ in 0..4 {
-            assert_eq!(
-                auth.check(&a, Some("y"), now).unwrap_err().code,
-                "invalid_api_key"
-            );
-        }
-        // The tenth wrong key banned the address: even the right key is refused now.
-        let e = auth.check(&a, Some("sk-client-1"), now).unwrap_err();
-        assert_eq!((e.status.as_u16(), e.code), (403, "too_many_attempts"));
-        assert_eq!(e.retry_after, Some(15 * 60));
-        // Another address is not.
-        assert!(auth.check(&remote("192.0.2.2"), Some("k2"), now).is_ok());
-        let later = now + chrono::Duration::minutes(15);
-        assert!(auth.check(&a, Some("sk-client-1"), later).is_ok());
+        // A key is never shown by Debug.
+        let req = Request::builder()
+            .uri("/?key=sk-secret")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert_eq!(format!("{:?}", client_key(&req)), "Some(PresentedKey(..))");
     }
 }
