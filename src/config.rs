@@ -143,6 +143,15 @@ impl<'de> Deserialize<'de> for Cidr {
         let s = String::deserialize(d)?;
         let t = s.trim();
         if let Ok(net) = t.parse::<ipnet::IpNet>() {
+            // Peers are compared as IPv4 when they are IPv4-mapped, so a mapped block is kept
+            // as the IPv4 block it names (`::ffff:10.0.0.0/104` is `10.0.0.0/8`).
+            if let ipnet::IpNet::V6(v6) = net
+                && v6.prefix_len() >= 96
+                && let Some(v4) = v6.addr().to_ipv4_mapped()
+                && let Ok(mapped) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+            {
+                return Ok(Cidr(ipnet::IpNet::V4(mapped.trunc())));
+            }
             return Ok(Cidr(net.trunc()));
         }
         t.parse::<IpAddr>()
@@ -854,6 +863,16 @@ mod tests {
         assert!(s.trusted_proxies[1].contains("::1".parse().unwrap()));
         assert!(s.trusted_proxies[2].contains("fd12::5".parse().unwrap()));
         assert!(!s.trusted_proxies[0].contains("11.0.0.1".parse().unwrap()));
+        let l = load(
+            "server:\n  trusted_proxies: [\"::ffff:10.0.0.0/104\", \"::ffff:192.0.2.7\"]\n",
+            &[],
+        )
+        .unwrap();
+        let mapped = &l.config.server.trusted_proxies;
+        assert!(mapped[0].contains("10.9.8.7".parse().unwrap()));
+        assert!(mapped[0].contains("::ffff:10.9.8.7".parse().unwrap()));
+        assert!(!mapped[0].contains("11.0.0.1".parse().unwrap()));
+        assert!(mapped[1].contains("192.0.2.7".parse().unwrap()));
         let l = load("server:\n  trusted_proxies: [\"127.0.0.1\"]\n", &[]).unwrap();
         assert!(l.config.server.trusted_proxies[0].contains("::ffff:127.0.0.1".parse().unwrap()));
         for (yaml, key) in [

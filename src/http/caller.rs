@@ -28,7 +28,7 @@ use super::error::ApiError;
 use crate::config::Cidr;
 use axum::extract::{ConnectInfo, Request};
 use axum::http::HeaderMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 /// Entries of `X-Forwarded-For` read at most; a longer chain of trusted proxies is not real.
 pub const MAX_HOPS: usize = 32;
@@ -169,10 +169,9 @@ fn on_our_side(ip: IpAddr, machine: Option<IpAddr>) -> IpAddr {
 /// What is wrong with an entry of `server.trusted_proxies`, if anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrustProblem {
-    /// Wider than an IPv4 /8 or an IPv6 /32: every host in it may name any client.
+    /// Wider than an IPv4 /8 or an IPv6 /32: every host in it may name any client. (An
+    /// IPv4-mapped block is read as the IPv4 block it names, see `config::Cidr`.)
     Broad,
-    /// An IPv4-mapped IPv6 block: clients are compared as IPv4, so it matches none.
-    Mapped,
 }
 
 impl TrustProblem {
@@ -181,17 +180,10 @@ impl TrustProblem {
         match cidr.0 {
             ipnet::IpNet::V4(n) if n.prefix_len() < BROAD_V4_PREFIX => Some(TrustProblem::Broad),
             ipnet::IpNet::V4(_) => None,
-            ipnet::IpNet::V6(n) if n.prefix_len() >= 96 && is_mapped(n.network()) => {
-                Some(TrustProblem::Mapped)
-            }
             ipnet::IpNet::V6(n) if n.prefix_len() < BROAD_V6_PREFIX => Some(TrustProblem::Broad),
             ipnet::IpNet::V6(_) => None,
         }
     }
-}
-
-fn is_mapped(ip: Ipv6Addr) -> bool {
-    ip.to_ipv4_mapped().is_some()
 }
 
 /// Warn, at start, about entries of `server.trusted_proxies` that trust far more than a
@@ -202,10 +194,6 @@ pub fn warn_about_trusted_proxies(trusted: &[Cidr]) {
         match TrustProblem::of(cidr) {
             Some(TrustProblem::Broad) => tracing::warn!(
                 "server.trusted_proxies: {} trusts every host in a block that wide to name its own client in X-Forwarded-For, so any of them can choose the address that is banned and logged; list only your reverse proxies (IPv4 blocks of /{BROAD_V4_PREFIX} or narrower, IPv6 /{BROAD_V6_PREFIX} or narrower)",
-                cidr.0
-            ),
-            Some(TrustProblem::Mapped) => tracing::warn!(
-                "server.trusted_proxies: {} is an IPv4-mapped IPv6 block, which matches no peer (IPv4 peers are compared as IPv4); write it as an IPv4 block",
                 cidr.0
             ),
             None => {}
@@ -429,12 +417,10 @@ mod tests {
         ] {
             assert_eq!(problem(broad), Some(TrustProblem::Broad), "{broad}");
         }
-        for mapped in [
-            "::ffff:0:0/96",
-            "::ffff:10.0.0.0/104",
-            "::ffff:10.0.0.1/128",
-        ] {
-            assert_eq!(problem(mapped), Some(TrustProblem::Mapped), "{mapped}");
+        // IPv4-mapped blocks are the IPv4 blocks they name.
+        assert_eq!(problem("::ffff:0:0/96"), Some(TrustProblem::Broad));
+        for mapped in ["::ffff:10.0.0.0/104", "::ffff:10.0.0.1/128"] {
+            assert_eq!(problem(mapped), None, "{mapped}");
         }
         for fine in [
             "10.0.0.0/8",
