@@ -184,7 +184,8 @@ impl Store {
 
     /// Re-seal every stored secret under `to` (see `rekey_locked`).
     pub async fn rekey(&self, to: &Sealer) -> Result<usize> {
-        self.exclusive(self.rekey_locked(to)).await
+        self.exclusive(async { Ok(super::Written::everything(self.rekey_locked(to).await?)) })
+            .await
     }
 
     /// Re-seal every stored secret under `to`, in one transaction. Fails, changing nothing,

@@ -13,6 +13,7 @@ mod numbers;
 mod operations;
 mod persistence;
 mod proxy;
+mod scale;
 #[cfg(feature = "sdk-tests")]
 mod sdk;
 mod secrets;

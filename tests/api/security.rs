@@ -453,7 +453,12 @@ async fn statuses(home: &Home, key: &str) -> Option<Vec<String>> {
         .await
         .unwrap();
     app.state().store.close().await;
-    Some(rows.iter().map(|r| r.status.as_str().to_string()).collect())
+    Some(
+        rows.rows
+            .iter()
+            .map(|r| r.status.as_str().to_string())
+            .collect(),
+    )
 }
 
 #[tokio::test]
