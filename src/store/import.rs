@@ -92,22 +92,29 @@ impl Store {
         dry_run: bool,
         now: DateTime<Utc>,
     ) -> Result<ImportReport> {
-        self.exclusive(async {
-            let report = self.import_locked(batch, mode, actor, dry_run, now).await?;
-            let touched = if dry_run {
-                Touched::Nothing
-            } else {
-                Touched::Credentials(
-                    report
-                        .changes
-                        .iter()
-                        .map(|c| c.credential_id.clone())
-                        .collect(),
-                )
-            };
-            Ok(Written::new(report, touched))
-        })
-        .await
+        let large = batch.entries.len() >= super::ledger::MANY;
+        let report = self
+            .exclusive(async {
+                let report = self.import_locked(batch, mode, actor, dry_run, now).await?;
+                let touched = if dry_run {
+                    Touched::Nothing
+                } else {
+                    Touched::Credentials(
+                        report
+                            .changes
+                            .iter()
+                            .map(|c| c.credential_id.clone())
+                            .collect(),
+                    )
+                };
+                Ok(Written::new(report, touched))
+            })
+            .await?;
+        if large {
+            // What reading and matching the entries allocated is free now.
+            super::release_freed_memory();
+        }
+        Ok(report)
     }
 
     /// Apply `batch` in one write transaction (rolled back when `dry_run`). Errors already in

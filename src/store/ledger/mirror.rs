@@ -22,6 +22,11 @@ use std::sync::Mutex;
 /// changed one credential at a time (each insert or removal moves the rest of a list).
 const FEW: usize = 16;
 
+/// A write that touched at least this many credentials, and more than half as many as the
+/// mirror holds (a first import), loads it whole instead: one scan in creation order, rather
+/// than a lookup per credential, to the same mirror.
+pub(in crate::store) const MANY: usize = 1000;
+
 /// What a management write changed of what the mirror holds (see `Store::exclusive`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(in crate::store) enum Touched {
@@ -209,16 +214,22 @@ impl ProviderList {
         }
     }
 
-    /// `by_priority` (and `levels`) from `by_seq`: by priority, then creation.
-    fn order_by_priority(&mut self, creds: &HashMap<String, HotCred>) {
+    /// Sort `by_seq` by creation, then `by_priority` (and `levels`) from it: by priority, then
+    /// creation. Keys are looked up once per credential, not at every comparison.
+    fn sort(&mut self, creds: &HashMap<String, HotCred>) {
         let key = |id: &String| {
             creds
                 .get(id)
                 .map_or((i64::MAX, i64::MAX), |c| (c.priority, c.seq))
         };
-        self.by_priority = self.by_seq.clone();
-        self.by_priority.sort_by_key(key);
-        self.levels = self.by_priority.iter().map(|id| key(id).0).collect();
+        let mut keyed: Vec<((i64, i64), String)> =
+            self.by_seq.drain(..).map(|id| (key(&id), id)).collect();
+        // Stable, and nearly free on rows that come in creation order already.
+        keyed.sort_by_key(|(k, _)| k.1);
+        self.by_seq = keyed.iter().map(|(_, id)| id.clone()).collect();
+        keyed.sort_by_key(|(k, _)| *k);
+        self.levels = keyed.iter().map(|(k, _)| k.0).collect();
+        self.by_priority = keyed.into_iter().map(|(_, id)| id).collect();
     }
 
     /// Where (priority, seq) goes in `by_priority`.
@@ -331,9 +342,7 @@ fn build(
     }
     let Hot { creds, lists, .. } = &mut hot;
     for list in lists.values_mut() {
-        list.by_seq
-            .sort_by_key(|id| creds.get(id).map_or(i64::MAX, |c| c.seq));
-        list.order_by_priority(creds);
+        list.sort(creds);
     }
     hot
 }
@@ -365,16 +374,25 @@ fn open(sealer: &Sealer, id: &str, sealed: Vec<u8>) -> Option<(Vec<u8>, Secret)>
 }
 
 /// Make the mirror follow a management write (under the gate's write side, right after it).
+/// Returns how many credentials it read again.
 pub(in crate::store) async fn follow(
     writer: &SqlitePool,
     sealer: &Sealer,
     mirror: &Mutex<Hot>,
     touched: &Touched,
-) -> Result<()> {
+) -> Result<usize> {
+    let whole = || async {
+        load(writer, sealer, mirror).await?;
+        Ok(mirror.lock().unwrap_or_else(|p| p.into_inner()).creds.len())
+    };
     let (rows, reservations) = match touched {
-        Touched::Nothing => return Ok(()),
-        Touched::Everything => return load(writer, sealer, mirror).await,
+        Touched::Nothing => return Ok(0),
+        Touched::Everything => return whole().await,
         Touched::Credentials(ids) => {
+            let held = mirror.lock().unwrap_or_else(|p| p.into_inner()).creds.len();
+            if ids.len() >= MANY && ids.len().saturating_mul(2) > held {
+                return whole().await;
+            }
             let ids = serde_json::to_string(ids).expect("strings serialize");
             let rows = credential_rows!("WHERE c.id IN (SELECT value FROM json_each(?1))", ids)
                 .fetch_all(writer)
@@ -415,8 +433,9 @@ pub(in crate::store) async fn follow(
     ids.extend(rows.iter().map(|r| r.id.clone()));
     ids.sort_unstable();
     ids.dedup();
+    let read = rows.len();
     hot.replace(&ids, rows, reservations, sealer);
-    Ok(())
+    Ok(read)
 }
 
 /// Where a credential sits in its provider's lists.
@@ -453,14 +472,21 @@ impl Hot {
         // The credentials whose place in the lists changes, by provider.
         let mut moves: Vec<(&str, Option<Place>, Option<Place>)> = Vec::new();
         for id in ids {
+            let row = rows.get(id);
             let before = self.creds.get(id).and_then(|c| {
+                // A credential's provider never changes (its fingerprint is made with it), so
+                // only a deleted one's is looked up.
+                let provider = match row {
+                    Some(r) => r.provider.clone(),
+                    None => self.provider_of(id, c.seq)?,
+                };
                 Some(Place {
-                    provider: self.provider_of(id, c.seq)?,
+                    provider,
                     priority: c.priority,
                     seq: c.seq,
                 })
             });
-            let after = rows.get(id).map(|r| Place {
+            let after = row.map(|r| Place {
                 provider: r.provider.clone(),
                 priority: r.priority,
                 seq: r.seq,
@@ -584,9 +610,7 @@ impl Hot {
                         .filter(|&&i| here(&moves[i].2).is_some())
                         .map(|&i| moves[i].0.to_string()),
                 );
-                list.by_seq
-                    .sort_by_key(|id| creds.get(id).map_or(i64::MAX, |c| c.seq));
-                list.order_by_priority(creds);
+                list.sort(creds);
             }
             list.restore(&marks, seq_of);
             if list.by_seq.is_empty() {

@@ -15,9 +15,9 @@ mod mirror;
 
 pub(super) use db::LedgerDb;
 pub(super) use hot::Hot;
+pub(super) use mirror::{MANY, Touched, follow, load};
 #[cfg(debug_assertions)]
 pub(super) use mirror::{Snapshot, difference, snapshot};
-pub(super) use mirror::{Touched, follow, load};
 
 use super::requests::{Mark, Reservation, ReservationKind, ReserveRequestOwned, Unavailable};
 use super::{Result, StoreError};
