@@ -1,5 +1,5 @@
-//! Credentials: listing with the effective status, adding, updating, deleting (with a
-//! tombstone), and finding one by id or by token.
+//! Credentials: listing a page at a time with the effective status, adding, updating,
+//! deleting (with a tombstone), and finding one by id or by token.
 
 use super::audit::{self, AuditEntry};
 use super::ledger::Touched;
@@ -57,7 +57,8 @@ pub struct Page {
 /// A cursor's bytes before its MAC: priority, seq, then the provider (a short name).
 const CURSOR_FIXED: usize = 16;
 const CURSOR_MAC: usize = 16;
-/// Provider names are short; a longer cursor was not made here.
+/// Provider names are at most 64 bytes (`providers::valid_name`), so a cursor made here is at
+/// most 128 characters; a longer text is refused before it is decoded.
 const CURSOR_MAX_TEXT: usize = 200;
 
 /// A change through `PUT`: every field optional; `Some(None)` clears a nullable field.
