@@ -465,6 +465,17 @@ async fn round_robin_follows_every_kind_of_write_at_once() {
     )
     .await;
     assert_eq!(picks(&app, &names, 4).await, ["d", "c2", "e", "b"]);
+    // Expired (an API key cannot be refreshed), then not; a new label changes nothing.
+    let past = json!({"expires_at": "2020-01-01T00:00:00Z", "label": "c2"});
+    put(&app, &format!("{auths}?id=sk-c2"), past).await;
+    assert_eq!(picks(&app, &names, 3).await, ["d", "e", "b"]);
+    put(
+        &app,
+        &format!("{auths}?id=sk-c2"),
+        json!({"expires_at": null}),
+    )
+    .await;
+    assert_eq!(picks(&app, &names, 3).await, ["d", "c2", "e"]);
     app.stop().await;
 }
 
