@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The request-path benchmark: see bench/README.md. Prints one table.
+# `bench/run.sh scale` runs only the 100,000-credential part (management writes under load,
+# the default list); BIN=path runs another build of the server there (to compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE=${1:-all}
 DURATION=${DURATION:-10s}
+BIN=${BIN:-target/release/cliproxyapi}
 MOCK=127.0.0.1:18080; NGINX=127.0.0.1:18081; BARE=127.0.0.1:18082; SRV_PORT=18317
 command -v wrk >/dev/null && command -v nginx >/dev/null || {
     apt-get update -qq && apt-get install -y -qq wrk nginx-light >/dev/null
@@ -13,11 +17,12 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; nginx -p "$work" -c "$work/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-wait_port() { for _ in $(seq 1 500); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0; sleep 0.01; done; echo "nothing listens on $1" >&2; return 1; }
+wait_port() { for _ in $(seq 1 "${2:-500}"); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0; sleep 0.01; done; echo "nothing listens on $1" >&2; return 1; }
 
 target/release/examples/mock_upstream "$MOCK" & pids+=($!)
 wait_port "$MOCK"
 
+if [ "$MODE" = all ]; then
 # The same HTTP stack as cliproxyapi (axum, tokio, its upstream client) forwarding and nothing
 # more: the ceiling of the stack itself on this machine.
 target/release/examples/bare_proxy "$BARE" "http://$MOCK/v1" & pids+=($!)
@@ -45,6 +50,7 @@ http {
 NGINX
 nginx -p "$work" -c "$work/nginx.conf"
 wait_port "$NGINX"
+fi
 
 start_server() { # $1: folder
     cat > "$1/config.yaml" <<YAML
@@ -56,9 +62,9 @@ providers:
   openai: { base_url: "http://$MOCK/v1" }
 YAML
     local t0; t0=$(date +%s.%N)
-    target/release/cliproxyapi --config "$1/config.yaml" >"$1/server.log" 2>&1 & SRV=$!
+    "$BIN" --config "$1/config.yaml" >"$1/server.log" 2>&1 & SRV=$!
     pids+=($SRV)
-    wait_port "127.0.0.1:$SRV_PORT"
+    wait_port "127.0.0.1:$SRV_PORT" "${2:-500}"
     STARTUP_MS=$(printf '%.0f' "$(echo "($(date +%s.%N) - $t0) * 1000" | bc -l)")
 }
 
@@ -154,6 +160,125 @@ peak_mb() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
 row() { printf '| %-44s | %10s | %8s | %8s | %10s |\n' "$@"; }
 
+rss_mb() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+
+# Management writes beside the request path, with SCALE_CREDS (100,000) credentials of one
+# provider: wrk at SCALE_CONN (32) connections without and with a `PUT` of one credential
+# (priority and label) every 150 ms, alternated SCALE_ROUNDS (2) times; then the default list
+# (no query) repeated, and every page of the list followed by `next`; and the server's memory.
+scale_bench() {
+    local n=${SCALE_CREDS:-100000} conn=${SCALE_CONN:-32} rounds=${SCALE_ROUNDS:-2}
+    local home="$work/scale" url="http://127.0.0.1:$SRV_PORT/v1/chat/completions"
+    mkdir -p "$home/auths"
+    python3 - "$n" "$home/auths/openai.json" <<'PY'
+import json, sys
+n = int(sys.argv[1])
+with open(sys.argv[2], "w") as f:
+    json.dump([{"token": f"sk-bench-{i:06d}-abcdefghijklmnopqrstuvwxyz", "label": f"bench {i}"}
+               for i in range(n)], f)
+PY
+    start_server "$home" 30000   # imports the file as it starts
+    local start_ms=$STARTUP_MS start_rss; start_rss=$(rss_mb "$SRV")
+    cat > "$work/put_loop.py" <<'PY'
+import http.client, json, random, sys, time
+port, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+conn = http.client.HTTPConnection("127.0.0.1", int(port))
+with open(out, "w", buffering=1) as f:
+    i = 0
+    while True:
+        token = f"sk-bench-{random.randrange(n):06d}-abcdefghijklmnopqrstuvwxyz"
+        body = json.dumps({"priority": 100 + i % 2, "label": f"put {i}"})
+        t0 = time.perf_counter()
+        conn.request("PUT", f"/v0/management/auths/openai?id={token}", body,
+                     {"content-type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        f.write(f"{(time.perf_counter() - t0) * 1000:.3f} {r.status}\n")
+        i += 1
+        time.sleep(0.15)
+PY
+    stats() { # file of "ms status" lines -> "count p50 p99 non-200"
+        python3 - "$1" <<'PY'
+import sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+t = sorted(float(r[0]) for r in rows)
+bad = sum(1 for r in rows if r[1] != "200")
+pick = lambda p: t[min(len(t) - 1, int(len(t) * p))] if t else float("nan")
+print(f"{len(t)} {pick(0.5):.1f} {pick(0.99):.1f} {bad}")
+PY
+    }
+    echo
+    echo "Scale: $n credentials of one provider, round_robin, wrk at $conn connections for $DURATION; server $BIN"
+    echo
+    row "path" "requests/s" "p50 ms" "p99 ms" "PUTs: n, p50 / p99 ms"
+    row "---" "---" "---" "---" "---"
+    local diffs=()
+    for round in $(seq 1 "$rounds"); do
+        read -r rps0 p500 p990 < <(run_wrk "$url" "$conn")
+        row "round $round, no management writes" "$rps0" "$p500" "$p990" ""
+        python3 "$work/put_loop.py" "$SRV_PORT" "$n" "$work/puts.txt" & local putter=$!
+        read -r rps1 p501 p991 < <(run_wrk "$url" "$conn")
+        kill "$putter"; wait "$putter" 2>/dev/null || true
+        read -r puts put50 put99 putbad < <(stats "$work/puts.txt")
+        row "round $round, a PUT every 150 ms" "$rps1" "$p501" "$p991" "$puts, $put50 / $put99 (non-200: $putbad)"
+        diffs+=("$(echo "$p991 - $p990" | bc -l)")
+    done
+    local load_rss; load_rss=$(rss_mb "$SRV")
+    python3 - "$SRV_PORT" "$work/lists.txt" "$work/pages.txt" "${SCALE_LISTS:-200}" <<'PY'
+import http.client, json, sys, time
+port, lists, pages, repeat = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+conn = http.client.HTTPConnection("127.0.0.1", int(port))
+def get(path):
+    t0 = time.perf_counter()
+    conn.request("GET", path)
+    r = conn.getresponse()
+    body = r.read()
+    return (time.perf_counter() - t0) * 1000, r.status, body
+with open(lists, "w") as f:
+    for i in range(repeat):
+        ms, status, body = get("/v0/management/auths")
+        f.write(f"{ms:.3f} {status} {len(body)} {len(json.loads(body).get('auths', []))}\n")
+        if ms > 1000 and i >= 4:
+            break  # a build that answers everything at once: a few are enough
+def call(method, path, body):
+    t0 = time.perf_counter()
+    conn.request(method, path, body, {"content-type": "application/json"})
+    r = conn.getresponse()
+    r.read()
+    return f"{(time.perf_counter() - t0) * 1000:.0f} ms ({r.status})"
+with open(lists + ".bulk", "w") as f:
+    f.write(call("PUT", "/v0/management/auths/openai/quota", '{"limit": null}') + " / ")
+    f.write(call("POST", "/v0/management/auths/import", '{"rescan": true}') + "\n")
+with open(pages, "w") as f:
+    ms, status, body = get("/v0/management/auths?limit=1000")
+    page = json.loads(body)
+    f.write(f"{ms:.3f} {status}\n")
+    while "next" in page:
+        ms, status, body = get(f"/v0/management/auths?limit=1000&after={page['next']}")
+        page = json.loads(body)
+        f.write(f"{ms:.3f} {status}\n")
+PY
+    local list_rss; list_rss=$(rss_mb "$SRV")
+    read -r lists l50 l99 lbad < <(stats "$work/lists.txt")
+    read -r pages pg50 pg99 pgbad < <(stats "$work/pages.txt")
+    local bytes rows; read -r _ _ bytes rows < "$work/lists.txt"
+    echo
+    echo "| check | value | target (issue 10) |"
+    echo "| --- | --- | --- |"
+    echo "| p99 added by a PUT every 150 ms, per round | $(printf '%s ms ' "${diffs[@]}")| <= 20 ms |"
+    echo "| default list (no query): p50 / p99 over $lists calls | $l50 / $l99 ms ($rows rows, $bytes bytes; non-200: $lbad) | < 50 ms |"
+    echo "| every page at limit=1000, following next: pages, p50 / p99 | $pages, $pg50 / $pg99 ms (non-200: $pgbad) | |"
+    echo "| one quota PUT for all $n credentials / a rescan finding them unchanged (idle) | $(cat "$work/lists.txt.bulk") | |"
+    echo "| start to listening, importing $n credentials | $start_ms ms | |"
+    echo "| memory (VmRSS): after start / after the load runs / after the lists | $start_rss / $load_rss / $list_rss MB | |"
+    kill "$SRV"; wait "$SRV" 2>/dev/null || true
+}
+
+if [ "$MODE" = scale ]; then
+    scale_bench
+    exit 0
+fi
+
 echo
 row "path" "requests/s" "p50 ms" "p99 ms" "peak MB under load"
 row "---" "---" "---" "---" "---"
@@ -241,3 +366,5 @@ echo "| floor: 4 KB write + fdatasync here, back to back (p50 / p99) | $f_busy50
 echo "| floor: the same after 5 ms idle (p50 / p99) | $f_idle50 / $f_idle99 ms | |"
 echo "| floor: the same 0.5 ms apart, as one connection's commits (p50 / p99) | $f_paced50 / $f_paced99 ms | |"
 echo "| used in the database = usage the mock reported (3 / 10,000) | ${R[used_3]} = ${R[reported_3]} / ${R[used_10000]} = ${R[reported_10000]} | equal |"
+
+scale_bench

@@ -1,5 +1,6 @@
 //! Store benchmark: importing 10,000 credentials (one array file, and 1,000 files of 10) into a
-//! fresh database, re-importing them unchanged, and listing 100 of 10,000 over HTTP.
+//! fresh database, re-importing them unchanged, and listing pages of 100 of 10,000 over HTTP
+//! (following each page's `next` cursor).
 //!
 //! Run: `cargo bench --bench store` (a release build). Prints one table; no assertions, since
 //! timings belong in a benchmark and not in the test suite.
@@ -91,37 +92,33 @@ async fn bench_list() -> (Duration, Duration, Duration, Duration) {
     let client = reqwest::Client::new();
     let mut times = Vec::new();
     let mut filtered = Vec::new();
+    // Page after page, following `next` (and from the start again after the last page).
+    let mut next: [Option<String>; 2] = [None, None];
     for i in 0..300 {
-        let offset = (i * 97) % (N - 100);
-        let url = format!("{base}/v0/management/auths?limit=100&offset={offset}");
-        let started = Instant::now();
-        let body = client
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        let took = started.elapsed();
-        assert!(body.len() > 100 * 300);
-        if i >= 20 {
-            times.push(took);
-        }
-        let url = format!(
-            "{base}/v0/management/auths?provider=claude&status=active&limit=100&offset={offset}"
-        );
-        let started = Instant::now();
-        client
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        if i >= 20 {
-            filtered.push(started.elapsed());
+        for (k, query) in ["limit=100", "provider=claude&status=active&limit=100"]
+            .iter()
+            .enumerate()
+        {
+            let url = match &next[k] {
+                Some(after) => format!("{base}/v0/management/auths?{query}&after={after}"),
+                None => format!("{base}/v0/management/auths?{query}"),
+            };
+            let started = Instant::now();
+            let body = client
+                .get(&url)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let took = started.elapsed();
+            let page: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(page["auths"].as_array().unwrap().len(), 100, "{url}");
+            next[k] = page["next"].as_str().map(str::to_string);
+            if i >= 20 {
+                [&mut times, &mut filtered][k].push(took);
+            }
         }
     }
     times.sort();

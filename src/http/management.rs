@@ -9,7 +9,7 @@ use crate::crypto::Secret;
 use crate::domain::Status;
 use crate::import::{self, CredentialInput, check_label, check_priority, check_secret};
 use crate::quota::CounterTokens;
-use crate::store::{CredentialPatch, ImportMode, ListFilter, QuotaPatch};
+use crate::store::{CredentialPatch, DEFAULT_PAGE, ImportMode, ListFilter, MAX_PAGE, QuotaPatch};
 use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -55,7 +55,57 @@ pub struct ListQuery {
     provider: Option<String>,
     status: Option<String>,
     limit: Option<u32>,
-    offset: Option<u32>,
+    after: Option<String>,
+}
+
+/// Paging alone, for the lists of one provider.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    limit: Option<u32>,
+    after: Option<String>,
+}
+
+/// Set the page of `filter` (whose provider and status are set already: a cursor is bound to
+/// them) from `?limit=` (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]) and `?after=`.
+fn paged(state: &AppState, filter: &mut ListFilter, page: PageQuery) -> AppResult<()> {
+    filter.limit = match page.limit {
+        None => DEFAULT_PAGE,
+        Some(l) if (1..=MAX_PAGE).contains(&l) => l,
+        Some(l) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("Invalid query parameter `limit`: {l} is not between 1 and {MAX_PAGE}"),
+            ));
+        }
+    };
+    filter.after = match page.after {
+        None => None,
+        Some(text) => Some(state.store.parse_cursor(&text, filter).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                "Invalid query parameter `after`: not a `next` cursor of this list",
+            )
+        })?),
+    };
+    Ok(())
+}
+
+/// The response of a list: one page, and the cursor of the next when more rows follow.
+async fn list_page(
+    state: &AppState,
+    filter: &ListFilter,
+    provider: Option<&str>,
+) -> AppResult<axum::response::Response> {
+    let page = state.store.list(filter, state.now()).await?;
+    let next = page.next.map(|c| state.store.cursor_text(&c, filter));
+    Ok(axum::Json(view::credentials(
+        &state.config.config.auth.quota,
+        provider,
+        &page.rows,
+        next,
+    ))
+    .into_response())
 }
 
 pub async fn list(
@@ -76,33 +126,31 @@ pub async fn list(
             )
         })?),
     };
-    let filter = ListFilter {
+    let mut filter = ListFilter {
         provider: q.provider,
-        id: None,
         status,
-        limit: q.limit,
-        offset: q.offset.unwrap_or(0),
+        ..Default::default()
     };
-    let rows = state.store.list(&filter, state.now()).await?;
-    Ok(axum::Json(json!({
-        "auths": view::credentials(&state.config.config.auth.quota, &rows)
-    })))
+    let page = PageQuery {
+        limit: q.limit,
+        after: q.after,
+    };
+    paged(&state, &mut filter, page)?;
+    list_page(&state, &filter, None).await
 }
 
 pub async fn list_provider(
     State(state): State<Arc<AppState>>,
     Path(provider): Path<String>,
+    Query(page): Query<PageQuery>,
 ) -> AppResult<impl IntoResponse> {
     known_provider(&state, &provider)?;
-    let filter = ListFilter {
+    let mut filter = ListFilter {
         provider: Some(provider.clone()),
         ..Default::default()
     };
-    let rows = state.store.list(&filter, state.now()).await?;
-    Ok(axum::Json(json!({
-        "provider": provider,
-        "auths": view::credentials(&state.config.config.auth.quota, &rows)
-    })))
+    paged(&state, &mut filter, page)?;
+    list_page(&state, &filter, Some(&provider)).await
 }
 
 pub async fn add(
@@ -134,7 +182,8 @@ pub async fn add(
     Ok((
         StatusCode::CREATED,
         axum::Json(view::credential(&state.config.config.auth.quota, &row)),
-    ))
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,10 +292,7 @@ pub async fn update(
         "updated credential {} ({}) through the API from {}",
         row.id, row.provider, actor.0
     ));
-    Ok(axum::Json(view::credential(
-        &state.config.config.auth.quota,
-        &row,
-    )))
+    Ok(axum::Json(view::credential(&state.config.config.auth.quota, &row)).into_response())
 }
 
 pub async fn delete(
@@ -276,22 +322,34 @@ pub async fn delete(
 pub async fn quota(
     State(state): State<Arc<AppState>>,
     Path(provider): Path<String>,
+    Query(page): Query<PageQuery>,
 ) -> AppResult<impl IntoResponse> {
     known_provider(&state, &provider)?;
-    quota_view(&state, &provider).await
+    quota_view(&state, &provider, page).await
 }
 
-async fn quota_view(state: &AppState, provider: &str) -> AppResult<axum::Json<Value>> {
-    let filter = ListFilter {
+/// The provider's total over all its credentials, and a page of them (paged as the lists are).
+async fn quota_view(
+    state: &AppState,
+    provider: &str,
+    page: PageQuery,
+) -> AppResult<axum::response::Response> {
+    let mut filter = ListFilter {
         provider: Some(provider.to_string()),
         ..Default::default()
     };
-    let rows = state.store.list(&filter, state.now()).await?;
+    paged(state, &mut filter, page)?;
+    let total = state.store.quota_total(provider).await?;
+    let page = state.store.list(&filter, state.now()).await?;
+    let next = page.next.map(|c| state.store.cursor_text(&c, &filter));
     Ok(axum::Json(view::quota(
         &state.config.config.auth.quota,
         provider,
-        &rows,
-    )))
+        total,
+        &page.rows,
+        next,
+    ))
+    .into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -347,7 +405,7 @@ pub async fn set_quota(
             .unwrap_or_default(),
         if patch.reset { ", reset" } else { "" },
     ));
-    quota_view(&state, &provider).await
+    quota_view(&state, &provider, PageQuery::default()).await
 }
 
 pub async fn import(

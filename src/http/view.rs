@@ -1,81 +1,169 @@
 //! The JSON representation of credentials and quotas (contract section 4). Built from rows
-//! that never hold a secret, so no response can carry a token in clear.
+//! that never hold a secret, so no response can carry a token in clear. Each view borrows its
+//! row and is serialized straight into the response body: a page of a list builds no
+//! intermediate JSON values.
 
 use crate::config::QuotaConfig;
 use crate::domain::{CredentialRow, Status, rfc3339};
+use crate::store::QuotaTotal;
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
+use serde::{Serialize, Serializer};
 
-fn time(t: Option<DateTime<Utc>>) -> Value {
-    t.map(|t| Value::from(rfc3339(t))).unwrap_or(Value::Null)
+/// A time as the API shows it (RFC 3339, or null).
+struct Time(Option<DateTime<Utc>>);
+
+impl Serialize for Time {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(t) => s.serialize_str(&rfc3339(t)),
+            None => s.serialize_none(),
+        }
+    }
 }
 
-fn next_reset(quota: &QuotaConfig, row: &CredentialRow) -> Value {
-    time(quota.schedule(&row.provider).next_reset(row.period_start))
+fn next_reset(quota: &QuotaConfig, row: &CredentialRow) -> Time {
+    Time(quota.schedule(&row.provider).next_reset(row.period_start))
 }
 
-pub fn credential(quota: &QuotaConfig, row: &CredentialRow) -> Value {
-    json!({
-        "id": row.id,
-        "provider": row.provider,
-        "type": row.kind.as_str(),
-        "label": row.label,
-        "token_preview": row.token_preview,
-        "priority": row.priority,
-        "disabled": row.status == Status::Disabled,
-        "quota": {
-            "limit": row.limit,
-            "used": row.used,
-            "remaining": row.remaining(),
-            "reserved": row.reserved,
-            "period_start": rfc3339(row.period_start),
-            "next_reset": next_reset(quota, row),
+/// A credential's counters.
+#[derive(Serialize)]
+pub struct Counters {
+    limit: Option<u64>,
+    used: u64,
+    remaining: Option<u64>,
+    reserved: u64,
+    period_start: Time,
+    next_reset: Time,
+}
+
+impl Counters {
+    fn of(quota: &QuotaConfig, row: &CredentialRow) -> Counters {
+        Counters {
+            limit: row.limit,
+            used: row.used,
+            remaining: row.remaining(),
+            reserved: row.reserved,
+            period_start: Time(Some(row.period_start)),
+            next_reset: next_reset(quota, row),
+        }
+    }
+}
+
+/// A credential as the API shows it.
+#[derive(Serialize)]
+pub struct Credential<'a> {
+    id: &'a str,
+    provider: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    label: Option<&'a str>,
+    token_preview: &'a str,
+    priority: i64,
+    disabled: bool,
+    quota: Counters,
+    status: &'static str,
+    status_reason: Option<&'a str>,
+    expires_at: Time,
+    cooldown_until: Time,
+    last_used_at: Time,
+    last_refresh_at: Time,
+    source: &'a str,
+    created_at: Time,
+    updated_at: Time,
+}
+
+pub fn credential<'a>(quota: &QuotaConfig, row: &'a CredentialRow) -> Credential<'a> {
+    Credential {
+        id: &row.id,
+        provider: &row.provider,
+        kind: row.kind.as_str(),
+        label: row.label.as_deref(),
+        token_preview: &row.token_preview,
+        priority: row.priority,
+        disabled: row.status == Status::Disabled,
+        quota: Counters::of(quota, row),
+        status: row.status.as_str(),
+        status_reason: row.status_reason.as_deref(),
+        expires_at: Time(row.expires_at),
+        cooldown_until: Time(row.cooldown_until),
+        last_used_at: Time(row.last_used_at),
+        last_refresh_at: Time(row.last_refresh_at),
+        source: &row.source,
+        created_at: Time(Some(row.created_at)),
+        updated_at: Time(Some(row.updated_at)),
+    }
+}
+
+/// A page of credentials: `{"provider"?, "auths": [...], "next"?}`.
+#[derive(Serialize)]
+pub struct CredentialPage<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider: Option<&'a str>,
+    auths: Vec<Credential<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+pub fn credentials<'a>(
+    quota: &QuotaConfig,
+    provider: Option<&'a str>,
+    rows: &'a [CredentialRow],
+    next: Option<String>,
+) -> CredentialPage<'a> {
+    CredentialPage {
+        provider,
+        auths: rows.iter().map(|r| credential(quota, r)).collect(),
+        next,
+    }
+}
+
+/// One credential's line in the quota view.
+#[derive(Serialize)]
+pub struct QuotaLine<'a> {
+    id: &'a str,
+    #[serde(flatten)]
+    counters: Counters,
+}
+
+/// `GET .../{provider}/quota`: the provider's total (over all its credentials) and a page of
+/// per-credential counters.
+#[derive(Serialize)]
+pub struct Quota<'a> {
+    provider: &'a str,
+    total: QuotaTotalView,
+    credentials: Vec<QuotaLine<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+#[derive(Serialize)]
+struct QuotaTotalView {
+    limit: Option<u64>,
+    used: u64,
+    remaining: Option<u64>,
+}
+
+pub fn quota<'a>(
+    quota: &QuotaConfig,
+    provider: &'a str,
+    total: QuotaTotal,
+    rows: &'a [CredentialRow],
+    next: Option<String>,
+) -> Quota<'a> {
+    Quota {
+        provider,
+        total: QuotaTotalView {
+            limit: total.limit,
+            used: total.used,
+            remaining: total.remaining,
         },
-        "status": row.status.as_str(),
-        "status_reason": row.status_reason,
-        "expires_at": time(row.expires_at),
-        "cooldown_until": time(row.cooldown_until),
-        "last_used_at": time(row.last_used_at),
-        "last_refresh_at": time(row.last_refresh_at),
-        "source": row.source,
-        "created_at": rfc3339(row.created_at),
-        "updated_at": rfc3339(row.updated_at),
-    })
-}
-
-pub fn credentials(quota: &QuotaConfig, rows: &[CredentialRow]) -> Vec<Value> {
-    rows.iter().map(|r| credential(quota, r)).collect()
-}
-
-/// `GET .../{provider}/quota`: per-credential counters and the provider's total. The total
-/// limit is unlimited (null) as soon as one credential is.
-pub fn quota(quota: &QuotaConfig, provider: &str, rows: &[CredentialRow]) -> Value {
-    let used: u64 = rows.iter().fold(0u64, |acc, r| acc.saturating_add(r.used));
-    let limit: Option<u64> = rows
-        .iter()
-        .map(|r| r.limit)
-        .try_fold(0u64, |acc, l| l.map(|l| acc.saturating_add(l)));
-    let remaining: Option<u64> = rows
-        .iter()
-        .map(|r| r.remaining())
-        .try_fold(0u64, |acc, l| l.map(|l| acc.saturating_add(l)));
-    let credentials: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            json!({
-                "id": r.id,
-                "limit": r.limit,
-                "used": r.used,
-                "remaining": r.remaining(),
-                "reserved": r.reserved,
-                "period_start": rfc3339(r.period_start),
-                "next_reset": next_reset(quota, r),
+        credentials: rows
+            .iter()
+            .map(|r| QuotaLine {
+                id: &r.id,
+                counters: Counters::of(quota, r),
             })
-        })
-        .collect();
-    json!({
-        "provider": provider,
-        "total": { "limit": limit, "used": used, "remaining": remaining },
-        "credentials": credentials,
-    })
+            .collect(),
+        next,
+    }
 }

@@ -1,23 +1,65 @@
-//! Credentials: listing with the effective status, adding, updating, deleting (with a
-//! tombstone), and finding one by id or by token.
+//! Credentials: listing a page at a time with the effective status, adding, updating,
+//! deleting (with a tombstone), and finding one by id or by token.
 
 use super::audit::{self, AuditEntry};
-use super::{Result, Store, StoreError, is_unique_violation, new_credential_id};
+use super::ledger::Touched;
+use super::{Result, Store, StoreError, Written, is_unique_violation, new_credential_id};
 use crate::crypto::{Field, Secret, token_preview};
 use crate::domain::{CredentialKind, CredentialRow, NewCredential, Status, from_unix};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::SqliteConnection;
 
-/// Which credentials to list. `None` means no filter; paging defaults to everything.
-#[derive(Debug, Clone, Default)]
+/// Rows in a page of a list when the client names no `limit`.
+pub const DEFAULT_PAGE: u32 = 500;
+/// The most rows a page may hold.
+pub const MAX_PAGE: u32 = 1000;
+
+/// Which credentials to list, and which page of them.
+#[derive(Debug, Clone)]
 pub struct ListFilter {
     pub provider: Option<String>,
-    pub id: Option<String>,
     pub status: Option<Status>,
-    pub limit: Option<u32>,
-    pub offset: u32,
+    /// Rows per page, 1 to [`MAX_PAGE`] (clamped there).
+    pub limit: u32,
+    /// Where the previous page ended.
+    pub after: Option<Cursor>,
 }
+
+impl Default for ListFilter {
+    fn default() -> Self {
+        ListFilter {
+            provider: None,
+            status: None,
+            limit: DEFAULT_PAGE,
+            after: None,
+        }
+    }
+}
+
+/// A place in the list order (provider, priority, creation): the last row of a page, from
+/// which the next page starts. Lists page by this key rather than by an offset, so a page
+/// costs the same wherever it is, and rows added or removed meanwhile do not shift the pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    provider: String,
+    priority: i64,
+    seq: i64,
+}
+
+/// One page of a list; `next` is where the following page starts, when more rows follow.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub rows: Vec<CredentialRow>,
+    pub next: Option<Cursor>,
+}
+
+/// A cursor's bytes before its MAC: priority, seq, then the provider (a short name).
+const CURSOR_FIXED: usize = 16;
+const CURSOR_MAC: usize = 16;
+/// Provider names are at most 64 bytes (`providers::valid_name`), so a cursor made here is at
+/// most 128 characters; a longer text is refused before it is decoded.
+const CURSOR_MAX_TEXT: usize = 200;
 
 /// A change through `PUT`: every field optional; `Some(None)` clears a nullable field.
 #[derive(Debug, Default)]
@@ -66,22 +108,67 @@ fn status_reason(row: &CredentialRow, stored_reason: Option<String>) -> Option<S
     }
 }
 
-impl Store {
-    /// List credentials with their counters and effective status at `now`, ordered by
-    /// provider, priority and creation.
-    pub async fn list(
-        &self,
-        filter: &ListFilter,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<CredentialRow>> {
-        let now = now.timestamp();
-        let status = filter.status.map(Status::as_str);
-        let limit: i64 = filter.limit.map(i64::from).unwrap_or(-1);
-        let offset = i64::from(filter.offset);
-        // The status expression appears twice (select and filter); it must stay the same in
-        // both. `?6` is now.
-        let rows = sqlx::query!(
-            r#"SELECT c.id, c.provider, c.kind, c.label, c.token_preview, c.priority,
+/// A credential row as the list query reads it.
+struct ListRecord {
+    seq: i64,
+    id: String,
+    provider: String,
+    kind: String,
+    label: Option<String>,
+    token_preview: String,
+    priority: i64,
+    state_reason: Option<String>,
+    expires_at: Option<i64>,
+    cooldown_until: Option<i64>,
+    last_used_at: Option<i64>,
+    last_refresh_at: Option<i64>,
+    source: String,
+    created_at: i64,
+    updated_at: i64,
+    limit_tokens: Option<i64>,
+    used: i64,
+    period_start: i64,
+    reserved: i64,
+    status: String,
+}
+
+impl ListRecord {
+    fn into_row(self) -> CredentialRow {
+        let mut row = CredentialRow {
+            id: self.id,
+            provider: self.provider,
+            kind: CredentialKind::parse(&self.kind).unwrap_or(CredentialKind::ApiKey),
+            label: self.label,
+            token_preview: self.token_preview,
+            priority: self.priority,
+            status: Status::parse(&self.status).unwrap_or(Status::Active),
+            status_reason: None,
+            limit: self.limit_tokens.map(|l| l.max(0) as u64),
+            used: self.used.max(0) as u64,
+            reserved: self.reserved.max(0) as u64,
+            period_start: from_unix(self.period_start),
+            expires_at: opt_time(self.expires_at),
+            cooldown_until: opt_time(self.cooldown_until),
+            last_used_at: opt_time(self.last_used_at),
+            last_refresh_at: opt_time(self.last_refresh_at),
+            source: self.source,
+            created_at: from_unix(self.created_at),
+            updated_at: from_unix(self.updated_at),
+        };
+        row.status_reason = status_reason(&row, self.state_reason);
+        row
+    }
+}
+
+/// The list query, with `$keyset` (a string literal over parameters from `?4`) choosing which
+/// rows: one text for every shape, so the status rule is written here only. It appears twice
+/// (the column and the filter) and must stay the same in both. `?1` is the status filter,
+/// `?2` now, `?3` the most rows.
+macro_rules! list_rows {
+    ($keyset:tt, $status:expr, $now:expr, $limit:expr $(, $arg:expr)*) => {
+        sqlx::query_as!(
+            ListRecord,
+            r#"SELECT c.seq, c.id, c.provider, c.kind, c.label, c.token_preview, c.priority,
                       c.state_reason, c.expires_at, c.cooldown_until, q.last_used_at,
                       c.last_refresh_at, c.source, c.created_at, c.updated_at,
                       q.limit_tokens, q.used, q.period_start,
@@ -89,82 +176,176 @@ impl Store {
                       CASE WHEN c.disabled THEN 'disabled'
                            WHEN c.state = 'invalid' THEN 'invalid'
                            WHEN c.state = 'expired'
-                                OR (c.expires_at IS NOT NULL AND c.expires_at <= ?6
+                                OR (c.expires_at IS NOT NULL AND c.expires_at <= ?2
                                     AND c.refresh_token_sealed IS NULL) THEN 'expired'
                            WHEN c.state = 'exhausted'
                                 OR (q.limit_tokens IS NOT NULL AND q.used >= q.limit_tokens)
                                 THEN 'exhausted'
-                           WHEN c.cooldown_until IS NOT NULL AND c.cooldown_until > ?6
+                           WHEN c.cooldown_until IS NOT NULL AND c.cooldown_until > ?2
                                 THEN 'cooldown'
                            ELSE 'active' END AS "status!: String"
                FROM credentials c JOIN quotas q ON q.credential_id = c.id
                LEFT JOIN (SELECT credential_id, SUM(tokens) AS reserved FROM reservations
                           GROUP BY credential_id) r ON r.credential_id = c.id
-               WHERE (?1 IS NULL OR c.provider = ?1)
-                 AND (?2 IS NULL OR c.id = ?2)
-                 AND (?3 IS NULL OR ?3 =
+               WHERE "# + $keyset + r#"
+                 AND (?1 IS NULL OR ?1 =
                       CASE WHEN c.disabled THEN 'disabled'
                            WHEN c.state = 'invalid' THEN 'invalid'
                            WHEN c.state = 'expired'
-                                OR (c.expires_at IS NOT NULL AND c.expires_at <= ?6
+                                OR (c.expires_at IS NOT NULL AND c.expires_at <= ?2
                                     AND c.refresh_token_sealed IS NULL) THEN 'expired'
                            WHEN c.state = 'exhausted'
                                 OR (q.limit_tokens IS NOT NULL AND q.used >= q.limit_tokens)
                                 THEN 'exhausted'
-                           WHEN c.cooldown_until IS NOT NULL AND c.cooldown_until > ?6
+                           WHEN c.cooldown_until IS NOT NULL AND c.cooldown_until > ?2
                                 THEN 'cooldown'
                            ELSE 'active' END)
                ORDER BY c.provider, c.priority, c.seq
-               LIMIT ?4 OFFSET ?5"#,
-            filter.provider,
-            filter.id,
-            status,
-            limit,
-            offset,
-            now
+               LIMIT ?3"#,
+            $status,
+            $now,
+            $limit
+            $(, $arg)*
         )
-        .fetch_all(&self.reader)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let mut row = CredentialRow {
-                    id: r.id,
-                    provider: r.provider,
-                    kind: CredentialKind::parse(&r.kind).unwrap_or(CredentialKind::ApiKey),
-                    label: r.label,
-                    token_preview: r.token_preview,
-                    priority: r.priority,
-                    status: Status::parse(&r.status).unwrap_or(Status::Active),
-                    status_reason: None,
-                    limit: r.limit_tokens.map(|l| l.max(0) as u64),
-                    used: r.used.max(0) as u64,
-                    reserved: r.reserved.max(0) as u64,
-                    period_start: from_unix(r.period_start),
-                    expires_at: opt_time(r.expires_at),
-                    cooldown_until: opt_time(r.cooldown_until),
-                    last_used_at: opt_time(r.last_used_at),
-                    last_refresh_at: opt_time(r.last_refresh_at),
-                    source: r.source,
-                    created_at: from_unix(r.created_at),
-                    updated_at: from_unix(r.updated_at),
-                };
-                row.status_reason = status_reason(&row, r.state_reason);
-                row
+    };
+}
+
+impl Store {
+    /// One page of credentials with their counters and effective status at `now`, ordered by
+    /// provider, priority and creation. A page past a cursor reads the rest of the cursor's
+    /// priority level, then the levels after it: each an index range, so no page scans the
+    /// rows before it (a status filter reads rows until the page is full).
+    pub async fn list(&self, filter: &ListFilter, now: DateTime<Utc>) -> Result<Page> {
+        let status = filter.status.map(Status::as_str);
+        let ts = now.timestamp();
+        let limit = filter.limit.clamp(1, MAX_PAGE) as usize;
+        // One row more than the page, to know whether another page follows.
+        let want = limit + 1;
+        let mut records = match &filter.after {
+            Some(c) => {
+                list_rows!(
+                    "c.provider = ?4 AND c.priority = ?5 AND c.seq > ?6",
+                    status,
+                    ts,
+                    want as i64,
+                    c.provider,
+                    c.priority,
+                    c.seq
+                )
+                .fetch_all(&self.reader)
+                .await?
+            }
+            None => Vec::new(),
+        };
+        if records.len() < want {
+            // Priorities are within `import::PRIORITY_RANGE`, so i64::MIN is below them all.
+            let priority = filter.after.as_ref().map_or(i64::MIN, |c| c.priority);
+            let more = (want - records.len()) as i64;
+            let rest = match (&filter.provider, &filter.after) {
+                (Some(p), _) => {
+                    list_rows!(
+                        "c.provider = ?4 AND c.priority > ?5",
+                        status,
+                        ts,
+                        more,
+                        p,
+                        priority
+                    )
+                    .fetch_all(&self.reader)
+                    .await?
+                }
+                (None, after) => {
+                    let provider = after.as_ref().map_or("", |c| c.provider.as_str());
+                    list_rows!(
+                        "(c.provider, c.priority) > (?4, ?5)",
+                        status,
+                        ts,
+                        more,
+                        provider,
+                        priority
+                    )
+                    .fetch_all(&self.reader)
+                    .await?
+                }
+            };
+            records.extend(rest);
+        }
+        let next = if records.len() > limit {
+            records.truncate(limit);
+            records.last().map(|r| Cursor {
+                provider: r.provider.clone(),
+                priority: r.priority,
+                seq: r.seq,
             })
-            .collect())
+        } else {
+            None
+        };
+        Ok(Page {
+            rows: records.into_iter().map(ListRecord::into_row).collect(),
+            next,
+        })
     }
 
     /// One credential by id.
     pub async fn get(&self, id: &str, now: DateTime<Utc>) -> Result<CredentialRow> {
-        let filter = ListFilter {
-            id: Some(id.to_string()),
-            ..Default::default()
-        };
-        self.list(&filter, now)
+        list_rows!("c.id = ?4", None::<&str>, now.timestamp(), 1i64, id)
+            .fetch_optional(&self.reader)
             .await?
-            .pop()
+            .map(ListRecord::into_row)
             .ok_or(StoreError::NotFound)
+    }
+
+    /// The text of `cursor` for the client: opaque, and bound by a MAC to this database and to
+    /// the list's filter, so that a cursor changed or carried to another list is refused.
+    pub fn cursor_text(&self, cursor: &Cursor, filter: &ListFilter) -> String {
+        use base64::Engine;
+        let mut bytes = Vec::with_capacity(CURSOR_FIXED + cursor.provider.len() + CURSOR_MAC);
+        bytes.extend_from_slice(&cursor.priority.to_be_bytes());
+        bytes.extend_from_slice(&cursor.seq.to_be_bytes());
+        bytes.extend_from_slice(cursor.provider.as_bytes());
+        let mac = self.cursor_mac(&bytes, filter);
+        bytes.extend_from_slice(&mac);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// The cursor a [`Store::cursor_text`] made for the same filter, or `None`.
+    pub fn parse_cursor(&self, text: &str, filter: &ListFilter) -> Option<Cursor> {
+        use base64::Engine;
+        use subtle::ConstantTimeEq;
+        if text.len() > CURSOR_MAX_TEXT {
+            return None;
+        }
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text)
+            .ok()?;
+        let split = bytes.len().checked_sub(CURSOR_MAC)?;
+        if split < CURSOR_FIXED {
+            return None;
+        }
+        let (body, mac) = bytes.split_at(split);
+        if !bool::from(self.cursor_mac(body, filter).ct_eq(mac)) {
+            return None;
+        }
+        let (numbers, provider) = body.split_at(CURSOR_FIXED);
+        let number = |i: usize| i64::from_be_bytes(numbers[i..i + 8].try_into().expect("8 bytes"));
+        Some(Cursor {
+            priority: number(0),
+            seq: number(8),
+            provider: String::from_utf8(provider.to_vec()).ok()?,
+        })
+    }
+
+    fn cursor_mac(&self, body: &[u8], filter: &ListFilter) -> [u8; CURSOR_MAC] {
+        let scope = json!([
+            "list cursor",
+            filter.provider,
+            filter.status.map(Status::as_str),
+            crate::crypto::to_hex(body),
+        ]);
+        let mac = self.fingerprinter.content(scope.to_string().as_bytes());
+        let mut out = [0u8; CURSOR_MAC];
+        out.copy_from_slice(&mac[..CURSOR_MAC]);
+        out
     }
 
     /// The ids of a provider's credentials, in list order.
@@ -205,8 +386,10 @@ impl Store {
         actor: &str,
         now: DateTime<Utc>,
     ) -> Result<CredentialRow> {
-        self.exclusive(self.add_locked(new, source, actor, now))
-            .await
+        let id = self
+            .exclusive(self.add_locked(new, source, actor, now))
+            .await?;
+        self.get(&id, now).await
     }
 
     /// Apply a `PUT` (see `update_locked`).
@@ -217,16 +400,15 @@ impl Store {
         actor: &str,
         now: DateTime<Utc>,
     ) -> Result<CredentialRow> {
-        let row = self
-            .exclusive(self.update_locked(id, patch, actor, now))
+        self.exclusive(self.update_locked(id, patch, actor, now))
             .await?;
         if patch.token.is_some() || patch.refresh_token.is_some() {
             self.forget_old_secrets().await;
         }
-        Ok(row)
+        self.get(id, now).await
     }
 
-    /// Delete a credential (see `delete_locked`).
+    /// Delete a credential (see `delete_locked`); returns it as it was just before.
     pub async fn delete(&self, id: &str, actor: &str, now: DateTime<Utc>) -> Result<CredentialRow> {
         let row = self.exclusive(self.delete_locked(id, actor, now)).await?;
         self.forget_old_secrets().await;
@@ -241,7 +423,7 @@ impl Store {
         source: &str,
         actor: &str,
         now: DateTime<Utc>,
-    ) -> Result<CredentialRow> {
+    ) -> Result<Written<String>> {
         let fp = new.fingerprint(&self.fingerprinter);
         let mut tx = self.begin_write().await?;
         if let Some(id) = find_by_fingerprint(&mut tx, &fp).await? {
@@ -264,7 +446,8 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        self.get(&id, now).await
+        let touched = Touched::credential(&id);
+        Ok(Written::new(id, touched))
     }
 
     /// Insert a new credential and its counter inside `conn`'s transaction; returns its id.
@@ -371,7 +554,7 @@ impl Store {
         patch: &CredentialPatch,
         actor: &str,
         now: DateTime<Utc>,
-    ) -> Result<CredentialRow> {
+    ) -> Result<Written<()>> {
         let mut tx = self.begin_write().await?;
         let current = sqlx::query!(
             r#"SELECT provider, kind, fingerprint,
@@ -473,7 +656,7 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        self.get(id, now).await
+        Ok(Written::new((), Touched::credential(id)))
     }
 
     /// Delete a credential (its counter and reservations go with it) and leave a tombstone so
@@ -483,7 +666,7 @@ impl Store {
         id: &str,
         actor: &str,
         now: DateTime<Utc>,
-    ) -> Result<CredentialRow> {
+    ) -> Result<Written<CredentialRow>> {
         let row = self.get(id, now).await?;
         let mut tx = self.begin_write().await?;
         let fp = sqlx::query_scalar!(
@@ -517,7 +700,7 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        Ok(row)
+        Ok(Written::new(row, Touched::credential(id)))
     }
 }
 

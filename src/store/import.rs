@@ -5,7 +5,8 @@
 
 use super::audit::{self, AuditEntry};
 use super::credentials::insert_quotas;
-use super::{Result, Store};
+use super::ledger::Touched;
+use super::{Result, Store, Written};
 use crate::crypto::to_hex;
 use crate::crypto::token_preview;
 use crate::import::{Batch, Entry, ImportError};
@@ -91,11 +92,30 @@ impl Store {
         dry_run: bool,
         now: DateTime<Utc>,
     ) -> Result<ImportReport> {
+        let large = batch.entries.len() >= super::ledger::MANY;
         let report = self
-            .exclusive(self.import_locked(batch, mode, actor, dry_run, now))
+            .exclusive(async {
+                let report = self.import_locked(batch, mode, actor, dry_run, now).await?;
+                let touched = if dry_run {
+                    Touched::Nothing
+                } else {
+                    Touched::Credentials(
+                        report
+                            .changes
+                            .iter()
+                            .map(|c| c.credential_id.clone())
+                            .collect(),
+                    )
+                };
+                Ok(Written::new(report, touched))
+            })
             .await?;
         if report.updated > 0 && !dry_run {
             self.forget_old_secrets().await;
+        }
+        if large {
+            // What reading and matching the entries allocated is free now.
+            super::release_freed_memory();
         }
         Ok(report)
     }

@@ -2,7 +2,8 @@
 //! is one UPDATE over the chosen counters, in one transaction with its audit row.
 
 use super::audit::{self, AuditEntry};
-use super::{Result, Store, StoreError};
+use super::ledger::Touched;
+use super::{Result, Store, StoreError, Written};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
@@ -14,7 +15,51 @@ pub struct QuotaPatch {
     pub reset: bool,
 }
 
+/// A provider's quota summed over its credentials: `limit` and `remaining` are unlimited
+/// (`None`) as soon as one credential is; sums saturate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaTotal {
+    pub limit: Option<u64>,
+    pub used: u64,
+    pub remaining: Option<u64>,
+}
+
+/// A sum read as its high and low 32 bits, joined (saturating at `u64::MAX`).
+fn joined(high: i64, low: i64) -> u64 {
+    let sum = (u128::from(high.max(0) as u64) << 32) + u128::from(low.max(0) as u64);
+    u64::try_from(sum).unwrap_or(u64::MAX)
+}
+
 impl Store {
+    /// The quota of all of `provider`'s credentials, summed in the database rather than over
+    /// rows read out (100,000 of them with one provider). SQLite's SUM fails past 2^63, which
+    /// 10,000 counters at their bound (10^15) pass, so each counter is summed as two 32-bit
+    /// halves that cannot reach it.
+    pub async fn quota_total(&self, provider: &str) -> Result<QuotaTotal> {
+        let r = sqlx::query!(
+            r#"SELECT COUNT(*) AS "credentials!: i64",
+                      COUNT(q.limit_tokens) AS "limited!: i64",
+                      COALESCE(SUM(q.used >> 32), 0) AS "used_high!: i64",
+                      COALESCE(SUM(q.used & 4294967295), 0) AS "used_low!: i64",
+                      COALESCE(SUM(q.limit_tokens >> 32), 0) AS "limit_high!: i64",
+                      COALESCE(SUM(q.limit_tokens & 4294967295), 0) AS "limit_low!: i64",
+                      COALESCE(SUM(MAX(q.limit_tokens - q.used, 0) >> 32), 0) AS "left_high!: i64",
+                      COALESCE(SUM(MAX(q.limit_tokens - q.used, 0) & 4294967295), 0)
+                          AS "left_low!: i64"
+               FROM credentials c JOIN quotas q ON q.credential_id = c.id
+               WHERE c.provider = ?"#,
+            provider
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        let limited = r.limited == r.credentials;
+        Ok(QuotaTotal {
+            limit: limited.then(|| joined(r.limit_high, r.limit_low)),
+            used: joined(r.used_high, r.used_low),
+            remaining: limited.then(|| joined(r.left_high, r.left_low)),
+        })
+    }
+
     /// Apply a quota change (see `set_quota_locked`).
     pub async fn set_quota(
         &self,
@@ -37,7 +82,7 @@ impl Store {
         patch: &QuotaPatch,
         actor: &str,
         now: DateTime<Utc>,
-    ) -> Result<u64> {
+    ) -> Result<Written<u64>> {
         let ts = now.timestamp();
         let period_start = self.period_start(provider, now);
         let set_limit = patch.limit.is_some();
@@ -95,6 +140,10 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        Ok(changed)
+        let touched = match id {
+            Some(id) => Touched::credential(id),
+            None => Touched::Provider(provider.to_string()),
+        };
+        Ok(Written::new(changed, touched))
     }
 }

@@ -287,7 +287,7 @@ impl Store {
                 .collect();
             audit::record_all(&mut tx, &entries).await?;
             tx.commit().await?;
-            Ok((dead.len() as u64, tokens))
+            Ok(super::Written::everything((dead.len() as u64, tokens)))
         })
         .await
     }

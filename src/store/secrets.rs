@@ -603,7 +603,9 @@ impl Store {
     /// Re-seal every stored secret under `to` and replace the fingerprint key (see
     /// `rekey_locked`), then checkpoint so no value under the old key stays on disk.
     pub async fn rekey(&self, to: &Encryption) -> Result<usize> {
-        let count = self.exclusive(self.rekey_locked(to)).await?;
+        let count = self
+            .exclusive(async { Ok(super::Written::everything(self.rekey_locked(to).await?)) })
+            .await?;
         self.forget_old_secrets().await;
         Ok(count)
     }

@@ -223,10 +223,20 @@ pub trait Api {
     async fn delete(&self, path: &str) -> Resp {
         self.call("DELETE", path, None).await
     }
+    /// Every credential, following the list's `next` cursor page by page.
     async fn auths(&self) -> Vec<Value> {
-        let r = self.get("/v0/management/auths").await;
-        assert_eq!(r.status, 200, "{}", r.text);
-        r.json()["auths"].as_array().unwrap().clone()
+        let mut all = Vec::new();
+        let mut path = "/v0/management/auths?limit=1000".to_string();
+        loop {
+            let r = self.get(&path).await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            let page = r.json();
+            all.extend(page["auths"].as_array().unwrap().iter().cloned());
+            match page["next"].as_str() {
+                Some(next) => path = format!("/v0/management/auths?limit=1000&after={next}"),
+                None => return all,
+            }
+        }
     }
 }
 

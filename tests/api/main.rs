@@ -16,6 +16,7 @@ mod operations;
 mod persistence;
 mod proxy;
 mod raw;
+mod scale;
 #[cfg(feature = "sdk-tests")]
 mod sdk;
 mod secrets;

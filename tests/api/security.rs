@@ -465,14 +465,20 @@ async fn a_wrong_or_missing_key_stops_the_start_and_changes_nothing() {
 async fn statuses(home: &Home, key: &str) -> Option<Vec<String>> {
     let env = [("CLIPROXY__AUTH__ENCRYPTION__KEY", key)];
     let app = home.build(&env, Arc::new(Utc::now)).await.ok()?;
-    let rows = app
-        .state()
-        .store
-        .list(&Default::default(), Utc::now())
-        .await
-        .unwrap();
-    app.state().store.close().await;
-    Some(rows.iter().map(|r| r.status.as_str().to_string()).collect())
+    let state = app.state();
+    let store = &state.store;
+    let mut filter = cliproxyapi::store::ListFilter::default();
+    let mut statuses = Vec::new();
+    loop {
+        let page = store.list(&filter, Utc::now()).await.unwrap();
+        statuses.extend(page.rows.iter().map(|r| r.status.as_str().to_string()));
+        match page.next {
+            Some(next) => filter.after = Some(next),
+            None => break,
+        }
+    }
+    store.close().await;
+    Some(statuses)
 }
 
 #[tokio::test]

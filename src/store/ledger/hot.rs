@@ -1,20 +1,18 @@
 //! The ledger's in-memory mirror of the counters and usable credentials: what a group decides
 //! on, so that picking a credential is a cursor step rather than a query.
 
-use super::super::Result;
 use super::super::requests::{ReservationKind, Unavailable};
 use crate::config::SelectionStrategy;
-use crate::crypto::{Sealer, Secret};
+use crate::crypto::Secret;
 use crate::quota::ResetSchedule;
 use crate::selection;
-use sqlx::SqlitePool;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// The most a counter holds ([`crate::quota::MAX_COUNTER_TOKENS`]), as the mirror's integers.
 pub(super) const MAX_COUNTER: i64 = crate::quota::MAX_COUNTER_TOKENS as i64;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct HotCred {
     pub(super) seq: i64,
     pub(super) priority: i64,
@@ -66,7 +64,7 @@ impl HotCred {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct HotRes {
     pub(super) credential_id: String,
     pub(super) provider: String,
@@ -77,7 +75,7 @@ pub(super) struct HotRes {
 }
 
 /// A provider's credentials in selection order, with the round-robin cursors.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(super) struct ProviderList {
     /// Ids by creation order.
     pub(super) by_seq: Vec<String>,
@@ -96,8 +94,8 @@ pub(in crate::store) struct Hot {
     pub(super) creds: HashMap<String, HotCred>,
     pub(super) lists: HashMap<String, ProviderList>,
     pub(super) reservations: HashMap<String, HotRes>,
-    /// Opened tokens with the sealed value they came from: opened when the mirror is loaded,
-    /// and kept across reloads while the stored value is unchanged.
+    /// Opened tokens with the sealed value they came from: opened when the mirror is loaded
+    /// or follows a write (`mirror.rs`), and kept while the stored value is unchanged.
     /// Shared, not copied: a request holds the `Arc` while it sends the token.
     pub(in crate::store) tokens: HashMap<String, (Vec<u8>, Arc<Secret>)>,
 }
@@ -229,119 +227,4 @@ impl Hot {
         }
         ends
     }
-}
-
-/// Load the mirror from the database (under the gate's write side, by the ledger after a
-/// failed group, or before the ledger starts). Tokens are opened here, and kept across reloads
-/// while their stored value is unchanged.
-pub(in crate::store) async fn load(
-    writer: &SqlitePool,
-    sealer: &Sealer,
-    mirror: &Mutex<Hot>,
-) -> Result<()> {
-    let rows = sqlx::query!(
-        r#"SELECT c.id, c.provider, c.seq, c.priority, c.disabled AS "disabled!: bool", c.state,
-                      c.expires_at, c.cooldown_until, c.token_sealed,
-                      q.limit_tokens, q.used, q.period_start
-               FROM credentials c JOIN quotas q ON q.credential_id = c.id
-               ORDER BY c.seq"#
-    )
-    .fetch_all(writer)
-    .await?;
-    let reservations = sqlx::query!(
-        "SELECT id, credential_id, provider, tokens, kind, expires_at FROM reservations"
-    )
-    .fetch_all(writer)
-    .await?;
-    let mut hot = Hot::default();
-    let mut old_tokens =
-        std::mem::take(&mut mirror.lock().unwrap_or_else(|p| p.into_inner()).tokens);
-    for r in rows {
-        if let Some(sealed) = &r.token_sealed {
-            match old_tokens.remove(&r.id) {
-                Some((was, secret)) if &was == sealed => {
-                    hot.tokens.insert(r.id.clone(), (was, secret));
-                }
-                _ => {
-                    // One that does not open is left out; `open_token` reports it on use.
-                    if let Ok(secret) = sealer.open(&r.id, crate::crypto::Field::Token, sealed) {
-                        hot.tokens
-                            .insert(r.id.clone(), (sealed.clone(), Arc::new(secret)));
-                    }
-                }
-            }
-        }
-        hot.lists
-            .entry(r.provider)
-            .or_default()
-            .by_seq
-            .push(r.id.clone());
-        hot.creds.insert(
-            r.id,
-            HotCred {
-                seq: r.seq,
-                priority: r.priority,
-                limit: r.limit_tokens.map(|l| l.clamp(0, MAX_COUNTER)),
-                used: r.used.clamp(0, MAX_COUNTER),
-                reserved: 0,
-                leased: 0,
-                disabled: r.disabled,
-                state: r.state,
-                expires_at: r.expires_at,
-                cooldown_until: r.cooldown_until,
-                has_token: r.token_sealed.is_some(),
-                period_start: r.period_start,
-            },
-        );
-    }
-    for r in reservations {
-        let kind = if r.kind == "lease" {
-            ReservationKind::Lease
-        } else {
-            ReservationKind::Request
-        };
-        // Rows are written bounded; read bounded too, so an edited database cannot make a
-        // sum wrap.
-        let tokens = r.tokens.clamp(0, MAX_COUNTER);
-        if let Some(c) = hot.creds.get_mut(&r.credential_id) {
-            c.reserved = c.reserved.saturating_add(tokens);
-            if kind == ReservationKind::Lease {
-                c.leased = c.leased.saturating_add(tokens);
-            }
-        }
-        hot.reservations.insert(
-            r.id,
-            HotRes {
-                credential_id: r.credential_id,
-                provider: r.provider,
-                tokens,
-                kind,
-                expires_at: r.expires_at,
-            },
-        );
-    }
-    {
-        let creds = &hot.creds;
-        for list in hot.lists.values_mut() {
-            list.by_priority = list.by_seq.clone();
-            list.by_priority
-                .sort_by_key(|id| (creds[id].priority, creds[id].seq));
-            list.levels = list
-                .by_priority
-                .iter()
-                .map(|id| creds[id].priority)
-                .collect();
-        }
-    }
-    // Keep the round-robin positions across reloads, so a management change does not send
-    // the next requests back to the first credential.
-    let mut current = mirror.lock().unwrap_or_else(|p| p.into_inner());
-    for (provider, list) in hot.lists.iter_mut() {
-        if let Some(old) = current.lists.get(provider) {
-            list.rr_cursor = old.rr_cursor;
-            list.level_cursors = old.level_cursors.clone();
-        }
-    }
-    *current = hot;
-    Ok(())
 }

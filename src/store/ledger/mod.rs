@@ -6,14 +6,18 @@
 //! transaction (one fsync for all of them), then answers each caller.
 //! A reservation is answered only once its group is durable, so it is on disk before the
 //! upstream call. The mirror is exact because every other write (management changes) happens
-//! under the write side of `gate` and reloads it, while a group is decided and committed under
-//! the read side.
+//! under the write side of `gate` and the mirror follows it there (`mirror.rs`), while a group
+//! is decided and committed under the read side.
 
 mod db;
 mod hot;
+mod mirror;
 
 pub(super) use db::LedgerDb;
-pub(super) use hot::{Hot, load};
+pub(super) use hot::Hot;
+pub(super) use mirror::{MANY, Touched, follow, load};
+#[cfg(debug_assertions)]
+pub(super) use mirror::{Snapshot, difference, snapshot};
 
 use super::requests::{Mark, Reservation, ReservationKind, ReserveRequestOwned, Unavailable};
 use super::{Result, StoreError};
@@ -229,7 +233,7 @@ impl Ledger {
         let (done, wait) = std::sync::mpsc::sync_channel(1);
         let (writer, sealer, hot) = (self.writer.clone(), self.sealer.clone(), self.hot.clone());
         self.runtime.spawn(async move {
-            let _ = done.send(hot::load(&writer, &sealer, &hot).await);
+            let _ = done.send(mirror::load(&writer, &sealer, &hot).await);
         });
         match wait.recv_timeout(RELOAD_PATIENCE) {
             Ok(Ok(())) => {}
