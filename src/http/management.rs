@@ -197,23 +197,33 @@ async fn target(state: &AppState, provider: &str, id: Option<&str>) -> AppResult
     match id {
         Some(key) if !key.is_empty() => Ok(state.store.resolve(provider, key).await?),
         _ => {
-            let ids = state.store.ids_of_provider(provider).await?;
+            // The answer names at most this many of the ids (a provider may have 100,000).
+            const NAMED: u32 = 20;
+            let mut ids = state.store.ids_of_provider(provider, NAMED).await?;
             match ids.len() {
                 0 => Err(ApiError::not_found(
                     "credential_not_found",
                     format!("No credentials for provider {provider}"),
                 )),
-                1 => Ok(ids.into_iter().next().expect("one id")),
-                _ => Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "ambiguous_credential",
-                    format!(
-                        "Provider {provider} has {} credentials; name one with ?id= (one of {})",
-                        ids.len(),
-                        ids.join(", ")
-                    ),
-                )
-                .with("ids", ids)),
+                1 => Ok(ids.pop().unwrap_or_default()),
+                _ => {
+                    let count = state.store.count_of_provider(provider).await?;
+                    let more = if count > ids.len() as u64 {
+                        format!(", and {} more", count - ids.len() as u64)
+                    } else {
+                        String::new()
+                    };
+                    Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "ambiguous_credential",
+                        format!(
+                            "Provider {provider} has {count} credentials; name one with ?id= (one of {}{more})",
+                            ids.join(", ")
+                        ),
+                    )
+                    .with("ids", ids)
+                    .with("count", count))
+                }
             }
         }
     }

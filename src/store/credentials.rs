@@ -348,14 +348,26 @@ impl Store {
         out
     }
 
-    /// The ids of a provider's credentials, in list order.
-    pub async fn ids_of_provider(&self, provider: &str) -> Result<Vec<String>> {
+    /// The first `at_most` ids of a provider's credentials, in list order.
+    pub async fn ids_of_provider(&self, provider: &str, at_most: u32) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar!(
-            "SELECT id FROM credentials WHERE provider = ? ORDER BY priority, seq",
-            provider
+            "SELECT id FROM credentials WHERE provider = ? ORDER BY priority, seq LIMIT ?",
+            provider,
+            at_most
         )
         .fetch_all(&self.reader)
         .await?)
+    }
+
+    /// How many credentials `provider` has.
+    pub async fn count_of_provider(&self, provider: &str) -> Result<u64> {
+        let n = sqlx::query_scalar!(
+            r#"SELECT COUNT(*) AS "n!: i64" FROM credentials WHERE provider = ?"#,
+            provider
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(n.max(0) as u64)
     }
 
     /// Resolve `key` (a credential id, or the credential's token in clear, as the seed's
