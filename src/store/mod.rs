@@ -60,6 +60,10 @@ pub enum StoreError {
     GroupFailed(String),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// `rotate-key` committed after this process opened the database: a write now would seal
+    /// under the retired key and fingerprint under the retired fingerprint key.
+    #[error("the encryption key was rotated after this command started; run it again")]
+    KeyRotated,
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -87,6 +91,8 @@ pub struct Store {
     retired: Arc<Vec<Fingerprinter>>,
     /// Credentials whose secrets opening the database sealed or re-sealed.
     resealed_at_open: usize,
+    /// The key check and fingerprint key generations found at open, checked by every write.
+    key_marker: Arc<secrets::KeyMarker>,
     /// Checkpoints owed after secrets were removed, and the connection that runs them.
     forget: Arc<secrets::Forgetter>,
     schedules: BTreeMap<String, ResetSchedule>,
@@ -210,6 +216,7 @@ impl Store {
             fingerprinter: opened.fingerprinter,
             retired: Arc::new(opened.retired),
             resealed_at_open: opened.resealed,
+            key_marker: Arc::new(opened.marker),
             forget,
             schedules: options.schedules,
             instance: Arc::from(instance),
@@ -263,9 +270,11 @@ impl Store {
     }
 
     /// A write transaction that takes the write lock at once (no deferred upgrade that SQLite
-    /// would refuse with SQLITE_BUSY under WAL).
+    /// would refuse with SQLITE_BUSY under WAL), under the keys this process opened with.
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        self.key_marker.unchanged(&mut tx).await?;
+        Ok(tx)
     }
 
     pub fn fingerprinter(&self) -> &Fingerprinter {

@@ -15,7 +15,8 @@
 //! sealed, or encryption off over sealed values) stops the start before any write. Each
 //! change is one transaction, so a crash leaves the database wholly before or wholly after
 //! it; after one that replaced secrets, the WAL is checkpointed and truncated so no old copy
-//! stays on disk ([`Forgetter`], which never makes a writer wait on a reader).
+//! stays on disk ([`Forgetter`], which never makes a writer wait on a reader). Every write
+//! transaction checks that the keys are still those this process opened with ([`KeyMarker`]).
 
 use super::{Result, Store, StoreError};
 use crate::crypto::{
@@ -340,6 +341,8 @@ pub(super) struct Opened {
     pub retired: Vec<Fingerprinter>,
     /// Credentials whose secrets were sealed (encryption turned on) or re-sealed (upgraded).
     pub resealed: usize,
+    /// The keys as this open left them, which every later write checks.
+    pub marker: KeyMarker,
 }
 
 /// After the migrations, in one transaction: give the database its id, seal what the standing
@@ -381,6 +384,7 @@ pub(super) async fn prepare(writer: &SqlitePool, encryption: &Encryption) -> Res
     }
     let (fingerprinter, retired) = load_fingerprint_keys(&mut tx, &sealer).await?;
     let previews = apply_preview_rule(&mut tx, &sealer).await?;
+    let marker = KeyMarker::read(&mut tx).await?;
     tx.commit().await?;
     if resealed > 0 || previews > 0 {
         tracing::info!(
@@ -394,6 +398,7 @@ pub(super) async fn prepare(writer: &SqlitePool, encryption: &Encryption) -> Res
         fingerprinter,
         retired,
         resealed,
+        marker,
     })
 }
 
@@ -710,6 +715,38 @@ impl Forgetter {
         self.conn.close().await;
         // Wake the retry task so it sees the closed connection and ends.
         self.retry.notify_one();
+    }
+}
+
+/// What this process found, at open, in `meta`'s key check and the fingerprint key generations.
+/// `rotate-key` changes both, so a write transaction that finds them changed would seal under
+/// a retired key and fingerprint under a retired fingerprint key: it stops instead.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct KeyMarker {
+    key_check: Option<Vec<u8>>,
+    generations: Vec<i64>,
+}
+
+impl KeyMarker {
+    async fn read(conn: &mut SqliteConnection) -> Result<KeyMarker> {
+        Ok(KeyMarker {
+            key_check: meta_value(conn, "key_check").await?,
+            generations: fingerprint_keys(conn)
+                .await?
+                .into_iter()
+                .map(|(generation, _)| generation)
+                .collect(),
+        })
+    }
+
+    /// Inside a write transaction (which holds the write lock, so no rotation can commit until
+    /// it ends): [`StoreError::KeyRotated`] if the keys are no longer those of the open.
+    pub(super) async fn unchanged(&self, conn: &mut SqliteConnection) -> Result<()> {
+        if KeyMarker::read(conn).await? == *self {
+            Ok(())
+        } else {
+            Err(StoreError::KeyRotated)
+        }
     }
 }
 

@@ -1414,6 +1414,134 @@ async fn rotate_key_replaces_the_fingerprint_key_and_deleted_stays_deleted() {
     assert_eq!(key_generations(&home).await, [2]);
 }
 
+async fn credential_count(home: &Home) -> i64 {
+    let mut conn = connect(home).await;
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM credentials")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    n
+}
+
+/// The writes a command that opened the database before a `rotate-key` could still make.
+#[derive(Debug, Clone, Copy)]
+enum StaleWrite {
+    /// `import` of entries new to the database.
+    ImportNew,
+    /// `import` of a changed entry (its secret re-sealed).
+    ImportChanged,
+    ImportDryRun,
+    /// An import through the API (a body, as the server's import endpoint takes it).
+    ImportBody,
+    /// The start's marking of credentials whose secrets do not open.
+    MarkUnopenable,
+}
+
+#[tokio::test]
+async fn a_command_started_before_rotate_key_writes_nothing_under_the_old_key() {
+    use cliproxyapi::store::ImportMode;
+    let mut key = EncryptionKey::generate_base64();
+    let home = Home::new(&enc_yaml(&key));
+    let toks = tokens("sk-proj-stale", 4);
+    let file = |label: &str| json!([{"token": toks[0], "label": label}, {"token": toks[1]}]);
+    home.auth_file("openai.json", file("first").to_string());
+    let app = home.start().await;
+    assert_eq!(app.auths().await.len(), 2);
+    app.stop().await;
+
+    for (i, write) in [
+        StaleWrite::ImportNew,
+        StaleWrite::ImportChanged,
+        StaleWrite::ImportDryRun,
+        StaleWrite::ImportBody,
+        StaleWrite::MarkUnopenable,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // Opened as `cliproxyapi import` opens it, under the key of the config...
+        let loaded =
+            cliproxyapi::config::Config::load_with_env(&home.config_path(), true, Vec::new())
+                .unwrap();
+        let state = cliproxyapi::app::open_state(loaded, Arc::new(chrono::Utc::now))
+            .await
+            .unwrap();
+        match write {
+            StaleWrite::ImportNew => {
+                home.auth_file("openai-more.json", json!([{"token": toks[2]}]).to_string());
+            }
+            StaleWrite::ImportChanged => {
+                home.auth_file("openai.json", file("changed").to_string());
+            }
+            _ => {}
+        }
+        // ... then the key is rotated before its write.
+        let next = EncryptionKey::generate_base64();
+        let out = home.run_binary_env(&["rotate-key", "--new-key-env", "K"], &[("K", &next)]);
+        assert!(out.status.success(), "{write:?}: {out:?}");
+        let rotated = sealed_values(&home).await;
+        let written = match write {
+            StaleWrite::MarkUnopenable => state
+                .store
+                .prepare_secrets(chrono::Utc::now())
+                .await
+                .map(|_| ()),
+            StaleWrite::ImportBody => {
+                let mut batch = cliproxyapi::import::Batch::default();
+                cliproxyapi::import::add_document(
+                    &mut batch,
+                    &state.registry,
+                    "body",
+                    json!([{"provider": "openai", "token": toks[3]},
+                           {"provider": "openai", "token": toks[1], "label": format!("body {i}")}]),
+                    None,
+                );
+                state
+                    .import(batch, ImportMode::Body, "api", false)
+                    .await
+                    .map(|_| ())
+            }
+            _ => {
+                let batch = state.read_paths(vec![home.path().join("auths")]).await;
+                let dry_run = matches!(write, StaleWrite::ImportDryRun);
+                state
+                    .import(batch, ImportMode::Files, "cli", dry_run)
+                    .await
+                    .map(|_| ())
+            }
+        };
+        let error = written.expect_err(&format!("{write:?} after the rotation"));
+        assert!(
+            error.to_string().contains(
+                "the encryption key was rotated after this command started; run it again"
+            ),
+            "{write:?}: {error}"
+        );
+        state.store.close().await;
+        assert_eq!(
+            sealed_values(&home).await,
+            rotated,
+            "{write:?} changed secrets"
+        );
+        assert_eq!(
+            credential_count(&home).await,
+            2,
+            "{write:?} added credentials"
+        );
+        key = next;
+        set_config(&home, &enc_yaml(&key));
+    }
+
+    // Under the last key every credential opens; the files import now, under it.
+    let app = home.start().await;
+    let auths = app.auths().await;
+    assert_eq!(auths.len(), 3, "{auths:?}");
+    assert!(auths.iter().all(|a| a["status"] == "active"), "{auths:?}");
+    assert!(auths.iter().any(|a| a["label"] == "changed"), "{auths:?}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn rotate_key_refuses_while_a_server_holds_the_database() {
     let (key, new) = (
