@@ -576,8 +576,9 @@ struct Progress {
 /// and the pool's writer alike.
 ///
 /// So checkpoints run on a connection of their own whose busy timeout is zero: an attempt
-/// takes the write lock only if it is free, holds it only while it copies, and returns at once
-/// when a reader or a writer is in the way, having copied what it could. The first attempt is
+/// copies what it can without the write lock, then takes that lock only if it is free, holds
+/// it only to copy the rest and cut the WAL, and returns at once when a reader or a writer is
+/// in the way, having copied what it could. The first attempt is
 /// made right after the write that asked for it; if it cannot complete, a background task
 /// tries again with a short backoff until one does. Every start asks for one too, so a crash
 /// before the checkpoint leaves nothing behind either.
@@ -644,6 +645,11 @@ impl Forgetter {
     /// copied and cut to nothing), which settles every request made before it started.
     async fn attempt(&self) -> Result<bool> {
         let covers = self.progress.borrow().asked;
+        // A passive checkpoint copies what it can beside writers, without the write lock, so
+        // the truncating one holds that lock only to copy what was committed in between.
+        let _: (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&self.conn)
+            .await?;
         let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
             .fetch_one(&self.conn)
             .await?;
