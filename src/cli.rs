@@ -251,7 +251,7 @@ async fn forget_before_exit(state: &AppState) {
     if !state.store.old_secrets_forgotten(FORGET_WAIT).await {
         let crate::config::DatabaseLocation::File(database) = &state.config.database;
         eprintln!(
-            "warning: another connection kept {}-wal from being checkpointed for {}s; the secrets this command replaced stay in it until that reader finishes and a command or the server starts",
+            "warning: another connection kept {}-wal from being checkpointed for {}s; secrets replaced or removed before it was checkpointed stay in it until that reader finishes and a command or the server starts",
             database.display(),
             FORGET_WAIT.as_secs()
         );
