@@ -213,6 +213,7 @@ async fn import(
         .import(batch, ImportMode::Files, "cli", dry_run)
         .await
         .map_err(|e| StartError::Runtime(format!("import failed: {e}")))?;
+    forget_before_exit(&state).await;
     state.store.close().await;
     for c in &report.changes {
         let what = if c.created { "imported" } else { "updated" };
@@ -237,6 +238,24 @@ async fn import(
     } else {
         ExitCode::from(1)
     })
+}
+
+/// How long a command waits, before it exits, for the checkpoint that removes the secrets it
+/// replaced from the WAL, while another connection reads an older snapshot. It never blocks
+/// a writer meanwhile (see `store::secrets::Forgetter`).
+const FORGET_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Wait for the checkpoint owed for secrets the command replaced or removed; if a reader keeps
+/// it from completing, say what stays on disk and until when.
+async fn forget_before_exit(state: &AppState) {
+    if !state.store.old_secrets_forgotten(FORGET_WAIT).await {
+        let crate::config::DatabaseLocation::File(database) = &state.config.database;
+        eprintln!(
+            "warning: another connection kept {}-wal from being checkpointed for {}s; secrets replaced or removed before it was checkpointed stay in it until that reader finishes and a command or the server starts",
+            database.display(),
+            FORGET_WAIT.as_secs()
+        );
+    }
 }
 
 /// Longest secret `hash-secret` reads: a management key is a header value, and stdin could be
@@ -301,6 +320,7 @@ async fn rotate_key(
         .rekey(&Encryption::with_key(&new_key))
         .await
         .map_err(|e| StartError::Runtime(format!("rotation failed, nothing was changed: {e}")))?;
+    forget_before_exit(&state).await;
     state.store.close().await;
     state.auth_log.record(&format!(
         "rotated the encryption key: {count} credential(s) re-sealed under key {:08x}, fingerprints recomputed under a new fingerprint key",

@@ -60,9 +60,10 @@ pub enum StoreError {
     GroupFailed(String),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    /// Readers kept the WAL from being checkpointed and truncated, attempt after attempt.
-    #[error("the WAL could not be checkpointed: readers kept it busy")]
-    Checkpoint,
+    /// `rotate-key` committed after this process opened the database: a write now would seal
+    /// under the retired key and fingerprint under the retired fingerprint key.
+    #[error("the encryption key was rotated after this command started; run it again")]
+    KeyRotated,
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -90,6 +91,10 @@ pub struct Store {
     retired: Arc<Vec<Fingerprinter>>,
     /// Credentials whose secrets opening the database sealed or re-sealed.
     resealed_at_open: usize,
+    /// The key check and fingerprint key generations found at open, checked by every write.
+    key_marker: Arc<secrets::KeyMarker>,
+    /// Checkpoints owed after secrets were removed, and the connection that runs them.
+    forget: Arc<secrets::Forgetter>,
     schedules: BTreeMap<String, ResetSchedule>,
     /// This process's name on the reservations it makes, so those of a dead one are known.
     instance: Arc<str>,
@@ -206,6 +211,10 @@ impl Store {
             .connect_with(base.clone().read_only(true).pragma("cache_size", "-1024"))
             .await?;
         let opened = secrets::prepare(&writer, &options.encryption).await?;
+        let forget = secrets::Forgetter::open(&base).await?;
+        // Every start checkpoints: what opening replaced, and what a process that ended before
+        // its checkpoint completed left behind.
+        forget.forget().await;
         let instance = format!("proc_{}", to_hex(&rand::random::<[u8; 8]>()));
         // The ledger writes on a connection of its own, never at the same time as the pool's
         // writer (see `gate`), so neither waits on the other's lock.
@@ -226,6 +235,8 @@ impl Store {
             fingerprinter: opened.fingerprinter,
             retired: Arc::new(opened.retired),
             resealed_at_open: opened.resealed,
+            key_marker: Arc::new(opened.marker),
+            forget,
             schedules: options.schedules,
             instance: Arc::from(instance),
             freed: Arc::new(tokio::sync::Notify::new()),
@@ -318,9 +329,11 @@ impl Store {
     }
 
     /// A write transaction that takes the write lock at once (no deferred upgrade that SQLite
-    /// would refuse with SQLITE_BUSY under WAL).
+    /// would refuse with SQLITE_BUSY under WAL), under the keys this process opened with.
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
-        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        self.key_marker.unchanged(&mut tx).await?;
+        Ok(tx)
     }
 
     pub fn fingerprinter(&self) -> &Fingerprinter {
@@ -361,13 +374,15 @@ impl Store {
         Ok(rows.into_iter().filter(|r| r != "ok").collect())
     }
 
-    /// Close the ledger's connection (after its last group) and both pools; the last one to
-    /// close checkpoints the WAL.
+    /// Close the ledger's connection (after its last group), the checkpoint connection (after
+    /// a last attempt at a checkpoint still owed) and both pools; the last one to close
+    /// checkpoints the WAL.
     pub async fn close(&self) {
         let (reply, done) = tokio::sync::oneshot::channel();
         if self.ledger.send(ledger::Op::Close { reply }).is_ok() {
             let _ = done.await;
         }
+        self.forget.close().await;
         self.reader.close().await;
         self.writer.close().await;
     }

@@ -15,7 +15,8 @@
 //! sealed, or encryption off over sealed values) stops the start before any write. Each
 //! change is one transaction, so a crash leaves the database wholly before or wholly after
 //! it; after one that replaced secrets, the WAL is checkpointed and truncated so no old copy
-//! stays on disk.
+//! stays on disk ([`Forgetter`], which never makes a writer wait on a reader). Every write
+//! transaction checks that the keys are still those this process opened with ([`KeyMarker`]).
 
 use super::{Result, Store, StoreError};
 use crate::crypto::{
@@ -24,9 +25,11 @@ use crate::crypto::{
 };
 use crate::domain::CredentialKind;
 use crate::import::Entry;
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{Notify, watch};
 
 /// Where a database's secrets stand, and so what opening it must do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,13 +341,15 @@ pub(super) struct Opened {
     pub retired: Vec<Fingerprinter>,
     /// Credentials whose secrets were sealed (encryption turned on) or re-sealed (upgraded).
     pub resealed: usize,
+    /// The keys as this open left them, which every later write checks.
+    pub marker: KeyMarker,
 }
 
 /// After the migrations, in one transaction: give the database its id, seal what the standing
 /// asks for (turning encryption on, or upgrading the first sealed format), write the key
 /// check, load (or create) the fingerprint keys, and bring stored previews to the current
-/// rule. Then checkpoint, so nothing replaced stays in the WAL or the database file, also
-/// after a crash between an earlier commit and its checkpoint.
+/// rule. The caller then checkpoints (see [`Forgetter`]), so nothing replaced stays in the WAL
+/// or the database file, also after a crash between an earlier commit and its checkpoint.
 pub(super) async fn prepare(writer: &SqlitePool, encryption: &Encryption) -> Result<Opened> {
     let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
     let found = inspect(&mut tx, encryption).await?;
@@ -379,6 +384,7 @@ pub(super) async fn prepare(writer: &SqlitePool, encryption: &Encryption) -> Res
     }
     let (fingerprinter, retired) = load_fingerprint_keys(&mut tx, &sealer).await?;
     let previews = apply_preview_rule(&mut tx, &sealer).await?;
+    let marker = KeyMarker::read(&mut tx).await?;
     tx.commit().await?;
     if resealed > 0 || previews > 0 {
         tracing::info!(
@@ -387,15 +393,12 @@ pub(super) async fn prepare(writer: &SqlitePool, encryption: &Encryption) -> Res
             "stored secrets brought to the current form"
         );
     }
-    // Committed either way; a command run beside a busy server may find readers in the way.
-    if let Err(e) = checkpoint(writer).await {
-        tracing::error!(error = %e, "replaced secrets may remain in the WAL until the next checkpoint");
-    }
     Ok(Opened {
         sealer,
         fingerprinter,
         retired,
         resealed,
+        marker,
     })
 }
 
@@ -541,35 +544,231 @@ async fn apply_preview_rule(conn: &mut SqliteConnection, sealer: &Sealer) -> Res
     Ok(changed)
 }
 
-/// Attempts at a truncating checkpoint before giving up; each waits for readers up to the
-/// busy timeout, and the next one starts a little later.
-const CHECKPOINT_ATTEMPTS: u32 = 3;
+/// The first pause before a checkpoint is tried again, doubled after each failed attempt up to
+/// [`LAST_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(10);
+/// The longest pause between attempts while a reader keeps the checkpoint from completing:
+/// an attempt that finds nothing new to copy costs a few lock probes and no write.
+const LAST_PAUSE: Duration = Duration::from_millis(500);
+/// Failed attempts after which the wait is worth a warning: by then (about 10 s) it is no
+/// passing read but a reader that stays, such as a backup or an open `sqlite3` shell.
+const ATTEMPTS_BEFORE_WARNING: u32 = 25;
 
-/// Copy the WAL into the database file and truncate it to nothing, so that a page image that
-/// held a replaced or deleted secret survives neither in the WAL nor, overwritten by its new
-/// image (freed space being zeroed by `secure_delete`), in the database file. Readers on an
-/// older snapshot block it: it is retried.
-async fn checkpoint(pool: &SqlitePool) -> Result<()> {
-    for attempt in 0..CHECKPOINT_ATTEMPTS {
-        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
-            .fetch_one(pool)
+/// How far the checkpoints owed have got: each write that removed secrets asks for one, and
+/// an attempt that completes settles every request made before it started.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    asked: u64,
+    done: u64,
+}
+
+/// The checkpoints owed after secrets were replaced or removed ("secrets to forget"), and the
+/// connection they run on.
+///
+/// A truncating checkpoint copies the WAL into the database file, so that a page image that
+/// held a replaced or deleted secret survives neither in the WAL nor (overwritten by its new
+/// image, freed space being zeroed by `secure_delete`) in the database file, and then cuts the
+/// WAL to nothing. To copy the last frames it takes SQLite's write lock; to cut the WAL it
+/// needs every reader to have left it. A reader on an older snapshot (a backup tool, a
+/// `sqlite3` shell, a long list) keeps both from happening, and with a busy timeout the
+/// checkpoint waits for that reader while holding the write lock, which stalls every writer:
+/// the ledger's group commits (whose own busy timeout then runs out, failing live requests)
+/// and the pool's writer alike.
+///
+/// So checkpoints run on a connection of their own whose busy timeout is zero: an attempt
+/// copies what it can without the write lock, then takes that lock only if it is free, holds
+/// it only to copy the rest and cut the WAL, and returns at once when a reader or a writer is
+/// in the way, having copied what it could. The first attempt is
+/// made right after the write that asked for it; if it cannot complete, a background task
+/// tries again with a short backoff until one does. Every start asks for one too, so a crash
+/// before the checkpoint leaves nothing behind either.
+#[derive(Debug)]
+pub(super) struct Forgetter {
+    /// One connection, busy timeout zero: never waits on a lock.
+    conn: SqlitePool,
+    progress: watch::Sender<Progress>,
+    /// Hands an incomplete checkpoint to the background task.
+    retry: Notify,
+}
+
+impl Forgetter {
+    /// Open the checkpoint connection (with the store's other pragmas) and start the task that
+    /// retries checkpoints.
+    pub(super) async fn open(base: &SqliteConnectOptions) -> Result<Arc<Forgetter>> {
+        let conn = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            // Opened with the store's busy timeout (the open itself may meet a lock), then
+            // never waiting again.
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("PRAGMA busy_timeout = 0")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect_with(base.clone())
             .await?;
-        if busy == 0 {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+        let forgetter = Arc::new(Forgetter {
+            conn,
+            progress: watch::Sender::new(Progress::default()),
+            retry: Notify::new(),
+        });
+        tokio::spawn(forgetter.clone().retry_until_closed());
+        Ok(forgetter)
     }
-    Err(StoreError::Checkpoint)
+
+    /// Ask for a checkpoint after a committed write that replaced or removed secrets, and try
+    /// it once at once. If it cannot complete, the background task takes it over; this never
+    /// waits on a lock.
+    pub(super) async fn forget(&self) {
+        self.progress.send_modify(|p| p.asked += 1);
+        match self.attempt().await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(
+                    "another connection is reading an older snapshot or writing; the checkpoint that removes replaced secrets from the WAL is retried in the background"
+                );
+                self.retry.notify_one();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint failed; retried in the background");
+                self.retry.notify_one();
+            }
+        }
+    }
+
+    /// One truncating checkpoint that waits for nothing. `Ok(true)` when it completed (the WAL
+    /// copied and cut to nothing), which settles every request made before it started.
+    async fn attempt(&self) -> Result<bool> {
+        let covers = self.progress.borrow().asked;
+        // A passive checkpoint copies what it can beside writers, without the write lock, so
+        // the truncating one holds that lock only to copy what was committed in between.
+        let _: (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&self.conn)
+            .await?;
+        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.conn)
+            .await?;
+        if busy != 0 {
+            return Ok(false);
+        }
+        self.progress.send_modify(|p| p.done = p.done.max(covers));
+        Ok(true)
+    }
+
+    fn owed(&self) -> bool {
+        let p = *self.progress.borrow();
+        p.done < p.asked
+    }
+
+    /// Retry owed checkpoints, pausing a little longer after each failure, until the store
+    /// closes.
+    async fn retry_until_closed(self: Arc<Self>) {
+        loop {
+            self.retry.notified().await;
+            let mut pause = FIRST_PAUSE;
+            let mut failed = 0u32;
+            while self.owed() && !self.conn.is_closed() {
+                tokio::time::sleep(pause).await;
+                match self.attempt().await {
+                    Ok(true) => {
+                        tracing::info!(
+                            attempts = failed + 1,
+                            "checkpointed: replaced secrets are gone from the WAL and the database file"
+                        );
+                    }
+                    Ok(false) => failed += 1,
+                    Err(_) if self.conn.is_closed() => return,
+                    Err(e) => {
+                        failed += 1;
+                        tracing::warn!(error = %e, "checkpoint failed; retrying");
+                    }
+                }
+                if failed == ATTEMPTS_BEFORE_WARNING {
+                    tracing::warn!(
+                        "a reader has kept the WAL from being checkpointed for a while (a backup or an open sqlite3 shell?); replaced secrets stay in it until that reader finishes"
+                    );
+                }
+                pause = (pause * 2).min(LAST_PAUSE);
+            }
+            if self.conn.is_closed() {
+                return;
+            }
+        }
+    }
+
+    /// Wait, up to `within`, until every checkpoint asked for so far has completed (for a
+    /// command that exits right after its write). `true` when none is owed.
+    pub(super) async fn settled(&self, within: Duration) -> bool {
+        let asked = self.progress.borrow().asked;
+        let mut progress = self.progress.subscribe();
+        tokio::time::timeout(within, progress.wait_for(|p| p.done >= asked))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// At close: one last attempt if a checkpoint is still owed, then close the connection.
+    pub(super) async fn close(&self) {
+        if self.owed() && !matches!(self.attempt().await, Ok(true)) {
+            tracing::warn!(
+                "a reader kept the WAL from being checkpointed; replaced secrets stay in it until the next start"
+            );
+        }
+        self.conn.close().await;
+        // Wake the retry task so it sees the closed connection and ends.
+        self.retry.notify_one();
+    }
+}
+
+/// What this process found, at open, in `meta`'s key check and the fingerprint key generations.
+/// `rotate-key` changes both, so a write transaction that finds them changed would seal under
+/// a retired key and fingerprint under a retired fingerprint key: it stops instead.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct KeyMarker {
+    key_check: Option<Vec<u8>>,
+    generations: Vec<i64>,
+}
+
+impl KeyMarker {
+    async fn read(conn: &mut SqliteConnection) -> Result<KeyMarker> {
+        Ok(KeyMarker {
+            key_check: meta_value(conn, "key_check").await?,
+            generations: fingerprint_keys(conn)
+                .await?
+                .into_iter()
+                .map(|(generation, _)| generation)
+                .collect(),
+        })
+    }
+
+    /// Inside a write transaction (which holds the write lock, so no rotation can commit until
+    /// it ends): [`StoreError::KeyRotated`] if the keys are no longer those of the open.
+    pub(super) async fn unchanged(&self, conn: &mut SqliteConnection) -> Result<()> {
+        if KeyMarker::read(conn).await? == *self {
+            Ok(())
+        } else {
+            Err(StoreError::KeyRotated)
+        }
+    }
 }
 
 impl Store {
     /// After a write that replaced or deleted secrets (a `PUT` of a token, a delete, an import
-    /// update): checkpoint (see [`checkpoint`]). The write is committed whatever happens here,
-    /// so a failure is logged, not returned; the next such write, or the next start, retries.
+    /// update, a rotation): checkpoint, at once if nothing is in the way, else in the background
+    /// (see [`Forgetter`]). The write is committed whatever happens here.
     pub(super) async fn forget_old_secrets(&self) {
-        if let Err(e) = checkpoint(&self.writer).await {
-            tracing::error!(error = %e, "replaced secrets may remain in the WAL until the next checkpoint");
-        }
+        self.forget.forget().await;
+    }
+
+    /// Wait, up to `within`, until the checkpoints owed for secrets this process replaced or
+    /// removed have completed; `false` if one is still owed (a reader holds an older snapshot).
+    /// For a command that exits right after its write.
+    pub async fn old_secrets_forgotten(&self, within: Duration) -> bool {
+        self.forget.settled(within).await
     }
 
     /// Mark every credential whose stored secrets do not open as `invalid`, with the reason;
@@ -723,5 +922,67 @@ impl Store {
             .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Executor;
+    use sqlx::sqlite::SqliteJournalMode;
+
+    async fn connect(options: &SqliteConnectOptions) -> SqliteConnection {
+        options.connect().await.unwrap()
+    }
+
+    /// A reader on an older snapshot keeps the checkpoint from completing, yet neither the
+    /// attempt nor a writer waits for it; once the reader ends, the background completes it.
+    #[tokio::test]
+    async fn a_reader_delays_the_checkpoint_and_blocks_no_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = SqliteConnectOptions::new()
+            .filename(dir.path().join("db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(10));
+        // A writer that gives up long before the reader ends: it may wait for a checkpoint's
+        // copy, never for the reader.
+        let mut writer = connect(&base.clone().busy_timeout(Duration::from_secs(1))).await;
+        writer
+            .execute("CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('old')")
+            .await
+            .unwrap();
+        let forget = Forgetter::open(&base).await.unwrap();
+        // Readers from the extremes: one that began on an empty WAL (reading the database
+        // file alone) and one whose snapshot is in the WAL.
+        for checkpointed_first in [true, false] {
+            if checkpointed_first {
+                forget.forget().await;
+                assert!(!forget.owed());
+            }
+            let mut reader = connect(&base).await;
+            reader.execute("BEGIN").await.unwrap();
+            let _: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+                .fetch_one(&mut reader)
+                .await
+                .unwrap();
+            writer
+                .execute("UPDATE t SET v = 'new'; INSERT INTO t VALUES ('more')")
+                .await
+                .unwrap();
+            forget.forget().await;
+            assert!(forget.owed(), "the reader keeps the WAL");
+            // The background attempts meanwhile hold the write lock for their copy only.
+            for _ in 0..3 {
+                writer.execute("INSERT INTO t VALUES ('x')").await.unwrap();
+                assert!(!forget.settled(Duration::from_millis(50)).await);
+            }
+            reader.execute("COMMIT").await.unwrap();
+            assert!(forget.settled(Duration::from_secs(10)).await);
+            let wal = std::fs::metadata(dir.path().join("db-wal")).unwrap();
+            assert_eq!(wal.len(), 0, "truncated");
+            reader.close().await.unwrap();
+        }
+        forget.close().await;
     }
 }

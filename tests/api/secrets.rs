@@ -460,36 +460,70 @@ async fn rotate_key_leaves_no_value_of_the_old_key_on_disk() {
 /// that must be gone from disk and those that must still be there (in clear: encryption is
 /// off, which makes the scan's control).
 async fn replace_and_delete(api: &impl Api, home: &Home) -> (Vec<String>, Vec<String>) {
+    let added = add_to_remove(api, home).await;
+    remove(api, home, added).await
+}
+
+/// What [`add_to_remove`] added: api keys with their ids, and copilot's tokens.
+struct Added {
+    toks: Vec<String>,
+    ids: Vec<String>,
+    first_access: Vec<String>,
+    refresh: Vec<String>,
+}
+
+/// The copilot file of [`add_to_remove`]: the same refresh tokens, with `access` tokens.
+fn copilot_file(refresh: &[String], access: &[String]) -> String {
+    let entries: Vec<Value> = refresh
+        .iter()
+        .zip(access)
+        .map(|(r, a)| {
+            json!({"type": "oauth", "refresh_token": r, "access_token": a,
+                             "expires_at": "2030-01-01T00:00:00Z"})
+        })
+        .collect();
+    Value::from(entries).to_string()
+}
+
+/// Add the credentials [`remove`] replaces and deletes: api keys through the API, copilot
+/// credentials through a rescan.
+async fn add_to_remove(api: &impl Api, home: &Home) -> Added {
     let toks = tokens("sk-del", 8);
     let mut ids = Vec::new();
     for (i, t) in toks.iter().enumerate() {
         ids.push(post_key(api, ["openai", "claude"][i % 2], t).await);
     }
     let first_access = tokens("tid_a", 3);
-    let second_access = tokens("tid_b", 3);
     let refresh = tokens("gho_r", 3);
-    let copilot = |access: &[String]| {
-        let entries: Vec<Value> = refresh
-            .iter()
-            .zip(access)
-            .map(|(r, a)| {
-                json!({"type": "oauth", "refresh_token": r, "access_token": a,
-                                 "expires_at": "2030-01-01T00:00:00Z"})
-            })
-            .collect();
-        Value::from(entries).to_string()
-    };
-    home.auth_file("copilot.json", copilot(&first_access));
+    home.auth_file("copilot.json", copilot_file(&refresh, &first_access));
     let r = api
         .post("/v0/management/auths/import", r#"{"rescan": true}"#)
         .await;
     assert_eq!(r.json()["imported"], 3, "{}", r.text);
-    let replaced = tokens("sk-new", 2);
     assert_present(
         home,
         &needles(&[&toks[..], &first_access[..]].concat()),
         "before",
     );
+    Added {
+        toks,
+        ids,
+        first_access,
+        refresh,
+    }
+}
+
+/// Delete and replace what [`add_to_remove`] added: by id, by token, through `PUT` and by an
+/// import update. Returns the tokens that must be gone and those that must stay.
+async fn remove(api: &impl Api, home: &Home, added: Added) -> (Vec<String>, Vec<String>) {
+    let Added {
+        toks,
+        ids,
+        first_access,
+        refresh,
+    } = added;
+    let second_access = tokens("tid_b", 3);
+    let replaced = tokens("sk-new", 2);
 
     // Deleted by id, by token, by id; replaced through PUT; updated by an import.
     for key in [&ids[0], &toks[1], &ids[2]] {
@@ -509,7 +543,7 @@ async fn replace_and_delete(api: &impl Api, home: &Home) -> (Vec<String>, Vec<St
             .await;
         assert_eq!(r.status, 200, "{}", r.text);
     }
-    home.auth_file("copilot.json", copilot(&second_access));
+    home.auth_file("copilot.json", copilot_file(&refresh, &second_access));
     let r = api
         .post("/v0/management/auths/import", r#"{"rescan": true}"#)
         .await;
@@ -542,6 +576,205 @@ async fn deleted_and_replaced_tokens_leave_no_copy_on_disk() {
     assert_present(&home, &needles(&kept), "clean stop");
     assert_gone(&home, &needles(&gone), "clean stop");
     hold.close().await.unwrap();
+}
+
+/// Another process's read transaction (a backup tool, a `sqlite3` shell): its snapshot, and
+/// the WAL frames it needs, are kept until it ends.
+struct Reader(SqliteConnection);
+
+impl Reader {
+    async fn begin(home: &Home) -> Reader {
+        let mut conn = SqliteConnectOptions::new()
+            .filename(db_path(home))
+            .read_only(true)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::raw_sql("BEGIN").execute(&mut conn).await.unwrap();
+        let mut reader = Reader(conn);
+        reader.credentials().await;
+        reader
+    }
+
+    /// The credentials in the reader's snapshot.
+    async fn credentials(&mut self) -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM credentials")
+            .fetch_one(&mut self.0)
+            .await
+            .unwrap()
+    }
+
+    async fn end(mut self) {
+        sqlx::raw_sql("COMMIT").execute(&mut self.0).await.unwrap();
+        self.0.close().await.unwrap();
+    }
+}
+
+const LOAD_KEY: &str = "client-key-for-the-load";
+
+/// Leases (taken and reported) and proxied requests on gemini, in a loop, until stopped:
+/// the request path's group commits, running beside the management calls.
+struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    rounds: Arc<std::sync::atomic::AtomicU64>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(base: &str) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tasks = (0..4)
+            .map(|_| {
+                let (base, stop, rounds) = (base.to_string(), stop.clone(), rounds.clone());
+                let failed = failures.clone();
+                tokio::spawn(async move {
+                    let client = reqwest::Client::new();
+                    let post = |path: String, body: Value| {
+                        client
+                            .post(format!("{base}{path}"))
+                            .bearer_auth(LOAD_KEY)
+                            .json(&body)
+                            .send()
+                    };
+                    let fail = |what: String| failed.lock().unwrap().push(what);
+                    while !stop.load(Ordering::Relaxed) {
+                        let lease = post(
+                            "/v1/credentials/lease".into(),
+                            json!({"provider": "gemini", "estimated_tokens": 10}),
+                        )
+                        .await
+                        .unwrap();
+                        let status = lease.status().as_u16();
+                        let lease: Value = lease.json().await.unwrap();
+                        if status != 201 {
+                            fail(format!("lease: {status} {lease}"));
+                            continue;
+                        }
+                        let id = lease["lease_id"].as_str().unwrap();
+                        let report = post(
+                            format!("/v1/credentials/lease/{id}/report"),
+                            json!({"tokens_used": 3}),
+                        )
+                        .await
+                        .unwrap();
+                        if report.status() != 200 {
+                            fail(format!("report: {}", report.status()));
+                        }
+                        let proxied = post(
+                            "/v1beta/models/gemini-x:generateContent".into(),
+                            json!({"contents": [{"parts": [{"text": "hi"}]}]}),
+                        )
+                        .await
+                        .unwrap();
+                        if proxied.status() != 200 {
+                            let status = proxied.status();
+                            fail(format!(
+                                "proxied: {status} {}",
+                                proxied.text().await.unwrap()
+                            ));
+                        }
+                        rounds.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            rounds,
+            failures,
+            tasks,
+        }
+    }
+
+    fn rounds(&self) -> u64 {
+        self.rounds.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Wait until the load has done `more` rounds from now.
+    async fn goes_on(&self, more: u64) {
+        let from = self.rounds();
+        crate::common::eventually(std::time::Duration::from_secs(20), || async {
+            (self.rounds() >= from + more).then_some(())
+        })
+        .await;
+    }
+
+    /// Every failure the load met so far.
+    fn failures(&self) -> Vec<String> {
+        self.failures.lock().unwrap().clone()
+    }
+
+    /// Stop; every failure the load met.
+    async fn stop(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        self.failures.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_on_an_old_snapshot_stalls_no_write_and_old_secrets_go_when_it_ends() {
+    let mock = crate::mock::Mock::start().await;
+    let home = Home::new(&format!(
+        "api_keys: [\"{LOAD_KEY}\"]\n{}",
+        mock.providers_yaml()
+    ));
+    let app = home.start().await;
+    for t in tokens("AIzaLoad", 3) {
+        post_key(&app, "gemini", &t).await;
+    }
+    let load = Load::start(&app.base);
+    load.goes_on(3).await;
+    // The reader's snapshot from the extremes: from before the secrets were stored (it pins
+    // the WAL frames that hold them), and holding the secrets themselves.
+    for reader_first in [true, false] {
+        let when = if reader_first {
+            "a reader from before the secrets"
+        } else {
+            "a reader holding the secrets"
+        };
+        let early = if reader_first {
+            Some(Reader::begin(&home).await)
+        } else {
+            None
+        };
+        let added = add_to_remove(&app, &home).await;
+        let mut reader = match early {
+            Some(r) => r,
+            None => Reader::begin(&home).await,
+        };
+        let seen = reader.credentials().await;
+        let (gone, kept) = remove(&app, &home, added).await;
+        // Answered while the reader still holds its snapshot, in which the deleted
+        // credentials still exist (so it keeps their secrets on disk: the scan's control).
+        assert_eq!(reader.credentials().await, seen, "{when}");
+        assert_present(&home, &needles(&gone), when);
+        // The request path keeps committing beside the reader.
+        load.goes_on(5).await;
+        assert_eq!(load.failures(), Vec::<String>::new(), "{when}");
+        reader.end().await;
+        // Then the checkpoint retried in the background completes, the load going on.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        let left = || {
+            needles(&gone)
+                .iter()
+                .any(|n| !found_in(&home, n).is_empty())
+        };
+        while left() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_gone(&home, &needles(&gone), &format!("{when}, once it ended"));
+        assert_present(&home, &needles(&kept), when);
+    }
+    let failures = load.stop().await;
+    assert!(failures.is_empty(), "{failures:?}");
+    app.stop().await;
 }
 
 // ---- a key that does not fit changes nothing ---------------------------------------------
@@ -1179,6 +1412,134 @@ async fn rotate_key_replaces_the_fingerprint_key_and_deleted_stays_deleted() {
     let out = home.run_binary_env(&["rotate-key", "--new-key-env", "K"], &[("K", &keys[1])]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(key_generations(&home).await, [2]);
+}
+
+async fn credential_count(home: &Home) -> i64 {
+    let mut conn = connect(home).await;
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM credentials")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    n
+}
+
+/// The writes a command that opened the database before a `rotate-key` could still make.
+#[derive(Debug, Clone, Copy)]
+enum StaleWrite {
+    /// `import` of entries new to the database.
+    ImportNew,
+    /// `import` of a changed entry (its secret re-sealed).
+    ImportChanged,
+    ImportDryRun,
+    /// An import through the API (a body, as the server's import endpoint takes it).
+    ImportBody,
+    /// The start's marking of credentials whose secrets do not open.
+    MarkUnopenable,
+}
+
+#[tokio::test]
+async fn a_command_started_before_rotate_key_writes_nothing_under_the_old_key() {
+    use cliproxyapi::store::ImportMode;
+    let mut key = EncryptionKey::generate_base64();
+    let home = Home::new(&enc_yaml(&key));
+    let toks = tokens("sk-proj-stale", 4);
+    let file = |label: &str| json!([{"token": toks[0], "label": label}, {"token": toks[1]}]);
+    home.auth_file("openai.json", file("first").to_string());
+    let app = home.start().await;
+    assert_eq!(app.auths().await.len(), 2);
+    app.stop().await;
+
+    for (i, write) in [
+        StaleWrite::ImportNew,
+        StaleWrite::ImportChanged,
+        StaleWrite::ImportDryRun,
+        StaleWrite::ImportBody,
+        StaleWrite::MarkUnopenable,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // Opened as `cliproxyapi import` opens it, under the key of the config...
+        let loaded =
+            cliproxyapi::config::Config::load_with_env(&home.config_path(), true, Vec::new())
+                .unwrap();
+        let state = cliproxyapi::app::open_state(loaded, Arc::new(chrono::Utc::now))
+            .await
+            .unwrap();
+        match write {
+            StaleWrite::ImportNew => {
+                home.auth_file("openai-more.json", json!([{"token": toks[2]}]).to_string());
+            }
+            StaleWrite::ImportChanged => {
+                home.auth_file("openai.json", file("changed").to_string());
+            }
+            _ => {}
+        }
+        // ... then the key is rotated before its write.
+        let next = EncryptionKey::generate_base64();
+        let out = home.run_binary_env(&["rotate-key", "--new-key-env", "K"], &[("K", &next)]);
+        assert!(out.status.success(), "{write:?}: {out:?}");
+        let rotated = sealed_values(&home).await;
+        let written = match write {
+            StaleWrite::MarkUnopenable => state
+                .store
+                .prepare_secrets(chrono::Utc::now())
+                .await
+                .map(|_| ()),
+            StaleWrite::ImportBody => {
+                let mut batch = cliproxyapi::import::Batch::default();
+                cliproxyapi::import::add_document(
+                    &mut batch,
+                    &state.registry,
+                    "body",
+                    json!([{"provider": "openai", "token": toks[3]},
+                           {"provider": "openai", "token": toks[1], "label": format!("body {i}")}]),
+                    None,
+                );
+                state
+                    .import(batch, ImportMode::Body, "api", false)
+                    .await
+                    .map(|_| ())
+            }
+            _ => {
+                let batch = state.read_paths(vec![home.path().join("auths")]).await;
+                let dry_run = matches!(write, StaleWrite::ImportDryRun);
+                state
+                    .import(batch, ImportMode::Files, "cli", dry_run)
+                    .await
+                    .map(|_| ())
+            }
+        };
+        let error = written.expect_err(&format!("{write:?} after the rotation"));
+        assert!(
+            error.to_string().contains(
+                "the encryption key was rotated after this command started; run it again"
+            ),
+            "{write:?}: {error}"
+        );
+        state.store.close().await;
+        assert_eq!(
+            sealed_values(&home).await,
+            rotated,
+            "{write:?} changed secrets"
+        );
+        assert_eq!(
+            credential_count(&home).await,
+            2,
+            "{write:?} added credentials"
+        );
+        key = next;
+        set_config(&home, &enc_yaml(&key));
+    }
+
+    // Under the last key every credential opens; the files import now, under it.
+    let app = home.start().await;
+    let auths = app.auths().await;
+    assert_eq!(auths.len(), 3, "{auths:?}");
+    assert!(auths.iter().all(|a| a["status"] == "active"), "{auths:?}");
+    assert!(auths.iter().any(|a| a["label"] == "changed"), "{auths:?}");
+    app.stop().await;
 }
 
 #[tokio::test]
