@@ -94,6 +94,18 @@ impl From<StoreError> for ApiError {
                 format!("This credential already exists as {id}"),
             )
             .with("id", id),
+            // Only possible if something rotated the key around the server's lock: nothing
+            // was written, and nothing will be until the server starts with the new key.
+            StoreError::KeyRotated => {
+                tracing::error!(
+                    "the encryption key was rotated under this running server; restart it with the new key"
+                );
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "key_rotated",
+                    "The database's encryption key was rotated under this server; nothing was written. Restart the server with the new key",
+                )
+            }
             other => ApiError::internal(&other),
         }
     }
