@@ -57,6 +57,20 @@ pub struct Change {
 /// An entry with its fingerprint and the digest of its content.
 type Keyed = (Entry, Vec<u8>, Vec<u8>);
 
+/// An import ready to apply: entries with their fingerprints and digests, one per credential,
+/// and what was already found wrong with the batch.
+struct Planned {
+    entries: Vec<Keyed>,
+    duplicates: Vec<Notice>,
+    errors: Vec<ImportError>,
+}
+
+/// The entries' fingerprints as a JSON array of hex strings, for `json_each`.
+fn wanted(entries: &[Keyed]) -> String {
+    let hex: Vec<String> = entries.iter().map(|(_, fp, _)| to_hex(fp)).collect();
+    serde_json::Value::from(hex).to_string()
+}
+
 /// Keep the first entry of each credential (by fingerprint: the same provider and token), in
 /// batch order, which is sorted path order for files and entry order for a body. Each later
 /// one is a notice naming both sources: two sources applied in turn would undo each other's
@@ -93,9 +107,42 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<ImportReport> {
         let large = batch.entries.len() >= super::ledger::MANY;
+        // Fingerprints and digests (CPU only) before the gate; and when every entry is a
+        // credential already imported with the same content (a rescan of unchanged files, at
+        // every start and on demand), nothing is written, so the request path is not stopped
+        // at all, however many credentials there are.
+        let keyed: Vec<Keyed> = batch
+            .entries
+            .into_iter()
+            .map(|e| {
+                let fp = e.credential.fingerprint(&self.fingerprinter);
+                let digest = e.credential.content_digest(&self.fingerprinter);
+                (e, fp, digest)
+            })
+            .collect();
+        let (entries, duplicates) = first_of_each(keyed);
+        if self.all_unchanged(&entries).await? {
+            let report = ImportReport {
+                skipped: entries.len() + duplicates.len(),
+                errors: batch.errors,
+                notices: duplicates,
+                ..Default::default()
+            };
+            if large {
+                super::release_freed_memory();
+            }
+            return Ok(report);
+        }
+        let planned = Planned {
+            entries,
+            duplicates,
+            errors: batch.errors,
+        };
         let report = self
             .exclusive(async {
-                let report = self.import_locked(batch, mode, actor, dry_run, now).await?;
+                let report = self
+                    .import_locked(planned, mode, actor, dry_run, now)
+                    .await?;
                 let touched = if dry_run {
                     Touched::Nothing
                 } else {
@@ -120,37 +167,52 @@ impl Store {
         Ok(report)
     }
 
-    /// Apply `batch` in one write transaction (rolled back when `dry_run`). Errors already in
-    /// the batch are carried into the report.
+    /// Whether every entry is a live credential whose last import had this same content, read
+    /// outside any write (the transaction checks again).
+    async fn all_unchanged(&self, entries: &[Keyed]) -> Result<bool> {
+        let wanted = wanted(entries);
+        let known: HashMap<Vec<u8>, Option<Vec<u8>>> = sqlx::query!(
+            "SELECT fingerprint, id, import_digest FROM credentials
+             WHERE fingerprint IN (SELECT unhex(value) FROM json_each(?))",
+            wanted
+        )
+        .fetch_all(&self.reader)
+        .await?
+        .into_iter()
+        .map(|r| (r.fingerprint, r.import_digest))
+        .collect();
+        Ok(entries.iter().all(|(_, fp, digest)| {
+            known
+                .get(fp)
+                .is_some_and(|last| last.as_deref() == Some(digest.as_slice()))
+        }))
+    }
+
+    /// Apply planned entries in one write transaction (rolled back when `dry_run`). Errors
+    /// and duplicates already found are carried into the report.
     async fn import_locked(
         &self,
-        batch: Batch,
+        planned: Planned,
         mode: ImportMode,
         actor: &str,
         dry_run: bool,
         now: DateTime<Utc>,
     ) -> Result<ImportReport> {
+        let Planned {
+            entries,
+            duplicates,
+            errors,
+        } = planned;
         let mut report = ImportReport {
-            errors: batch.errors,
+            errors,
+            skipped: duplicates.len(),
+            notices: duplicates,
             ..Default::default()
         };
         let ts = now.timestamp();
-        // Fingerprints and digests first (CPU only), then the rows they match, in two queries:
-        // one statement per entry would cost a round trip to SQLite's thread each.
-        let entries: Vec<Keyed> = batch
-            .entries
-            .into_iter()
-            .map(|e| {
-                let fp = e.credential.fingerprint(&self.fingerprinter);
-                let digest = e.credential.content_digest(&self.fingerprinter);
-                (e, fp, digest)
-            })
-            .collect();
-        let (entries, duplicates) = first_of_each(entries);
-        report.skipped += duplicates.len();
-        report.notices.extend(duplicates);
-        let wanted: Vec<String> = entries.iter().map(|(_, fp, _)| to_hex(fp)).collect();
-        let wanted = serde_json::Value::from(wanted).to_string();
+        // The rows the entries match, in two queries: one statement per entry would cost a
+        // round trip to SQLite's thread each.
+        let wanted = wanted(&entries);
         let mut tx = self.begin_write().await?;
         self.adopt_retired(&mut tx, &entries).await?;
         // fingerprint -> (id, digest of its last import)
