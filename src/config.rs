@@ -23,16 +23,25 @@ fn err(msg: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
+/// The longest duration a setting takes: a year. Deadlines are computed by adding a setting
+/// to the clock, and a sum past what the clock holds would fail at the first request instead
+/// of at start.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim())
-            .map(HumanDuration)
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "`{s}` is not a duration like \"30s\", \"5m\" or \"1h\" ({e})"
-                ))
-            })
+        let d = humantime::parse_duration(s.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a duration like \"30s\", \"5m\" or \"1h\" ({e})"
+            ))
+        })?;
+        if d > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "`{s}` is longer than a year, the longest a setting takes"
+            )));
+        }
+        Ok(HumanDuration(d))
     }
 }
 
@@ -806,6 +815,18 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(e.contains("auth.refresh.check_interval"), "{e}");
+        for huge in [
+            "367d",
+            "1000000000y",
+            "584942417355years",
+            "18446744073709551615s",
+        ] {
+            let e = load(&format!("proxy:\n  request_timeout: {huge}\n"), &[])
+                .unwrap_err()
+                .0;
+            assert!(e.contains("proxy.request_timeout"), "{huge}: {e}");
+        }
+        load("proxy:\n  request_timeout: 365d\n", &[]).unwrap();
         let e = load("port: lots\n", &[]).unwrap_err().0;
         assert!(e.contains("port"), "{e}");
         let e = load(
