@@ -22,4 +22,5 @@ mod secrets;
 mod security;
 mod seed;
 mod soak;
+mod stalls;
 mod streams;
