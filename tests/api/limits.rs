@@ -1,6 +1,8 @@
-//! The listener's limits (README, Security, Limits): the connection cap, the header, idle and
-//! body deadlines, and the budget of buffered body bytes, each tried with raw sockets that
-//! hold, trickle or stall as a hostile client would.
+//! The listener's limits (README, Security, Limits): the connection cap (with room made by
+//! closing idle connections) and each address's share of it, the header, idle and body
+//! deadlines, and the budget of buffered body bytes, each tried with raw sockets that hold,
+//! trickle or stall as a hostile client would. Responses that clients do not take, and the
+//! stop, are in `stalls.rs`.
 
 use crate::common::{Api, Home, eventually};
 use crate::mock::Mock;

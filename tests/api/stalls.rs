@@ -294,7 +294,9 @@ async fn http2_clients_that_do_not_answer_pings_are_closed() {
                 let _ = body.flow_control().release_capacity(chunk.len());
                 text.extend_from_slice(&chunk);
             }
-            (status, String::from_utf8_lossy(&text).into_owned())
+            // Kept: dropping the last handle would let the client close its connection, and
+            // free its slot, before the mute one is closed.
+            (status, String::from_utf8_lossy(&text).into_owned(), live)
         });
         // Both slots are busy (the live one's request upstream, so it is not evicted as a
         // connection still waiting for its request): the normal client gets in once the mute
@@ -304,7 +306,7 @@ async fn http2_clients_that_do_not_answer_pings_are_closed() {
         })
         .await;
         normal_call(&app).await;
-        let (status, text) = tokio::time::timeout(PATIENCE, answered)
+        let (status, text, _live) = tokio::time::timeout(PATIENCE, answered)
             .await
             .expect("the live client is answered")
             .unwrap();
@@ -367,8 +369,8 @@ async fn clients_that_read_slowly_but_steadily_are_not_cut() {
     );
     let app = home.start().await;
     let size = 2 << 20;
-    // About 1 MB/s and 0.5 MB/s: a write deadline counted per kernel buffer (a third of up to
-    // 4 MiB drained) rather than at the socket would cut the slower.
+    // About 1 MB/s and 0.5 MB/s, far slower than the server sends, for several times
+    // `write_timeout`: the socket is full nearly all along, yet takes bytes steadily.
     let readers = [
         ("HTTP/1.1, 64 KiB every 60 ms", 64 << 10, 60),
         ("HTTP/1.1, 16 KiB every 30 ms", 16 << 10, 30),
