@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs the official Python SDKs (OpenAI, Anthropic, Google GenAI)
-# in a virtual environment under target/, then runs every Rust test, the SDK scenario included.
+# in a virtual environment under target/, then runs every Rust test, the SDK scenario included,
+# and then the soak on its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=target/sdk-venv
@@ -13,3 +14,6 @@ if ! "$venv/bin/python" -c 'import openai, anthropic, google.genai' 2>/dev/null 
 fi
 export CLIPROXY_SDK_PYTHON="$PWD/$venv/bin/python"
 cargo test --features sdk-tests "$@"
+# The soak (tests/api/soak.rs, #[ignore]d) loads the machine for 15 s: it runs alone, after
+# everything else, in the same test binary.
+cargo test --features sdk-tests --test api -- --ignored soak

@@ -177,14 +177,23 @@ impl<'de> Deserialize<'de> for Cidr {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Client connections open at once; past it, new ones wait in the listen backlog.
+    /// Client connections open at once; past it, the oldest idle one makes room, or new ones
+    /// wait in the listen backlog while every one is serving a request.
     pub max_connections: u32,
+    /// Client connections open at once from one address (IPv6: one /64); trusted proxies are
+    /// exempt.
+    pub max_connections_per_address: u32,
     /// A request's headers must arrive within this, from its first byte.
     pub header_read_timeout: HumanDuration,
     /// A kept-alive connection with no request in flight is closed after this.
     pub idle_timeout: HumanDuration,
     /// A request's body must arrive whole within this.
     pub body_read_timeout: HumanDuration,
+    /// A response that makes no progress at the socket for this long closes its connection;
+    /// also the HTTP/2 keep-alive ping's interval and timeout.
+    pub write_timeout: HumanDuration,
+    /// How long a stopping server lets requests in flight finish before it drops them.
+    pub shutdown_timeout: HumanDuration,
     /// Request bodies held in memory across all requests at once.
     pub max_buffered_bytes: ByteSize,
     /// Reverse proxies whose `X-Forwarded-For` names the client (addresses or CIDR blocks).
@@ -195,9 +204,12 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_connections: 1024,
+            max_connections_per_address: 128,
             header_read_timeout: HumanDuration(Duration::from_secs(10)),
             idle_timeout: HumanDuration(Duration::from_secs(60)),
             body_read_timeout: HumanDuration(Duration::from_secs(60)),
+            write_timeout: HumanDuration(Duration::from_secs(60)),
+            shutdown_timeout: HumanDuration(Duration::from_secs(30)),
             max_buffered_bytes: ByteSize(256 << 20),
             trusted_proxies: Vec::new(),
         }
@@ -705,10 +717,17 @@ impl ServerConfig {
         if self.max_connections == 0 {
             return Err(err("`server.max_connections`: must be at least 1"));
         }
+        if self.max_connections_per_address == 0 {
+            return Err(err(
+                "`server.max_connections_per_address`: must be at least 1",
+            ));
+        }
         for (key, d) in [
             ("header_read_timeout", self.header_read_timeout),
             ("idle_timeout", self.idle_timeout),
             ("body_read_timeout", self.body_read_timeout),
+            ("write_timeout", self.write_timeout),
+            ("shutdown_timeout", self.shutdown_timeout),
         ] {
             if d.0.is_zero() {
                 return Err(err(format!("`server.{key}`: must be longer than 0s")));
@@ -899,6 +918,15 @@ mod tests {
         for (yaml, key) in [
             ("server:\n  max_connections: 0\n", "server.max_connections"),
             ("server:\n  idle_timeout: 0s\n", "server.idle_timeout"),
+            ("server:\n  write_timeout: 0s\n", "server.write_timeout"),
+            (
+                "server:\n  shutdown_timeout: 0s\n",
+                "server.shutdown_timeout",
+            ),
+            (
+                "server:\n  max_connections_per_address: 0\n",
+                "server.max_connections_per_address",
+            ),
             (
                 "server:\n  max_buffered_bytes: 12 parsecs\n",
                 "server.max_buffered_bytes",

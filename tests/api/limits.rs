@@ -1,15 +1,15 @@
-//! The listener's limits (README, Security, Limits): the connection cap, the header, idle and
-//! body deadlines, and the budget of buffered body bytes, each tried with raw sockets that
-//! hold, trickle or stall as a hostile client would.
+//! The listener's limits (README, Security, Limits): the connection cap (with room made by
+//! closing idle connections) and each address's share of it, the header, idle and body
+//! deadlines, and the budget of buffered body bytes, each tried with raw sockets that hold,
+//! trickle or stall as a hostile client would. Responses that clients do not take, and the
+//! stop, are in `stalls.rs`.
 
 use crate::common::{Api, Home, eventually};
 use crate::mock::Mock;
 use crate::raw::{self, RawResponse};
-use futures_util::future::join_all;
-use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 
@@ -58,22 +58,38 @@ fn fresh_client() -> reqwest::Client {
         .unwrap()
 }
 
+/// A connection from `source` whose request is in flight: its body is announced and never
+/// sent (the server reads it until `body_read_timeout`).
+async fn busy_from(base: &str, source: &str) -> TcpStream {
+    let mut s = raw::connect_from(base, source).await;
+    s.write_all(raw::head("POST", "/v1/chat/completions", Some(100)).as_bytes())
+        .await
+        .unwrap();
+    s.write_all(b"{").await.unwrap();
+    s
+}
+
+/// Whether `s`, which sent a request, gets no answer for a while (it waits in the backlog).
+async fn unanswered(s: &mut TcpStream) -> bool {
+    tokio::time::timeout(Duration::from_millis(300), raw::read_response(s))
+        .await
+        .is_err()
+}
+
 #[tokio::test]
-async fn past_the_cap_connections_wait_in_the_backlog_until_others_close() {
+async fn past_the_cap_busy_connections_keep_their_slots_and_new_ones_wait() {
     for cap in [1usize, 2, 5] {
-        let home = home(&format!("  max_connections: {cap}\n"), None);
+        let home = home(
+            &format!("  max_connections: {cap}\n  body_read_timeout: 1h\n"),
+            None,
+        );
         let app = home.start().await;
         let mut held = Vec::new();
         for _ in 0..cap {
-            let mut s = raw::connect(&app.base).await;
-            assert_eq!(
-                raw::request(&mut s, "GET", "/v1/models", b"").await.status,
-                200
-            );
-            held.push(s);
+            held.push(busy_from(&app.base, "127.0.0.1").await);
         }
         // More waiting than the cap: the kernel completes their handshakes, the server does
-        // not accept them.
+        // not accept them while every slot serves a request.
         let mut waiting = Vec::new();
         for _ in 0..=cap {
             let mut s = raw::connect(&app.base).await;
@@ -82,31 +98,177 @@ async fn past_the_cap_connections_wait_in_the_backlog_until_others_close() {
                 .unwrap();
             waiting.push(s);
         }
-        let unanswered = join_all(
-            waiting
-                .iter_mut()
-                .map(|s| tokio::time::timeout(Duration::from_millis(300), raw::read_response(s))),
-        )
-        .await;
-        assert!(
-            unanswered.iter().all(Result::is_err),
-            "cap {cap}: a connection past the cap was served"
-        );
-        // Each connection that closes lets the next one in, in order.
-        let mut open: VecDeque<TcpStream> = held.into();
-        let mut waiting: VecDeque<TcpStream> = waiting.into();
-        while let Some(mut next) = waiting.pop_front() {
-            drop(open.pop_front().expect("a connection in a slot"));
-            let answer = tokio::time::timeout(PATIENCE, raw::read_response(&mut next))
+        for s in &mut waiting {
+            assert!(
+                unanswered(s).await,
+                "cap {cap}: a connection past the cap was served"
+            );
+        }
+        // One slot freed: every waiting connection is served in turn, each kept-alive one
+        // making room for the next once it is idle.
+        drop(held.pop());
+        for (i, s) in waiting.iter_mut().enumerate() {
+            let answer = tokio::time::timeout(PATIENCE, raw::read_response(s))
                 .await
-                .unwrap_or_else(|_| panic!("cap {cap}: a waiting connection was never served"))
+                .unwrap_or_else(|_| panic!("cap {cap}: waiting connection {i} never served"))
                 .expect("an answer");
             assert_eq!(answer.status, 200);
-            open.push_back(next);
         }
-        // A normal client still gets in, once a slot is free.
-        drop(open);
+        // The busy ones were never closed for them.
+        for s in &mut held {
+            assert!(
+                unanswered(s).await,
+                "cap {cap}: a busy connection was closed"
+            );
+        }
+        drop(held);
         assert_eq!(app.get("/v1/models").await.status, 200);
+        app.stop().await;
+    }
+}
+
+/// `count` clients from `source` that connect and send nothing (or, every other one, half a
+/// request line), each connecting again as soon as the server closes it; how many times the
+/// server closed one.
+fn idle_clients(
+    base: &str,
+    source: &'static str,
+    count: usize,
+) -> (
+    Vec<tokio::task::JoinHandle<()>>,
+    std::sync::Arc<AtomicUsize>,
+) {
+    let closed = std::sync::Arc::new(AtomicUsize::new(0));
+    let tasks = (0..count)
+        .map(|i| {
+            let (base, closed) = (base.to_string(), closed.clone());
+            tokio::spawn(async move {
+                loop {
+                    let mut s = raw::connect_from(&base, source).await;
+                    if i % 2 == 1 {
+                        let _ = s.write_all(b"GET /v1/mod").await;
+                    }
+                    let mut buf = [0u8; 64];
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                    closed.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        })
+        .collect();
+    (tasks, closed)
+}
+
+#[tokio::test]
+async fn at_the_cap_idle_connections_make_room_for_new_clients() {
+    for (cap, idle) in [(1usize, 200usize), (4, 300), (50, 300)] {
+        // Only making room can close the idle ones: their deadlines are an hour away.
+        let home = home(
+            &format!("  max_connections: {cap}\n  header_read_timeout: 1h\n  idle_timeout: 1h\n"),
+            None,
+        );
+        let app = home.start().await;
+        let (tasks, closed) = idle_clients(&app.base, "127.0.0.1", idle);
+        eventually(PATIENCE, || async {
+            (closed.load(Ordering::Relaxed) >= cap).then_some(())
+        })
+        .await;
+        // A normal client, from the same address as the idle ones and from another, gets in
+        // within moments, every time.
+        for source in ["127.0.0.1", "127.0.0.2", "127.0.0.1"] {
+            let answer = tokio::time::timeout(Duration::from_secs(10), async {
+                let mut s = raw::connect_from(&app.base, source).await;
+                raw::request(&mut s, "GET", "/v1/models", b"").await
+            })
+            .await
+            .unwrap_or_else(|_| panic!("cap {cap}, {idle} idle: a normal client was kept out"));
+            assert_eq!(answer.status, 200);
+        }
+        for t in tasks {
+            t.abort();
+        }
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn one_address_is_served_on_at_most_its_share_of_connections() {
+    for per in [1usize, 3] {
+        let home = home(
+            &format!(
+                "  max_connections: 100\n  max_connections_per_address: {per}\n  \
+                 body_read_timeout: 1h\n  header_read_timeout: 1h\n  idle_timeout: 1h\n  \
+                 trusted_proxies: [\"127.0.0.3\"]\n"
+            ),
+            None,
+        );
+        let app = home.start().await;
+        // Kept-alive idle connections: the address's oldest makes room for its next one.
+        let mut idle = Vec::new();
+        for _ in 0..per {
+            let mut s = raw::connect(&app.base).await;
+            assert_eq!(
+                raw::request(&mut s, "GET", "/v1/models", b"").await.status,
+                200
+            );
+            idle.push(s);
+        }
+        let mut next = raw::connect(&app.base).await;
+        assert_eq!(
+            raw::request(&mut next, "GET", "/v1/models", b"")
+                .await
+                .status,
+            200
+        );
+        assert!(
+            raw::closed_within(&mut idle[0], PATIENCE).await,
+            "per {per}: the oldest idle connection stayed"
+        );
+        drop((idle, next));
+        // Every connection of an address busy: a new one from it waits (its address does not
+        // keep anyone else out meanwhile), and is served when one of them ends.
+        let mut busy = Vec::new();
+        for _ in 0..per {
+            busy.push(busy_from(&app.base, "127.0.0.4").await);
+        }
+        let mut parked = raw::connect_from(&app.base, "127.0.0.4").await;
+        parked
+            .write_all(raw::head("GET", "/v1/models", None).as_bytes())
+            .await
+            .unwrap();
+        assert!(
+            unanswered(&mut parked).await,
+            "per {per}: served past its share"
+        );
+        for s in &mut busy {
+            assert!(
+                unanswered(s).await,
+                "per {per}: a busy connection was closed"
+            );
+        }
+        // Other addresses are not concerned; a trusted proxy may hold more.
+        let mut s = raw::connect_from(&app.base, "127.0.0.2").await;
+        assert_eq!(
+            raw::request(&mut s, "GET", "/v1/models", b"").await.status,
+            200
+        );
+        drop(busy.pop());
+        let answer = tokio::time::timeout(PATIENCE, raw::read_response(&mut parked))
+            .await
+            .expect("served once one of its address's requests ended")
+            .expect("an answer");
+        assert_eq!(answer.status, 200);
+        let mut proxied = Vec::new();
+        for _ in 0..per + 2 {
+            proxied.push(busy_from(&app.base, "127.0.0.3").await);
+        }
+        let mut s = raw::connect_from(&app.base, "127.0.0.3").await;
+        assert_eq!(
+            raw::request(&mut s, "GET", "/v1/models", b"").await.status,
+            200
+        );
+        // (Requests still in flight would hold the stop up for `shutdown_timeout`.)
+        drop((busy, proxied, parked));
         app.stop().await;
     }
 }
@@ -271,10 +433,11 @@ async fn idle_kept_alive_connections_are_closed_after_idle_timeout() {
 #[tokio::test]
 async fn requests_in_flight_outlast_the_idle_and_header_timeouts() {
     let mock = Mock::start().await;
-    // Every pause of the mock is longer than both timeouts.
+    // Every pause of the mock is longer than all three timeouts: a slow provider is not a
+    // client that does not read.
     mock.state.delay_ms.store(700, Ordering::Relaxed);
     let home = home(
-        "  header_read_timeout: 500ms\n  idle_timeout: 500ms\n",
+        "  header_read_timeout: 500ms\n  idle_timeout: 500ms\n  write_timeout: 500ms\n",
         Some(&mock),
     );
     let app = home.start().await;
@@ -287,11 +450,19 @@ async fn requests_in_flight_outlast_the_idle_and_header_timeouts() {
             .send()
     };
     let gemini = r#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#;
-    let (streamed, answered, listed) = tokio::join!(
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let (streamed, streamed_h2, answered, listed) = tokio::join!(
         post(
             "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
             gemini
         ),
+        h2.post(format!("{}/v1/chat/completions", app.base))
+            .header("content-type", "application/json")
+            .body(r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#)
+            .send(),
         post("/v1/chat/completions", CHAT),
         async {
             // A management call on a connection that idles in between.
@@ -305,6 +476,10 @@ async fn requests_in_flight_outlast_the_idle_and_header_timeouts() {
     assert_eq!(streamed.status(), 200);
     let text = streamed.text().await.expect("the whole stream");
     assert!(text.contains("tok2"), "the stream was cut: {text}");
+    let streamed_h2 = streamed_h2.unwrap();
+    assert_eq!(streamed_h2.version(), reqwest::Version::HTTP_2);
+    let text = streamed_h2.text().await.expect("the whole HTTP/2 stream");
+    assert!(text.contains("[DONE]"), "the HTTP/2 stream was cut: {text}");
     let answered = answered.unwrap();
     assert_eq!(answered.status(), 200);
     assert!(
@@ -383,18 +558,21 @@ async fn hold_body(base: &str, announced: usize, sent: usize) -> TcpStream {
     s
 }
 
-/// Announce a body of `size` bytes to `path` and send none of it: the answer if the server
-/// refuses it at once, `None` if it starts reading (the connection is then dropped, holding
-/// nothing).
+/// Announce a body of `size` bytes to `path` with `Expect: 100-continue` and send none of it:
+/// the answer if the server refuses it at once, `None` if it starts reading (hyper then sends
+/// `100 Continue`; the connection is dropped, holding nothing).
 async fn announce(base: &str, path: &str, size: usize) -> Option<RawResponse> {
     let mut s = raw::connect(base).await;
-    s.write_all(raw::head("POST", path, Some(size)).as_bytes())
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {size}\r\nExpect: 100-continue\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let answer = tokio::time::timeout(PATIENCE, raw::read_response(&mut s))
         .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_millis(500), raw::read_response(&mut s))
-        .await
-        .ok()
-        .flatten()
+        .expect("either 100 Continue or a refusal")
+        .expect("an answer");
+    (answer.status != 100).then_some(answer)
 }
 
 /// Poll until a chat body of `size` bytes is refused for want of budget (the held bytes have

@@ -23,4 +23,5 @@ mod secrets;
 mod security;
 mod seed;
 mod soak;
+mod stalls;
 mod streams;

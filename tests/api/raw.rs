@@ -127,3 +127,96 @@ pub async fn closed_within(stream: &mut (impl AsyncRead + Unpin), within: Durati
     };
     tokio::time::timeout(within, drain).await.is_ok()
 }
+
+/// A connection from `source` (another loopback address: a client of another address).
+pub async fn connect_from(base: &str, source: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(format!("{source}:0").parse().expect("an IPv4 address"))
+        .expect("binds to a loopback address");
+    socket.connect(addr(base)).await.expect("connects")
+}
+
+/// Read up to the end of a response's head; the head, and the bytes of the body read with it.
+/// `None` if the connection ends first.
+pub async fn read_head(stream: &mut (impl AsyncRead + Unpin)) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let body = buf.split_off(i + 4);
+            return Some((String::from_utf8_lossy(&buf).into_owned(), body));
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Everything the server sends until it closes the connection, or `None` if it has not
+/// closed it within `within`.
+pub async fn read_to_end(
+    stream: &mut (impl AsyncRead + Unpin),
+    within: Duration,
+) -> Option<Vec<u8>> {
+    let read = async {
+        let mut all = Vec::new();
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return all,
+                Ok(n) => all.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(within, read).await.ok()
+}
+
+/// An HTTP/2 (prior knowledge) client over `stream` announcing `window` as its streams'
+/// flow-control window (0: the server may send no body byte until the client allows it).
+/// The client answers pings and settings while its connection task runs; the task ends when
+/// the server closes the connection.
+pub async fn h2_client(
+    stream: TcpStream,
+    window: u32,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .handshake(stream)
+        .await
+        .expect("an HTTP/2 handshake");
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (client, task)
+}
+
+/// Send `method path` with `body` on an HTTP/2 client; the response's head, its body unread.
+pub async fn h2_request(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    base: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> hyper::Response<h2::RecvStream> {
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let ready = client.clone().ready().await.expect("a stream slot");
+    *client = ready;
+    let (response, mut send) = client
+        .send_request(request, body.is_empty())
+        .expect("the request is sent");
+    if !body.is_empty() {
+        send.send_data(bytes::Bytes::from(body.to_string()), true)
+            .expect("the body is sent");
+    }
+    response.await.expect("a response head")
+}

@@ -1,6 +1,18 @@
 //! One client connection's life: where it is (waiting for a request's headers, serving
 //! requests, idle between them), the deadline of that phase, and closing it when the deadline
-//! passes, gracefully where something may still be written, never with a request in flight.
+//! passes (gracefully where something may still be written), when it is evicted to make room
+//! for a new connection, or when the server stops.
+//!
+//! While requests are in flight the only deadline is the write deadline. A response waits on
+//! the application while its body has nothing ready (a slow provider, a long upstream wait):
+//! no deadline. It waits on the client from the moment hyper takes its head or a frame of its
+//! body until hyper asks the body for more: hyper asks only once what it took has gone out, to
+//! the socket (HTTP/1.1) or into the client's flow-control window (HTTP/2). While any response
+//! waits on the client, the socket must take bytes at least every `write_timeout`, or the
+//! connection is closed. Progress is counted at the socket, not per frame, so a client that
+//! reads slowly but steadily is never cut, however long one large frame takes to go out; the
+//! kernel's queue of unsent bytes is kept short ([`super::UNSENT_LOW_WATER`]) so that a client
+//! that reads shows as writes here, not only once megabytes of kernel buffers have drained.
 
 use super::Shared;
 use crate::http::body::BodyLimits;
@@ -14,23 +26,34 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, oneshot, watch};
 use tokio::time::Instant;
 
-/// How long a connection closed gracefully (an HTTP/2 one past its deadline, which is sent a
-/// GOAWAY, or any one with nothing in flight when the server stops) gets to write what it has
-/// before it is dropped.
+/// How long a connection closed gracefully (an HTTP/2 one past its header or idle deadline,
+/// which is sent a GOAWAY, or any one with nothing in flight when the server stops) gets to
+/// write what it has before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// The deadlines of a connection's phases.
 pub(super) struct Timeouts {
     pub(super) header_read: Duration,
     pub(super) idle: Duration,
+    pub(super) write: Duration,
+}
+
+/// Where the server is in its life, for every connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Stop {
+    Running,
+    /// Stop accepting requests; those in flight finish.
+    Graceful,
+    /// `server.shutdown_timeout` has passed: drop every connection now.
+    Now,
 }
 
 /// `now + d`, or a moment so far ahead that it never comes when that does not fit.
@@ -50,36 +73,113 @@ enum Phase {
     Idle { since: Instant },
 }
 
-/// One connection's phase, shared by its I/O, its requests and its task.
-struct Watch {
-    phase: Mutex<Phase>,
+/// Which deadline is next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    Head,
+    Idle,
+    /// A response waits on a client that takes no bytes.
+    Write,
+}
+
+#[derive(Debug)]
+struct State {
+    phase: Phase,
+    /// When the socket last took bytes.
+    wrote: Instant,
+    /// The responses that wait on the client (by id), and since when.
+    waiting: Vec<(u64, Instant)>,
+    next_response: u64,
+    /// The connection's task sleeps without a write deadline: wake it when one appears.
+    unwatched: bool,
+    /// A read found nothing to read: the client has had its chance to send (a connection
+    /// accepted with its request already in the kernel's buffer is never evicted before its
+    /// request is seen).
+    asked: bool,
+    /// Closed to make room for another connection.
+    evicted: bool,
+}
+
+impl State {
+    /// Since when the connection has been doing nothing that it could lose by being closed:
+    /// idle (kept alive after a request), or (unless `idle_only`) waiting for a request's
+    /// headers; `None` while it serves a request.
+    fn evictable_since(&self, idle_only: bool) -> Option<Instant> {
+        match self.phase {
+            _ if self.evicted => None,
+            Phase::Head { since } if self.asked && !idle_only => Some(since),
+            Phase::Idle { since } => Some(since),
+            _ => None,
+        }
+    }
+}
+
+/// One connection's phase, shared by its I/O, its requests, its task and the slots.
+pub(super) struct Watch {
+    state: Mutex<State>,
     /// HTTP/2 frames (pings, window updates, settings) arrive between requests, so on HTTP/2
     /// bytes do not start a request's header clock; the idle clock stays.
     h2: AtomicBool,
-    /// Woken when a deadline moves earlier or appears.
+    /// Woken when a deadline moves earlier or appears, or the connection is evicted.
     changed: Notify,
+    /// Shared by every connection: woken when one may have become evictable.
+    freed: Arc<Notify>,
 }
 
 impl Watch {
-    fn new(now: Instant) -> Self {
+    pub(super) fn new(now: Instant, freed: Arc<Notify>) -> Self {
         Watch {
-            phase: Mutex::new(Phase::Head { since: now }),
+            state: Mutex::new(State {
+                phase: Phase::Head { since: now },
+                wrote: now,
+                waiting: Vec::new(),
+                next_response: 0,
+                unwatched: false,
+                asked: false,
+                evicted: false,
+            }),
             h2: AtomicBool::new(false),
             changed: Notify::new(),
+            freed,
         }
     }
 
-    fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
-        // A panic while holding this lock leaves a valid phase: keep using it.
-        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves a valid state: keep using it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A read found nothing: from now on, while it waits for headers, it may be evicted.
+    pub(super) fn on_nothing_to_read(&self) {
+        let mut state = self.state();
+        if state.asked {
+            return;
+        }
+        state.asked = true;
+        let evictable = state.evictable_since(false).is_some();
+        drop(state);
+        if evictable {
+            self.freed.notify_one();
+        }
     }
 
     fn on_read(&self, now: Instant) {
-        let mut phase = self.phase();
-        if matches!(*phase, Phase::Idle { .. }) && !self.h2.load(Ordering::Relaxed) {
-            *phase = Phase::Head { since: now };
-            drop(phase);
+        let mut state = self.state();
+        if matches!(state.phase, Phase::Idle { .. }) && !self.h2.load(Ordering::Relaxed) {
+            state.phase = Phase::Head { since: now };
+            drop(state);
             self.changed.notify_one();
+        }
+    }
+
+    fn on_write(&self, now: Instant) {
+        let mut state = self.state();
+        state.wrote = now;
+        // HTTP/1.1: the tail of a response whose body has ended still going out is not idleness.
+        if let Phase::Idle { since } = &mut state.phase
+            && !self.h2.load(Ordering::Relaxed)
+        {
+            *since = now;
         }
     }
 
@@ -88,9 +188,9 @@ impl Watch {
         InFlight(self.clone())
     }
 
-    fn enter(&self) {
-        let mut phase = self.phase();
-        *phase = match *phase {
+    pub(super) fn enter(&self) {
+        let mut state = self.state();
+        state.phase = match state.phase {
             Phase::Busy { requests } => Phase::Busy {
                 requests: requests + 1,
             },
@@ -98,10 +198,10 @@ impl Watch {
         };
     }
 
-    fn end(&self, now: Instant) {
-        let mut phase = self.phase();
-        if let Phase::Busy { requests } = *phase {
-            *phase = if requests > 1 {
+    pub(super) fn end(&self, now: Instant) {
+        let mut state = self.state();
+        if let Phase::Busy { requests } = state.phase {
+            state.phase = if requests > 1 {
                 Phase::Busy {
                     requests: requests - 1,
                 }
@@ -109,21 +209,101 @@ impl Watch {
                 Phase::Idle { since: now }
             };
         }
-        let idle = matches!(*phase, Phase::Idle { .. });
-        drop(phase);
+        let idle = matches!(state.phase, Phase::Idle { .. });
+        drop(state);
         if idle {
+            self.changed.notify_one();
+            self.freed.notify_one();
+        }
+    }
+
+    /// A response's head handed to hyper: it waits on the client; its id.
+    fn respond(&self, now: Instant) -> u64 {
+        let mut state = self.state();
+        let id = state.next_response;
+        state.next_response += 1;
+        state.waiting.push((id, now));
+        self.watched(state);
+        id
+    }
+
+    /// Response `id` waits on the client since `since`, or (`None`) no longer does.
+    fn waits_on_client(&self, id: u64, since: Option<Instant>) {
+        let mut state = self.state();
+        let at = state.waiting.iter().position(|(i, _)| *i == id);
+        match (at, since) {
+            (Some(at), Some(since)) => state.waiting[at].1 = since,
+            (None, Some(since)) => state.waiting.push((id, since)),
+            (Some(at), None) => {
+                state.waiting.swap_remove(at);
+            }
+            (None, None) => {}
+        }
+        if since.is_some() {
+            self.watched(state);
+        }
+    }
+
+    /// Wake the task if it sleeps without a write deadline, now that there may be one.
+    fn watched(&self, mut state: MutexGuard<'_, State>) {
+        if state.unwatched {
+            state.unwatched = false;
+            drop(state);
             self.changed.notify_one();
         }
     }
 
-    /// When the connection is to be closed, unless something happens first; `None` while a
-    /// request is in flight.
-    fn deadline(&self, timeouts: &Timeouts) -> Option<Instant> {
-        match *self.phase() {
-            Phase::Head { since } => Some(after(since, timeouts.header_read)),
-            Phase::Idle { since } => Some(after(since, timeouts.idle)),
-            Phase::Busy { .. } => None,
+    /// When the connection is to be closed unless something happens first, and why; `None`
+    /// while requests in flight wait only on the application.
+    fn deadline(&self, timeouts: &Timeouts) -> Option<(Instant, Due)> {
+        let mut state = self.state();
+        let deadline = match state.phase {
+            Phase::Head { since } => Some((after(since, timeouts.header_read), Due::Head)),
+            Phase::Idle { since } => Some((after(since, timeouts.idle), Due::Idle)),
+            Phase::Busy { .. } => state
+                .waiting
+                .iter()
+                .map(|(_, since)| *since)
+                .min()
+                .map(|since| (after(since.max(state.wrote), timeouts.write), Due::Write)),
+        };
+        // Until a response waits on the client, its task must be told when one does.
+        state.unwatched = !matches!(deadline, Some((_, Due::Write)));
+        deadline
+    }
+
+    /// Parked (its address is at its cap): not read, so evictable from now on.
+    pub(super) fn park(&self) {
+        self.state().asked = true;
+    }
+
+    /// Unparked: its request (if the client sent it already) is still to be read.
+    fn unpark(&self, now: Instant) {
+        let mut state = self.state();
+        state.phase = Phase::Head { since: now };
+        state.asked = false;
+    }
+
+    /// Since when the connection could be closed without losing anything (see
+    /// [`State::evictable_since`]).
+    pub(super) fn evictable_since(&self, idle_only: bool) -> Option<Instant> {
+        self.state().evictable_since(idle_only)
+    }
+
+    /// Close the connection to make room for another, if it is still evictable.
+    pub(super) fn try_evict(&self, idle_only: bool) -> bool {
+        let mut state = self.state();
+        if state.evictable_since(idle_only).is_none() {
+            return false;
         }
+        state.evicted = true;
+        drop(state);
+        self.changed.notify_one();
+        true
+    }
+
+    fn evicted(&self) -> bool {
+        self.state().evicted
     }
 }
 
@@ -136,10 +316,14 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request in flight until it is sent or dropped.
+/// A response body that keeps its request in flight until it is sent or dropped, and tells
+/// the [`Watch`] whether the response waits on the client or on the application.
 struct Tracked {
     body: Body,
-    _in_flight: InFlight,
+    id: u64,
+    /// What hyper took last has not been asked for more since: it waits on the client.
+    waiting: bool,
+    in_flight: InFlight,
 }
 
 impl hyper::body::Body for Tracked {
@@ -150,7 +334,22 @@ impl hyper::body::Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Pending if this.waiting => {
+                this.waiting = false;
+                this.in_flight.0.waits_on_client(this.id, None);
+            }
+            Poll::Ready(Some(_)) => {
+                this.waiting = true;
+                this.in_flight
+                    .0
+                    .waits_on_client(this.id, Some(Instant::now()));
+            }
+            _ => {}
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -162,10 +361,28 @@ impl hyper::body::Body for Tracked {
     }
 }
 
-/// The client's socket, noting in the [`Watch`] when bytes arrive.
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.in_flight.0.waits_on_client(self.id, None);
+        }
+    }
+}
+
+/// The client's socket, noting in the [`Watch`] when bytes arrive, when a read finds none,
+/// and when bytes are written.
 struct Watched {
     io: TcpStream,
     watch: Arc<Watch>,
+    asked: bool,
+}
+
+impl Watched {
+    fn wrote(&self, result: &Poll<io::Result<usize>>) {
+        if matches!(result, Poll::Ready(Ok(n)) if *n > 0) {
+            self.watch.on_write(Instant::now());
+        }
+    }
 }
 
 impl AsyncRead for Watched {
@@ -176,8 +393,15 @@ impl AsyncRead for Watched {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.watch.on_read(Instant::now());
+        match result {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.watch.on_read(Instant::now());
+            }
+            Poll::Pending if !self.asked => {
+                self.asked = true;
+                self.watch.on_nothing_to_read();
+            }
+            _ => {}
         }
         result
     }
@@ -189,7 +413,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let result = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.wrote(&result);
+        result
     }
 
     fn poll_write_vectored(
@@ -197,7 +423,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let result = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.wrote(&result);
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -213,20 +441,49 @@ impl AsyncWrite for Watched {
     }
 }
 
-/// Serve one connection until it ends, its deadline passes, or the server stops.
+/// What a connection holds while it is open: its permit (its descriptors) and its slot.
+pub(super) struct Held {
+    pub(super) _permit: OwnedSemaphorePermit,
+    pub(super) _slot: super::slots::Slot,
+}
+
+/// Serve one connection until it ends, its deadline passes, it is evicted, or the server stops.
 pub(super) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
+    watch: Arc<Watch>,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    mut stop: watch::Receiver<Stop>,
+    turn: Option<oneshot::Receiver<()>>,
+    _held: Held,
 ) {
+    if let Some(turn) = turn {
+        // Parked: wait for a turn of its address; evicted or stopped first, it is dropped
+        // unread.
+        tokio::pin!(turn);
+        loop {
+            if watch.evicted() {
+                tracing::debug!(%peer, "closing a parked connection to make room for a new one");
+                return;
+            }
+            tokio::select! {
+                turn = &mut turn => match turn {
+                    Ok(()) => break,
+                    Err(_) => return,
+                },
+                () = watch.changed.notified() => {}
+                _ = stop.wait_for(|s| *s != Stop::Running) => return,
+            }
+        }
+        watch.unpark(Instant::now());
+    }
     // Small writes (stream chunks) go out at once, not after a delayed ACK.
     let _ = stream.set_nodelay(true);
-    let watch = Arc::new(Watch::new(Instant::now()));
+    super::limit_unsent(&stream);
     let io = TokioIo::new(Watched {
         io: stream,
         watch: watch.clone(),
+        asked: false,
     });
     let service = {
         let (watch, shared) = (watch.clone(), shared.clone());
@@ -245,9 +502,12 @@ pub(super) async fn serve(
             let response = hyper::service::Service::call(&shared.app, req);
             async move {
                 let response = response.await?;
+                let id = in_flight.0.respond(Instant::now());
                 Ok::<_, Infallible>(response.map(|body| Tracked {
                     body,
-                    _in_flight: in_flight,
+                    id,
+                    waiting: true,
+                    in_flight,
                 }))
             }
         })
@@ -255,26 +515,34 @@ pub(super) async fn serve(
     let http = shared.builder.serve_connection(io, service);
     tokio::pin!(http);
     let mut stopping = false;
+    let mut seen = Stop::Running;
     // Set when a graceful close starts: the connection is dropped then if still open.
     let mut closing_by: Option<Instant> = None;
     loop {
+        if watch.evicted() {
+            tracing::debug!(%peer, "closing a connection to make room for a new one");
+            return;
+        }
         let now = Instant::now();
-        // None while a request is in flight: nothing cuts it, not even a graceful close.
-        let deadline = watch
-            .deadline(&shared.timeouts)
-            .map(|d| closing_by.unwrap_or(d));
-        if let Some(deadline) = deadline {
-            let due = deadline <= now;
+        // While requests are in flight, a graceful close waits for them: only the write
+        // deadline applies.
+        let deadline = match watch.deadline(&shared.timeouts) {
+            Some((at, due @ (Due::Head | Due::Idle))) => Some((closing_by.unwrap_or(at), due)),
+            other => other,
+        };
+        if let Some((at, due)) = deadline {
+            let past = at <= now;
             let h2 = watch.h2.load(Ordering::Relaxed);
-            if closing_by.is_none() && (stopping || (due && h2)) {
+            if closing_by.is_none() && due != Due::Write && (stopping || (past && h2)) {
                 http.as_mut().graceful_shutdown();
                 closing_by = Some(after(now, CLOSE_GRACE));
                 continue;
             }
-            if due {
+            if past {
                 // An HTTP/1.1 connection past its header or idle deadline has nothing to
-                // finish; any other is past its grace.
-                tracing::debug!(%peer, "closing a connection past its deadline");
+                // finish; one past its write deadline cannot write it; any other is past its
+                // grace.
+                tracing::debug!(%peer, ?due, "closing a connection past its deadline");
                 return;
             }
         }
@@ -287,8 +555,13 @@ pub(super) async fn serve(
                 return;
             }
             () = watch.changed.notified() => {}
-            () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {}
-            _ = stop.wait_for(|stop| *stop), if !stopping => {
+            () = tokio::time::sleep_until(deadline.map_or(far, |(at, _)| at)), if deadline.is_some() => {}
+            next = stop.wait_for(|s| *s > seen) => {
+                seen = next.map_or(Stop::Now, |s| *s);
+                if seen == Stop::Now {
+                    tracing::debug!(%peer, "dropping a connection still open at the end of server.shutdown_timeout");
+                    return;
+                }
                 stopping = true;
                 // Requests in flight finish; then HTTP/1.1 closes, HTTP/2 sends a GOAWAY.
                 http.as_mut().graceful_shutdown();
@@ -300,6 +573,20 @@ pub(super) async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            write: Duration::from_secs(30),
+        }
+    }
+
+    /// A clock of whole seconds from a start.
+    fn clock() -> impl Fn(u64) -> Instant {
+        let start = Instant::now();
+        move |secs: u64| start + Duration::from_secs(secs)
+    }
 
     #[test]
     fn far_deadlines_do_not_overflow() {
@@ -313,37 +600,126 @@ mod tests {
 
     #[test]
     fn phases_move_the_deadline() {
-        let t = Timeouts {
-            header_read: Duration::from_secs(10),
-            idle: Duration::from_secs(60),
-        };
-        let at = {
-            let start = Instant::now();
-            move |secs: u64| start + Duration::from_secs(secs)
-        };
-        let watch = Watch::new(at(0));
-        assert_eq!(watch.deadline(&t), Some(at(10)));
+        let t = timeouts();
+        let at = clock();
+        let watch = Watch::new(at(0), Arc::default());
+        let deadline = |w: &Watch| w.deadline(&t).map(|(at, _)| at);
+        assert_eq!(deadline(&watch), Some(at(10)));
         // Bytes of the first request do not restart its header clock.
         watch.on_read(at(5));
-        assert_eq!(watch.deadline(&t), Some(at(10)));
+        assert_eq!(deadline(&watch), Some(at(10)));
         watch.enter();
         watch.enter();
-        assert_eq!(watch.deadline(&t), None);
+        assert_eq!(deadline(&watch), None);
         // However long the requests take.
         watch.end(at(1000));
-        assert_eq!(watch.deadline(&t), None);
+        assert_eq!(deadline(&watch), None);
         watch.end(at(1001));
-        assert_eq!(watch.deadline(&t), Some(at(1061)));
+        assert_eq!(deadline(&watch), Some(at(1061)));
         // The first byte of the next request starts its header clock; later ones do not.
         watch.on_read(at(1030));
-        assert_eq!(watch.deadline(&t), Some(at(1040)));
+        assert_eq!(deadline(&watch), Some(at(1040)));
         watch.on_read(at(1031));
-        assert_eq!(watch.deadline(&t), Some(at(1040)));
+        assert_eq!(deadline(&watch), Some(at(1040)));
         // On HTTP/2, frames between requests keep the idle clock.
         watch.enter();
         watch.h2.store(true, Ordering::Relaxed);
         watch.end(at(2000));
         watch.on_read(at(2030));
-        assert_eq!(watch.deadline(&t), Some(at(2060)));
+        assert_eq!(deadline(&watch), Some(at(2060)));
+        // And so do the server's own writes (pings).
+        watch.on_write(at(2040));
+        assert_eq!(deadline(&watch), Some(at(2060)));
+    }
+
+    #[test]
+    fn the_tail_of_an_http1_response_is_not_idleness() {
+        let (t, at) = (timeouts(), clock());
+        let watch = Watch::new(at(0), Arc::default());
+        watch.enter();
+        watch.end(at(1));
+        watch.on_write(at(50));
+        assert_eq!(watch.deadline(&t), Some((at(110), Due::Idle)));
+    }
+
+    #[test]
+    fn only_a_response_that_waits_on_the_client_has_a_write_deadline() {
+        let (t, at) = (timeouts(), clock());
+        let watch = Watch::new(at(0), Arc::default());
+        watch.enter();
+        // The handler waits on its upstream: no deadline, however long.
+        assert_eq!(watch.deadline(&t), None);
+        // Its head is handed to hyper.
+        let id = watch.respond(at(100));
+        assert_eq!(watch.deadline(&t), Some((at(130), Due::Write)));
+        // The head is written; the body has nothing ready (a slow provider).
+        watch.on_write(at(101));
+        watch.waits_on_client(id, None);
+        assert_eq!(watch.deadline(&t), None);
+        // A chunk, written at once, then nothing for an hour: still the provider's turn.
+        watch.waits_on_client(id, Some(at(500)));
+        watch.on_write(at(500));
+        watch.waits_on_client(id, None);
+        assert_eq!(watch.deadline(&t), None);
+        // A chunk the client does not take: its clock runs from then.
+        watch.waits_on_client(id, Some(at(4000)));
+        assert_eq!(watch.deadline(&t), Some((at(4030), Due::Write)));
+        // Every write the socket takes moves it.
+        watch.on_write(at(4020));
+        assert_eq!(watch.deadline(&t), Some((at(4050), Due::Write)));
+        watch.on_write(at(4049));
+        assert_eq!(watch.deadline(&t), Some((at(4079), Due::Write)));
+        // Two responses (HTTP/2): the one waiting longest sets the clock, writes move it.
+        watch.enter();
+        let other = watch.respond(at(4060));
+        assert_eq!(watch.deadline(&t), Some((at(4079), Due::Write)));
+        watch.waits_on_client(id, None);
+        assert_eq!(watch.deadline(&t), Some((at(4090), Due::Write)));
+        watch.waits_on_client(other, None);
+        assert_eq!(watch.deadline(&t), None);
+    }
+
+    #[test]
+    fn the_task_is_woken_when_a_write_deadline_appears() {
+        let (t, at) = (timeouts(), clock());
+        let watch = Watch::new(at(0), Arc::default());
+        watch.enter();
+        assert_eq!(watch.deadline(&t), None);
+        assert!(watch.state().unwatched);
+        let id = watch.respond(at(1));
+        assert!(!watch.state().unwatched);
+        assert!(watch.deadline(&t).is_some());
+        // With a write deadline set, later frames need no wake-up: it only moves later.
+        watch.waits_on_client(id, Some(at(2)));
+        assert!(!watch.state().unwatched);
+        watch.waits_on_client(id, None);
+        assert_eq!(watch.deadline(&t), None);
+        assert!(watch.state().unwatched);
+    }
+
+    #[test]
+    fn only_idle_connections_and_those_waiting_for_headers_can_be_evicted() {
+        let at = clock();
+        let watch = Watch::new(at(3), Arc::default());
+        // Not before a read found nothing: its request may be in the kernel's buffer.
+        assert_eq!(watch.evictable_since(false), None);
+        watch.on_nothing_to_read();
+        assert_eq!(watch.evictable_since(false), Some(at(3)));
+        // Only idle ones, for an address's own cap.
+        assert_eq!(watch.evictable_since(true), None);
+        assert!(!watch.try_evict(true));
+        watch.enter();
+        assert_eq!(watch.evictable_since(false), None);
+        assert!(!watch.try_evict(false));
+        watch.end(at(7));
+        assert_eq!(watch.evictable_since(false), Some(at(7)));
+        assert_eq!(watch.evictable_since(true), Some(at(7)));
+        watch.on_read(at(9));
+        assert_eq!(watch.evictable_since(false), Some(at(9)));
+        assert_eq!(watch.evictable_since(true), None);
+        assert!(watch.try_evict(false));
+        assert!(watch.evicted());
+        assert!(!watch.try_evict(false), "evicted once");
+        assert_eq!(watch.evictable_since(false), None);
     }
 }
