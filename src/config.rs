@@ -181,7 +181,10 @@ pub struct ServerConfig {
     /// wait in the listen backlog while every one is serving a request.
     pub max_connections: u32,
     /// Client connections open at once from one address (IPv6: one /64); trusted proxies are
-    /// exempt.
+    /// exempt. By default as many as `max_connections`'s default: a lower share keeps one
+    /// address from taking every slot with requests in flight, but past it that address's idle
+    /// kept-alive connections are closed for its new ones, and a client that reuses one at
+    /// that moment sees its request fail.
     pub max_connections_per_address: u32,
     /// A request's headers must arrive within this, from its first byte.
     pub header_read_timeout: HumanDuration,
@@ -204,7 +207,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_connections: 1024,
-            max_connections_per_address: 128,
+            max_connections_per_address: 1024,
             header_read_timeout: HumanDuration(Duration::from_secs(10)),
             idle_timeout: HumanDuration(Duration::from_secs(60)),
             body_read_timeout: HumanDuration(Duration::from_secs(60)),
