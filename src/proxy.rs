@@ -6,7 +6,7 @@
 
 use crate::app::AppState;
 use crate::http::error::ApiError;
-use crate::providers::json::{self, Members};
+use crate::providers::json;
 use crate::providers::tap::StreamTap;
 use crate::providers::wire::{self, Peek, Usage, Verdict};
 use crate::providers::{Format, Provider};
@@ -44,31 +44,25 @@ pub struct Call {
     pub pass_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
-/// `body` (a JSON object, as [`Peek::read`] found) changed by `change`, as new bytes. Only
-/// the top-level object is split into its members, each value kept as its raw text, so a
-/// change costs about the body's size whatever it holds (see [`json`]).
-pub fn rewrite(body: &Bytes, change: impl FnOnce(&mut Members)) -> Result<Bytes, ApiError> {
-    let mut members = Members::parse(body).map_err(unusable_body)?;
-    change(&mut members);
-    Ok(Bytes::from(members.to_json()))
+/// `body` (a JSON object, as [`Peek::read`] found) with member `key` set to `value` (JSON
+/// text), as new bytes; every other byte is kept as it came (see [`json::set_member`]).
+pub fn rewrite(body: &[u8], key: &str, value: &str) -> Result<Bytes, ApiError> {
+    json::set_member(body, key, value)
+        .map(Bytes::from)
+        .map_err(unusable_body)
 }
 
 /// Ask an OpenAI stream for its usage: `stream_options.include_usage` set, the other options
 /// kept (a `stream_options` that is not an object is replaced).
-fn ask_for_usage(body: &mut Members) {
-    let options = body
-        .get("stream_options")
-        .and_then(|o| Members::parse(o.get().as_bytes()).ok());
-    let options = match options {
-        Some(mut o) => {
-            o.set("include_usage", json::raw(&true));
-            o.to_json()
-        }
-        None => r#"{"include_usage":true}"#.to_string(),
+fn ask_for_usage(body: &[u8]) -> Result<Bytes, ApiError> {
+    let options = json::member(body, "stream_options")
+        .map_err(unusable_body)?
+        .and_then(|o| json::set_member(o.get().as_bytes(), "include_usage", "true").ok());
+    let options = match &options {
+        Some(o) => std::str::from_utf8(o).map_err(|_| unusable_body(None))?,
+        None => r#"{"include_usage":true}"#,
     };
-    let options =
-        serde_json::value::RawValue::from_string(options).expect("the joined members are JSON");
-    body.set("stream_options", options);
+    rewrite(body, "stream_options", options)
 }
 
 /// The answer for a body that is not a JSON object: `None` when it is JSON of another kind.
@@ -210,7 +204,7 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
     // that did not.
     let hide_usage_chunk = format == Format::Openai && call.stream && !call.peek.includes_usage();
     let body = if hide_usage_chunk {
-        let asked = rewrite(&call.raw, ask_for_usage);
+        let asked = ask_for_usage(&call.raw);
         match asked {
             Ok(body) => body,
             Err(e) => return e.into_response(),

@@ -63,9 +63,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
 }
 
 /// A JSON body of any shape (the bulk import takes an object or an array), as a
-/// `serde_json::Value`. Such a value can take tens of times the body's size, so bodies are
-/// built into one at a time across the server: at most [`MAX_BODY_BYTES`] times that.
-pub struct JsonValue(pub serde_json::Value);
+/// `serde_json::Value`. Such a value can take tens of times the body's size, so one is held
+/// at a time across the server: the turn is taken before the body is built and given back
+/// when the handler drops the extractor, so at most one [`MAX_BODY_BYTES`] body's tree lives.
+pub struct JsonValue(pub serde_json::Value, pub Turn);
+
+/// A turn at holding a body built into a JSON tree (see [`JsonValue`]).
+pub struct Turn(#[allow(dead_code)] tokio::sync::SemaphorePermit<'static>);
 
 impl<S: Send + Sync> FromRequest<S> for JsonValue {
     type Rejection = ApiError;
@@ -73,13 +77,14 @@ impl<S: Send + Sync> FromRequest<S> for JsonValue {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
         let bytes = read_json_bytes(req, state).await?;
-        let _turn = ONE_AT_A_TIME
+        let turn = ONE_AT_A_TIME
             .acquire()
             .await
             .map_err(|e| ApiError::internal(&e))?;
-        serde_json::from_slice(&bytes).map(JsonValue).map_err(|e| {
+        let value = serde_json::from_slice(&bytes).map_err(|e| {
             ApiError::bad_request("invalid_json", format!("The body is not valid JSON: {e}"))
-        })
+        })?;
+        Ok(JsonValue(value, Turn(turn)))
     }
 }
 

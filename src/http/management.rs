@@ -421,7 +421,7 @@ pub async fn set_quota(
 pub async fn import(
     State(state): State<Arc<AppState>>,
     Extension(actor): Extension<Actor>,
-    JsonValue(body): JsonValue,
+    JsonValue(body, turn): JsonValue,
 ) -> AppResult<impl IntoResponse> {
     let rescan = match &body {
         Value::Object(map) if map.contains_key("rescan") => {
@@ -441,6 +441,8 @@ pub async fn import(
     } else {
         (import::read_body(&state.registry, body), ImportMode::Body)
     };
+    // The tree is gone (read into credentials): another bulk body may be built.
+    drop(turn);
     let report = state.import(batch, mode, &actor.0, false).await?;
     Ok(axum::Json(report))
 }

@@ -93,8 +93,8 @@ pub async fn chat_completions(
     let raw = if upstream_model == model {
         raw
     } else {
-        let model = crate::providers::json::raw(&upstream_model);
-        match proxy::rewrite(&raw, |body| body.set("model", model)) {
+        let model = serde_json::to_string(upstream_model).expect("a string serializes");
+        match proxy::rewrite(&raw, "model", &model) {
             Ok(body) => body,
             Err(e) => return e.into_response(),
         }

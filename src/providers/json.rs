@@ -4,12 +4,13 @@
 //! element a tagged value in a map that keeps its order): one 31 MiB array of zeros took the
 //! server past 1.2 GB. So the request path never builds one from a client's body. It reads the
 //! few fields it needs, each only if it has the expected kind, skipping everything else as it
-//! is parsed ([`Pick`]); and when a body must change, it splits only the top-level object into
-//! its members, each kept as its raw text, replaces one, and joins them again ([`Members`]):
-//! about the body's own size, whatever is inside.
+//! is parsed ([`Pick`]); and when a body must change, it notes only where the values of the
+//! one member to change are, and splices the new value there, keeping every other byte
+//! ([`set_member`]): about the body's own size, whatever is inside (even a million tiny
+//! members).
 
 use serde::Deserialize;
-use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use std::fmt;
 use std::marker::PhantomData;
@@ -137,93 +138,128 @@ pub fn not_an_object(body: &[u8]) -> Option<serde_json::Error> {
     serde_json::from_slice::<IgnoredAny>(body).err()
 }
 
-/// A top-level JSON object as its members in order, each value kept as its raw text. A key
-/// given twice stays twice (readers take the last), except where [`Members::set`] replaced it.
-#[derive(Debug)]
-pub struct Members(Vec<(String, Box<RawValue>)>);
+/// Matches an object key against the one wanted, without keeping it.
+struct KeyIs<'k>(&'k str);
 
-impl<'de> Deserialize<'de> for Members {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> Visitor<'de> for Visit {
-            type Value = Members;
+impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
 
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        struct Visit<'k>(&'k str);
+        impl<'de> Visitor<'de> for Visit<'_> {
+            type Value = bool;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<bool, E> {
+                Ok(v == self.0)
+            }
+        }
+        d.deserialize_str(Visit(self.0))
+    }
+}
+
+/// The values of one member of an object (every occurrence, as raw text borrowed from the
+/// body), and how many members the object has; nothing else of it is kept.
+struct FindMember<'k>(&'k str);
+
+/// What [`FindMember`] found.
+struct Found<'de> {
+    values: Vec<&'de RawValue>,
+    members: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for FindMember<'_> {
+    type Value = Found<'de>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Found<'de>, D::Error> {
+        struct Visit<'k>(&'k str);
+        impl<'de> Visitor<'de> for Visit<'_> {
+            type Value = Found<'de>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
-                let mut members = Vec::new();
-                while let Some(member) = map.next_entry::<String, Box<RawValue>>()? {
-                    members.push(member);
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Found<'de>, A::Error> {
+                let mut found = Found {
+                    values: Vec::new(),
+                    members: 0,
+                };
+                while let Some(wanted) = map.next_key_seed(KeyIs(self.0))? {
+                    found.members += 1;
+                    if wanted {
+                        found.values.push(map.next_value::<&'de RawValue>()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
                 }
-                Ok(Members(members))
+                Ok(found)
             }
         }
-        d.deserialize_map(Visit)
+        d.deserialize_map(Visit(self.0))
     }
 }
 
-impl Members {
-    /// The members of `body`. `Err(None)` when it is JSON but not an object; `Err(Some(e))`
-    /// when it is not JSON.
-    pub fn parse(body: &[u8]) -> Result<Members, Option<serde_json::Error>> {
-        if !is_object(body) {
-            return Err(not_an_object(body));
-        }
-        serde_json::from_slice(body).map_err(Some)
+/// Find member `key` of the JSON object `body`. `Err(None)` when `body` is JSON but not an
+/// object; `Err(Some(e))` when it is not JSON.
+fn find<'a>(body: &'a [u8], key: &str) -> Result<Found<'a>, Option<serde_json::Error>> {
+    if !is_object(body) {
+        return Err(not_an_object(body));
     }
-
-    /// The raw value of `key` (its last occurrence).
-    pub fn get(&self, key: &str) -> Option<&RawValue> {
-        self.0
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| &**v)
-    }
-
-    /// Set `key` to `value`: in the place of its last occurrence (earlier ones are dropped, so
-    /// every reader sees the new value), or at the end.
-    pub fn set(&mut self, key: &str, value: Box<RawValue>) {
-        match self.0.iter().rposition(|(k, _)| k == key) {
-            Some(last) => {
-                self.0[last].1 = value;
-                let mut i = 0;
-                self.0.retain(|(k, _)| {
-                    let keep = k != key || i == last;
-                    i += 1;
-                    keep
-                });
-            }
-            None => self.0.push((key.to_string(), value)),
-        }
-    }
-
-    /// The object as JSON text.
-    pub fn to_json(&self) -> String {
-        let size = self
-            .0
-            .iter()
-            .map(|(k, v)| k.len() + v.get().len() + 4)
-            .sum::<usize>();
-        let mut out = String::with_capacity(size + 2);
-        out.push('{');
-        for (i, (k, v)) in self.0.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            out.push_str(&serde_json::to_string(k).expect("a string serializes"));
-            out.push(':');
-            out.push_str(v.get());
-        }
-        out.push('}');
-        out
-    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let found = FindMember(key).deserialize(&mut de).map_err(Some)?;
+    de.end().map_err(Some)?;
+    Ok(found)
 }
 
-/// `value` as raw JSON text.
-pub fn raw(value: &impl serde::Serialize) -> Box<RawValue> {
-    serde_json::value::to_raw_value(value).expect("a plain value serializes")
+/// The raw value of member `key` of the JSON object `body` (its last occurrence, as readers
+/// take it), if it has one.
+pub fn member<'a>(
+    body: &'a [u8],
+    key: &str,
+) -> Result<Option<&'a RawValue>, Option<serde_json::Error>> {
+    find(body, key).map(|f| f.values.last().copied())
+}
+
+/// The JSON object `body` with member `key` set to `value` (JSON text): every occurrence of
+/// the key gets it (so a reader that takes the first and one that takes the last agree), or
+/// it is added at the end. The rest of the body is kept byte for byte: only the spans of the
+/// key's values are noted while it is parsed, so this takes about the body's size whatever it
+/// holds. `Err` as [`member`].
+pub fn set_member(
+    body: &[u8],
+    key: &str,
+    value: &str,
+) -> Result<Vec<u8>, Option<serde_json::Error>> {
+    let found = find(body, key)?;
+    let mut out = Vec::with_capacity(body.len() + key.len() + value.len() + 8);
+    if found.values.is_empty() {
+        // Valid JSON, an object: its last byte that is not whitespace is its `}`.
+        let end = body.trim_ascii_end().len() - 1;
+        out.extend_from_slice(&body[..end]);
+        if found.members > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(
+            serde_json::to_string(key)
+                .expect("a string serializes")
+                .as_bytes(),
+        );
+        out.push(b':');
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(&body[end..]);
+        return Ok(out);
+    }
+    let base = body.as_ptr() as usize;
+    let mut copied = 0;
+    for raw in &found.values {
+        // Each value is a slice of `body` itself (borrowed, not copied).
+        let start = raw.get().as_ptr() as usize - base;
+        out.extend_from_slice(&body[copied..start]);
+        out.extend_from_slice(value.as_bytes());
+        copied = start + raw.get().len();
+    }
+    out.extend_from_slice(&body[copied..]);
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -231,26 +267,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn members_keep_raw_values_and_replace_in_place() {
-        let body = br#" {"model": "a/b", "messages": [{"x": [1, 2.50, "\ud83d\ude00"]}], "n": 1e3, "model": "c"} "#;
-        let mut m = Members::parse(body).unwrap();
-        assert_eq!(m.get("model").unwrap().get(), "\"c\"");
-        assert_eq!(m.get("n").unwrap().get(), "1e3");
-        m.set("model", raw(&"b"));
+    fn members_are_set_in_place_keeping_every_other_byte() {
+        let set = |body: &str, key: &str, value: &str| {
+            String::from_utf8(set_member(body.as_bytes(), key, value).unwrap()).unwrap()
+        };
+        let body = r#" {"model": "a/b", "messages": [{"x": [1, 2.50, "\ud83d\ude00"]}], "n": 1e3, "model" :"c"} "#;
         assert_eq!(
-            m.to_json(),
-            r#"{"messages":[{"x": [1, 2.50, "\ud83d\ude00"]}],"n":1e3,"model":"b"}"#
+            set(body, "model", r#""b""#),
+            r#" {"model": "b", "messages": [{"x": [1, 2.50, "\ud83d\ude00"]}], "n": 1e3, "model" :"b"} "#
         );
-        m.set(
-            "stream_options",
-            raw(&serde_json::json!({"include_usage": true})),
+        assert_eq!(
+            set(body, "stream_options", r#"{"include_usage":true}"#),
+            r#" {"model": "a/b", "messages": [{"x": [1, 2.50, "\ud83d\ude00"]}], "n": 1e3, "model" :"c","stream_options":{"include_usage":true}} "#
         );
-        let v: serde_json::Value = serde_json::from_str(&m.to_json()).unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], true);
-        assert_eq!(v["messages"][0]["x"][1], 2.5);
-        // Keys with characters JSON escapes come back escaped.
-        let m = Members::parse(br#"{"a\"b\n": 1}"#).unwrap();
-        assert_eq!(m.to_json(), r#"{"a\"b\n":1}"#);
+        // Nested keys of the same name are not members of the top level.
+        assert_eq!(
+            set(r#"{"a": {"model": 1}}"#, "model", "2"),
+            r#"{"a": {"model": 1},"model":2}"#
+        );
+        assert_eq!(set("{}", "k", "true"), r#"{"k":true}"#);
+        assert_eq!(
+            set(" { } \n", "k", "1"),
+            r#" { "k":1} 
+"#
+        );
+        // A key written with escapes is the same key.
+        assert_eq!(
+            set(r#"{"mod\u0065l": 1}"#, "model", "2"),
+            r#"{"mod\u0065l": 2}"#
+        );
+        // Keys with characters JSON escapes are added escaped.
+        assert_eq!(set("{}", "a\"b\n", "1"), r#"{"a\"b\n":1}"#);
+        assert_eq!(
+            member(br#"{"s": 1, "s": {"x": 2}}"#, "s")
+                .unwrap()
+                .map(|r| r.get()),
+            Some(r#"{"x": 2}"#)
+        );
+        assert!(member(br#"{"s": 1}"#, "t").unwrap().is_none());
         for (body, json) in [
             (&b"[1]"[..], true),
             (b"\"x\"", true),
@@ -260,11 +314,17 @@ mod tests {
             (b"{} {}", false),
             (b"[1", false),
         ] {
-            match Members::parse(body) {
+            match set_member(body, "k", "1") {
                 Err(None) => assert!(json, "{body:?}"),
                 Err(Some(_)) => assert!(!json, "{body:?}"),
                 Ok(_) => panic!("{body:?} is not an object"),
             }
+        }
+        // Every result is JSON, whatever the body held.
+        for body in [r#"{"a":1,"a":2}"#, r#"{"x":[{"y":"}"}]}"#, "{\"k\":null}"] {
+            let out = set_member(body.as_bytes(), "k", "[1]").unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["k"], serde_json::json!([1]), "{body}");
         }
     }
 

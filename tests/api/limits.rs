@@ -753,3 +753,45 @@ async fn shutdown_lets_requests_in_flight_finish() {
             .is_err()
     );
 }
+
+/// At the cap, when the connection to close is the new one itself (parked at its address's
+/// share), it is closed and the server goes on accepting: a connection that becomes idle
+/// afterwards still makes room for the next client.
+#[tokio::test]
+async fn a_new_connection_closed_for_room_does_not_stall_accepting() {
+    let home = home(
+        "  max_connections: 2\n  max_connections_per_address: 1\n  body_read_timeout: 1h\n  header_read_timeout: 1h\n  idle_timeout: 1h\n  shutdown_timeout: 1s\n",
+        None,
+    );
+    let app = home.start().await;
+    // 127.0.0.2's share is taken by a request in flight for an hour.
+    let _busy = busy_from(&app.base, "127.0.0.2").await;
+    // 127.0.0.3: one request answered, then idle, so the server takes the cap's next
+    // connection meaning to close this one for it...
+    let mut x = raw::connect_from(&app.base, "127.0.0.3").await;
+    assert_eq!(
+        raw::request(&mut x, "GET", "/v1/models", b"").await.status,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...but it starts a second request, whose body is still coming, before that one comes.
+    x.write_all(raw::head("POST", "/v1/chat/completions", Some(100)).as_bytes())
+        .await
+        .unwrap();
+    x.write_all(b"{").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A second connection from 127.0.0.2: parked, and the only one that could make room.
+    let mut parked = raw::connect_from(&app.base, "127.0.0.2").await;
+    assert!(raw::closed_within(&mut parked, Duration::from_secs(10)).await);
+    // 127.0.0.3's request ends: its connection is idle, so the next client gets in.
+    x.write_all(&[b' '; 99]).await.unwrap();
+    raw::read_response(&mut x).await.expect("answered");
+    let normal = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut s = raw::connect_from(&app.base, "127.0.0.4").await;
+        raw::request(&mut s, "GET", "/v1/models", b"").await
+    })
+    .await
+    .expect("a new client is served while an idle connection can make room");
+    assert_eq!(normal.status, 200);
+    app.stop().await;
+}

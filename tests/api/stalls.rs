@@ -19,6 +19,8 @@ const PATIENCE: Duration = Duration::from_secs(15);
 /// The size of the one large event of a "huge" stream: far more than the kernel's buffers.
 const HUGE: usize = 8 << 20;
 const CLAUDE: &str = r#"{"model":"claude-3-5-haiku-20241022","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+const CHAT: &str =
+    r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
 
 /// A streamed chat body for a model whose one large content event is `n` bytes.
 fn huge_stream(n: usize) -> String {
@@ -239,10 +241,13 @@ async fn a_stopping_server_drops_what_is_still_in_flight_after_shutdown_timeout(
 #[tokio::test]
 async fn http2_clients_that_do_not_answer_pings_are_closed() {
     let (fast, slow) = (Mock::start().await, Mock::start().await);
-    for write in [200u64, 1000] {
-        // Several ping rounds: a live client's request that waits this long on its upstream
-        // is answered.
-        slow.state.delay_ms.store(4 * write, Ordering::Relaxed);
+    // A second or more, so a busy test thread never misses a pong by more than the deadline.
+    for write in [1000u64, 1500] {
+        // The mute client's request is never answered (claude, on `slow`), so only the ping
+        // deadline can free its slot; the live client's waits several ping rounds on its
+        // upstream (openai, on `fast`) and is answered.
+        slow.state.delay_ms.store(3_600_000, Ordering::Relaxed);
+        fast.state.delay_ms.store(4 * write, Ordering::Relaxed);
         let home = home(
             &format!(
                 "  max_connections: 2\n  write_timeout: {write}ms\n  header_read_timeout: 1h\n  \
@@ -279,13 +284,13 @@ async fn http2_clients_that_do_not_answer_pings_are_closed() {
         })
         .await;
         pause.send(()).unwrap();
-        // A live client waits on the same slow upstream, answering pings.
-        let seen = slow.state.seen_headers.lock().unwrap().len();
+        // A live client waits on a slow upstream too, answering pings.
+        let seen = fast.state.seen_headers.lock().unwrap().len();
         let (mut live, _live_connection) =
             raw::h2_client(raw::connect(&app.base).await, 65_535).await;
         let base = app.base.clone();
         let answered = tokio::spawn(async move {
-            let r = raw::h2_request(&mut live, &base, "POST", "/v1/messages", CLAUDE).await;
+            let r = raw::h2_request(&mut live, &base, "POST", "/v1/chat/completions", CHAT).await;
             let status = r.status();
             let mut body = r.into_body();
             let mut text = Vec::new();
@@ -302,7 +307,7 @@ async fn http2_clients_that_do_not_answer_pings_are_closed() {
         // connection still waiting for its request): the normal client gets in once the mute
         // one is closed.
         eventually(PATIENCE, || async {
-            (slow.state.seen_headers.lock().unwrap().len() > seen).then_some(())
+            (fast.state.seen_headers.lock().unwrap().len() > seen).then_some(())
         })
         .await;
         normal_call(&app).await;
@@ -401,4 +406,73 @@ async fn clients_that_read_slowly_but_steadily_are_not_cut() {
         );
     }
     app.stop().await;
+}
+
+/// An HTTP/2 client with a window of 0 that keeps the connection busy with its own PINGs (each
+/// answered with a PING ACK, bytes leaving the socket) or with a trickle of window still has its
+/// stalled responses cut at the write deadline: only a response taking its next chunk counts as
+/// its progress.
+#[tokio::test]
+async fn pings_and_trickles_do_not_keep_a_stalled_http2_response_alive() {
+    let (fast, slow) = (Mock::start().await, Mock::start().await);
+    for (streams, ping_every, trickle) in [
+        (1, Duration::from_millis(100), false),
+        (4, Duration::from_millis(150), false),
+        (4, Duration::from_millis(150), true),
+    ] {
+        let home = home(
+            "  max_connections: 1\n  write_timeout: 500ms\n  header_read_timeout: 1h\n  idle_timeout: 1h\n",
+            &fast,
+            &slow,
+        );
+        let app = home.start().await;
+        let stream = raw::connect(&app.base).await;
+        let (mut client, mut connection) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, bytes::Bytes>(stream)
+            .await
+            .unwrap();
+        let mut pings = connection.ping_pong().expect("ping_pong");
+        let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = closed.clone();
+        let conn_task = tokio::spawn(async move {
+            let _ = connection.await;
+            seen.store(true, Ordering::SeqCst);
+        });
+        let mut responses = Vec::new();
+        for _ in 0..streams {
+            responses.push(raw::h2_request(&mut client, &app.base, "GET", "/nowhere", "").await);
+        }
+        let mut bodies: Vec<h2::RecvStream> =
+            responses.into_iter().map(|r| r.into_body()).collect();
+        let ping_task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ping_every).await;
+                if trickle {
+                    // One byte of window for each stream: a response that never finishes.
+                    for body in &mut bodies {
+                        let _ = body.flow_control().release_capacity(1);
+                    }
+                }
+                if pings.ping(h2::Ping::opaque()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        eventually(PATIENCE, || async {
+            closed.load(Ordering::SeqCst).then_some(())
+        })
+        .await;
+        ping_task.abort();
+        conn_task.abort();
+        // The slot is free: a normal client is answered.
+        let r = reqwest::Client::new()
+            .get(format!("{}/v1/models", app.base))
+            .timeout(PATIENCE)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{streams} streams, trickle {trickle}");
+        app.stop().await;
+    }
 }

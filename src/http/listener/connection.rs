@@ -260,12 +260,22 @@ impl Watch {
         let deadline = match state.phase {
             Phase::Head { since } => Some((after(since, timeouts.header_read), Due::Head)),
             Phase::Idle { since } => Some((after(since, timeouts.idle), Due::Idle)),
-            Phase::Busy { .. } => state
-                .waiting
-                .iter()
-                .map(|(_, since)| *since)
-                .min()
-                .map(|since| (after(since.max(state.wrote), timeouts.write), Due::Write)),
+            Phase::Busy { .. } => {
+                // HTTP/1.1: bytes leaving the socket are the response's own. HTTP/2: they may
+                // be control frames the client asks for (a PING's answer) or another
+                // stream's, which must not keep a stalled response alive; there only the
+                // response taking its next chunk counts.
+                let h2 = self.h2.load(Ordering::Relaxed);
+                state
+                    .waiting
+                    .iter()
+                    .map(|(_, since)| *since)
+                    .min()
+                    .map(|since| {
+                        let from = if h2 { since } else { since.max(state.wrote) };
+                        (after(from, timeouts.write), Due::Write)
+                    })
+            }
         };
         // Until a response waits on the client, its task must be told when one does.
         state.unwatched = !matches!(deadline, Some((_, Due::Write)));
@@ -318,12 +328,33 @@ impl Drop for InFlight {
 
 /// A response body that keeps its request in flight until it is sent or dropped, and tells
 /// the [`Watch`] whether the response waits on the client or on the application.
+///
+/// Over HTTP/2 a response's progress is hyper taking its next chunk (socket writes there may
+/// be anything: a PING's answer, another stream), and hyper takes the next one only once the
+/// last went out within the client's window. So large chunks are handed over in pieces of
+/// [`H2_PIECE`]: a client that reads slowly but steadily takes a piece at least that often,
+/// while one that opens its window a byte at a time does not.
 struct Tracked {
     body: Body,
     id: u64,
     /// What hyper took last has not been asked for more since: it waits on the client.
     waiting: bool,
     in_flight: InFlight,
+    /// HTTP/2: the part of a chunk not yet handed over.
+    rest: Bytes,
+}
+
+/// The largest piece of a response's body handed to hyper at once over HTTP/2.
+const H2_PIECE: usize = 16 * 1024;
+
+impl Tracked {
+    /// Hyper took a piece: from now the response waits on the client until it asks again.
+    fn taken(&mut self) {
+        self.waiting = true;
+        self.in_flight
+            .0
+            .waits_on_client(self.id, Some(Instant::now()));
+    }
 }
 
 impl hyper::body::Body for Tracked {
@@ -335,29 +366,54 @@ impl hyper::body::Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        match &polled {
-            Poll::Pending if this.waiting => {
-                this.waiting = false;
-                this.in_flight.0.waits_on_client(this.id, None);
-            }
-            Poll::Ready(Some(_)) => {
-                this.waiting = true;
-                this.in_flight
-                    .0
-                    .waits_on_client(this.id, Some(Instant::now()));
-            }
-            _ => {}
+        if !this.rest.is_empty() {
+            let piece = this.rest.split_to(this.rest.len().min(H2_PIECE));
+            this.taken();
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
         }
-        polled
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Pending => {
+                if this.waiting {
+                    this.waiting = false;
+                    this.in_flight.0.waits_on_client(this.id, None);
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                let h2 = this.in_flight.0.h2.load(Ordering::Relaxed);
+                let frame = match frame.into_data() {
+                    Ok(mut data) if h2 && data.len() > H2_PIECE => {
+                        this.rest = data.split_off(H2_PIECE);
+                        Frame::data(data)
+                    }
+                    Ok(data) => Frame::data(data),
+                    Err(frame) => frame,
+                };
+                this.taken();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            other => {
+                if matches!(other, Poll::Ready(Some(Err(_)))) {
+                    this.taken();
+                }
+                other
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let inner = self.body.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 
@@ -504,6 +560,7 @@ pub(super) async fn serve(
                 let response = response.await?;
                 let id = in_flight.0.respond(Instant::now());
                 Ok::<_, Infallible>(response.map(|body| Tracked {
+                    rest: Bytes::new(),
                     body,
                     id,
                     waiting: true,

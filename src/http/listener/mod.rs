@@ -275,7 +275,12 @@ pub async fn serve(
                 () = &mut shutdown => break,
             },
             Room::Evict => tokio::select! {
-                permit = make_room(&permits, &slots) => permit,
+                room = make_room(&permits, &slots, admitted.slot.id()) => match room {
+                    Made::Permit(permit) => Some(permit),
+                    // The new connection was parked and itself the one to close: closed.
+                    Made::NewOneClosed => continue,
+                    Made::Closed => None,
+                },
                 () = &mut shutdown => break,
             },
         };
@@ -313,20 +318,32 @@ pub async fn serve(
     Ok(())
 }
 
-/// A permit for a new connection at the cap: evict the connection idle or waiting for headers
-/// the longest and take its permit once its task has closed it; while every connection
-/// serves a request, wait for one to end or to become evictable. `None` if the semaphore is
-/// closed (it never is).
-async fn make_room(permits: &Arc<Semaphore>, slots: &Slots) -> Option<OwnedSemaphorePermit> {
+/// What [`make_room`] made.
+enum Made {
+    Permit(OwnedSemaphorePermit),
+    /// The connection evictable the longest was the new one itself (parked at its address's
+    /// share, holding no permit): it is closed, and needs none.
+    NewOneClosed,
+    /// The semaphore is closed (it never is).
+    Closed,
+}
+
+/// A permit for the new connection `new` at the cap: evict the connection idle or waiting for
+/// headers the longest and take its permit once its task has closed it; while every
+/// connection serves a request, wait for one to end or to become evictable.
+async fn make_room(permits: &Arc<Semaphore>, slots: &Slots, new: u64) -> Made {
+    let made = |permit: Result<OwnedSemaphorePermit, _>| permit.map_or(Made::Closed, Made::Permit);
     loop {
         if let Ok(permit) = permits.clone().try_acquire_owned() {
-            return Some(permit);
+            return Made::Permit(permit);
         }
-        if slots.evict_oldest() {
-            return permits.clone().acquire_owned().await.ok();
+        match slots.evict_oldest() {
+            Some(id) if id == new => return Made::NewOneClosed,
+            Some(_) => return made(permits.clone().acquire_owned().await),
+            None => {}
         }
         tokio::select! {
-            permit = permits.clone().acquire_owned() => return permit.ok(),
+            permit = permits.clone().acquire_owned() => return made(permit),
             () = slots.evictable() => {}
         }
     }

@@ -105,13 +105,11 @@ impl Inner {
             .map(|(_, id)| id)
     }
 
-    /// Evict the connection evictable the longest (see [`Inner::oldest`]); whether one was.
+    /// Evict the connection evictable the longest (see [`Inner::oldest`]); which one, if any.
     /// It leaves its slot at once; its task closes it and gives its descriptors back.
-    fn evict(&mut self, address: Option<IpAddr>) -> bool {
+    fn evict(&mut self, address: Option<IpAddr>) -> Option<u64> {
         for _ in 0..EVICT_ATTEMPTS {
-            let Some(id) = self.oldest(address) else {
-                return false;
-            };
+            let id = self.oldest(address)?;
             let idle_only = address.is_some();
             if self
                 .open
@@ -119,10 +117,10 @@ impl Inner {
                 .is_some_and(|open| open.watch.try_evict(idle_only))
             {
                 self.remove(id);
-                return true;
+                return Some(id);
             }
         }
-        false
+        None
     }
 }
 
@@ -130,6 +128,12 @@ impl Inner {
 pub(super) struct Slot {
     slots: Arc<Slots>,
     id: u64,
+}
+
+impl Slot {
+    pub(super) fn id(&self) -> u64 {
+        self.id
+    }
 }
 
 impl Drop for Slot {
@@ -177,7 +181,7 @@ impl Slots {
                 .by_address
                 .get(&address)
                 .is_some_and(|a| a.serving >= self.per_address);
-            if full && inner.evict(Some(address)) {
+            if full && inner.evict(Some(address)).is_some() {
                 evicted = true;
             }
             let a = inner.by_address.entry(address).or_default();
@@ -214,7 +218,7 @@ impl Slots {
     }
 
     /// Evict the connection evictable the longest, of any address; whether there was one.
-    pub(super) fn evict_oldest(&self) -> bool {
+    pub(super) fn evict_oldest(&self) -> Option<u64> {
         self.inner().evict(None)
     }
 
@@ -384,11 +388,11 @@ mod tests {
         .into_iter()
         .map(|(w, a)| slots.admit(ip(a), w))
         .collect();
-        assert!(slots.evict_oldest());
+        assert!(slots.evict_oldest().is_some());
         assert!(since_of(&old).is_none());
-        assert!(slots.evict_oldest());
+        assert!(slots.evict_oldest().is_some());
         assert!(since_of(&young).is_none());
-        assert!(!slots.evict_oldest(), "the busy one stays");
+        assert!(slots.evict_oldest().is_none(), "the busy one stays");
         assert!(!slots.any_evictable());
     }
 }
