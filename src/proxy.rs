@@ -161,8 +161,8 @@ pub async fn release(
 pub fn mark_for(verdict: &Verdict, now: chrono::DateTime<Utc>) -> Option<Mark> {
     match verdict {
         Verdict::Invalid(r) => Some(Mark::Invalid(r.clone())),
-        Verdict::Exhausted(r) => Some(Mark::Exhausted(r.clone())),
-        Verdict::Cooldown(wait, r) => {
+        Verdict::Exhausted { reason, .. } => Some(Mark::Exhausted(reason.clone())),
+        Verdict::RateLimited { wait, reason: r } => {
             // Waits are clamped where they are read; clamped again here so no wait, however
             // it was made, can overflow the clock.
             let wait =
@@ -172,7 +172,7 @@ pub fn mark_for(verdict: &Verdict, now: chrono::DateTime<Utc>) -> Option<Mark> {
                 reason: r.clone(),
             })
         }
-        Verdict::ClientError => None,
+        Verdict::ClientError | Verdict::Overloaded(_) | Verdict::Location(_) => None,
     }
 }
 

@@ -35,17 +35,31 @@ impl Usage {
     }
 }
 
-/// What an upstream error means for the credential, and whether to try the next one.
+/// What an upstream error answer means, read from its structure: whose fault it is, and so
+/// what happens to the credential that got it and whether another is tried.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Rejected: the key is wrong or revoked.
-    Invalid(String),
-    /// Out of credit or quota until the next reset.
-    Exhausted(String),
-    /// Rate-limited or overloaded: cool down for this long.
-    Cooldown(Duration, String),
-    /// The client's own mistake (400, 404, 413, 422…): pass the answer on, charge nothing.
+    /// The client's own request (400, 404, 413, 422, a request too large for any key…): pass
+    /// the answer on, mark nothing, try no other credential.
     ClientError,
+    /// The credential is rejected (wrong, revoked, disabled): marked invalid.
+    Invalid(String),
+    /// The credential is out of credit or quota: marked exhausted until `until` when the
+    /// provider names a date, else until the next reset.
+    Exhausted {
+        reason: String,
+        until: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// The credential is rate-limited: it cools down for `wait` (what the provider named,
+    /// else a default), and the next one is tried.
+    RateLimited { wait: Duration, reason: String },
+    /// The provider itself is overloaded or failing (every key would get the same): nothing
+    /// is marked; another credential is tried at most once, then the provider's answer goes
+    /// back.
+    Overloaded(String),
+    /// The provider refuses where this server runs (a region block), not the key: nothing is
+    /// marked, no other credential is tried, and the client is told what happened.
+    Location(String),
 }
 
 /// Cooldown after a 429 without `retry-after`.
@@ -533,23 +547,35 @@ pub fn classify(format: Format, status: StatusCode, headers: &HeaderMap, body: &
     match code {
         401 => Verdict::Invalid(reason("rejected the credential")),
         403 => Verdict::Invalid(reason("refused the credential")),
-        402 => Verdict::Exhausted(reason("out of credit")),
+        402 => Verdict::Exhausted {
+            reason: reason("out of credit"),
+            until: None,
+        },
         429 => {
             if format == Format::Openai
                 && (text("/error/type") == "insufficient_quota"
                     || text("/error/code") == "insufficient_quota")
             {
-                return Verdict::Exhausted(reason("quota exceeded"));
+                return Verdict::Exhausted {
+                    reason: reason("quota exceeded"),
+                    until: None,
+                };
             }
             let wait = retry_after(headers).unwrap_or(DEFAULT_RATE_LIMIT_COOLDOWN);
-            Verdict::Cooldown(wait, reason("rate-limited"))
+            Verdict::RateLimited {
+                wait,
+                reason: reason("rate-limited"),
+            }
         }
         400 if format == Format::Gemini && (body.windows(15).any(|w| w == b"API_KEY_INVALID")) => {
             Verdict::Invalid(reason("rejected the API key"))
         }
         500..=599 => {
             let wait = retry_after(headers).unwrap_or(SERVER_ERROR_COOLDOWN);
-            Verdict::Cooldown(wait, reason("failed"))
+            Verdict::RateLimited {
+                wait,
+                reason: reason("failed"),
+            }
         }
         _ => Verdict::ClientError,
     }
@@ -562,7 +588,10 @@ pub fn unreachable_verdict(error: &crate::upstream::UpstreamError) -> Verdict {
     } else {
         "could not be reached"
     };
-    Verdict::Cooldown(SERVER_ERROR_COOLDOWN, format!("the provider {what}"))
+    Verdict::RateLimited {
+        wait: SERVER_ERROR_COOLDOWN,
+        reason: format!("the provider {what}"),
+    }
 }
 
 #[cfg(test)]
@@ -601,19 +630,19 @@ mod tests {
         ));
         assert!(matches!(
             classify(Format::Openai, StatusCode::PAYMENT_REQUIRED, &h, b""),
-            Verdict::Exhausted(_)
+            Verdict::Exhausted { .. }
         ));
         let q = br#"{"error": {"type": "insufficient_quota", "code": "insufficient_quota"}}"#;
         assert!(matches!(
             classify(Format::Openai, StatusCode::TOO_MANY_REQUESTS, &h, q),
-            Verdict::Exhausted(_)
+            Verdict::Exhausted { .. }
         ));
         assert_eq!(
             classify(Format::Openai, StatusCode::TOO_MANY_REQUESTS, &ra, b"{}"),
-            Verdict::Cooldown(
-                Duration::from_secs(30),
-                "rate-limited (HTTP 429 from the provider)".into()
-            )
+            Verdict::RateLimited {
+                wait: Duration::from_secs(30),
+                reason: "rate-limited (HTTP 429 from the provider)".into()
+            }
         );
         // A wait past a day, in any spelling, is a day; garbage is the default.
         for (value, wait) in [
@@ -636,8 +665,12 @@ mod tests {
             for status in [429, 503] {
                 let status = StatusCode::from_u16(status).unwrap();
                 match classify(Format::Openai, status, &h, b"{}") {
-                    Verdict::Cooldown(w, _) if status == 429 => assert_eq!(w, wait, "{value}"),
-                    Verdict::Cooldown(w, _) => assert!(w <= MAX_RETRY_AFTER, "{value}"),
+                    Verdict::RateLimited { wait: w, .. } if status == 429 => {
+                        assert_eq!(w, wait, "{value}")
+                    }
+                    Verdict::RateLimited { wait: w, .. } => {
+                        assert!(w <= MAX_RETRY_AFTER, "{value}")
+                    }
                     other => panic!("{value}: {other:?}"),
                 }
             }
@@ -652,7 +685,7 @@ mod tests {
                 &h,
                 b""
             ),
-            Verdict::Cooldown(..)
+            Verdict::RateLimited { .. }
         ));
         assert_eq!(
             classify(Format::Openai, StatusCode::BAD_REQUEST, &h, b""),
