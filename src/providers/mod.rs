@@ -1,7 +1,8 @@
 //! The providers: the registry of built-ins with their defaults, overridden or extended by the
 //! config's `providers` blocks (everything that asks "is this a provider?" asks here), and per
-//! upstream format what the request path needs to know ([`wire`], [`tap`]).
+//! upstream format what the request path needs to know ([`wire`], [`tap`], [`classify`]).
 
+pub mod classify;
 pub mod json;
 pub mod tap;
 pub mod wire;

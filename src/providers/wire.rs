@@ -1,12 +1,12 @@
 //! What differs between the upstream formats (protocols.md section 4): how a credential is
-//! attached, how big a request may get, where usage is in a body or a stream, and what an error
-//! status means for the credential that got it.
+//! attached, how big a request may get, and where usage is in a body or a stream. What an error
+//! answer means for the credential that got it is read in [`super::classify`].
 
 use super::Format;
 use super::json::{Pick, Picked, Quantity};
 use crate::quota::{MAX_REQUEST_TOKENS, RequestTokens};
+use axum::http::HeaderName;
 use axum::http::header::AUTHORIZATION;
-use axum::http::{HeaderMap, HeaderName, StatusCode};
 use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess};
 use serde_json::Value;
@@ -62,13 +62,12 @@ pub enum Verdict {
     Location(String),
 }
 
-/// Cooldown after a 429 without `retry-after`.
-const DEFAULT_RATE_LIMIT_COOLDOWN: Duration = Duration::from_secs(30);
-/// The longest cooldown a provider's `Retry-After` (or a lease report's `retry_after`) can
+/// The longest cooldown a provider's named wait (or a lease report's `retry_after`) can
 /// impose on a credential: a day. A longer one is taken as a day.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
-/// Cooldown after a 5xx or a connection failure.
-const SERVER_ERROR_COOLDOWN: Duration = Duration::from_secs(10);
+
+// What an error answer means is read in `classify`, table by table.
+pub use super::classify::{classify, unreachable_verdict};
 
 /// Where the provider expects the credential: the header, and what goes before the token.
 pub fn credential_header(format: Format) -> (HeaderName, &'static str) {
@@ -518,14 +517,6 @@ pub fn is_openai_usage_chunk(event: &Value) -> bool {
             .is_some_and(|c| c.is_empty())
 }
 
-/// A `Retry-After` in seconds, within [`MAX_RETRY_AFTER`]; `None` when it is missing, negative
-/// or not a number.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    let secs = v.trim().parse::<f64>().ok().filter(|s| *s >= 0.0)?;
-    Some(clamp_wait(secs))
-}
-
 /// `secs` seconds (rounded up), at most [`MAX_RETRY_AFTER`]; never panics, whatever `secs` is
 /// (`inf` and huge values are the maximum, `NaN` and negatives zero).
 pub fn clamp_wait(secs: f64) -> Duration {
@@ -536,62 +527,6 @@ pub fn clamp_wait(secs: f64) -> Duration {
         secs.clamp(0.0, max)
     };
     Duration::from_secs_f64(secs.ceil())
-}
-
-/// What an error answer (status, headers, body) means for the credential.
-pub fn classify(format: Format, status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Verdict {
-    let json: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let text = |ptr: &str| json.pointer(ptr).and_then(Value::as_str).unwrap_or("");
-    let code = status.as_u16();
-    let reason = |what: &str| format!("{what} (HTTP {code} from the provider)");
-    match code {
-        401 => Verdict::Invalid(reason("rejected the credential")),
-        403 => Verdict::Invalid(reason("refused the credential")),
-        402 => Verdict::Exhausted {
-            reason: reason("out of credit"),
-            until: None,
-        },
-        429 => {
-            if format == Format::Openai
-                && (text("/error/type") == "insufficient_quota"
-                    || text("/error/code") == "insufficient_quota")
-            {
-                return Verdict::Exhausted {
-                    reason: reason("quota exceeded"),
-                    until: None,
-                };
-            }
-            let wait = retry_after(headers).unwrap_or(DEFAULT_RATE_LIMIT_COOLDOWN);
-            Verdict::RateLimited {
-                wait,
-                reason: reason("rate-limited"),
-            }
-        }
-        400 if format == Format::Gemini && (body.windows(15).any(|w| w == b"API_KEY_INVALID")) => {
-            Verdict::Invalid(reason("rejected the API key"))
-        }
-        500..=599 => {
-            let wait = retry_after(headers).unwrap_or(SERVER_ERROR_COOLDOWN);
-            Verdict::RateLimited {
-                wait,
-                reason: reason("failed"),
-            }
-        }
-        _ => Verdict::ClientError,
-    }
-}
-
-/// The cooldown after the upstream could not be reached at all.
-pub fn unreachable_verdict(error: &crate::upstream::UpstreamError) -> Verdict {
-    let what = if error.is_timeout() {
-        "timed out"
-    } else {
-        "could not be reached"
-    };
-    Verdict::RateLimited {
-        wait: SERVER_ERROR_COOLDOWN,
-        reason: format!("the provider {what}"),
-    }
 }
 
 #[cfg(test)]
@@ -617,85 +552,6 @@ mod tests {
                 output: 15
             })
         );
-    }
-
-    #[test]
-    fn classification() {
-        let h = HeaderMap::new();
-        let mut ra = HeaderMap::new();
-        ra.insert("retry-after", "30".parse().unwrap());
-        assert!(matches!(
-            classify(Format::Openai, StatusCode::UNAUTHORIZED, &h, b""),
-            Verdict::Invalid(_)
-        ));
-        assert!(matches!(
-            classify(Format::Openai, StatusCode::PAYMENT_REQUIRED, &h, b""),
-            Verdict::Exhausted { .. }
-        ));
-        let q = br#"{"error": {"type": "insufficient_quota", "code": "insufficient_quota"}}"#;
-        assert!(matches!(
-            classify(Format::Openai, StatusCode::TOO_MANY_REQUESTS, &h, q),
-            Verdict::Exhausted { .. }
-        ));
-        assert_eq!(
-            classify(Format::Openai, StatusCode::TOO_MANY_REQUESTS, &ra, b"{}"),
-            Verdict::RateLimited {
-                wait: Duration::from_secs(30),
-                reason: "rate-limited (HTTP 429 from the provider)".into()
-            }
-        );
-        // A wait past a day, in any spelling, is a day; garbage is the default.
-        for (value, wait) in [
-            ("1e300", MAX_RETRY_AFTER),
-            ("100000000000000", MAX_RETRY_AFTER),
-            ("18446744073709551615", MAX_RETRY_AFTER),
-            ("340282366920938463463374607431768211456", MAX_RETRY_AFTER),
-            ("inf", MAX_RETRY_AFTER),
-            ("86401", MAX_RETRY_AFTER),
-            ("86400", MAX_RETRY_AFTER),
-            ("0.2", Duration::from_secs(1)),
-            ("0", Duration::ZERO),
-            ("-5", DEFAULT_RATE_LIMIT_COOLDOWN),
-            ("NaN", DEFAULT_RATE_LIMIT_COOLDOWN),
-            ("-inf", DEFAULT_RATE_LIMIT_COOLDOWN),
-            ("soon", DEFAULT_RATE_LIMIT_COOLDOWN),
-        ] {
-            let mut h = HeaderMap::new();
-            h.insert("retry-after", value.parse().unwrap());
-            for status in [429, 503] {
-                let status = StatusCode::from_u16(status).unwrap();
-                match classify(Format::Openai, status, &h, b"{}") {
-                    Verdict::RateLimited { wait: w, .. } if status == 429 => {
-                        assert_eq!(w, wait, "{value}")
-                    }
-                    Verdict::RateLimited { wait: w, .. } => {
-                        assert!(w <= MAX_RETRY_AFTER, "{value}")
-                    }
-                    other => panic!("{value}: {other:?}"),
-                }
-            }
-        }
-        assert_eq!(clamp_wait(f64::NAN), Duration::ZERO);
-        assert_eq!(clamp_wait(f64::MAX), MAX_RETRY_AFTER);
-        assert_eq!(clamp_wait(-1.0), Duration::ZERO);
-        assert!(matches!(
-            classify(
-                Format::Anthropic,
-                StatusCode::from_u16(529).unwrap(),
-                &h,
-                b""
-            ),
-            Verdict::RateLimited { .. }
-        ));
-        assert_eq!(
-            classify(Format::Openai, StatusCode::BAD_REQUEST, &h, b""),
-            Verdict::ClientError
-        );
-        let g = br#"{"error": {"code": 400, "status": "INVALID_ARGUMENT", "details": [{"reason": "API_KEY_INVALID"}]}}"#;
-        assert!(matches!(
-            classify(Format::Gemini, StatusCode::BAD_REQUEST, &h, g),
-            Verdict::Invalid(_)
-        ));
     }
 
     fn peek(body: &Value) -> Peek {
