@@ -549,7 +549,7 @@ fn leading_number(text: &str) -> (Option<u64>, &str) {
     let end = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
-    let number = (1..=19)
+    let number = (1..=20)
         .contains(&end)
         .then(|| text[..end].parse().ok())
         .flatten();

@@ -3,6 +3,7 @@
 
 #![allow(async_fn_in_trait)]
 
+mod answers;
 mod bad_input;
 mod common;
 mod crash;
@@ -14,6 +15,7 @@ mod mock;
 mod numbers;
 mod operations;
 mod persistence;
+mod provider_mock;
 mod proxy;
 mod raw;
 mod scale;
