@@ -144,6 +144,30 @@ fn providers_answers_read_by_their_structure() {
         (
             OA,
             429,
+            r#"{"error": {"message": "Request too large for gpt-4o: Limit 0, Requested 18446744073709551615.", "type": "tokens", "code": "rate_limit_exceeded"}}"#,
+            "client",
+        ),
+        (
+            OA,
+            429,
+            r#"{"error": {"message": "Request too large for gpt-4o: Limit 30000, Requested 30000.", "type": "tokens", "code": "rate_limit_exceeded"}}"#,
+            "rate",
+        ),
+        (
+            OA,
+            429,
+            r#"{"error": {"message": "Request too large for gpt-4o: Limit -1, Requested 5.", "type": "tokens", "code": "rate_limit_exceeded"}}"#,
+            "rate",
+        ),
+        (
+            OA,
+            429,
+            r#"{"error": {"message": "Request too large for x: Limit 1, Requested 2 in organization org-1 on tokens per min (TPM): Limit 30000, Requested 20000.", "type": "tokens", "code": "rate_limit_exceeded"}}"#,
+            "rate",
+        ),
+        (
+            OA,
+            429,
             r#"{"error": {"message": "Rate limit reached for gpt-4 in organization org-uVqpjtJiKqvVJMVfvpaounIh on tokens per min (TPM): Limit 10000, Used 8554, Requested 3082. Please try again in 9.816s. Visit https://platform.openai.com/account/rate-limits to learn more.", "type": "tokens", "param": null, "code": "rate_limit_exceeded"}}"#,
             "rate",
         ),
