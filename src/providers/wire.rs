@@ -306,6 +306,7 @@ struct Counts {
     total_token_count: Count,
     candidates_token_count: Count,
     thoughts_token_count: Count,
+    tool_use_prompt_token_count: Count,
 }
 
 /// The keys of [`Counts`], read without allocating.
@@ -326,6 +327,8 @@ enum Key {
     CandidatesTokenCount,
     #[serde(rename = "thoughtsTokenCount")]
     ThoughtsTokenCount,
+    #[serde(rename = "toolUsePromptTokenCount")]
+    ToolUsePromptTokenCount,
     #[serde(other)]
     Other,
 }
@@ -357,6 +360,7 @@ impl<'de> Deserialize<'de> for Counts {
                         Key::TotalTokenCount => &mut c.total_token_count,
                         Key::CandidatesTokenCount => &mut c.candidates_token_count,
                         Key::ThoughtsTokenCount => &mut c.thoughts_token_count,
+                        Key::ToolUsePromptTokenCount => &mut c.tool_use_prompt_token_count,
                         Key::Other => {
                             map.next_value::<serde::de::IgnoredAny>()?;
                             continue;
@@ -384,6 +388,7 @@ impl Counts {
             "totalTokenCount" => &self.total_token_count,
             "candidatesTokenCount" => &self.candidates_token_count,
             "thoughtsTokenCount" => &self.thoughts_token_count,
+            "toolUsePromptTokenCount" => &self.tool_use_prompt_token_count,
             _ => &Count::Absent,
         }
     }
@@ -455,16 +460,29 @@ fn anthropic_usage(usage: &impl Counters) -> Option<Usage> {
     ))
 }
 
+/// Gemini's `usageMetadata`: the prompt and the tool-use prompt (the results of tools the
+/// model called, fed back to it) are input; the candidates and thoughts are output, and
+/// `totalTokenCount` is all four. `cachedContentTokenCount` is the cached part of the prompt,
+/// already inside `promptTokenCount`, so it is not added.
 fn gemini_usage(meta: &impl Counters) -> Option<Usage> {
     let field = |k: &str| meta.num(k);
-    let input = field("promptTokenCount").unwrap_or(0);
+    let input = field("promptTokenCount")
+        .unwrap_or(0)
+        .saturating_add(field("toolUsePromptTokenCount").unwrap_or(0));
     let output = match field("totalTokenCount") {
         Some(total) => total.saturating_sub(input),
         None => field("candidatesTokenCount")
             .unwrap_or(0)
             .saturating_add(field("thoughtsTokenCount").unwrap_or(0)),
     };
-    if field("promptTokenCount").is_none() && field("totalTokenCount").is_none() {
+    if [
+        "promptTokenCount",
+        "totalTokenCount",
+        "toolUsePromptTokenCount",
+    ]
+    .iter()
+    .all(|k| field(k).is_none())
+    {
         return None;
     }
     Some(Usage::reported(input, output))
@@ -473,8 +491,13 @@ fn gemini_usage(meta: &impl Counters) -> Option<Usage> {
 /// Fold one streamed event (its `data:` JSON) into the usage seen so far.
 pub fn usage_from_event(format: Format, event: &Value, seen: &mut Option<Usage>) {
     match format {
+        // Groq reports a stream's usage unasked in its last chunk's `x_groq.usage`, in
+        // OpenAI's shape; a `usage` beside it (when asked) says the same.
         Format::Openai | Format::Kiro => {
-            if let Some(usage) = usage_from_body(format, event) {
+            let usage = usage_from_body(format, event).or_else(|| {
+                openai_usage(event.pointer("/x_groq/usage").filter(|u| u.is_object())?)
+            });
+            if let Some(usage) = usage {
                 *seen = Some(usage);
             }
         }
@@ -696,6 +719,120 @@ mod tests {
             classify(Format::Gemini, StatusCode::BAD_REQUEST, &h, g),
             Verdict::Invalid(_)
         ));
+    }
+
+    /// Gemini's tool-use prompt is input, with or without a total; the cached part of the
+    /// prompt is inside the prompt and never added again; a stream reads the same.
+    #[test]
+    fn gemini_tool_use_prompt_is_input_and_cache_is_not_added() {
+        let max = u64::MAX;
+        for (meta, (input, output)) in [
+            // Without a total: candidates and thoughts are the output.
+            (
+                json!({"promptTokenCount": 10, "toolUsePromptTokenCount": 7, "candidatesTokenCount": 5}),
+                (17, 5),
+            ),
+            (
+                json!({"toolUsePromptTokenCount": 7, "candidatesTokenCount": 5, "thoughtsTokenCount": 2}),
+                (7, 7),
+            ),
+            (json!({"toolUsePromptTokenCount": 0}), (0, 0)),
+            // With a total (which holds all four): the output is the rest.
+            (
+                json!({"promptTokenCount": 10, "toolUsePromptTokenCount": 7, "candidatesTokenCount": 5, "thoughtsTokenCount": 3, "totalTokenCount": 25}),
+                (17, 8),
+            ),
+            (
+                json!({"promptTokenCount": 10, "toolUsePromptTokenCount": 7, "totalTokenCount": 17}),
+                (17, 0),
+            ),
+            // Cached tokens are part of the prompt count: not added, with or without a total.
+            (
+                json!({"promptTokenCount": 100, "cachedContentTokenCount": 80, "candidatesTokenCount": 5}),
+                (100, 5),
+            ),
+            (
+                json!({"promptTokenCount": 100, "cachedContentTokenCount": 80, "toolUsePromptTokenCount": 4, "candidatesTokenCount": 5, "totalTokenCount": 109}),
+                (104, 5),
+            ),
+            // Sums saturate and clamp.
+            (
+                json!({"promptTokenCount": max, "toolUsePromptTokenCount": max, "candidatesTokenCount": 1}),
+                (MAX_REQUEST_TOKENS, 1),
+            ),
+        ] {
+            let body = json!({"usageMetadata": meta});
+            let want = Some(Usage { input, output });
+            assert_eq!(usage_from_body(Format::Gemini, &body), want, "{body}");
+            assert_eq!(
+                usage_from_answer(Format::Gemini, body.to_string().as_bytes()),
+                want,
+                "{body}"
+            );
+            let mut seen = None;
+            usage_from_event(Format::Gemini, &body, &mut seen);
+            assert_eq!(seen, want, "{body}");
+        }
+        // Only candidates: no usage reported (as before).
+        assert_eq!(
+            usage_from_body(
+                Format::Gemini,
+                &json!({"usageMetadata": {"candidatesTokenCount": 3}})
+            ),
+            None
+        );
+    }
+
+    /// Groq's stream reports its usage in `x_groq.usage` unasked; `usage` (when asked)
+    /// reads the same, and a malformed `x_groq` is no usage.
+    #[test]
+    fn groq_stream_usage_is_read() {
+        let groq = json!({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            "x_groq": {"id": "req_1", "usage": {"queue_time": 0.07, "prompt_tokens": 23, "prompt_time": 0.006,
+            "completion_tokens": 19, "completion_time": 0.02, "total_tokens": 42}}});
+        for (events, want) in [
+            (vec![groq.clone()], Some((23, 19))),
+            (
+                vec![
+                    json!({"choices": [{"delta": {"content": "hi"}}]}),
+                    groq.clone(),
+                ],
+                Some((23, 19)),
+            ),
+            (
+                vec![
+                    groq.clone(),
+                    json!({"choices": [], "usage": {"prompt_tokens": 23, "completion_tokens": 20}}),
+                ],
+                Some((23, 20)),
+            ),
+            (
+                vec![
+                    json!({"choices": [], "usage": null, "x_groq": {"usage": {"prompt_tokens": 3, "completion_tokens": 4}}}),
+                ],
+                Some((3, 4)),
+            ),
+            (vec![json!({"x_groq": {"id": "req_1"}})], None),
+            (vec![json!({"x_groq": {"usage": null}})], None),
+            (vec![json!({"x_groq": {"usage": [1, 2]}})], None),
+            (vec![json!({"x_groq": "usage"})], None),
+            (
+                vec![
+                    json!({"x_groq": {"usage": {"prompt_tokens": u64::MAX, "completion_tokens": 1}}}),
+                ],
+                Some((MAX_REQUEST_TOKENS, 1)),
+            ),
+        ] {
+            let mut seen = None;
+            for e in &events {
+                usage_from_event(Format::Openai, e, &mut seen);
+            }
+            assert_eq!(
+                seen,
+                want.map(|(input, output)| Usage { input, output }),
+                "{events:?}"
+            );
+        }
     }
 
     fn peek(body: &Value) -> Peek {
