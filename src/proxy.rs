@@ -45,7 +45,7 @@ const MIN_EXHAUSTED: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 const MAX_EXHAUSTED: chrono::TimeDelta = chrono::TimeDelta::days(366);
 
 /// Reads an upstream error answer into a verdict: [`wire::classify`], or a test's own.
-pub(crate) type Classify = fn(Format, StatusCode, &HeaderMap, &[u8]) -> Verdict;
+type Classify = fn(Format, StatusCode, &HeaderMap, &[u8]) -> Verdict;
 
 /// One call to forward: where it goes and what it carries.
 pub struct Call {
@@ -244,7 +244,7 @@ pub fn mark_for(verdict: &Verdict, now: DateTime<Utc>) -> Option<Mark> {
 
 /// What follows a failed attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Then {
+enum Then {
     /// Try the next credential.
     TryAnother,
     /// Answer the provider's error as it came.
@@ -261,7 +261,7 @@ pub(crate) enum Then {
 /// the provider's balancer and a second request may reach another; a second overload goes
 /// back to the client as the provider's answer, so one request never adds more than one
 /// call to an outage.
-pub(crate) fn after_failure(
+fn after_failure(
     verdict: &Verdict,
     overloaded: &mut bool,
     now: DateTime<Utc>,
@@ -296,7 +296,7 @@ pub async fn forward(state: Arc<AppState>, call: Call) -> Response {
 }
 
 /// [`forward`] with the verdicts of `classify`.
-pub(crate) async fn forward_with(state: Arc<AppState>, call: Call, classify: Classify) -> Response {
+async fn forward_with(state: Arc<AppState>, call: Call, classify: Classify) -> Response {
     // Boxed: the exchange is a large future, and spawning it unboxed copies it twice.
     match tokio::spawn(Box::pin(exchange(state, call, classify))).await {
         Ok(response) => response,

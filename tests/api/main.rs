@@ -3,6 +3,7 @@
 
 #![allow(async_fn_in_trait)]
 
+mod attempts;
 mod bad_input;
 mod common;
 mod crash;
