@@ -37,8 +37,8 @@ const MAX_ERROR_BODY: usize = 256 * 1024;
 pub const ROOM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Non-streamed answers read at most.
 const MAX_ANSWER_BODY: usize = 64 * 1024 * 1024;
-/// The shortest an exhausted mark with the provider's date lasts: a date already past (the
-/// provider's clock ahead of ours) would otherwise leave the key to fail the next request too.
+/// The shortest an exhausted mark with the provider's date lasts: a date already past (our
+/// clock ahead of the provider's) would otherwise leave the key to fail the next request too.
 const MIN_EXHAUSTED: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 /// The longest: a date further ahead (no provider names one; a misread one could) counts as
 /// this far, so a mark always ends.
