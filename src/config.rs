@@ -358,6 +358,9 @@ pub struct ProviderConfig {
     pub format: Option<Format>,
     pub base_url: Option<String>,
     pub models: Option<Vec<String>>,
+    /// `ask` or `never`: whether OpenAI-format streams get `stream_options.include_usage`
+    /// (default per provider, see [`providers::StreamUsage`]).
+    pub stream_usage: Option<providers::StreamUsage>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -619,6 +622,12 @@ impl Config {
             if let Some(url) = &block.base_url {
                 check_url(&format!("providers.{name}.base_url"), url)?;
             }
+            let format = block.format.or(providers::built_in_format(name));
+            if block.stream_usage.is_some() && format != Some(Format::Openai) {
+                return Err(err(format!(
+                    "`providers.{name}.stream_usage`: only OpenAI-format providers are asked for stream usage"
+                )));
+            }
         }
         for name in self.auth.quota.reset_schedule.keys() {
             if !providers::is_built_in(name) && !self.providers.contains_key(name) {
@@ -862,6 +871,30 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(e.contains("providers.my-llm.format"), "{e}");
+        // `stream_usage`: ask or never, on OpenAI-format providers only.
+        for good in [
+            "providers:\n  mistral: { stream_usage: ask }\n",
+            "providers:\n  openai: { stream_usage: never }\n",
+            "providers:\n  my-llm: { format: openai, base_url: http://x, stream_usage: never }\n",
+        ] {
+            load(good, &[]).unwrap();
+        }
+        let groq = load("", &[("CLIPROXY__PROVIDERS__GROQ__STREAM_USAGE", "ask")]).unwrap();
+        assert_eq!(
+            groq.config.providers["groq"].stream_usage,
+            Some(providers::StreamUsage::Ask)
+        );
+        for bad in [
+            "providers:\n  openai: { stream_usage: always }\n",
+            "providers:\n  openai: { stream_usage: true }\n",
+            "providers:\n  claude: { stream_usage: ask }\n",
+            "providers:\n  gemini: { stream_usage: never }\n",
+            "providers:\n  my-llm: { format: anthropic, base_url: http://x, stream_usage: ask }\n",
+            "providers:\n  openai: { format: gemini, stream_usage: ask }\n",
+        ] {
+            let e = load(bad, &[]).unwrap_err().0;
+            assert!(e.contains("stream_usage"), "{bad}: {e}");
+        }
         let e = load("database:\n  url: mysql://x\n", &[]).unwrap_err().0;
         assert!(e.contains("database.url"), "{e}");
     }

@@ -171,6 +171,9 @@ pub struct CredentialRow {
     pub period_start: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
     pub cooldown_until: Option<DateTime<Utc>>,
+    /// Until when an `exhausted` mark holds, when the provider named the date (as stored:
+    /// past dates stay until the next mark).
+    pub exhausted_until: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub last_refresh_at: Option<DateTime<Utc>>,
     pub source: String,

@@ -77,6 +77,8 @@ pub struct CredentialInput {
     #[allow(dead_code)]
     cooldown_until: Option<IgnoredAny>,
     #[allow(dead_code)]
+    exhausted_until: Option<IgnoredAny>,
+    #[allow(dead_code)]
     last_used_at: Option<IgnoredAny>,
     #[allow(dead_code)]
     last_refresh_at: Option<IgnoredAny>,

@@ -1,27 +1,35 @@
 //! The request path (design.md, "Data flow of one proxied request"): reserve on a credential,
-//! call the provider with it, and settle what the provider reports; on a 401/402/403/429/5xx
-//! before any byte reached the client, mark the credential, release, and try the next one.
-//! No database transaction is held across the upstream call. Streams pass through chunk by
-//! chunk with a usage tap, and are settled when they end or the client goes away.
+//! call the provider with it, and settle what the provider reports. A failed attempt is read
+//! into a [`Verdict`] before any byte reached the client, and the verdict decides
+//! ([`after_failure`]): the credential's own failure marks it and moves on to the next one;
+//! the client's own mistake, a provider overloaded twice, or one that refuses where this
+//! server runs is answered at once, marking nothing; a provider that cannot be reached is
+//! answered 502 at once (its keys share its host, so another would not reach it either). No
+//! database transaction is held across the upstream call. Streams pass through chunk by chunk
+//! with a usage tap, and are settled when they end or the client goes away (`settle.rs`).
+
+mod settle;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use settle::Held;
 
 use crate::app::AppState;
 use crate::http::error::ApiError;
 use crate::providers::json;
 use crate::providers::tap::StreamTap;
-use crate::providers::wire::{self, Peek, Usage, Verdict};
-use crate::providers::{Format, Provider};
-use crate::store::{Mark, ReservationKind, ReserveRequest, Unavailable};
-use crate::upstream::AnswerStream;
+use crate::providers::wire::{self, Peek, Verdict};
+use crate::providers::{Format, Provider, StreamUsage};
+use crate::store::{Mark, Reservation, ReservationKind, ReserveRequest, Unavailable};
+use crate::upstream::{Answer, Cause, Target};
 use axum::body::Body;
 use axum::http::header::{ACCEPT, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use chrono::Utc;
-use futures_util::{Stream, StreamExt};
-use std::pin::Pin;
+use chrono::{DateTime, Utc};
+use settle::Tapped;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 /// Error bodies read from upstream at most (to classify them and pass them on).
 const MAX_ERROR_BODY: usize = 256 * 1024;
@@ -29,6 +37,16 @@ const MAX_ERROR_BODY: usize = 256 * 1024;
 pub const ROOM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Non-streamed answers read at most.
 const MAX_ANSWER_BODY: usize = 64 * 1024 * 1024;
+/// The shortest an exhausted mark with the provider's date lasts: a date already past (our
+/// clock ahead of the provider's) would otherwise leave the key to fail the next request too.
+const MIN_EXHAUSTED: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+/// The longest: a date further ahead (no provider names one; a misread one could) counts as
+/// this far, so a mark always ends.
+const MAX_EXHAUSTED: chrono::TimeDelta = chrono::TimeDelta::days(366);
+
+/// Reads an upstream error answer into a verdict at a time (a wait named as a date counts
+/// from it): [`crate::providers::classify::classify_at`], or a test's own.
+type Classify = fn(Format, StatusCode, &HeaderMap, &[u8], DateTime<Utc>) -> Verdict;
 
 /// One call to forward: where it goes and what it carries.
 pub struct Call {
@@ -42,6 +60,20 @@ pub struct Call {
     pub stream: bool,
     /// Headers of the client's request passed on (never its key).
     pub pass_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Call {
+    /// Whether the proxy asks this OpenAI-format stream for its usage on the client's behalf
+    /// (and so hides the usage chunk from the client): only where the provider accepts
+    /// `stream_options` (`providers.<name>.stream_usage`), and only when the client did not
+    /// ask itself. Otherwise the body goes as it came, and the usage the provider sends on
+    /// its own (Mistral's last chunk, Groq's `x_groq.usage`) is read as it passes.
+    fn asks_for_usage(&self) -> bool {
+        self.provider.format == Format::Openai
+            && self.stream
+            && self.provider.stream_usage == StreamUsage::Ask
+            && !self.peek.includes_usage()
+    }
 }
 
 /// `body` (a JSON object, as [`Peek::read`] found) with member `key` set to `value` (JSON
@@ -75,16 +107,23 @@ pub fn unusable_body(error: Option<serde_json::Error>) -> ApiError {
     }
 }
 
-/// Response headers worth passing back to the client.
+/// Response headers worth passing back to the client: the answer's type, the provider's
+/// waits and rate limits, and its request ids (for support). Nothing that says whose key
+/// answered: OpenAI's `openai-organization` and `openai-project` name the pooled key's
+/// owner, so of OpenAI's own headers only the version and the processing time pass (and no
+/// `anthropic-organization-id`, no `x-goog-*`, no cookies).
 fn passes_back(name: &HeaderName) -> bool {
     let n = name.as_str();
-    n == "content-type"
-        || n == "retry-after"
-        || n == "request-id"
-        || n == "x-request-id"
-        || n.starts_with("x-ratelimit-")
+    matches!(
+        n,
+        "content-type"
+            | "retry-after"
+            | "request-id"
+            | "x-request-id"
+            | "openai-version"
+            | "openai-processing-ms"
+    ) || n.starts_with("x-ratelimit-")
         || n.starts_with("anthropic-ratelimit-")
-        || n.starts_with("openai-")
 }
 
 fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
@@ -134,6 +173,31 @@ pub fn provider_disabled(provider: &str) -> ApiError {
     )
 }
 
+/// The answer when the provider could not be reached at all: no credential is blamed, and
+/// no other is tried (they all go to the same host).
+pub fn unreachable(provider: &str, cause: Cause) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "provider_unreachable",
+        format!(
+            "Provider {provider} could not be reached: {}",
+            cause.describe()
+        ),
+    )
+}
+
+/// The answer when the provider refuses where this server runs (a region block): a 502, as
+/// the fault is neither the client's nor a key's, and every key would get the same.
+pub fn location_refused(provider: &str, reason: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "provider_location_refused",
+        format!(
+            "Provider {provider} refuses to serve the location this server runs in ({reason}); no credential was marked, and none would be served from here"
+        ),
+    )
+}
+
 /// Release a reservation, marking its credential when the failure was the credential's own;
 /// a mark is also written to the auth log (`context` says how it was learnt, if not from a
 /// proxied request). `false` when the reservation was already settled or released.
@@ -157,11 +221,14 @@ pub async fn release(
         .await
 }
 
-/// What to do with a credential after an upstream verdict.
-pub fn mark_for(verdict: &Verdict, now: chrono::DateTime<Utc>) -> Option<Mark> {
+/// What to do with a credential after an upstream verdict: only its own failures mark it.
+pub fn mark_for(verdict: &Verdict, now: DateTime<Utc>) -> Option<Mark> {
     match verdict {
         Verdict::Invalid(r) => Some(Mark::Invalid(r.clone())),
-        Verdict::Exhausted { reason, .. } => Some(Mark::Exhausted(reason.clone())),
+        Verdict::Exhausted { reason, until } => Some(Mark::Exhausted {
+            reason: reason.clone(),
+            until: until.map(|u| u.clamp(now + MIN_EXHAUSTED, now + MAX_EXHAUSTED)),
+        }),
         Verdict::RateLimited { wait, reason: r } => {
             // Waits are clamped where they are read; clamped again here so no wait, however
             // it was made, can overflow the clock.
@@ -176,6 +243,45 @@ pub fn mark_for(verdict: &Verdict, now: chrono::DateTime<Utc>) -> Option<Mark> {
     }
 }
 
+/// What follows a failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Then {
+    /// Try the next credential.
+    TryAnother,
+    /// Answer the provider's error as it came.
+    Answer,
+    /// Answer [`location_refused`] with this reason.
+    Refused(String),
+}
+
+/// What a failed attempt's verdict leads to: the mark on its credential, and what follows.
+/// `overloaded` says whether an earlier attempt of the same request found the provider
+/// overloaded, and is set here. Overload is the provider's state, not the key's: nothing is
+/// marked (cooling the keys would turn a provider's brief outage into our own 429s for
+/// longer), and one other key is tried, since an overload is often one busy machine behind
+/// the provider's balancer and a second request may reach another; a second overload goes
+/// back to the client as the provider's answer, so one request never adds more than one
+/// call to an outage.
+fn after_failure(
+    verdict: &Verdict,
+    overloaded: &mut bool,
+    now: DateTime<Utc>,
+) -> (Option<Mark>, Then) {
+    let then = match verdict {
+        Verdict::ClientError => Then::Answer,
+        Verdict::Invalid(_) | Verdict::Exhausted { .. } | Verdict::RateLimited { .. } => {
+            Then::TryAnother
+        }
+        Verdict::Overloaded(_) if !*overloaded => {
+            *overloaded = true;
+            Then::TryAnother
+        }
+        Verdict::Overloaded(_) => Then::Answer,
+        Verdict::Location(reason) => Then::Refused(reason.clone()),
+    };
+    (mark_for(verdict, now), then)
+}
+
 fn plain_response(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Response {
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
@@ -187,25 +293,51 @@ fn plain_response(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Respo
 /// task of its own, so a client that goes away does not cancel it half-way: the provider's
 /// answer is still read and settled exactly (a stream is then charged as cut short).
 pub async fn forward(state: Arc<AppState>, call: Call) -> Response {
+    forward_with(state, call, crate::providers::classify::classify_at).await
+}
+
+/// [`forward`] with the verdicts of `classify`.
+async fn forward_with(state: Arc<AppState>, call: Call, classify: Classify) -> Response {
     // Boxed: the exchange is a large future, and spawning it unboxed copies it twice.
-    match tokio::spawn(Box::pin(exchange(state, call))).await {
+    match tokio::spawn(Box::pin(exchange(state, call, classify))).await {
         Ok(response) => response,
         Err(e) => ApiError::internal(&e).into_response(),
     }
 }
 
-async fn exchange(state: Arc<AppState>, call: Call) -> Response {
+/// The headers of an upstream call: the client's passed-on ones, and the credential attached
+/// the provider's way. `Err` (why the credential is invalid) when the token cannot be sent
+/// in a header at all.
+fn upstream_headers(
+    format: Format,
+    pass: &[(HeaderName, HeaderValue)],
+    token: &str,
+) -> Result<HeaderMap, String> {
+    let (auth_name, auth_prefix) = wire::credential_header(format);
+    let auth = crate::upstream::credential_value(auth_prefix, token)
+        .map_err(|_| "its token holds characters an HTTP header cannot carry".to_string())?;
+    let mut headers = HeaderMap::with_capacity(4 + pass.len());
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
+    for (k, v) in pass {
+        headers.append(k, v.clone());
+    }
+    if format == Format::Anthropic && !headers.contains_key("anthropic-version") {
+        headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+    }
+    headers.insert(auth_name, auth);
+    Ok(headers)
+}
+
+async fn exchange(state: Arc<AppState>, call: Call, classify: Classify) -> Response {
     let name = call.provider.name.clone();
     if !call.provider.enabled {
         return provider_disabled(&name).into_response();
     }
     let format = call.provider.format;
-    // OpenAI streams report usage only when asked; ask, and hide the answer from a client
-    // that did not.
-    let hide_usage_chunk = format == Format::Openai && call.stream && !call.peek.includes_usage();
+    let hide_usage_chunk = call.asks_for_usage();
     let body = if hide_usage_chunk {
-        let asked = ask_for_usage(&call.raw);
-        match asked {
+        match ask_for_usage(&call.raw) {
             Ok(body) => body,
             Err(e) => return e.into_response(),
         }
@@ -231,6 +363,7 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
     };
     let mut tried: Vec<String> = Vec::new();
     let mut last_failure: Option<Response> = None;
+    let mut overloaded = false;
     for _ in 0..config.proxy.max_attempts {
         let req = ReserveRequest {
             provider: &name,
@@ -252,101 +385,29 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
             Err(e) => return ApiError::from(e).into_response(),
         };
         tried.push(reservation.credential_id.clone());
-        let held = Held::new(&state, &reservation, &name);
-        let token = match state.store.open_token(&reservation.credential_id).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(reason)) => {
-                held.give_back(Some(Mark::Invalid(reason))).await;
-                continue;
-            }
-            Err(e) => {
-                held.give_back(None).await;
-                return ApiError::from(e).into_response();
-            }
+        let (held, mut answer) = match attempt(&state, &call, &reservation, &target, &body).await {
+            Attempt::Answered(held, answer) => (held, answer),
+            Attempt::Failed(response) => return response,
+            Attempt::NextCredential => continue,
         };
-        let (auth_name, auth_prefix) = wire::credential_header(format);
-        let sent = match crate::upstream::credential_value(auth_prefix, token.expose()) {
-            Ok(auth) => {
-                let mut headers = HeaderMap::with_capacity(4 + call.pass_headers.len());
-                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
-                for (k, v) in &call.pass_headers {
-                    headers.append(k, v.clone());
-                }
-                if format == Format::Anthropic && !headers.contains_key("anthropic-version") {
-                    headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
-                }
-                headers.insert(auth_name, auth);
-                state.upstream.post(&target, headers, body.clone()).await
-            }
-            Err(e) => Err(e),
-        };
-        let mut resp = match sent {
-            Ok(r) => r,
-            Err(e) => {
-                let verdict = wire::unreachable_verdict(&e);
-                tracing::warn!(provider = %name, error = %e, "upstream request failed");
-                held.give_back(mark_for(&verdict, state.now())).await;
-                last_failure = Some(
-                    ApiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream_unreachable",
-                        format!("Provider {name} could not be reached"),
-                    )
-                    .into_response(),
-                );
-                continue;
-            }
-        };
-        let status = resp.status;
-        let headers = std::mem::take(&mut resp.headers);
-        if !status.is_success() {
-            let body = resp.read_limited(MAX_ERROR_BODY).await.unwrap_or_default();
-            let verdict = wire::classify(format, status, &headers, &body);
-            let answer = plain_response(status, &headers, body);
-            if verdict == Verdict::ClientError {
-                held.give_back(None).await;
-                return answer;
-            }
-            held.give_back(mark_for(&verdict, state.now())).await;
-            last_failure = Some(answer);
-            continue;
+        let status = answer.status;
+        if status.is_success() {
+            return deliver(held, answer, &call, hide_usage_chunk).await;
         }
-        if !call.stream {
-            let answer = match resp.read_limited(MAX_ANSWER_BODY).await {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(provider = %name, error = %e, "upstream answer cut short");
-                    held.settler().settle(None, false);
-                    return ApiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream_failed",
-                        "The provider's answer was cut short",
-                    )
-                    .into_response();
-                }
-            };
-            let usage = wire::usage_from_answer(format, &answer);
-            // The settlement may land after the answer: a crash before it leaves the
-            // reservation, which the next start charges in full.
-            held.settler().settle(usage, true);
-            return plain_response(status, &headers, answer);
+        let headers = std::mem::take(&mut answer.headers);
+        let body = answer
+            .read_limited(MAX_ERROR_BODY)
+            .await
+            .unwrap_or_default();
+        let verdict = classify(format, status, &headers, &body, state.now());
+        let (mark, then) = after_failure(&verdict, &mut overloaded, state.now());
+        held.give_back(mark).await;
+        let answer = plain_response(status, &headers, body);
+        match then {
+            Then::Answer => return answer,
+            Then::Refused(reason) => return location_refused(&name, &reason).into_response(),
+            Then::TryAnother => last_failure = Some(answer),
         }
-        let json_array = format == Format::Gemini && !call.path.contains("alt=sse");
-        let tapped = Tapped {
-            inner: resp.into_stream(),
-            tap: StreamTap::new(format, hide_usage_chunk, json_array),
-            settler: Some(held.settler()),
-            done: false,
-        };
-        let mut response = Response::new(Body::from_stream(tapped));
-        *response.status_mut() = status;
-        copy_headers(&headers, response.headers_mut());
-        response.headers_mut().insert(
-            axum::http::header::CACHE_CONTROL,
-            HeaderValue::from_static("no-cache"),
-        );
-        return response;
     }
     last_failure.unwrap_or_else(|| {
         ApiError::new(
@@ -358,155 +419,95 @@ async fn exchange(state: Arc<AppState>, call: Call) -> Response {
     })
 }
 
-/// A reservation between its grant and its settlement or release. Dropped while still held
-/// (the exchange panicked, or its task was torn down), it is released without a mark, so a
-/// fault in the request path never leaves tokens reserved until the next start.
-pub(crate) struct Held {
-    state: Arc<AppState>,
-    reservation: String,
-    credential: String,
-    provider: String,
-    done: bool,
+/// How one attempt on a reserved credential went.
+enum Attempt {
+    /// The provider answered (any status): its answer, with the reservation still held.
+    Answered(Held, Answer),
+    /// The credential could not be sent (marked, reservation released): try the next.
+    NextCredential,
+    /// The request is over with this answer (reservation released).
+    Failed(Response),
 }
 
-impl Held {
-    pub(crate) fn new(
-        state: &Arc<AppState>,
-        reservation: &crate::store::Reservation,
-        provider: &str,
-    ) -> Held {
-        Held {
-            state: state.clone(),
-            reservation: reservation.id.clone(),
-            credential: reservation.credential_id.clone(),
-            provider: provider.to_string(),
-            done: false,
+/// Send the call with the reserved credential, up to the answer's status and headers.
+async fn attempt(
+    state: &Arc<AppState>,
+    call: &Call,
+    reservation: &Reservation,
+    target: &Target,
+    body: &Bytes,
+) -> Attempt {
+    let name = &call.provider.name;
+    let held = Held::new(state, reservation, name);
+    let token = match state.store.open_token(&reservation.credential_id).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(reason)) => {
+            held.give_back(Some(Mark::Invalid(reason))).await;
+            return Attempt::NextCredential;
         }
-    }
-
-    /// Release the reservation unused, marking the credential when the failure was its own.
-    async fn give_back(self, mark: Option<Mark>) {
-        if let Err(e) = self.release(mark, "").await {
-            tracing::error!(error = %e, "cannot release a reservation");
+        Err(e) => {
+            held.give_back(None).await;
+            return Attempt::Failed(ApiError::from(e).into_response());
         }
-    }
-
-    /// Release the reservation unused, with an optional mark (`context` says how the failure
-    /// was learnt, for the auth log); `false` when it was already settled or released.
-    pub(crate) async fn release(
-        mut self,
-        mark: Option<Mark>,
-        context: &str,
-    ) -> Result<bool, crate::store::StoreError> {
-        self.done = true;
-        let (id, cred, name) = (&self.reservation, &self.credential, &self.provider);
-        release(&self.state, id, cred, name, mark, context).await
-    }
-
-    /// The reservation outlives the handler (a lease handed out): it is settled by a report
-    /// or when it expires.
-    pub(crate) fn keep(mut self) {
-        self.done = true;
-    }
-
-    /// Hand the reservation to what settles it once the answer is read.
-    fn settler(mut self) -> Settler {
-        self.done = true;
-        Settler {
-            state: self.state.clone(),
-            reservation: std::mem::take(&mut self.reservation),
+    };
+    let headers = match upstream_headers(call.provider.format, &call.pass_headers, token.expose()) {
+        Ok(h) => h,
+        Err(reason) => {
+            held.give_back(Some(Mark::Invalid(reason))).await;
+            return Attempt::NextCredential;
+        }
+    };
+    match state.upstream.post(target, headers, body.clone()).await {
+        Ok(answer) => Attempt::Answered(held, answer),
+        Err(e) => {
+            // Nothing reached the provider, or nothing came back by the deadline: the
+            // provider's state, not the key's. Its other keys go to the same host, so
+            // trying them would only make the client wait as long again.
+            tracing::warn!(provider = %name, error = %e, "upstream request failed");
+            held.give_back(None).await;
+            Attempt::Failed(unreachable(name, e.cause()).into_response())
         }
     }
 }
 
-impl Drop for Held {
-    fn drop(&mut self) {
-        if !self.done {
-            tracing::error!(
-                reservation = %self.reservation,
-                "a request ended without settling its reservation; releasing it"
-            );
-            self.state
-                .store
-                .release_later(&self.reservation, self.state.now());
-        }
-    }
-}
-
-struct Settler {
-    state: Arc<AppState>,
-    reservation: String,
-}
-
-impl Settler {
-    /// Queue the settlement without waiting for it (the stream's poll cannot wait, and an
-    /// answer need not): the ledger commits it with its group.
-    fn settle(self, usage: Option<Usage>, complete: bool) {
-        let exact = complete && usage.is_some();
-        self.state.store.settle_later(
-            &self.reservation,
-            usage.unwrap_or_default(),
-            !exact,
-            self.state.now(),
-        );
-    }
-}
-
-/// A streamed answer with its usage tap; settles when it ends or is dropped.
-struct Tapped {
-    inner: AnswerStream,
-    tap: StreamTap,
-    settler: Option<Settler>,
-    done: bool,
-}
-
-impl Stream for Tapped {
-    type Item = Result<Bytes, std::io::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            if self.done {
-                return Poll::Ready(None);
+/// Pass a successful answer on, settling the reservation from the usage it reports: read
+/// whole when not streamed, else tapped as it streams.
+async fn deliver(held: Held, mut answer: Answer, call: &Call, hide_usage_chunk: bool) -> Response {
+    let format = call.provider.format;
+    let status = answer.status;
+    let headers = std::mem::take(&mut answer.headers);
+    if !call.stream {
+        let body = match answer.read_limited(MAX_ANSWER_BODY).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(provider = %call.provider.name, error = %e, "upstream answer cut short");
+                held.settler().settle(None, false);
+                return ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_failed",
+                    "The provider's answer was cut short",
+                )
+                .into_response();
             }
-            match self.inner.poll_next_unpin(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(chunk))) => {
-                    let out = self.tap.feed(chunk);
-                    if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(out)));
-                    }
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    self.done = true;
-                    let usage = self.tap.usage();
-                    if let Some(s) = self.settler.take() {
-                        s.settle(usage, false);
-                    }
-                    return Poll::Ready(Some(Err(std::io::Error::other(e))));
-                }
-                Poll::Ready(None) => {
-                    self.done = true;
-                    let rest = self.tap.finish();
-                    let usage = self.tap.usage();
-                    if let Some(s) = self.settler.take() {
-                        s.settle(usage, true);
-                    }
-                    if !rest.is_empty() {
-                        return Poll::Ready(Some(Ok(rest)));
-                    }
-                    return Poll::Ready(None);
-                }
-            }
-        }
+        };
+        let usage = wire::usage_from_answer(format, &body);
+        // The settlement may land after the answer: a crash before it leaves the
+        // reservation, which the next start charges in full.
+        held.settler().settle(usage, true);
+        return plain_response(status, &headers, body);
     }
-}
-
-impl Drop for Tapped {
-    fn drop(&mut self) {
-        // The client went away (or the server is stopping) before the end: charge at least
-        // the reservation.
-        if let Some(s) = self.settler.take() {
-            s.settle(self.tap.usage(), false);
-        }
-    }
+    let json_array = format == Format::Gemini && !call.path.contains("alt=sse");
+    let tapped = Tapped::new(
+        answer.into_stream(),
+        StreamTap::new(format, hide_usage_chunk, json_array),
+        held.settler(),
+    );
+    let mut response = Response::new(Body::from_stream(tapped));
+    *response.status_mut() = status;
+    copy_headers(&headers, response.headers_mut());
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    response
 }

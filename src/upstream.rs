@@ -38,47 +38,133 @@ const KEEPALIVE_RETRIES: u32 = 3;
 /// Retries after an HTTP/2 graceful shutdown (on a new connection) or a refused stream.
 const H2_RETRIES: usize = 2;
 
+/// What kept a call from its answer, as a client may be told it: a fixed phrase per kind,
+/// never a URL, a header or a library's own text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The deadline (`proxy.request_timeout`, or the connect timeout) passed first.
+    TimedOut,
+    /// Nothing listens at the provider's address.
+    Refused,
+    /// The provider's host name does not resolve.
+    Dns,
+    /// The TLS handshake failed (an untrusted certificate, or not TLS at all).
+    Tls,
+    /// The connection was closed or reset before the answer came.
+    Closed,
+    Other,
+}
+
+impl Cause {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Cause::TimedOut => "timed out",
+            Cause::Refused => "connection refused",
+            Cause::Dns => "its host name does not resolve (DNS)",
+            Cause::Tls => "the TLS handshake failed",
+            Cause::Closed => "the connection was closed before an answer",
+            Cause::Other => "the connection failed",
+        }
+    }
+
+    /// The cause named by an error's chain: the first timeout, refusal, TLS or DNS failure
+    /// in it, else a closed connection, else other.
+    fn of(error: &(dyn std::error::Error + 'static)) -> Cause {
+        let mut found = Cause::Other;
+        let mut cause = Some(error);
+        while let Some(c) = cause {
+            // An I/O error's `source` skips the error it wraps, and hyper-rustls reports a
+            // failed handshake as an I/O error around tokio-rustls's around rustls's: look
+            // into those here.
+            let mut wrapped = Some(c);
+            while let Some(w) = wrapped {
+                match Cause::of_one(w) {
+                    Some(Cause::Closed) => found = Cause::Closed,
+                    Some(decided) => return decided,
+                    None => {}
+                }
+                wrapped = w
+                    .downcast_ref::<std::io::Error>()
+                    .and_then(|e| e.get_ref())
+                    .map(|e| e as &(dyn std::error::Error + 'static));
+            }
+            cause = c.source();
+        }
+        found
+    }
+
+    /// What one error of a chain says, if anything.
+    fn of_one(e: &(dyn std::error::Error + 'static)) -> Option<Cause> {
+        use std::io::ErrorKind;
+        if e.is::<rustls::Error>() {
+            return Some(Cause::Tls);
+        }
+        if let Some(e) = e.downcast_ref::<std::io::Error>() {
+            return match e.kind() {
+                ErrorKind::TimedOut => Some(Cause::TimedOut),
+                ErrorKind::ConnectionRefused => Some(Cause::Refused),
+                ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof => Some(Cause::Closed),
+                _ => None,
+            };
+        }
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(|e| e.is_closed() || e.is_incomplete_message() || e.is_canceled())
+        {
+            return Some(Cause::Closed);
+        }
+        // hyper-util's connector names a failed lookup only in its text (its error type is
+        // private); the text is the library's own, never a host name.
+        (e.to_string() == "dns error").then_some(Cause::Dns)
+    }
+}
+
 /// Why a call failed before or while its answer arrived. Its text names no URL and no header.
 #[derive(Debug)]
 pub struct UpstreamError {
-    timed_out: bool,
+    cause: Cause,
     message: String,
 }
 
 impl UpstreamError {
     fn timed_out() -> Self {
         UpstreamError {
-            timed_out: true,
+            cause: Cause::TimedOut,
             message: "the request timed out".into(),
         }
     }
 
     fn new(error: &(dyn std::error::Error + 'static)) -> Self {
         // The chain of causes, as reqwest's errors print them ("client error (Connect): tcp
-        // connect error: Connection refused"); an I/O timeout anywhere in it is a timeout.
+        // connect error: Connection refused").
         let mut message = error.to_string();
-        let mut timed_out = false;
         let mut cause = error.source();
         while let Some(c) = cause {
             message.push_str(": ");
             message.push_str(&c.to_string());
-            timed_out |= c
-                .downcast_ref::<std::io::Error>()
-                .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
             cause = c.source();
         }
-        UpstreamError { timed_out, message }
+        UpstreamError {
+            cause: Cause::of(error),
+            message,
+        }
     }
 
     pub fn other(message: impl Into<String>) -> Self {
         UpstreamError {
-            timed_out: false,
+            cause: Cause::Other,
             message: message.into(),
         }
     }
 
     pub fn is_timeout(&self) -> bool {
-        self.timed_out
+        self.cause == Cause::TimedOut
+    }
+
+    pub fn cause(&self) -> Cause {
+        self.cause
     }
 }
 
@@ -375,6 +461,96 @@ mod tests {
     async fn read(chunks: &[&'static str], limit: usize) -> String {
         let bytes = answer(chunks.to_vec()).read_limited(limit).await.unwrap();
         String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    /// A local address whose server does `serve` with each connection it accepts.
+    async fn server<F, Fut>(serve: F) -> std::net::SocketAddr
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(serve(conn));
+            }
+        });
+        addr
+    }
+
+    async fn cause_of(url: &str, timeout: Duration) -> (Cause, String) {
+        let upstream = Upstream::new(timeout).unwrap();
+        let target = Target::new(reqwest::Url::parse(url).unwrap()).unwrap();
+        match upstream.post(&target, HeaderMap::new(), Bytes::new()).await {
+            Ok(a) => panic!("{url}: answered {}", a.status),
+            Err(e) => (e.cause(), e.to_string()),
+        }
+    }
+
+    /// Each way a provider can fail to answer is told apart, by the error's chain, and its
+    /// text names no URL.
+    #[tokio::test]
+    async fn causes_are_told_apart() {
+        let long = Duration::from_secs(30);
+        // Nothing listens: refused.
+        let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = gone.local_addr().unwrap().port();
+        drop(gone);
+        for scheme in ["http", "https"] {
+            let url = format!("{scheme}://127.0.0.1:{port}/v1/x?key=secret");
+            let (cause, text) = cause_of(&url, long).await;
+            assert_eq!(cause, Cause::Refused, "{text}");
+            assert!(!text.contains("secret") && !text.contains("/v1"), "{text}");
+        }
+        // Accepted, never answered: timed out at the deadline.
+        let silent = server(|conn| async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(conn);
+        })
+        .await;
+        for scheme in ["http", "https"] {
+            let url = format!("{scheme}://{silent}/x");
+            let (cause, text) = cause_of(&url, Duration::from_millis(200)).await;
+            assert_eq!(cause, Cause::TimedOut, "{scheme}: {text}");
+        }
+        // Accepted and closed at once, or after reading the request: closed.
+        let closing = server(|conn| async move { drop(conn) }).await;
+        let (cause, text) = cause_of(&format!("http://{closing}/x"), long).await;
+        assert_eq!(cause, Cause::Closed, "{text}");
+        let reading = server(|mut conn| async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).await;
+        })
+        .await;
+        let (cause, text) = cause_of(&format!("http://{reading}/x"), long).await;
+        assert_eq!(cause, Cause::Closed, "{text}");
+        // TLS to a server that does not speak it, or that closes during the handshake.
+        let plain = server(|mut conn| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).await;
+            let _ = conn
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        })
+        .await;
+        let (cause, text) = cause_of(&format!("https://{plain}/x"), long).await;
+        assert_eq!(cause, Cause::Tls, "{text}");
+        let (cause, text) = cause_of(&format!("https://{reading}/x"), long).await;
+        assert!(matches!(cause, Cause::Tls | Cause::Closed), "{text}");
+        // Every cause reads as a fixed phrase.
+        for cause in [
+            Cause::TimedOut,
+            Cause::Refused,
+            Cause::Dns,
+            Cause::Tls,
+            Cause::Closed,
+            Cause::Other,
+        ] {
+            assert!(!cause.describe().is_empty());
+        }
     }
 
     #[tokio::test]

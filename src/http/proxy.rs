@@ -315,6 +315,10 @@ pub struct ReportInput {
     error_status: Option<u16>,
     /// Seconds, as the provider's `Retry-After` said; past a day it counts as a day.
     retry_after: Option<u64>,
+    /// The provider's error body as it came (text), read as the proxy reads the answers it
+    /// gets itself: what it says about the credential (exhausted until a date, a region
+    /// block, an overload) decides the mark, not the status alone.
+    error_body: Option<String>,
 }
 
 pub async fn report(
@@ -330,6 +334,12 @@ pub async fn report(
             "No such lease, or it was already reported or expired",
         ));
     };
+    if input.error_body.is_some() && input.error_status.is_none() {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "error_body comes with the error_status it was answered with",
+        ));
+    }
     if let Some(status) = input.error_status {
         let status = StatusCode::from_u16(status).map_err(|_| {
             ApiError::bad_request("invalid_body", "error_status is not an HTTP status")
@@ -351,7 +361,11 @@ pub async fn report(
             let secs = secs.min(crate::providers::wire::MAX_RETRY_AFTER.as_secs());
             headers.insert(reqwest::header::RETRY_AFTER, secs.into());
         }
-        let verdict = crate::providers::wire::classify(format, status, &headers, b"");
+        let body = input.error_body.as_deref().unwrap_or("").as_bytes();
+        let verdict =
+            crate::providers::classify::classify_at(format, status, &headers, body, state.now());
+        // The same verdicts as a proxied request's: only the credential's own failure marks
+        // it; an overload, a region block or the client's own error marks nothing.
         let mark = proxy::mark_for(&verdict, state.now());
         held.release(mark, " by a lease report").await?;
         return Ok(axum::Json(json!({"lease_id": lease_id, "released": true})).into_response());

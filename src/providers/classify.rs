@@ -24,8 +24,6 @@ use std::time::Duration;
 
 /// Cooldown after a 429 that names no wait (the README's documented default).
 pub const DEFAULT_RATE_LIMIT_COOLDOWN: Duration = Duration::from_secs(30);
-/// Cooldown after a connection failure.
-const SERVER_ERROR_COOLDOWN: Duration = Duration::from_secs(10);
 /// The furthest an "exhausted until" date of a provider's is believed: Anthropic's spend limits
 /// are monthly, so a date further than a month and a day away is taken as that far.
 pub const MAX_EXHAUSTED_UNTIL: TimeDelta = TimeDelta::days(32);
@@ -78,19 +76,6 @@ pub fn classify_at(
         },
         Then::Overloaded(what) => Verdict::Overloaded(reason(what)),
         Then::Location(what) => Verdict::Location(reason(what)),
-    }
-}
-
-/// What became of a call that got no answer at all.
-pub fn unreachable_verdict(error: &crate::upstream::UpstreamError) -> Verdict {
-    let what = if error.is_timeout() {
-        "timed out"
-    } else {
-        "could not be reached"
-    };
-    Verdict::RateLimited {
-        wait: SERVER_ERROR_COOLDOWN,
-        reason: format!("the provider {what}"),
     }
 }
 

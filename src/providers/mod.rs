@@ -24,6 +24,33 @@ pub enum Format {
     Kiro,
 }
 
+/// Whether the proxy adds `stream_options.include_usage` to an OpenAI-format stream so the
+/// provider reports its usage (`providers.<name>.stream_usage`). Only for providers that
+/// accept the field: some refuse unknown fields outright (Mistral: 422 `extra_forbidden`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamUsage {
+    /// Ask for it, and hide the usage chunk from a client that did not ask.
+    Ask,
+    /// Send the body as it came; read the usage the provider sends on its own.
+    Never,
+}
+
+impl StreamUsage {
+    /// The built-ins' defaults, from their documentation: OpenAI and DeepSeek document
+    /// `stream_options.include_usage`. Mistral refuses fields it does not know, and sends
+    /// `usage` in its last chunk unasked; Groq sends `x_groq.usage` in its last chunk
+    /// unasked (and refused `stream_options` for a time); Copilot's API is not documented,
+    /// and reports usage before the end of its streams unasked. A provider of another
+    /// name speaks OpenAI's API, so it is asked as OpenAI is.
+    fn default_for(name: &str) -> StreamUsage {
+        match name {
+            "mistral" | "groq" | "copilot" => StreamUsage::Never,
+            _ => StreamUsage::Ask,
+        }
+    }
+}
+
 /// One provider as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provider {
@@ -33,6 +60,8 @@ pub struct Provider {
     /// Model name patterns (`*` wildcards) that route to this provider.
     pub models: Vec<String>,
     pub enabled: bool,
+    /// Whether OpenAI-format streams are asked for their usage.
+    pub stream_usage: StreamUsage,
     /// `base_url` parsed once, so a request does not parse its URL again: `None` when it has
     /// a query or fragment, or does not parse (the URL is then parsed whole each time).
     base: Option<reqwest::Url>,
@@ -143,6 +172,14 @@ pub fn is_built_in(name: &str) -> bool {
     BUILT_INS.iter().any(|(n, ..)| *n == name)
 }
 
+/// A built-in's format, `None` for another name.
+pub fn built_in_format(name: &str) -> Option<Format> {
+    BUILT_INS
+        .iter()
+        .find(|(n, ..)| *n == name)
+        .map(|(_, format, ..)| *format)
+}
+
 /// A provider name must be usable in a URL path segment and a file name.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -173,6 +210,7 @@ impl Registry {
                     base_url: base_url.to_string(),
                     models: models.iter().map(|m| m.to_string()).collect(),
                     enabled: true,
+                    stream_usage: StreamUsage::default_for(name),
                     base: None,
                     fixed: Vec::new(),
                 },
@@ -185,6 +223,7 @@ impl Registry {
                 base_url: String::new(),
                 models: Vec::new(),
                 enabled: true,
+                stream_usage: StreamUsage::default_for(name),
                 base: None,
                 fixed: Vec::new(),
             });
@@ -199,6 +238,9 @@ impl Registry {
             }
             if let Some(enabled) = block.enabled {
                 entry.enabled = enabled;
+            }
+            if let Some(stream_usage) = block.stream_usage {
+                entry.stream_usage = stream_usage;
             }
         }
         let providers = providers
@@ -330,6 +372,38 @@ mod tests {
         assert_eq!(r.from_file_stem("my-llm-2"), Some("my-llm"));
         assert_eq!(r.from_file_stem("keys"), None);
         assert_eq!(r.get("my-llm").unwrap().base_url, "http://x/v1");
+    }
+
+    #[test]
+    fn stream_usage_defaults_and_overrides() {
+        let r = registry();
+        for (name, want) in [
+            ("openai", StreamUsage::Ask),
+            ("deepseek", StreamUsage::Ask),
+            ("my-llm", StreamUsage::Ask),
+            ("mistral", StreamUsage::Never),
+            ("groq", StreamUsage::Never),
+            ("copilot", StreamUsage::Never),
+        ] {
+            assert_eq!(r.get(name).unwrap().stream_usage, want, "{name}");
+        }
+        let mut blocks = BTreeMap::new();
+        for (name, value) in [
+            ("openai", StreamUsage::Never),
+            ("mistral", StreamUsage::Ask),
+        ] {
+            blocks.insert(
+                name.to_string(),
+                ProviderConfig {
+                    stream_usage: Some(value),
+                    ..Default::default()
+                },
+            );
+        }
+        let r = Registry::from_config(&blocks);
+        assert_eq!(r.get("openai").unwrap().stream_usage, StreamUsage::Never);
+        assert_eq!(r.get("mistral").unwrap().stream_usage, StreamUsage::Ask);
+        assert_eq!(r.get("groq").unwrap().stream_usage, StreamUsage::Never);
     }
 
     #[test]

@@ -1,12 +1,17 @@
 //! The usage tap on a streamed answer: it reads server-sent events as they pass, keeps the
 //! latest usage report, and forwards every byte as it arrives, except (for OpenAI streams whose
 //! client did not ask for usage) the usage-only chunk the proxy asked for on its behalf, which
-//! needs whole events to be recognised.
+//! needs whole events to be recognised. It also notes a stream that reports its own failure
+//! (an `error` event or object), which is settled as failed (see `proxy/settle.rs`).
 //!
 //! An event longer than [`MAX_PENDING`] is passed through unparsed as it arrives, without
 //! being buffered, and parsing starts again after its end: a usage report is small, and a huge
 //! event before it must neither grow the buffer without bound nor stop the report being read
 //! (and hidden) after it.
+//!
+//! A Gemini stream without `alt=sse` is one JSON array, sent an element at a time: each
+//! element is read when its last byte arrives (an element longer than [`MAX_PENDING`] is
+//! skipped the same way), so a stream cut short has the usage its elements reported.
 
 use super::Format;
 use super::wire::{Usage, is_openai_usage_chunk, usage_from_event};
@@ -36,10 +41,36 @@ pub struct StreamTap {
     /// The last bytes seen of an oversized event, for a separator split across chunks.
     tail: Vec<u8>,
     usage: Option<Usage>,
-    /// The stream was not server-sent events (Gemini without `alt=sse`): parse it at the end.
-    json_array: bool,
-    /// A JSON-array stream longer than `cap`: its usage is not read.
-    array_overflowed: bool,
+    /// The stream reported its own failure.
+    failed: bool,
+    /// The stream is a JSON array (Gemini without `alt=sse`), read element by element.
+    array: Option<ArrayReader>,
+}
+
+/// Where a JSON-array stream stands: the structure scanned so far (the element in progress
+/// is kept in the tap's `pending`).
+#[derive(Debug, Default)]
+struct ArrayReader {
+    /// How deep the scan is in arrays and objects.
+    depth: u64,
+    /// The depth of the elements' insides: 2 in the array, or 1 when the stream turned out
+    /// to be a single object (read whole as one element). 0 until the first byte that is
+    /// not white space.
+    element: u64,
+    in_string: bool,
+    escaped: bool,
+    /// The element in progress is longer than the cap: its bytes are not kept.
+    oversized: bool,
+    /// The outermost array (or object) closed.
+    closed: bool,
+}
+
+/// Whether a streamed event (or array element) is the provider's report of a failure: an
+/// Anthropic `error` event (`{"type": "error", "error": {...}}`), or the `error` object OpenAI
+/// and Gemini send in place of a chunk.
+fn reports_error(json: &Value) -> bool {
+    json.get("type").and_then(Value::as_str) == Some("error")
+        || json.get("error").is_some_and(Value::is_object)
 }
 
 /// Where the first event separator that ends inside `chunk` ends: the number of bytes of
@@ -114,8 +145,8 @@ impl StreamTap {
             oversized: false,
             tail: Vec::new(),
             usage: None,
-            json_array,
-            array_overflowed: false,
+            failed: false,
+            array: json_array.then(ArrayReader::default),
         }
     }
 
@@ -124,17 +155,22 @@ impl StreamTap {
         self.usage
     }
 
+    /// Whether the stream reported its own failure (or, for a JSON array, ended before the
+    /// array closed): it is then settled as failed, even if its connection closed cleanly.
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Read one event's (or element's) JSON: its usage, and whether it reports a failure.
+    fn read(&mut self, json: &Value) {
+        usage_from_event(self.format, json, &mut self.usage);
+        self.failed |= reports_error(json);
+    }
+
     /// Take in one upstream chunk; return what to send the client now.
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
-        if self.json_array {
-            if !self.array_overflowed {
-                if self.pending.len() + chunk.len() > self.cap {
-                    self.array_overflowed = true;
-                    self.pending = BytesMut::new();
-                } else {
-                    self.pending.extend_from_slice(&chunk);
-                }
-            }
+        if self.array.is_some() {
+            self.scan_array(&chunk);
             return chunk;
         }
         // Without hiding, every byte goes out as it came, and `pending` is only a copy.
@@ -189,12 +225,91 @@ impl StreamTap {
         }
     }
 
+    /// Scan a chunk of a JSON-array stream, reading each element whose end is in it.
+    fn scan_array(&mut self, chunk: &[u8]) {
+        let Some(mut a) = self.array.take() else {
+            return;
+        };
+        // Where the element in progress starts in this chunk (0 when it began before it).
+        let mut start = (a.element > 0 && a.depth >= a.element).then_some(0);
+        for (i, &b) in chunk.iter().enumerate() {
+            if a.closed {
+                break;
+            }
+            if a.in_string {
+                match b {
+                    _ if a.escaped => a.escaped = false,
+                    b'\\' => a.escaped = true,
+                    b'"' => a.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b' ' | b'\t' | b'\r' | b'\n' => continue,
+                _ if a.element == 0 => {
+                    // The first byte says what the stream is.
+                    a.element = if b == b'[' { 2 } else { 1 };
+                }
+                _ => {}
+            }
+            match b {
+                b'"' => a.in_string = true,
+                b'[' | b'{' => {
+                    a.depth = a.depth.saturating_add(1);
+                    if a.depth == a.element {
+                        start = Some(i);
+                    }
+                }
+                b']' | b'}' => {
+                    if a.depth == a.element
+                        && let Some(from) = start.take()
+                    {
+                        self.keep(&mut a, &chunk[from..=i]);
+                        self.take_element(&mut a);
+                    }
+                    a.depth = a.depth.saturating_sub(1);
+                    a.closed = a.depth == 0;
+                }
+                _ => {}
+            }
+        }
+        if let Some(from) = start {
+            self.keep(&mut a, &chunk[from..]);
+        }
+        self.array = Some(a);
+    }
+
+    /// Keep the bytes of the element in progress, up to the cap.
+    fn keep(&mut self, a: &mut ArrayReader, bytes: &[u8]) {
+        if a.oversized {
+            return;
+        }
+        if self.pending.len() + bytes.len() > self.cap {
+            a.oversized = true;
+            // Give the buffer back: it may be as large as the cap.
+            self.pending = BytesMut::new();
+        } else {
+            self.pending.extend_from_slice(bytes);
+        }
+    }
+
+    /// The element in progress is whole: read it (unless it was too long to keep).
+    fn take_element(&mut self, a: &mut ArrayReader) {
+        let element = self.pending.split();
+        if !std::mem::take(&mut a.oversized)
+            && let Ok(json) = serde_json::from_slice::<Value>(&element)
+        {
+            self.read(&json);
+        }
+    }
+
     /// One whole event (with its separator of `sep` bytes): read its usage, and forward it
     /// unless it is the usage chunk to hide.
     fn take_event(&mut self, event: &[u8], sep: usize, out: &mut Option<BytesMut>) {
         let json = event_json(&event[..event.len() - sep]);
         if let Some(json) = &json {
-            usage_from_event(self.format, json, &mut self.usage);
+            self.read(json);
         }
         let hide = self.hide_usage_chunk && json.as_ref().is_some_and(is_openai_usage_chunk);
         if !hide {
@@ -204,21 +319,17 @@ impl StreamTap {
 
     /// The stream ended: what is left to send, and the usage.
     pub fn finish(&mut self) -> Bytes {
-        if self.json_array {
-            if !self.array_overflowed
-                && let Ok(Value::Array(items)) = serde_json::from_slice::<Value>(&self.pending)
-            {
-                for item in &items {
-                    usage_from_event(self.format, item, &mut self.usage);
-                }
-            }
+        if let Some(a) = &self.array {
+            // An array that never closed was cut short, however its connection ended.
+            self.failed |= !a.closed;
+            self.pending = BytesMut::new();
             return Bytes::new();
         }
         // An oversized last event went out as it came.
         let rest = self.pending.split().freeze();
         let json = event_json(&rest);
         if let Some(json) = &json {
-            usage_from_event(self.format, json, &mut self.usage);
+            self.read(json);
         }
         if self.hide_usage_chunk && !json.as_ref().is_some_and(is_openai_usage_chunk) {
             rest
@@ -308,6 +419,180 @@ mod tests {
                 output: 7
             })
         );
+    }
+
+    /// A Gemini JSON-array stream: `n` chunks, each reporting cumulative usage (input 8,
+    /// output 10 per chunk so far), with text that holds JSON's own punctuation.
+    fn gemini_array(n: usize, sep: &str) -> (String, Vec<usize>) {
+        let mut s = String::from("[");
+        let mut ends = Vec::new();
+        for i in 1..=n {
+            if i > 1 {
+                s.push(',');
+                s.push_str(sep);
+            }
+            s.push_str(&format!(
+                r#"{{"candidates": [{{"content": {{"parts": [{{"text": "a ] }} [ {{ \" \\ \\\" ,{i}"}}]}}}}], "usageMetadata": {{"promptTokenCount": 8, "candidatesTokenCount": {out}, "totalTokenCount": {total}}}}}"#,
+                out = 10 * i,
+                total = 8 + 10 * i
+            ));
+            ends.push(s.len());
+        }
+        s.push_str(sep);
+        s.push(']');
+        (s, ends)
+    }
+
+    /// Each element is read when its last byte arrives, however the stream is cut into
+    /// chunks, and whatever its text holds; a stream cut anywhere has the usage of the
+    /// elements it delivered whole, and is failed unless the array closed.
+    #[test]
+    fn gemini_array_elements_are_read_as_they_arrive() {
+        for sep in ["", "\n", "\r\n", " \n  "] {
+            let (stream, ends) = gemini_array(4, sep);
+            let bytes = stream.as_bytes();
+            for piece in [1, 2, 3, 7, 64, usize::MAX] {
+                for cut in [
+                    0,
+                    1,
+                    ends[0] - 1,
+                    ends[0],
+                    ends[1] + 1,
+                    ends[3],
+                    bytes.len() - 1,
+                    bytes.len(),
+                ] {
+                    let mut tap = StreamTap::new(Format::Gemini, false, true);
+                    let mut out = Vec::new();
+                    for chunk in bytes[..cut].chunks(piece.min(cut.max(1))) {
+                        out.extend_from_slice(&tap.feed(Bytes::copy_from_slice(chunk)));
+                    }
+                    let whole = ends.iter().filter(|e| **e <= cut).count() as u64;
+                    let what = format!("sep {sep:?} piece {piece} cut {cut}");
+                    let want = (whole > 0).then_some(Usage {
+                        input: 8,
+                        output: 10 * whole,
+                    });
+                    assert_eq!(tap.usage(), want, "{what}: read before the end");
+                    assert!(tap.finish().is_empty());
+                    assert_eq!(tap.usage(), want, "{what}");
+                    assert_eq!(tap.failed(), cut < bytes.len(), "{what}");
+                    assert!(out == bytes[..cut], "{what}: passed through as it came");
+                    assert!(tap.pending.is_empty(), "{what}");
+                }
+            }
+        }
+    }
+
+    /// An element longer than the cap is skipped (never kept past it), and the ones after it
+    /// are read; an element that reports an error fails the stream.
+    #[test]
+    fn gemini_array_oversized_and_error_elements() {
+        let usage = r#"{"usageMetadata": {"promptTokenCount": 2, "totalTokenCount": 5}}"#;
+        let huge = format!(r#"{{"candidates": [{{"text": "{}"}}]}}"#, "x".repeat(500));
+        let error = r#"{"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}}"#;
+        for (stream, failed) in [
+            (format!("[{huge},{usage}]"), false),
+            (format!("[{usage},{huge}]"), false),
+            (format!("[{huge},{huge},{usage}]"), false),
+            (format!("[{usage},{error}]"), true),
+            (format!("[{usage},\n{error}\n]"), true),
+        ] {
+            for piece in [1, 5, 100, usize::MAX] {
+                let mut tap = StreamTap::new(Format::Gemini, false, true);
+                tap.cap = 200;
+                for chunk in stream.as_bytes().chunks(piece.min(stream.len())) {
+                    tap.feed(Bytes::copy_from_slice(chunk));
+                    assert!(tap.pending.len() <= tap.cap, "kept {}", tap.pending.len());
+                }
+                tap.finish();
+                assert_eq!(
+                    tap.usage(),
+                    Some(Usage {
+                        input: 2,
+                        output: 3
+                    }),
+                    "{piece}: {stream:.40}"
+                );
+                assert_eq!(tap.failed(), failed, "{piece}: {stream:.40}");
+            }
+        }
+        // A single object rather than an array (an error answer, say) is one element.
+        let mut tap = StreamTap::new(Format::Gemini, false, true);
+        tap.feed(Bytes::from_static(error.as_bytes()));
+        tap.finish();
+        assert!(tap.failed());
+        let mut tap = StreamTap::new(Format::Gemini, false, true);
+        tap.feed(Bytes::copy_from_slice(usage.as_bytes()));
+        tap.finish();
+        assert!(!tap.failed());
+        assert_eq!(tap.usage().map(|u| u.total()), Some(5));
+    }
+
+    /// An error event after the stream started fails it, in every format, wherever it falls
+    /// and however it is cut; the usage reported before it is kept.
+    #[test]
+    fn error_events_fail_the_stream() {
+        let anthropic_start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":1200,\"output_tokens\":11}}}";
+        let anthropic_delta = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"error\"}}";
+        let anthropic_error = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}";
+        let openai_chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"error\"}}],\"usage\":null,\"error\":null}";
+        let openai_error =
+            "data: {\"error\":{\"message\":\"The server had an error\",\"type\":\"server_error\"}}";
+        let gemini_chunk = "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"error\"}]}}],\"usageMetadata\":{\"promptTokenCount\":4,\"totalTokenCount\":9}}";
+        let gemini_error = "data: {\"error\":{\"code\":500,\"message\":\"Internal error\",\"status\":\"INTERNAL\"}}";
+        let cases = [
+            (
+                Format::Anthropic,
+                anthropic_start,
+                anthropic_delta,
+                anthropic_error,
+                (1200, 11),
+            ),
+            (
+                Format::Openai,
+                openai_chunk,
+                openai_chunk,
+                openai_error,
+                (0, 0),
+            ),
+            (
+                Format::Gemini,
+                gemini_chunk,
+                gemini_chunk,
+                gemini_error,
+                (4, 5),
+            ),
+        ];
+        for (format, first, middle, error, (input, output)) in cases {
+            let want = (input + output > 0).then_some(Usage { input, output });
+            for sep in ["\n\n", "\r\n\r\n"] {
+                let events = |list: &[&str]| -> String {
+                    list.iter().map(|e| format!("{e}{sep}")).collect()
+                };
+                for (stream, failed) in [
+                    (events(&[first, middle, middle]), false),
+                    (events(&[first, middle, error]), true),
+                    (events(&[first, error, middle]), true),
+                    // The last event without its separator is read at the end.
+                    (format!("{}{error}", events(&[first, middle])), true),
+                ] {
+                    for piece in [1, 3, 17, usize::MAX] {
+                        for hide in [false, true] {
+                            let mut tap =
+                                StreamTap::new(format, hide && format == Format::Openai, false);
+                            for chunk in stream.as_bytes().chunks(piece.min(stream.len())) {
+                                tap.feed(Bytes::copy_from_slice(chunk));
+                            }
+                            tap.finish();
+                            let what = format!("{format:?} {sep:?} {piece}: {stream:.60}");
+                            assert_eq!(tap.failed(), failed, "{what}");
+                            assert_eq!(tap.usage(), want, "{what}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// An OpenAI content event of exactly `size` bytes, separator included.

@@ -67,7 +67,7 @@ pub enum Verdict {
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 
 // What an error answer means is read in `classify`, table by table.
-pub use super::classify::{classify, unreachable_verdict};
+pub use super::classify::classify;
 
 /// Where the provider expects the credential: the header, and what goes before the token.
 pub fn credential_header(format: Format) -> (HeaderName, &'static str) {
@@ -305,6 +305,7 @@ struct Counts {
     total_token_count: Count,
     candidates_token_count: Count,
     thoughts_token_count: Count,
+    tool_use_prompt_token_count: Count,
 }
 
 /// The keys of [`Counts`], read without allocating.
@@ -325,6 +326,8 @@ enum Key {
     CandidatesTokenCount,
     #[serde(rename = "thoughtsTokenCount")]
     ThoughtsTokenCount,
+    #[serde(rename = "toolUsePromptTokenCount")]
+    ToolUsePromptTokenCount,
     #[serde(other)]
     Other,
 }
@@ -356,6 +359,7 @@ impl<'de> Deserialize<'de> for Counts {
                         Key::TotalTokenCount => &mut c.total_token_count,
                         Key::CandidatesTokenCount => &mut c.candidates_token_count,
                         Key::ThoughtsTokenCount => &mut c.thoughts_token_count,
+                        Key::ToolUsePromptTokenCount => &mut c.tool_use_prompt_token_count,
                         Key::Other => {
                             map.next_value::<serde::de::IgnoredAny>()?;
                             continue;
@@ -383,6 +387,7 @@ impl Counts {
             "totalTokenCount" => &self.total_token_count,
             "candidatesTokenCount" => &self.candidates_token_count,
             "thoughtsTokenCount" => &self.thoughts_token_count,
+            "toolUsePromptTokenCount" => &self.tool_use_prompt_token_count,
             _ => &Count::Absent,
         }
     }
@@ -454,16 +459,29 @@ fn anthropic_usage(usage: &impl Counters) -> Option<Usage> {
     ))
 }
 
+/// Gemini's `usageMetadata`: the prompt and the tool-use prompt (the results of tools the
+/// model called, fed back to it) are input; the candidates and thoughts are output, and
+/// `totalTokenCount` is all four. `cachedContentTokenCount` is the cached part of the prompt,
+/// already inside `promptTokenCount`, so it is not added.
 fn gemini_usage(meta: &impl Counters) -> Option<Usage> {
     let field = |k: &str| meta.num(k);
-    let input = field("promptTokenCount").unwrap_or(0);
+    let input = field("promptTokenCount")
+        .unwrap_or(0)
+        .saturating_add(field("toolUsePromptTokenCount").unwrap_or(0));
     let output = match field("totalTokenCount") {
         Some(total) => total.saturating_sub(input),
         None => field("candidatesTokenCount")
             .unwrap_or(0)
             .saturating_add(field("thoughtsTokenCount").unwrap_or(0)),
     };
-    if field("promptTokenCount").is_none() && field("totalTokenCount").is_none() {
+    if [
+        "promptTokenCount",
+        "totalTokenCount",
+        "toolUsePromptTokenCount",
+    ]
+    .iter()
+    .all(|k| field(k).is_none())
+    {
         return None;
     }
     Some(Usage::reported(input, output))
@@ -472,8 +490,13 @@ fn gemini_usage(meta: &impl Counters) -> Option<Usage> {
 /// Fold one streamed event (its `data:` JSON) into the usage seen so far.
 pub fn usage_from_event(format: Format, event: &Value, seen: &mut Option<Usage>) {
     match format {
+        // Groq reports a stream's usage unasked in its last chunk's `x_groq.usage`, in
+        // OpenAI's shape; a `usage` beside it (when asked) says the same.
         Format::Openai | Format::Kiro => {
-            if let Some(usage) = usage_from_body(format, event) {
+            let usage = usage_from_body(format, event).or_else(|| {
+                openai_usage(event.pointer("/x_groq/usage").filter(|u| u.is_object())?)
+            });
+            if let Some(usage) = usage {
                 *seen = Some(usage);
             }
         }

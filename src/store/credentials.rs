@@ -120,6 +120,7 @@ struct ListRecord {
     state_reason: Option<String>,
     expires_at: Option<i64>,
     cooldown_until: Option<i64>,
+    exhausted_until: Option<i64>,
     last_used_at: Option<i64>,
     last_refresh_at: Option<i64>,
     source: String,
@@ -149,6 +150,7 @@ impl ListRecord {
             period_start: from_unix(self.period_start),
             expires_at: opt_time(self.expires_at),
             cooldown_until: opt_time(self.cooldown_until),
+            exhausted_until: opt_time(self.exhausted_until),
             last_used_at: opt_time(self.last_used_at),
             last_refresh_at: opt_time(self.last_refresh_at),
             source: self.source,
@@ -161,7 +163,9 @@ impl ListRecord {
 }
 
 /// The list query, with `$keyset` (a string literal over parameters from `?4`) choosing which
-/// rows: one text for every shape, so the status rule is written here only. It appears twice
+/// rows: one text for every shape, so the status rule is written here only (and in the
+/// ledger's mirror, `ledger/hot.rs`, which must agree: an exhausted mark with a date holds
+/// until that date, one without until a reset). It appears twice
 /// (the column and the filter) and must stay the same in both. `?1` is the status filter,
 /// `?2` now, `?3` the most rows.
 macro_rules! list_rows {
@@ -169,7 +173,8 @@ macro_rules! list_rows {
         sqlx::query_as!(
             ListRecord,
             r#"SELECT c.seq, c.id, c.provider, c.kind, c.label, c.token_preview, c.priority,
-                      c.state_reason, c.expires_at, c.cooldown_until, q.last_used_at,
+                      c.state_reason, c.expires_at, c.cooldown_until, c.exhausted_until,
+                      q.last_used_at,
                       c.last_refresh_at, c.source, c.created_at, c.updated_at,
                       q.limit_tokens, q.used, q.period_start,
                       COALESCE(r.reserved, 0) AS "reserved!: i64",
@@ -178,7 +183,8 @@ macro_rules! list_rows {
                            WHEN c.state = 'expired'
                                 OR (c.expires_at IS NOT NULL AND c.expires_at <= ?2
                                     AND c.refresh_token_sealed IS NULL) THEN 'expired'
-                           WHEN c.state = 'exhausted'
+                           WHEN (c.state = 'exhausted'
+                                 AND (c.exhausted_until IS NULL OR c.exhausted_until > ?2))
                                 OR (q.limit_tokens IS NOT NULL AND q.used >= q.limit_tokens)
                                 THEN 'exhausted'
                            WHEN c.cooldown_until IS NOT NULL AND c.cooldown_until > ?2
@@ -194,7 +200,8 @@ macro_rules! list_rows {
                            WHEN c.state = 'expired'
                                 OR (c.expires_at IS NOT NULL AND c.expires_at <= ?2
                                     AND c.refresh_token_sealed IS NULL) THEN 'expired'
-                           WHEN c.state = 'exhausted'
+                           WHEN (c.state = 'exhausted'
+                                 AND (c.exhausted_until IS NULL OR c.exhausted_until > ?2))
                                 OR (q.limit_tokens IS NOT NULL AND q.used >= q.limit_tokens)
                                 THEN 'exhausted'
                            WHEN c.cooldown_until IS NOT NULL AND c.cooldown_until > ?2

@@ -113,7 +113,8 @@ impl Store {
         if patch.reset {
             // A reset starts a new period: a provider's "quota exhausted" mark ends with it.
             sqlx::query!(
-                "UPDATE credentials SET state = 'active', state_reason = NULL, updated_at = ?1
+                "UPDATE credentials
+                 SET state = 'active', state_reason = NULL, exhausted_until = NULL, updated_at = ?1
                  WHERE state = 'exhausted' AND provider = ?2 AND (?3 IS NULL OR id = ?3)",
                 ts,
                 provider,

@@ -64,7 +64,12 @@ pub enum Unavailable {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mark {
     Invalid(String),
-    Exhausted(String),
+    /// Out of credit or quota: until `until` when the provider named a date, else until the
+    /// next reset.
+    Exhausted {
+        reason: String,
+        until: Option<DateTime<Utc>>,
+    },
     Cooldown {
         until: DateTime<Utc>,
         reason: String,
@@ -76,7 +81,17 @@ impl Mark {
     pub fn describe(&self) -> String {
         match self {
             Mark::Invalid(r) => format!("invalid: {r}"),
-            Mark::Exhausted(r) => format!("exhausted: {r}"),
+            Mark::Exhausted {
+                reason,
+                until: None,
+            } => format!("exhausted: {reason}"),
+            Mark::Exhausted {
+                reason,
+                until: Some(until),
+            } => format!(
+                "exhausted until {}: {reason}",
+                crate::domain::rfc3339(*until)
+            ),
             Mark::Cooldown { until, reason } => {
                 format!(
                     "cooling down until {}: {reason}",
@@ -378,7 +393,8 @@ impl Store {
 mod tests {
     use super::*;
     use crate::crypto::{Encryption, Secret};
-    use crate::domain::{CredentialKind, NewCredential, OauthExtra};
+    use crate::domain::{CredentialKind, NewCredential, OauthExtra, Status};
+    use crate::store::ListFilter;
 
     /// A reservation whose caller is gone by the time its group commits (a lease call whose
     /// client disconnected) is released by the ledger itself, not held until the next start.
@@ -444,6 +460,155 @@ mod tests {
         }
         let row = store.get(&id, Utc::now()).await.unwrap();
         assert_eq!((row.used, row.reserved), (0, 0));
+        store.close().await;
+    }
+
+    fn api_key(token: &str) -> NewCredential {
+        NewCredential {
+            provider: "claude".into(),
+            kind: CredentialKind::ApiKey,
+            token: Some(Secret::new(token)),
+            refresh_token: None,
+            client_secret: None,
+            extra: OauthExtra::default(),
+            priority: 100,
+            label: None,
+            limit: None,
+            used: 0,
+            disabled: false,
+            expires_at: None,
+        }
+    }
+
+    /// An exhausted mark with the provider's date holds until that date and no longer: the
+    /// list (SQL) and selection (the ledger's mirror) agree at every moment around it, the
+    /// answer for "nothing usable" names the date, and a later mark replaces the date.
+    #[tokio::test]
+    async fn an_exhausted_mark_with_a_date_holds_until_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(super::super::StoreOptions {
+            path: dir.path().join("db.sqlite"),
+            encryption: Encryption::off(),
+            schedules: Default::default(),
+            read_connections: 1,
+        })
+        .await
+        .unwrap();
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let s = chrono::Duration::seconds;
+        let req = ReserveRequest {
+            provider: "claude",
+            tokens: 1,
+            strategy: SelectionStrategy::RoundRobin,
+            exclude: &[],
+            kind: ReservationKind::Request,
+            expires_at: None,
+        };
+        let mut n = 0;
+        // The shortest wait, a day, and a month.
+        for wait in [s(1), s(86_400), s(31 * 86_400)] {
+            n += 1;
+            let id = store
+                .add(&api_key(&format!("sk-ant-until-{n}")), "api", "test", t0)
+                .await
+                .unwrap()
+                .id;
+            let r = store.reserve(&req, t0).await.unwrap().unwrap();
+            assert_eq!(r.credential_id, id);
+            let mark = Mark::Exhausted {
+                reason: "credit".into(),
+                until: Some(t0 + wait),
+            };
+            assert!(store.release(&r.id, Some(&mark), t0).await.unwrap());
+            for (at, exhausted) in [
+                (t0, true),
+                (t0 + wait - s(1), true),
+                (t0 + wait, false),
+                (t0 + wait + s(1), false),
+                (t0 + s(365 * 86_400), false),
+            ] {
+                let row = store.get(&id, at).await.unwrap();
+                let want = if exhausted {
+                    Status::Exhausted
+                } else {
+                    Status::Active
+                };
+                assert_eq!(row.status, want, "{wait} at +{}", at - t0);
+                assert_eq!(row.exhausted_until, Some(t0 + wait));
+                let page = store
+                    .list(
+                        &ListFilter {
+                            status: Some(want),
+                            ..Default::default()
+                        },
+                        at,
+                    )
+                    .await
+                    .unwrap();
+                assert!(
+                    page.rows.iter().any(|r| r.id == id),
+                    "{wait} at +{}",
+                    at - t0
+                );
+                match store.reserve(&req, at).await.unwrap() {
+                    Ok(r) => {
+                        assert!(!exhausted, "{wait} at +{}: picked", at - t0);
+                        assert_eq!(r.credential_id, id);
+                        assert!(store.release(&r.id, None, at).await.unwrap());
+                    }
+                    Err(why) => {
+                        assert!(exhausted, "{wait} at +{}: {why:?}", at - t0);
+                        let left = (t0 + wait - at).num_seconds() as u64;
+                        assert_eq!(
+                            why,
+                            Unavailable::Busy {
+                                retry_after: left.max(1),
+                                in_flight: false
+                            }
+                        );
+                    }
+                }
+            }
+            // A mark without a date, after the date passed, holds for good (no reset here).
+            let later = t0 + wait + s(10);
+            let r = store.reserve(&req, later).await.unwrap().unwrap();
+            let mark = Mark::Exhausted {
+                reason: "quota".into(),
+                until: None,
+            };
+            assert!(store.release(&r.id, Some(&mark), later).await.unwrap());
+            let far = later + s(10 * 365 * 86_400);
+            let row = store.get(&id, far).await.unwrap();
+            assert_eq!((row.status, row.exhausted_until), (Status::Exhausted, None));
+            assert_eq!(row.status_reason.as_deref(), Some("quota"));
+            assert_eq!(
+                store.reserve(&req, far).await.unwrap(),
+                Err(Unavailable::Exhausted)
+            );
+            // A reset lifts it.
+            let patch = crate::store::QuotaPatch {
+                reset: true,
+                ..Default::default()
+            };
+            store
+                .set_quota("claude", Some(&id), &patch, "test", far)
+                .await
+                .unwrap();
+            let row = store.get(&id, far).await.unwrap();
+            assert_eq!((row.status, row.exhausted_until), (Status::Active, None));
+            store
+                .update(
+                    &id,
+                    &crate::store::CredentialPatch {
+                        disabled: Some(true),
+                        ..Default::default()
+                    },
+                    "test",
+                    far,
+                )
+                .await
+                .unwrap();
+        }
         store.close().await;
     }
 }

@@ -4,6 +4,7 @@
 #![allow(async_fn_in_trait)]
 
 mod answers;
+mod attempts;
 mod bad_input;
 mod common;
 mod crash;

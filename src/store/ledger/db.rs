@@ -87,11 +87,18 @@ const HISTORY: &str = "INSERT INTO usage_hourly
         output_tokens = MIN(output_tokens + excluded.output_tokens, 1000000000000000),
         unreported_tokens = MIN(unreported_tokens + excluded.unreported_tokens, 1000000000000000)";
 const DELETE: &str = "DELETE FROM reservations WHERE id = ?1";
-const MARK_STATE: &str =
-    "UPDATE credentials SET state = ?1, state_reason = ?2, updated_at = ?3 WHERE id = ?4";
+// A mark replaces the state, and with it any earlier exhausted-until date: the provider's
+// latest word counts (`apply_mark` in `mod.rs` does the same to the mirror).
+const MARK_STATE: &str = "UPDATE credentials
+    SET state = ?1, state_reason = ?2, exhausted_until = ?3, updated_at = ?4
+    WHERE id = ?5";
+// The reason is kept only on a credential that reads as usable (active, or exhausted until a
+// date now past), so the reason of a mark that still holds is not overwritten.
 const MARK_COOLDOWN: &str = "UPDATE credentials
     SET cooldown_until = max(COALESCE(cooldown_until, 0), ?1),
-        state_reason = CASE WHEN state = 'active' THEN ?2 ELSE state_reason END,
+        state_reason = CASE WHEN state = 'active'
+                                 OR (state = 'exhausted' AND exhausted_until <= ?3)
+                            THEN ?2 ELSE state_reason END,
         updated_at = ?3
     WHERE id = ?4";
 const STATEMENTS: [&str; 6] = [INSERT, CHARGE, HISTORY, DELETE, MARK_STATE, MARK_COOLDOWN];
@@ -218,14 +225,23 @@ impl LedgerDb {
         }
         for (id, mark, ts) in &e.marks {
             match mark {
-                Mark::Invalid(reason) | Mark::Exhausted(reason) => {
-                    let state = if matches!(mark, Mark::Invalid(_)) {
-                        "invalid"
-                    } else {
-                        "exhausted"
-                    };
-                    tx.prepare_cached(MARK_STATE)?
-                        .execute(params![state, reason, ts, id])?;
+                Mark::Invalid(reason) => {
+                    tx.prepare_cached(MARK_STATE)?.execute(params![
+                        "invalid",
+                        reason,
+                        None::<i64>,
+                        ts,
+                        id
+                    ])?;
+                }
+                Mark::Exhausted { reason, until } => {
+                    tx.prepare_cached(MARK_STATE)?.execute(params![
+                        "exhausted",
+                        reason,
+                        until.map(|u| u.timestamp()),
+                        ts,
+                        id
+                    ])?;
                 }
                 Mark::Cooldown { until, reason } => {
                     tx.prepare_cached(MARK_COOLDOWN)?.execute(params![

@@ -25,14 +25,23 @@ pub(super) struct HotCred {
     pub(super) state: String,
     pub(super) expires_at: Option<i64>,
     pub(super) cooldown_until: Option<i64>,
+    /// Until when an `exhausted` state holds, when the provider named a date.
+    pub(super) exhausted_until: Option<i64>,
     pub(super) has_token: bool,
     pub(super) period_start: i64,
 }
 
 impl HotCred {
+    /// Marked exhausted, and the mark still holds at `now`: without a date until a reset,
+    /// with one until that date (the status rule of `credentials.rs`, in SQL there).
+    pub(super) fn marked_exhausted(&self, now: i64) -> bool {
+        self.state == "exhausted" && self.exhausted_until.is_none_or(|u| u > now)
+    }
+
     pub(super) fn usable(&self, now: i64) -> bool {
         !self.disabled
-            && self.state == "active"
+            && (self.state == "active"
+                || (self.state == "exhausted" && !self.marked_exhausted(now)))
             && self.has_token
             && self.expires_at.is_none_or(|e| e > now)
             && self.cooldown_until.is_none_or(|c| c <= now)
@@ -173,12 +182,21 @@ impl Hot {
                     .map(|t| t.timestamp())
             };
             let tokens = tokens.max(0);
-            let out_of_room = c.state == "exhausted"
-                || c.limit
-                    .is_some_and(|l| c.used >= l || c.used.saturating_add(tokens) > l);
-            if out_of_room {
-                // Only a reset makes room: no reservation's end would.
-                match next_reset() {
+            let over_limit = c
+                .limit
+                .is_some_and(|l| c.used >= l || c.used.saturating_add(tokens) > l);
+            let marked = c.marked_exhausted(now);
+            if over_limit || marked {
+                // No reservation's end makes room: a mark with a date ends at that date, and
+                // anything else only with a reset (a mark with a date on a credential also
+                // over its limit, at whichever comes later).
+                let until = c.exhausted_until.filter(|_| marked);
+                let back = if over_limit || until.is_none() {
+                    next_reset().map(|at| until.map_or(at, |u| u.max(at)))
+                } else {
+                    until
+                };
+                match back {
                     Some(at) => consider(at),
                     None => for_good = true,
                 }

@@ -57,6 +57,7 @@ struct MirrorRow {
     state: String,
     expires_at: Option<i64>,
     cooldown_until: Option<i64>,
+    exhausted_until: Option<i64>,
     token_sealed: Option<Vec<u8>>,
     limit_tokens: Option<i64>,
     used: i64,
@@ -79,7 +80,8 @@ macro_rules! credential_rows {
         sqlx::query_as!(
             MirrorRow,
             r#"SELECT c.id, c.provider, c.seq, c.priority, c.disabled AS "disabled!: bool",
-                      c.state, c.expires_at, c.cooldown_until, c.token_sealed,
+                      c.state, c.expires_at, c.cooldown_until, c.exhausted_until,
+                      c.token_sealed,
                       q.limit_tokens, q.used, q.period_start
                FROM credentials c JOIN quotas q ON q.credential_id = c.id "# + $rest
             $(, $arg)*
@@ -114,6 +116,7 @@ impl HotCred {
             state: r.state.clone(),
             expires_at: r.expires_at,
             cooldown_until: r.cooldown_until,
+            exhausted_until: r.exhausted_until,
             has_token: r.token_sealed.is_some(),
             period_start: r.period_start,
         }

@@ -412,8 +412,14 @@ fn unhold(c: &mut HotCred, res: &HotRes) {
 /// The same change a mark makes in SQL (`db.rs`), in the mirror.
 fn apply_mark(c: &mut HotCred, mark: &Mark, _ts: i64) {
     match mark {
-        Mark::Invalid(_) => c.state = "invalid".into(),
-        Mark::Exhausted(_) => c.state = "exhausted".into(),
+        Mark::Invalid(_) => {
+            c.state = "invalid".into();
+            c.exhausted_until = None;
+        }
+        Mark::Exhausted { until, .. } => {
+            c.state = "exhausted".into();
+            c.exhausted_until = until.map(|u| u.timestamp());
+        }
         Mark::Cooldown { until, .. } => {
             let until = until.timestamp();
             c.cooldown_until = Some(c.cooldown_until.map_or(until, |u| u.max(until)));
@@ -541,6 +547,7 @@ mod tests {
                     state: "active".into(),
                     expires_at: None,
                     cooldown_until: None,
+                    exhausted_until: None,
                     has_token: true,
                     period_start: 0,
                 },

@@ -131,7 +131,7 @@ fn step() -> impl Strategy<Value = Step> {
             |(provider, tokens, strategy, lease)| Step::Reserve { provider, tokens, strategy, lease }
         ),
         2 => (any::<usize>(), 0u64..3000).prop_map(|(pick, used)| Step::Settle { pick, used }),
-        2 => (any::<usize>(), 0u8..4).prop_map(|(pick, mark)| Step::Release { pick, mark }),
+        2 => (any::<usize>(), 0u8..6).prop_map(|(pick, mark)| Step::Release { pick, mark }),
     ]
 }
 
@@ -338,7 +338,19 @@ async fn apply(store: &Store, step: &Step, now: DateTime<Utc>, live: &mut Vec<St
                         until: now + chrono::Duration::seconds(60),
                         reason: "test".into(),
                     }),
-                    2 => Some(Mark::Exhausted("test".into())),
+                    2 => Some(Mark::Exhausted {
+                        reason: "test".into(),
+                        until: None,
+                    }),
+                    // A date ahead, and one already past (usable again at once).
+                    3 => Some(Mark::Exhausted {
+                        reason: "test".into(),
+                        until: Some(now + chrono::Duration::seconds(60)),
+                    }),
+                    4 => Some(Mark::Exhausted {
+                        reason: "test".into(),
+                        until: Some(now - chrono::Duration::seconds(60)),
+                    }),
                     _ => Some(Mark::Invalid("test".into())),
                 };
                 store.release(&id, mark.as_ref(), now).await.unwrap();
