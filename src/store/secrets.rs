@@ -166,25 +166,16 @@ async fn set_meta(conn: &mut SqliteConnection, key: &str, value: &[u8]) -> Resul
     Ok(())
 }
 
-/// The stored fingerprint keys by generation, oldest first. Before the migration that made
-/// `fingerprint_keys`, the one key lived in `meta` (the check at start reads a database of any
-/// version).
+/// The stored fingerprint keys by generation, oldest first.
 async fn fingerprint_keys(conn: &mut SqliteConnection) -> Result<Vec<(i64, Vec<u8>)>> {
-    match sqlx::query!("SELECT generation, key_sealed FROM fingerprint_keys ORDER BY generation")
-        .fetch_all(&mut *conn)
-        .await
-    {
-        Ok(rows) => Ok(rows
+    Ok(
+        sqlx::query!("SELECT generation, key_sealed FROM fingerprint_keys ORDER BY generation")
+            .fetch_all(&mut *conn)
+            .await?
             .into_iter()
             .map(|r| (r.generation, r.key_sealed))
-            .collect()),
-        Err(e) if is_missing_table(&e) => Ok(meta_value(conn, "fingerprint_key")
-            .await?
-            .map(|v| (1, v))
-            .into_iter()
-            .collect()),
-        Err(e) => Err(e.into()),
-    }
+            .collect(),
+    )
 }
 
 /// Which forms the stored secrets (of credentials and fingerprint keys) are in.
