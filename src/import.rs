@@ -1,6 +1,11 @@
 //! Reading credential files and bulk bodies into validated [`NewCredential`]s, with a report
-//! entry for every source that could not be used. No I/O beyond reading files; the store
-//! decides what is new, changed or unchanged.
+//! entry for every source that could not be used, and ([`plan`]) deciding what importing them
+//! does over what the store holds. No I/O beyond reading files; the store reads its snapshot
+//! and applies the plan.
+
+pub mod plan;
+
+pub use plan::{Change, ImportMode, ImportReport, Notice};
 
 use crate::crypto::Secret;
 use crate::domain::{AuthMethod, CredentialKind, NewCredential, OauthExtra};

@@ -16,7 +16,8 @@ mod requests;
 mod secrets;
 
 pub use credentials::{CredentialPatch, Cursor, DEFAULT_PAGE, ListFilter, MAX_PAGE, Page};
-pub use import::{ImportMode, ImportReport, Notice};
+// The import's report types, where the store's callers have always found them.
+pub use crate::import::{ImportMode, ImportReport, Notice};
 pub use quota::{QuotaPatch, QuotaTotal};
 pub use requests::{Mark, Reservation, ReservationKind, ReserveRequest, Unavailable};
 

@@ -24,7 +24,7 @@ use crate::crypto::{
     Secret, form_of, to_hex, token_preview,
 };
 use crate::domain::CredentialKind;
-use crate::import::Entry;
+use crate::import::plan::Keyed;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
 use std::sync::Arc;
@@ -876,21 +876,22 @@ impl Store {
     /// Inside an import's transaction, before it looks up tombstones and digests: the
     /// tombstones and import digests of `entries` made under a retired fingerprint key (before
     /// a `rotate-key`) are re-keyed under the current one, so the import finds them as if they
-    /// had always been. `entries` are (entry, fingerprint, digest) under the current key.
+    /// had always been. `entries` are keyed under the current key.
     pub(super) async fn adopt_retired(
         &self,
         conn: &mut SqliteConnection,
-        entries: &[(Entry, Vec<u8>, Vec<u8>)],
+        entries: &[Keyed],
     ) -> Result<()> {
         for old in &*self.retired {
             let pairs: Vec<[String; 4]> = entries
                 .iter()
-                .map(|(e, fp, digest)| {
+                .map(|k| {
+                    let credential = &k.entry.credential;
                     [
-                        to_hex(&e.credential.fingerprint(old)),
-                        to_hex(fp),
-                        to_hex(&e.credential.content_digest(old)),
-                        to_hex(digest),
+                        to_hex(&credential.fingerprint(old)),
+                        to_hex(&k.fingerprint),
+                        to_hex(&credential.content_digest(old)),
+                        to_hex(&k.digest),
                     ]
                 })
                 .collect();
