@@ -37,8 +37,8 @@ pub struct Notice {
     pub notice: String,
 }
 
-/// The import report of contract section 4 (with `notices` beside the errors, and the ids of
-/// the credentials each source made or changed).
+/// The import report (README, "Management API", bulk import; `cliproxyapi import` prints it),
+/// with the ids of the credentials each source made or changed for the auth log.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ImportReport {
     pub imported: usize,
