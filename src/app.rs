@@ -311,7 +311,7 @@ pub fn lock_database(
         StartError::Runtime(format!("cannot {what} {}: {e}", path.display()))
     };
     if let Some(parent) = path.parent() {
-        crate::store::create_private_dir(parent).map_err(|e| cannot("create the folder of", &e))?;
+        crate::files::create_private_dir(parent).map_err(|e| cannot("create the folder of", &e))?;
     }
     let mut file = std::fs::OpenOptions::new()
         .read(true)
@@ -430,7 +430,7 @@ impl Application {
 pub async fn import_auth_dir(state: &AppState, actor: &str) -> Result<ImportReport, StartError> {
     let dir = state.config.auth_dir.clone();
     if !dir.exists() {
-        crate::store::create_private_dir(&dir).map_err(|e| {
+        crate::files::create_private_dir(&dir).map_err(|e| {
             StartError::Runtime(format!("{}: cannot create auth_dir: {e}", dir.display()))
         })?;
     }

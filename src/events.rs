@@ -7,7 +7,7 @@
 //! The server reopens the file on `SIGHUP` ([`AuthLog::reopen`]), so log rotation can move it
 //! away and have new lines go to a new file.
 
-use crate::store::create_private_dir;
+use crate::files::{create_private_dir, warn_if_shared};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -24,7 +24,7 @@ impl AuthLog {
     /// Open (appending) `dir/auth.log`, creating the folder owner-only if needed.
     pub fn open(dir: &Path) -> std::io::Result<AuthLog> {
         create_private_dir(dir)?;
-        crate::store::warn_if_shared(dir);
+        warn_if_shared(dir);
         let path = dir.join("auth.log");
         let file = open_file(&path)?;
         Ok(AuthLog {
@@ -86,7 +86,7 @@ impl AuthLog {
 
 /// Open `path` for appending, created readable by the owner only.
 fn open_file(path: &Path) -> std::io::Result<File> {
-    crate::store::warn_if_shared(path);
+    warn_if_shared(path);
     OpenOptions::new()
         .create(true)
         .append(true)

@@ -1,6 +1,11 @@
 //! Reading credential files and bulk bodies into validated [`NewCredential`]s, with a report
-//! entry for every source that could not be used. No I/O beyond reading files; the store
-//! decides what is new, changed or unchanged.
+//! entry for every source that could not be used, and ([`plan`]) deciding what importing them
+//! does over what the store holds. No I/O beyond reading files; the store reads its snapshot
+//! and applies the plan.
+
+pub mod plan;
+
+pub use plan::{Change, ImportMode, ImportReport, Notice};
 
 use crate::crypto::Secret;
 use crate::domain::{AuthMethod, CredentialKind, NewCredential, OauthExtra};
@@ -415,6 +420,7 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
 }
 
 /// Read one credential file into `batch`.
+#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
 pub fn read_file(batch: &mut Batch, registry: &Registry, path: &Path) {
     let source = file_source(path);
     let fail = |batch: &mut Batch, error: String| {
@@ -472,6 +478,7 @@ pub fn read_file(batch: &mut Batch, registry: &Registry, path: &Path) {
 /// that when two hold the same credential the first in that order wins. An entry named
 /// `*.json` that is not a regular file (a folder, FIFO, socket, device, or a symlink to one)
 /// is reported, not read.
+#[tracing::instrument(skip_all, fields(paths = paths.len()))]
 pub fn read_paths(registry: &Registry, paths: &[PathBuf]) -> Batch {
     let mut batch = Batch::default();
     let mut files: Vec<PathBuf> = Vec::new();
@@ -505,6 +512,8 @@ pub fn read_paths(registry: &Registry, paths: &[PathBuf]) -> Batch {
 }
 
 /// Read a bulk import body (any file shape) into a batch; sources are `body` or `body[i]`.
+/// The span names nothing of the body, which holds secrets.
+#[tracing::instrument(skip_all)]
 pub fn read_body(registry: &Registry, doc: Value) -> Batch {
     let mut batch = Batch::default();
     add_document(&mut batch, registry, "body", doc, None);

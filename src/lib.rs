@@ -15,6 +15,7 @@
 //! - [`quota`]: reset schedules and period arithmetic, pure functions of `now`.
 //! - [`providers`]: the provider registry (built-ins and config blocks).
 //! - [`events`]: the auth event log (`logs/auth.log`).
+//! - [`files`]: owner-only files and folders for secrets, and the warning for shared ones.
 //! - [`upstream`]: the request path's HTTP client to the providers.
 //! - [`http`]: routers, extractors, the one JSON error shape, the management handlers.
 
@@ -24,6 +25,7 @@ pub mod config; // typed config, loading, validation
 pub mod crypto; // sealing secrets, fingerprints, redaction
 pub mod domain; // credential types shared by store, import and http
 pub mod events; // auth event log file
+pub mod files; // owner-only files and folders
 pub mod http; // axum routers and handlers
 pub mod import; // credential files and bodies into new credentials
 pub mod providers; // which providers exist and how they are configured

@@ -744,8 +744,8 @@ pub(super) async fn insert_quotas(
     }
     let rows = serde_json::Value::from(seeds.to_vec()).to_string();
     sqlx::query!(
-        "INSERT INTO quotas (credential_seq, credential_id, limit_tokens, used, reserved, period_start)
-         SELECT c.seq, value ->> 0, value ->> 1, value ->> 2, 0, value ->> 3
+        "INSERT INTO quotas (credential_seq, credential_id, limit_tokens, used, period_start)
+         SELECT c.seq, value ->> 0, value ->> 1, value ->> 2, value ->> 3
          FROM json_each(?) JOIN credentials c ON c.id = value ->> 0",
         rows
     )

@@ -1,7 +1,7 @@
-//! Applying an import batch in one transaction: new entries are inserted, changed ones updated
-//! in place (never their live counters), unchanged ones left alone, entries of credentials
-//! deleted through the API skipped (for file imports) with a notice, and a credential given
-//! twice taken from its first source only, the others skipped with a notice.
+//! Applying an import batch: the store hands up a [`Snapshot`] of what it holds for the batch's
+//! fingerprints, [`crate::import::plan`] decides what the import does, and the store applies
+//! that [`Plan`] in the write transaction it read the snapshot in (rolled back for a dry run),
+//! so a concurrent write cannot come between the decision and its statements.
 
 use super::audit::{self, AuditEntry};
 use super::credentials::insert_quotas;
@@ -9,95 +9,68 @@ use super::ledger::Touched;
 use super::{Result, Store, Written};
 use crate::crypto::to_hex;
 use crate::crypto::token_preview;
-use crate::import::{Batch, Entry, ImportError};
+use crate::import::Batch;
+use crate::import::plan::{
+    self, Action, ImportMode, ImportReport, Keyed, Known, Plan, Prepared, Snapshot,
+};
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use serde_json::json;
+use sqlx::SqliteConnection;
 use std::collections::HashMap;
 
-/// Where a batch came from, which decides what a tombstone means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImportMode {
-    /// Files in `auth_dir` (at start, `cliproxyapi import`, or a rescan): a credential deleted
-    /// through the API stays deleted.
-    Files,
-    /// Credentials posted to the import endpoint: an explicit add, which lifts a tombstone.
-    Body,
-}
-
-/// Something worth telling about an entry that was not an error.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Notice {
-    pub source: String,
-    pub notice: String,
-}
-
-/// The import report of contract section 4 (with `notices` beside the errors, and the ids of
-/// the credentials each source made or changed).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ImportReport {
-    pub imported: usize,
-    pub updated: usize,
-    pub skipped: usize,
-    pub errors: Vec<ImportError>,
-    pub notices: Vec<Notice>,
-    #[serde(skip)]
-    pub changes: Vec<Change>,
-}
-
-/// A credential an import created or updated, for the auth log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
-    pub source: String,
-    pub credential_id: String,
-    pub provider: String,
-    pub created: bool,
-}
-
-/// An entry with its fingerprint and the digest of its content.
-type Keyed = (Entry, Vec<u8>, Vec<u8>);
-
-/// An import ready to apply: entries with their fingerprints and digests, one per credential,
-/// and what was already found wrong with the batch.
-struct Planned {
-    entries: Vec<Keyed>,
-    duplicates: Vec<Notice>,
-    errors: Vec<ImportError>,
-}
-
-/// The entries' fingerprints as a JSON array of hex strings, for `json_each`.
-fn wanted(entries: &[Keyed]) -> String {
-    let hex: Vec<String> = entries.iter().map(|(_, fp, _)| to_hex(fp)).collect();
+/// Fingerprints as a JSON array of hex strings, for `json_each`.
+fn hex_array<'a>(fingerprints: impl Iterator<Item = &'a [u8]>) -> String {
+    let hex: Vec<String> = fingerprints.map(to_hex).collect();
     serde_json::Value::from(hex).to_string()
 }
 
-/// Keep the first entry of each credential (by fingerprint: the same provider and token), in
-/// batch order, which is sorted path order for files and entry order for a body. Each later
-/// one is a notice naming both sources: two sources applied in turn would undo each other's
-/// settings at every import, and overwrite what was changed through the API.
-fn first_of_each(entries: Vec<Keyed>) -> (Vec<Keyed>, Vec<Notice>) {
-    let mut first: HashMap<Vec<u8>, String> = HashMap::with_capacity(entries.len());
-    let mut kept = Vec::with_capacity(entries.len());
-    let mut duplicates = Vec::new();
-    for (entry, fp, digest) in entries {
-        match first.get(&fp) {
-            Some(winner) => duplicates.push(Notice {
-                notice: format!(
-                    "duplicate: the same credential (provider and token) as {winner}, which comes first and wins; this entry is ignored"
-                ),
-                source: entry.source,
-            }),
-            None => {
-                first.insert(fp.clone(), entry.source.clone());
-                kept.push((entry, fp, digest));
-            }
-        }
-    }
-    (kept, duplicates)
+/// What `conn` holds for `prepared`'s fingerprints, in two queries: one statement per entry
+/// would cost a round trip to SQLite's thread each. Tombstones are read only for fingerprints
+/// without a live credential (the live one decides alone), so a rescan of unchanged files
+/// reads no tombstone.
+async fn snapshot(conn: &mut SqliteConnection, prepared: &Prepared) -> Result<Snapshot> {
+    let wanted = hex_array(prepared.fingerprints());
+    let credentials: HashMap<Vec<u8>, Known> = sqlx::query!(
+        "SELECT fingerprint, id, import_digest FROM credentials
+         WHERE fingerprint IN (SELECT unhex(value) FROM json_each(?))",
+        wanted
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| {
+        let known = Known {
+            id: r.id,
+            import_digest: r.import_digest,
+        };
+        (r.fingerprint, known)
+    })
+    .collect();
+    let unknown = hex_array(
+        prepared
+            .fingerprints()
+            .filter(|fp| !credentials.contains_key(*fp)),
+    );
+    let tombstones: HashMap<Vec<u8>, String> = sqlx::query!(
+        "SELECT fingerprint, credential_id FROM tombstones
+         WHERE fingerprint IN (SELECT unhex(value) FROM json_each(?))",
+        unknown
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| (r.fingerprint, r.credential_id))
+    .collect();
+    Ok(Snapshot {
+        credentials,
+        tombstones,
+    })
 }
 
 impl Store {
-    /// Apply `batch` (see `import_locked`).
+    /// Import `batch`: plan it over what the database holds, and apply the plan in one write
+    /// transaction (rolled back when `dry_run`).
+    #[tracing::instrument(skip_all, fields(entries = batch.entries.len(), errors = batch.errors.len(), ?mode, dry_run))]
     pub async fn import(
         &self,
         batch: Batch,
@@ -107,41 +80,36 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<ImportReport> {
         let large = batch.entries.len() >= super::ledger::MANY;
-        // Fingerprints and digests (CPU only) before the gate; and when every entry is a
-        // credential already imported with the same content (a rescan of unchanged files, at
-        // every start and on demand), nothing is written, so the request path is not stopped
-        // at all, however many credentials there are.
+        // Fingerprints and digests (CPU only) before the gate.
         let keyed: Vec<Keyed> = batch
             .entries
             .into_iter()
-            .map(|e| {
-                let fp = e.credential.fingerprint(&self.fingerprinter);
-                let digest = e.credential.content_digest(&self.fingerprinter);
-                (e, fp, digest)
+            .map(|entry| Keyed {
+                fingerprint: entry.credential.fingerprint(&self.fingerprinter),
+                digest: entry.credential.content_digest(&self.fingerprinter),
+                entry,
             })
             .collect();
-        let (entries, duplicates) = first_of_each(keyed);
-        if self.all_unchanged(&entries).await? {
-            let report = ImportReport {
-                skipped: entries.len() + duplicates.len(),
-                errors: batch.errors,
-                notices: duplicates,
-                ..Default::default()
-            };
+        let prepared = Prepared::new(keyed, batch.errors);
+        // A plan over a snapshot read outside any write: when it writes nothing (a rescan of
+        // unchanged files, at every start and on demand), the request path is not stopped at
+        // all, however many credentials there are. Otherwise the transaction plans again over
+        // what it reads itself.
+        let mut reader = self.reader.acquire().await?;
+        let outside = snapshot(&mut reader, &prepared).await?;
+        drop(reader);
+        let unchanged = plan::plan(&prepared, &outside, mode);
+        if unchanged.writes_nothing() {
             if large {
                 super::release_freed_memory();
             }
-            return Ok(report);
+            return Ok(unchanged.report);
         }
-        let planned = Planned {
-            entries,
-            duplicates,
-            errors: batch.errors,
-        };
+        drop(unchanged);
         let report = self
             .exclusive(async {
                 let report = self
-                    .import_locked(planned, mode, actor, dry_run, now)
+                    .import_locked(&prepared, mode, actor, dry_run, now)
                     .await?;
                 let touched = if dry_run {
                     Touched::Nothing
@@ -162,159 +130,27 @@ impl Store {
         }
         if large {
             // What reading and matching the entries allocated is free now.
+            drop(prepared);
             super::release_freed_memory();
         }
         Ok(report)
     }
 
-    /// Whether every entry is a live credential whose last import had this same content, read
-    /// outside any write (the transaction checks again).
-    async fn all_unchanged(&self, entries: &[Keyed]) -> Result<bool> {
-        let wanted = wanted(entries);
-        let known: HashMap<Vec<u8>, Option<Vec<u8>>> = sqlx::query!(
-            "SELECT fingerprint, id, import_digest FROM credentials
-             WHERE fingerprint IN (SELECT unhex(value) FROM json_each(?))",
-            wanted
-        )
-        .fetch_all(&self.reader)
-        .await?
-        .into_iter()
-        .map(|r| (r.fingerprint, r.import_digest))
-        .collect();
-        Ok(entries.iter().all(|(_, fp, digest)| {
-            known
-                .get(fp)
-                .is_some_and(|last| last.as_deref() == Some(digest.as_slice()))
-        }))
-    }
-
-    /// Apply planned entries in one write transaction (rolled back when `dry_run`). Errors
-    /// and duplicates already found are carried into the report.
+    /// In one write transaction: re-key what retired fingerprint keys made, read the snapshot,
+    /// plan over it, and apply the plan (rolled back when `dry_run`).
     async fn import_locked(
         &self,
-        planned: Planned,
+        prepared: &Prepared,
         mode: ImportMode,
         actor: &str,
         dry_run: bool,
         now: DateTime<Utc>,
     ) -> Result<ImportReport> {
-        let Planned {
-            entries,
-            duplicates,
-            errors,
-        } = planned;
-        let mut report = ImportReport {
-            errors,
-            skipped: duplicates.len(),
-            notices: duplicates,
-            ..Default::default()
-        };
-        let ts = now.timestamp();
-        // The rows the entries match, in two queries: one statement per entry would cost a
-        // round trip to SQLite's thread each.
-        let wanted = wanted(&entries);
         let mut tx = self.begin_write().await?;
-        self.adopt_retired(&mut tx, &entries).await?;
-        // fingerprint -> (id, digest of its last import)
-        let mut known: HashMap<Vec<u8>, (String, Option<Vec<u8>>)> = sqlx::query!(
-            "SELECT fingerprint, id, import_digest FROM credentials
-             WHERE fingerprint IN (SELECT unhex(value) FROM json_each(?))",
-            wanted
-        )
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|r| (r.fingerprint, (r.id, r.import_digest)))
-        .collect();
-        let mut tombstones: HashMap<Vec<u8>, String> = sqlx::query!(
-            "SELECT fingerprint, credential_id FROM tombstones
-             WHERE fingerprint IN (SELECT unhex(value) FROM json_each(?))",
-            wanted
-        )
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|r| (r.fingerprint, r.credential_id))
-        .collect();
-        let mut quota_seeds = Vec::new();
-        let mut audits: Vec<(String, &'static str, String, String)> = Vec::new();
-        for (entry, fp, digest) in entries {
-            let new = &entry.credential;
-            let source = match mode {
-                ImportMode::Files => entry.source.clone(),
-                ImportMode::Body => "import:api".to_string(),
-            };
-            if let Some((id, last_digest)) = known.get_mut(&fp) {
-                if last_digest.as_deref() == Some(digest.as_slice()) {
-                    report.skipped += 1;
-                    continue;
-                }
-                self.update_from_import(&mut tx, id, new, &digest, &source, ts)
-                    .await?;
-                *last_digest = Some(digest);
-                audits.push((
-                    id.clone(),
-                    "credential.import_update",
-                    new.provider.clone(),
-                    entry.source.clone(),
-                ));
-                report.updated += 1;
-                report.changes.push(Change {
-                    source: entry.source,
-                    credential_id: id.clone(),
-                    provider: new.provider.clone(),
-                    created: false,
-                });
-                continue;
-            }
-            if let Some(old_id) = tombstones.get(&fp) {
-                if mode == ImportMode::Files {
-                    report.skipped += 1;
-                    report.notices.push(Notice {
-                        source: entry.source,
-                        notice: format!(
-                            "{old_id} was deleted through the management API and is not imported again; add it through the API to restore it"
-                        ),
-                    });
-                    continue;
-                }
-                sqlx::query!("DELETE FROM tombstones WHERE fingerprint = ?", fp)
-                    .execute(&mut *tx)
-                    .await?;
-                tombstones.remove(&fp);
-            }
-            let id = self
-                .insert_credential(&mut tx, new, &fp, Some(&digest), &source, now)
-                .await?;
-            quota_seeds.push(self.quota_seed(&id, new, now));
-            known.insert(fp, (id.clone(), Some(digest)));
-            audits.push((
-                id.clone(),
-                "credential.import",
-                new.provider.clone(),
-                entry.source.clone(),
-            ));
-            report.imported += 1;
-            report.changes.push(Change {
-                source: entry.source,
-                credential_id: id,
-                provider: new.provider.clone(),
-                created: true,
-            });
-        }
-        insert_quotas(&mut tx, &quota_seeds).await?;
-        let audit_entries: Vec<AuditEntry> = audits
-            .iter()
-            .map(|(id, action, provider, source)| AuditEntry {
-                now: ts,
-                actor,
-                action,
-                credential_id: Some(id),
-                provider: Some(provider),
-                detail: json!({ "source": source }),
-            })
-            .collect();
-        audit::record_all(&mut tx, &audit_entries).await?;
+        self.adopt_retired(&mut tx, &prepared.entries).await?;
+        let snapshot = snapshot(&mut tx, prepared).await?;
+        let plan = plan::plan(prepared, &snapshot, mode);
+        let report = self.apply(&mut tx, plan, actor, now).await?;
         if dry_run {
             tx.rollback().await?;
         } else {
@@ -323,11 +159,82 @@ impl Store {
         Ok(report)
     }
 
+    /// The statements of `plan`, in its order: each update in place, each new credential
+    /// (after lifting its tombstone), then the new counters and the audit rows in one
+    /// statement each. Returns the plan's report with the changes made.
+    async fn apply(
+        &self,
+        conn: &mut SqliteConnection,
+        plan: Plan<'_>,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<ImportReport> {
+        let Plan {
+            actions,
+            mut report,
+        } = plan;
+        let ts = now.timestamp();
+        let mut quota_seeds = Vec::new();
+        for action in &actions {
+            let keyed = action.keyed();
+            let new = &keyed.entry.credential;
+            let id = match action {
+                Action::Update { id, source, .. } => {
+                    self.update_from_import(conn, id, new, &keyed.digest, source, ts)
+                        .await?;
+                    id.clone()
+                }
+                Action::Create {
+                    source,
+                    lift_tombstone,
+                    ..
+                } => {
+                    if *lift_tombstone {
+                        sqlx::query!(
+                            "DELETE FROM tombstones WHERE fingerprint = ?",
+                            keyed.fingerprint
+                        )
+                        .execute(&mut *conn)
+                        .await?;
+                    }
+                    let id = self
+                        .insert_credential(
+                            conn,
+                            new,
+                            &keyed.fingerprint,
+                            Some(&keyed.digest),
+                            source,
+                            now,
+                        )
+                        .await?;
+                    quota_seeds.push(self.quota_seed(&id, new, now));
+                    id
+                }
+            };
+            report.changes.push(action.change(&id));
+        }
+        insert_quotas(conn, &quota_seeds).await?;
+        let audit_entries: Vec<AuditEntry> = actions
+            .iter()
+            .zip(&report.changes)
+            .map(|(action, change)| AuditEntry {
+                now: ts,
+                actor,
+                action: action.audit_action(),
+                credential_id: Some(&change.credential_id),
+                provider: Some(&change.provider),
+                detail: json!({ "source": change.source }),
+            })
+            .collect();
+        audit::record_all(conn, &audit_entries).await?;
+        Ok(report)
+    }
+
     /// Update a credential in place from a changed import entry: its secrets and settings,
     /// never `used` or `reserved`. A changed secret clears an `invalid` or `expired` mark.
     async fn update_from_import(
         &self,
-        conn: &mut sqlx::SqliteConnection,
+        conn: &mut SqliteConnection,
         id: &str,
         new: &crate::domain::NewCredential,
         digest: &[u8],

@@ -16,11 +16,13 @@ mod requests;
 mod secrets;
 
 pub use credentials::{CredentialPatch, Cursor, DEFAULT_PAGE, ListFilter, MAX_PAGE, Page};
-pub use import::{ImportMode, ImportReport, Notice};
+// The import's report types, where the store's callers have always found them.
+pub use crate::import::{ImportMode, ImportReport, Notice};
 pub use quota::{QuotaPatch, QuotaTotal};
 pub use requests::{Mark, Reservation, ReservationKind, ReserveRequest, Unavailable};
 
 use crate::crypto::{CryptoError, Encryption, Fingerprinter, Sealer, to_hex};
+use crate::files::{create_private_dir, warn_if_shared};
 use crate::quota::ResetSchedule;
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
@@ -28,8 +30,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{Sqlite, Transaction};
 use std::collections::BTreeMap;
-use std::fs::{DirBuilder, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,29 +132,6 @@ impl<T> Written<T> {
 
 /// The embedded migrations (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// Warn when an existing file or folder that holds secrets is open to other users.
-pub fn warn_if_shared(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(
-                path = %path.display(),
-                mode = format!("{mode:o}"),
-                "readable by other users; run chmod go-rwx on it"
-            );
-        }
-    }
-}
-
-/// Create `dir` and its missing parents readable by the owner only.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    if dir.as_os_str().is_empty() || dir.exists() {
-        return Ok(());
-    }
-    DirBuilder::new().recursive(true).mode(0o700).create(dir)
-}
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {

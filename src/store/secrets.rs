@@ -24,7 +24,7 @@ use crate::crypto::{
     Secret, form_of, to_hex, token_preview,
 };
 use crate::domain::CredentialKind;
-use crate::import::Entry;
+use crate::import::plan::Keyed;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
 use std::sync::Arc;
@@ -166,25 +166,16 @@ async fn set_meta(conn: &mut SqliteConnection, key: &str, value: &[u8]) -> Resul
     Ok(())
 }
 
-/// The stored fingerprint keys by generation, oldest first. Before the migration that made
-/// `fingerprint_keys`, the one key lived in `meta` (the check at start reads a database of any
-/// version).
+/// The stored fingerprint keys by generation, oldest first.
 async fn fingerprint_keys(conn: &mut SqliteConnection) -> Result<Vec<(i64, Vec<u8>)>> {
-    match sqlx::query!("SELECT generation, key_sealed FROM fingerprint_keys ORDER BY generation")
-        .fetch_all(&mut *conn)
-        .await
-    {
-        Ok(rows) => Ok(rows
+    Ok(
+        sqlx::query!("SELECT generation, key_sealed FROM fingerprint_keys ORDER BY generation")
+            .fetch_all(&mut *conn)
+            .await?
             .into_iter()
             .map(|r| (r.generation, r.key_sealed))
-            .collect()),
-        Err(e) if is_missing_table(&e) => Ok(meta_value(conn, "fingerprint_key")
-            .await?
-            .map(|v| (1, v))
-            .into_iter()
-            .collect()),
-        Err(e) => Err(e.into()),
-    }
+            .collect(),
+    )
 }
 
 /// Which forms the stored secrets (of credentials and fingerprint keys) are in.
@@ -885,21 +876,22 @@ impl Store {
     /// Inside an import's transaction, before it looks up tombstones and digests: the
     /// tombstones and import digests of `entries` made under a retired fingerprint key (before
     /// a `rotate-key`) are re-keyed under the current one, so the import finds them as if they
-    /// had always been. `entries` are (entry, fingerprint, digest) under the current key.
+    /// had always been. `entries` are keyed under the current key.
     pub(super) async fn adopt_retired(
         &self,
         conn: &mut SqliteConnection,
-        entries: &[(Entry, Vec<u8>, Vec<u8>)],
+        entries: &[Keyed],
     ) -> Result<()> {
         for old in &*self.retired {
             let pairs: Vec<[String; 4]> = entries
                 .iter()
-                .map(|(e, fp, digest)| {
+                .map(|k| {
+                    let credential = &k.entry.credential;
                     [
-                        to_hex(&e.credential.fingerprint(old)),
-                        to_hex(fp),
-                        to_hex(&e.credential.content_digest(old)),
-                        to_hex(digest),
+                        to_hex(&credential.fingerprint(old)),
+                        to_hex(&k.fingerprint),
+                        to_hex(&credential.content_digest(old)),
+                        to_hex(&k.digest),
                     ]
                 })
                 .collect();

@@ -1052,8 +1052,8 @@ async fn a_value_copied_from_another_database_does_not_open() {
         &format!(
             "ATTACH DATABASE '{}' AS a;
              INSERT INTO credentials ({columns}) SELECT {columns} FROM a.credentials WHERE id IN ({list});
-             INSERT INTO quotas (credential_seq, credential_id, limit_tokens, used, reserved, period_start)
-                 SELECT c.seq, c.id, NULL, 0, 0, 0 FROM credentials c WHERE c.id IN ({list});
+             INSERT INTO quotas (credential_seq, credential_id, limit_tokens, used, period_start)
+                 SELECT c.seq, c.id, NULL, 0, 0 FROM credentials c WHERE c.id IN ({list});
              DETACH DATABASE a;",
             db_path(&a).display()
         ),
@@ -1079,7 +1079,7 @@ async fn a_value_copied_from_another_database_does_not_open() {
 }
 
 /// A database of the program before the database id: values sealed in the first format, the
-/// fingerprint key in `meta`, and the migrations before `fingerprint_keys`.
+/// fingerprint key too, and no database id, key check or preview rule in `meta`.
 async fn make_legacy(home: &Home, key: &str) {
     let mut conn = connect(home).await;
     type Blob = Option<Vec<u8>>;
@@ -1114,15 +1114,13 @@ async fn make_legacy(home: &Home, key: &str) {
             .await
             .unwrap();
     let fp_key = v1("meta", "fingerprint_key", &Some(fp_key)).unwrap();
-    sqlx::query("INSERT INTO meta (key, value) VALUES ('fingerprint_key', ?)")
+    sqlx::query("UPDATE fingerprint_keys SET key_sealed = ? WHERE generation = 1")
         .bind(fp_key)
         .execute(&mut conn)
         .await
         .unwrap();
     sqlx::raw_sql(
-        "DROP TABLE fingerprint_keys;
-         DELETE FROM meta WHERE key IN ('database_id', 'key_check', 'token_preview_rule');
-         DELETE FROM _sqlx_migrations WHERE version = 20261127000010;",
+        "DELETE FROM meta WHERE key IN ('database_id', 'key_check', 'token_preview_rule');",
     )
     .execute(&mut conn)
     .await
