@@ -10,6 +10,7 @@
 //! checks them.
 
 use super::super::requests::Mark;
+use crate::domain::status::StoredState;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -227,7 +228,7 @@ impl LedgerDb {
             match mark {
                 Mark::Invalid(reason) => {
                     tx.prepare_cached(MARK_STATE)?.execute(params![
-                        "invalid",
+                        StoredState::Invalid.as_str(),
                         reason,
                         None::<i64>,
                         ts,
@@ -236,7 +237,7 @@ impl LedgerDb {
                 }
                 Mark::Exhausted { reason, until } => {
                     tx.prepare_cached(MARK_STATE)?.execute(params![
-                        "exhausted",
+                        StoredState::Exhausted.as_str(),
                         reason,
                         until.map(|u| u.timestamp()),
                         ts,
