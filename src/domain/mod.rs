@@ -1,10 +1,13 @@
 //! Credentials as the program sees them: validated input ([`NewCredential`]), the stored row
-//! without secrets ([`CredentialRow`]), the small enums between them, and the one rule that
-//! decides a credential's effective status ([`status`]).
+//! without secrets ([`CredentialRow`]), the small enums between them, the one rule that
+//! decides a credential's effective status ([`status`]), and the tokens a request used
+//! ([`Usage`]).
 
 pub mod status;
+mod usage;
 
 pub use status::Status;
+pub use usage::Usage;
 
 use crate::crypto::{Fingerprinter, Secret};
 use chrono::{DateTime, Utc};

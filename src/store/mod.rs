@@ -13,12 +13,13 @@ mod import;
 mod ledger;
 mod quota;
 mod requests;
+mod reservation;
 mod secrets;
 
 pub use credentials::{CredentialPatch, Cursor, DEFAULT_PAGE, ListFilter, MAX_PAGE, Page};
 pub use import::{ImportMode, ImportReport, Notice};
 pub use quota::{QuotaPatch, QuotaTotal};
-pub use requests::{Mark, Reservation, ReservationKind, ReserveRequest, Unavailable};
+pub use reservation::{Mark, Reservation, ReservationKind, ReserveRequest, Unavailable};
 
 use crate::crypto::{CryptoError, Encryption, Fingerprinter, Sealer, to_hex};
 use crate::quota::ResetSchedule;
@@ -58,6 +59,10 @@ pub enum StoreError {
     /// The ledger's group this operation was in did not commit.
     #[error("the request path's group commit failed: {0}")]
     GroupFailed(String),
+    /// The ledger's thread is gone (the store is closing, or the thread ended): the request
+    /// path can reserve, settle or release nothing more.
+    #[error("the request path's ledger has stopped")]
+    LedgerGone,
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// `rotate-key` committed after this process opened the database: a write now would seal

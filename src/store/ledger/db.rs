@@ -9,7 +9,7 @@
 //! statement that does not fit the migrated schema stops the start, and each test's start
 //! checks them.
 
-use super::super::requests::Mark;
+use super::super::reservation::Mark;
 use crate::domain::status::StoredState;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use std::collections::BTreeMap;

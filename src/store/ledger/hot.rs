@@ -1,7 +1,7 @@
 //! The ledger's in-memory mirror of the counters and usable credentials: what a group decides
 //! on, so that picking a credential is a cursor step rather than a query.
 
-use super::super::requests::{ReservationKind, Unavailable};
+use super::super::reservation::{ReservationKind, Unavailable};
 use crate::config::SelectionStrategy;
 use crate::crypto::Secret;
 use crate::domain::status::{State, Status, StoredState};

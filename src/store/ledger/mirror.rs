@@ -14,7 +14,7 @@ use super::hot::{Hot, HotCred, HotRes, MAX_COUNTER, ProviderList};
 use crate::crypto::{Field, Sealer, Secret};
 use crate::domain::status::StoredState;
 use crate::store::Result;
-use crate::store::requests::ReservationKind;
+use crate::store::reservation::ReservationKind;
 use sqlx::SqlitePool;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;

@@ -19,11 +19,11 @@ pub(super) use mirror::{MANY, Touched, follow, load};
 #[cfg(debug_assertions)]
 pub(super) use mirror::{Snapshot, difference, snapshot};
 
-use super::requests::{Mark, Reservation, ReservationKind, ReserveRequestOwned, Unavailable};
+use super::reservation::{Mark, Reservation, ReservationKind, ReserveRequestOwned, Unavailable};
 use super::{Result, StoreError};
 use crate::crypto::Sealer;
+use crate::domain::Usage;
 use crate::domain::status::StoredState;
-use crate::providers::wire::Usage;
 use crate::quota::ResetSchedule;
 use chrono::{DateTime, Utc};
 use db::{Effects, NewReservation, Settlement};
