@@ -257,3 +257,6 @@ impl Hot {
         ends
     }
 }
+
+#[cfg(test)]
+mod tests;
