@@ -310,6 +310,7 @@ impl Store {
     }
 
     /// One credential by id.
+    #[tracing::instrument(skip_all, fields(credential = id))]
     pub async fn get(&self, id: &str, now: DateTime<Utc>) -> Result<CredentialRow> {
         list_rows!("c.id = ?2", 1i64, id)
             .fetch_optional(&self.reader)
@@ -372,6 +373,7 @@ impl Store {
     }
 
     /// The first `at_most` ids of a provider's credentials, in list order.
+    #[tracing::instrument(skip_all, fields(provider = provider))]
     pub async fn ids_of_provider(&self, provider: &str, at_most: u32) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar!(
             "SELECT id FROM credentials WHERE provider = ? ORDER BY priority, seq LIMIT ?",
@@ -383,6 +385,7 @@ impl Store {
     }
 
     /// How many credentials `provider` has.
+    #[tracing::instrument(skip_all, fields(provider = provider))]
     pub async fn count_of_provider(&self, provider: &str) -> Result<u64> {
         let n = sqlx::query_scalar!(
             r#"SELECT COUNT(*) AS "n!: i64" FROM credentials WHERE provider = ?"#,
@@ -395,6 +398,8 @@ impl Store {
 
     /// Resolve `key` (a credential id, or the credential's token in clear, as the seed's
     /// `DELETE ...?id=sk-ant-key1` does) to a credential id of `provider`.
+    /// Its span records the provider only: `key` may be a token.
+    #[tracing::instrument(skip_all, fields(provider = provider))]
     pub async fn resolve(&self, provider: &str, key: &str) -> Result<String> {
         let by_id = sqlx::query_scalar!(
             "SELECT id FROM credentials WHERE id = ? AND provider = ?",
@@ -414,6 +419,7 @@ impl Store {
     }
 
     /// Add a credential through the API (see `add_locked`).
+    #[tracing::instrument(skip_all, fields(provider = %new.provider, source = source, actor = actor))]
     pub async fn add(
         &self,
         new: &NewCredential,
@@ -428,6 +434,7 @@ impl Store {
     }
 
     /// Apply a `PUT` (see `update_locked`).
+    #[tracing::instrument(skip_all, fields(credential = id, actor = actor))]
     pub async fn update(
         &self,
         id: &str,
@@ -444,6 +451,7 @@ impl Store {
     }
 
     /// Delete a credential (see `delete_locked`); returns it as it was just before.
+    #[tracing::instrument(skip_all, fields(credential = id, actor = actor))]
     pub async fn delete(&self, id: &str, actor: &str, now: DateTime<Utc>) -> Result<CredentialRow> {
         let row = self.exclusive(self.delete_locked(id, actor, now)).await?;
         self.forget_old_secrets().await;

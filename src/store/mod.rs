@@ -357,6 +357,7 @@ impl Store {
     /// At start: mark the credentials whose secrets do not open. Returns how many credentials
     /// opening the database sealed (encryption just turned on) or re-sealed (an older sealed
     /// format), and the marked ones with their reasons.
+    #[tracing::instrument(skip_all)]
     pub async fn prepare_secrets(
         &self,
         now: DateTime<Utc>,
@@ -372,6 +373,7 @@ impl Store {
     }
 
     /// `PRAGMA integrity_check`; `Ok(())` when the database is sound.
+    #[tracing::instrument(skip_all)]
     pub async fn integrity_check(&self) -> Result<Vec<String>> {
         let rows: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check")
             .fetch_all(&self.reader)
@@ -382,6 +384,7 @@ impl Store {
     /// Close the ledger's connection (after its last group), the checkpoint connection (after
     /// a last attempt at a checkpoint still owed) and both pools; the last one to close
     /// checkpoints the WAL.
+    #[tracing::instrument(skip_all)]
     pub async fn close(&self) {
         let (reply, done) = tokio::sync::oneshot::channel();
         if self.ledger.send(ledger::Op::Close { reply }).is_ok() {

@@ -27,6 +27,7 @@ impl Store {
 
     /// Pick a credential by `strategy` among the usable ones with room for the tokens, and
     /// reserve them. Answers once the reservation is durable.
+    #[tracing::instrument(level = "debug", skip_all, fields(provider = req.provider, tokens = req.tokens, kind = ?req.kind))]
     pub async fn reserve(
         &self,
         req: &ReserveRequest<'_>,
@@ -45,6 +46,7 @@ impl Store {
 
     /// Reserve as [`Store::reserve`], but when the only obstacle is room held by requests in
     /// flight, wait (up to `patience`) for their settlements to free it instead of failing.
+    #[tracing::instrument(level = "debug", skip_all, fields(provider = req.provider, tokens = req.tokens))]
     pub async fn reserve_waiting(
         &self,
         req: &ReserveRequest<'_>,
@@ -70,6 +72,7 @@ impl Store {
     /// short, a lease reported without usage) the charge is at least the reservation; the part
     /// beyond the reported usage is recorded as unreported. Returns `false` when the
     /// reservation was already settled or released.
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id, input = usage.input, output = usage.output))]
     pub async fn settle(
         &self,
         reservation_id: &str,
@@ -90,6 +93,7 @@ impl Store {
 
     /// Queue a settlement (as [`Store::settle`]) without waiting for its commit. A failure is
     /// logged by the ledger; the reservation then stays, and the next start charges it.
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id, input = usage.input, output = usage.output))]
     pub fn settle_later(
         &self,
         reservation_id: &str,
@@ -113,6 +117,7 @@ impl Store {
 
     /// Queue a release without a mark (as [`Store::release`]) without waiting for it: for a
     /// request path that cannot wait (a reservation dropped while unwinding).
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id))]
     pub fn release_later(&self, reservation_id: &str, now: DateTime<Utc>) {
         let (reply, _) = oneshot::channel();
         let id = reservation_id.to_string();
@@ -139,6 +144,7 @@ impl Store {
 
     /// Release a reservation unused (the request failed before using anything), marking the
     /// credential when the failure was its own. Returns `false` when already settled.
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id, marked = mark.is_some()))]
     pub async fn release(
         &self,
         reservation_id: &str,
@@ -159,6 +165,7 @@ impl Store {
     /// At start: charge in full every request reservation left by a process that is gone (it
     /// may have used the tokens). One transaction; returns the number of reservations and
     /// tokens charged.
+    #[tracing::instrument(skip_all)]
     pub async fn settle_dead(&self, now: DateTime<Utc>) -> Result<(u64, u64)> {
         self.exclusive(async {
             let ts = now.timestamp();
@@ -209,6 +216,7 @@ impl Store {
     }
 
     /// Settle every lease past its expiry at its reservation. Returns how many.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn expire_leases(&self, now: DateTime<Utc>) -> Result<usize> {
         let ids = sqlx::query_scalar!(
             "SELECT id FROM reservations WHERE kind = 'lease' AND expires_at <= ?",
@@ -226,6 +234,7 @@ impl Store {
     }
 
     /// A live lease: its credential and provider, if it exists and is a lease.
+    #[tracing::instrument(level = "debug", skip_all, fields(lease = id))]
     pub async fn lease(&self, id: &str) -> Result<Option<(String, String)>> {
         Ok(sqlx::query!(
             "SELECT credential_id, provider FROM reservations WHERE id = ? AND kind = 'lease'",
@@ -238,6 +247,7 @@ impl Store {
 
     /// A credential's token and, when it does not open, why (the caller marks it). Opened
     /// tokens are kept in memory while the stored value is unchanged.
+    #[tracing::instrument(level = "debug", skip_all, fields(credential = id))]
     pub async fn open_token(
         &self,
         id: &str,
@@ -273,6 +283,7 @@ impl Store {
     }
 
     /// Per credential: `used`, and the usage history of its current period (for checks).
+    #[tracing::instrument(skip_all)]
     pub async fn usage_totals(&self) -> Result<Vec<(String, u64, u64)>> {
         Ok(sqlx::query!(
             r#"SELECT q.credential_id, q.used,

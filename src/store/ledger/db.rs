@@ -137,6 +137,7 @@ impl LedgerDb {
     /// error nothing of it stays. Returns the reservations settled or released whose row was
     /// already gone (another process settled it): those were not charged again, and the
     /// caller's mirror, which counted them, needs reloading.
+    #[tracing::instrument(level = "debug", skip_all, fields(reservations = e.inserts.len(), settlements = e.settles.len(), releases = e.releases.len(), marks = e.marks.len()))]
     pub(super) fn commit(&mut self, e: &Effects) -> rusqlite::Result<Vec<String>> {
         if e.is_empty() {
             return Ok(Vec::new());

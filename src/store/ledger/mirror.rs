@@ -358,6 +358,7 @@ fn build(
 /// Load the mirror whole (under the gate's write side: at start, by the ledger after a failed
 /// group, or for a write that touched too much to name). Tokens are opened here, and kept
 /// across loads while their stored value is unchanged.
+#[tracing::instrument(skip_all)]
 pub(in crate::store) async fn load(
     writer: &SqlitePool,
     sealer: &Sealer,
@@ -383,6 +384,7 @@ fn open(sealer: &Sealer, id: &str, sealed: Vec<u8>) -> Option<(Vec<u8>, Arc<Secr
 
 /// Make the mirror follow a management write (under the gate's write side, right after it).
 /// Returns how many credentials it read again.
+#[tracing::instrument(level = "debug", skip_all)]
 pub(in crate::store) async fn follow(
     writer: &SqlitePool,
     sealer: &Sealer,
