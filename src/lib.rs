@@ -11,7 +11,8 @@
 //! - [`store`]: the SQLite pool, migrations and every SQL statement.
 //! - [`crypto`]: the seal/open seam for secrets, fingerprints, the redacting [`crypto::Secret`].
 //! - [`import`]: turning credential files and bulk bodies into validated new credentials.
-//! - [`domain`]: credentials as the rest of the program sees them.
+//! - [`domain`]: credentials as the rest of the program sees them, and the one rule for their
+//!   effective status ([`domain::status`]).
 //! - [`quota`]: reset schedules and period arithmetic, pure functions of `now`.
 //! - [`providers`]: the provider registry (built-ins and config blocks).
 //! - [`events`]: the auth event log (`logs/auth.log`).

@@ -4,36 +4,14 @@
 
 use super::Format;
 use super::json::{Pick, Picked, Quantity};
-use crate::quota::{MAX_REQUEST_TOKENS, RequestTokens};
+pub use crate::domain::Usage;
+use crate::quota::MAX_REQUEST_TOKENS;
 use axum::http::HeaderName;
 use axum::http::header::AUTHORIZATION;
 use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess};
 use serde_json::Value;
 use std::time::Duration;
-
-/// Tokens a provider reported for one request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub input: u64,
-    pub output: u64,
-}
-
-impl Usage {
-    /// Usage as a provider (or a lease's holder) reported it, each count clamped to
-    /// [`MAX_REQUEST_TOKENS`]: a provider's number is not refused, but cannot be believed past
-    /// what one request can use.
-    pub fn reported(input: u64, output: u64) -> Usage {
-        Usage {
-            input: RequestTokens::clamped(input).get(),
-            output: RequestTokens::clamped(output).get(),
-        }
-    }
-
-    pub fn total(&self) -> u64 {
-        self.input.saturating_add(self.output)
-    }
-}
 
 /// What an upstream error answer means, read from its structure: whose fault it is, and so
 /// what happens to the credential that got it and whether another is tried.

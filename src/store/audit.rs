@@ -79,6 +79,7 @@ impl std::fmt::Display for AuditRow {
 
 impl super::Store {
     /// The whole audit log, oldest first, one line per change.
+    #[tracing::instrument(skip_all)]
     pub async fn audit_dump(&self) -> Result<Vec<String>> {
         let rows = sqlx::query_as!(
             AuditRow,

@@ -5,6 +5,7 @@ use super::audit::{self, AuditEntry};
 use super::ledger::Touched;
 use super::{Result, Store, StoreError, Written, is_unique_violation, new_credential_id};
 use crate::crypto::{Field, Secret, token_preview};
+use crate::domain::status::{self, State, StoredState};
 use crate::domain::{CredentialKind, CredentialRow, NewCredential, Status, from_unix};
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -93,22 +94,13 @@ fn opt_time(t: Option<i64>) -> Option<DateTime<Utc>> {
     t.map(from_unix)
 }
 
-/// Why a credential has the status it has, for `status_reason`.
-fn status_reason(row: &CredentialRow, stored_reason: Option<String>) -> Option<String> {
-    match row.status {
-        Status::Active => None,
-        Status::Disabled => Some("disabled by a user".into()),
-        Status::Cooldown => stored_reason.or_else(|| Some("rate-limited by the provider".into())),
-        Status::Exhausted => stored_reason.or_else(|| {
-            row.limit
-                .map(|l| format!("used {} of its {l} tokens this period", row.used))
-        }),
-        Status::Expired => stored_reason.or_else(|| Some("token expired".into())),
-        Status::Invalid => stored_reason.or_else(|| Some("rejected by the provider".into())),
-    }
-}
+/// Rows read by the first query of a page with a status filter (which skips the rows of other
+/// statuses); each further query reads twice as many, up to [`MAX_CHUNK`], so a status few
+/// credentials have costs a few dozen queries over 100,000 rows, not one per page size.
+const MAX_CHUNK: usize = 8 * MAX_PAGE as usize;
 
-/// A credential row as the list query reads it.
+/// A credential row as the list query reads it: the stored fields the status rule
+/// ([`crate::domain::status`]) reads, and the rest of the row.
 struct ListRecord {
     seq: i64,
     id: String,
@@ -117,7 +109,11 @@ struct ListRecord {
     label: Option<String>,
     token_preview: String,
     priority: i64,
+    disabled: bool,
+    state: String,
     state_reason: Option<String>,
+    has_token: bool,
+    has_refresh_token: bool,
     expires_at: Option<i64>,
     cooldown_until: Option<i64>,
     exhausted_until: Option<i64>,
@@ -130,20 +126,46 @@ struct ListRecord {
     used: i64,
     period_start: i64,
     reserved: i64,
-    status: String,
 }
 
 impl ListRecord {
-    fn into_row(self) -> CredentialRow {
-        let mut row = CredentialRow {
+    /// Where this row is in the list order.
+    fn cursor(&self) -> Cursor {
+        Cursor {
+            provider: self.provider.clone(),
+            priority: self.priority,
+            seq: self.seq,
+        }
+    }
+
+    /// What the status rule reads of the row.
+    fn state(&self) -> State<'_> {
+        State {
+            disabled: self.disabled,
+            stored: StoredState::parse(&self.state),
+            state_reason: self.state_reason.as_deref(),
+            expires_at: self.expires_at,
+            has_refresh_token: self.has_refresh_token,
+            has_token: self.has_token,
+            exhausted_until: self.exhausted_until,
+            cooldown_until: self.cooldown_until,
+            limit: self.limit_tokens,
+            used: self.used,
+        }
+    }
+
+    /// The row with its effective status at `now` (unix seconds).
+    fn into_row(self, now: i64) -> CredentialRow {
+        let (status, status_reason) = status::effective(&self.state(), now);
+        CredentialRow {
             id: self.id,
             provider: self.provider,
             kind: CredentialKind::parse(&self.kind).unwrap_or(CredentialKind::ApiKey),
             label: self.label,
             token_preview: self.token_preview,
             priority: self.priority,
-            status: Status::parse(&self.status).unwrap_or(Status::Active),
-            status_reason: None,
+            status,
+            status_reason,
             limit: self.limit_tokens.map(|l| l.max(0) as u64),
             used: self.used.max(0) as u64,
             reserved: self.reserved.max(0) as u64,
@@ -156,61 +178,32 @@ impl ListRecord {
             source: self.source,
             created_at: from_unix(self.created_at),
             updated_at: from_unix(self.updated_at),
-        };
-        row.status_reason = status_reason(&row, self.state_reason);
-        row
+        }
     }
 }
 
-/// The list query, with `$keyset` (a string literal over parameters from `?4`) choosing which
-/// rows: one text for every shape, so the status rule is written here only (and in the
-/// ledger's mirror, `ledger/hot.rs`, which must agree: an exhausted mark with a date holds
-/// until that date, one without until a reset). It appears twice
-/// (the column and the filter) and must stay the same in both. `?1` is the status filter,
-/// `?2` now, `?3` the most rows.
+/// The list query, with `$keyset` (a string literal over parameters from `?2`) choosing which
+/// rows, in list order: one text for every shape. `?1` is the most rows. The status is not
+/// decided here but in Rust, by the rule the request path uses too.
 macro_rules! list_rows {
-    ($keyset:tt, $status:expr, $now:expr, $limit:expr $(, $arg:expr)*) => {
+    ($keyset:tt, $limit:expr $(, $arg:expr)*) => {
         sqlx::query_as!(
             ListRecord,
             r#"SELECT c.seq, c.id, c.provider, c.kind, c.label, c.token_preview, c.priority,
-                      c.state_reason, c.expires_at, c.cooldown_until, c.exhausted_until,
+                      c.disabled AS "disabled!: bool", c.state, c.state_reason,
+                      (c.token_sealed IS NOT NULL) AS "has_token!: bool",
+                      (c.refresh_token_sealed IS NOT NULL) AS "has_refresh_token!: bool",
+                      c.expires_at, c.cooldown_until, c.exhausted_until,
                       q.last_used_at,
                       c.last_refresh_at, c.source, c.created_at, c.updated_at,
                       q.limit_tokens, q.used, q.period_start,
-                      COALESCE(r.reserved, 0) AS "reserved!: i64",
-                      CASE WHEN c.disabled THEN 'disabled'
-                           WHEN c.state = 'invalid' THEN 'invalid'
-                           WHEN c.state = 'expired'
-                                OR (c.expires_at IS NOT NULL AND c.expires_at <= ?2
-                                    AND c.refresh_token_sealed IS NULL) THEN 'expired'
-                           WHEN (c.state = 'exhausted'
-                                 AND (c.exhausted_until IS NULL OR c.exhausted_until > ?2))
-                                OR (q.limit_tokens IS NOT NULL AND q.used >= q.limit_tokens)
-                                THEN 'exhausted'
-                           WHEN c.cooldown_until IS NOT NULL AND c.cooldown_until > ?2
-                                THEN 'cooldown'
-                           ELSE 'active' END AS "status!: String"
+                      COALESCE(r.reserved, 0) AS "reserved!: i64"
                FROM credentials c JOIN quotas q ON q.credential_id = c.id
                LEFT JOIN (SELECT credential_id, SUM(tokens) AS reserved FROM reservations
                           GROUP BY credential_id) r ON r.credential_id = c.id
                WHERE "# + $keyset + r#"
-                 AND (?1 IS NULL OR ?1 =
-                      CASE WHEN c.disabled THEN 'disabled'
-                           WHEN c.state = 'invalid' THEN 'invalid'
-                           WHEN c.state = 'expired'
-                                OR (c.expires_at IS NOT NULL AND c.expires_at <= ?2
-                                    AND c.refresh_token_sealed IS NULL) THEN 'expired'
-                           WHEN (c.state = 'exhausted'
-                                 AND (c.exhausted_until IS NULL OR c.exhausted_until > ?2))
-                                OR (q.limit_tokens IS NOT NULL AND q.used >= q.limit_tokens)
-                                THEN 'exhausted'
-                           WHEN c.cooldown_until IS NOT NULL AND c.cooldown_until > ?2
-                                THEN 'cooldown'
-                           ELSE 'active' END)
                ORDER BY c.provider, c.priority, c.seq
-               LIMIT ?3"#,
-            $status,
-            $now,
+               LIMIT ?1"#,
             $limit
             $(, $arg)*
         )
@@ -219,22 +212,67 @@ macro_rules! list_rows {
 
 impl Store {
     /// One page of credentials with their counters and effective status at `now`, ordered by
-    /// provider, priority and creation. A page past a cursor reads the rest of the cursor's
-    /// priority level, then the levels after it: each an index range, so no page scans the
-    /// rows before it (a status filter reads rows until the page is full).
+    /// provider, priority and creation. Rows are read past the cursor in chunks, each from the
+    /// last row read: the rest of that row's priority level, then the levels after it, each an
+    /// index range, so no page scans the rows before it. Without a status filter one chunk
+    /// fills the page; with one, chunks are read (growing) until the page is full.
+    #[tracing::instrument(skip_all, fields(provider = filter.provider.as_deref(), status = filter.status.map(Status::as_str)))]
     pub async fn list(&self, filter: &ListFilter, now: DateTime<Utc>) -> Result<Page> {
-        let status = filter.status.map(Status::as_str);
         let ts = now.timestamp();
         let limit = filter.limit.clamp(1, MAX_PAGE) as usize;
         // One row more than the page, to know whether another page follows.
         let want = limit + 1;
-        let mut records = match &filter.after {
+        let mut chunk = want;
+        let mut from = filter.after.clone();
+        let mut rows: Vec<(Cursor, CredentialRow)> = Vec::with_capacity(want);
+        loop {
+            let records = self
+                .read_after(filter.provider.as_deref(), from.as_ref(), chunk)
+                .await?;
+            let more = records.len() == chunk;
+            if let Some(last) = records.last() {
+                from = Some(last.cursor());
+            }
+            for record in records {
+                let cursor = record.cursor();
+                let row = record.into_row(ts);
+                if filter.status.is_none_or(|s| s == row.status) {
+                    rows.push((cursor, row));
+                    if rows.len() == want {
+                        break;
+                    }
+                }
+            }
+            if rows.len() == want || !more {
+                break;
+            }
+            chunk = (chunk * 2).min(MAX_CHUNK);
+        }
+        let next = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(|(cursor, _)| cursor.clone())
+        } else {
+            None
+        };
+        Ok(Page {
+            rows: rows.into_iter().map(|(_, row)| row).collect(),
+            next,
+        })
+    }
+
+    /// Up to `n` rows in list order after `after` (from the start without one), of `provider`
+    /// when one is named: the rest of the cursor's priority level, then the levels after it.
+    async fn read_after(
+        &self,
+        provider: Option<&str>,
+        after: Option<&Cursor>,
+        n: usize,
+    ) -> Result<Vec<ListRecord>> {
+        let mut records = match after {
             Some(c) => {
                 list_rows!(
-                    "c.provider = ?4 AND c.priority = ?5 AND c.seq > ?6",
-                    status,
-                    ts,
-                    want as i64,
+                    "c.provider = ?2 AND c.priority = ?3 AND c.seq > ?4",
+                    n as i64,
                     c.provider,
                     c.priority,
                     c.seq
@@ -244,29 +282,20 @@ impl Store {
             }
             None => Vec::new(),
         };
-        if records.len() < want {
+        if records.len() < n {
             // Priorities are within `import::PRIORITY_RANGE`, so i64::MIN is below them all.
-            let priority = filter.after.as_ref().map_or(i64::MIN, |c| c.priority);
-            let more = (want - records.len()) as i64;
-            let rest = match (&filter.provider, &filter.after) {
-                (Some(p), _) => {
-                    list_rows!(
-                        "c.provider = ?4 AND c.priority > ?5",
-                        status,
-                        ts,
-                        more,
-                        p,
-                        priority
-                    )
-                    .fetch_all(&self.reader)
-                    .await?
+            let priority = after.map_or(i64::MIN, |c| c.priority);
+            let more = (n - records.len()) as i64;
+            let rest = match provider {
+                Some(p) => {
+                    list_rows!("c.provider = ?2 AND c.priority > ?3", more, p, priority)
+                        .fetch_all(&self.reader)
+                        .await?
                 }
-                (None, after) => {
-                    let provider = after.as_ref().map_or("", |c| c.provider.as_str());
+                None => {
+                    let provider = after.map_or("", |c| c.provider.as_str());
                     list_rows!(
-                        "(c.provider, c.priority) > (?4, ?5)",
-                        status,
-                        ts,
+                        "(c.provider, c.priority) > (?2, ?3)",
                         more,
                         provider,
                         priority
@@ -277,28 +306,16 @@ impl Store {
             };
             records.extend(rest);
         }
-        let next = if records.len() > limit {
-            records.truncate(limit);
-            records.last().map(|r| Cursor {
-                provider: r.provider.clone(),
-                priority: r.priority,
-                seq: r.seq,
-            })
-        } else {
-            None
-        };
-        Ok(Page {
-            rows: records.into_iter().map(ListRecord::into_row).collect(),
-            next,
-        })
+        Ok(records)
     }
 
     /// One credential by id.
+    #[tracing::instrument(skip_all, fields(credential = id))]
     pub async fn get(&self, id: &str, now: DateTime<Utc>) -> Result<CredentialRow> {
-        list_rows!("c.id = ?4", None::<&str>, now.timestamp(), 1i64, id)
+        list_rows!("c.id = ?2", 1i64, id)
             .fetch_optional(&self.reader)
             .await?
-            .map(ListRecord::into_row)
+            .map(|r| r.into_row(now.timestamp()))
             .ok_or(StoreError::NotFound)
     }
 
@@ -356,6 +373,7 @@ impl Store {
     }
 
     /// The first `at_most` ids of a provider's credentials, in list order.
+    #[tracing::instrument(skip_all, fields(provider = provider))]
     pub async fn ids_of_provider(&self, provider: &str, at_most: u32) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar!(
             "SELECT id FROM credentials WHERE provider = ? ORDER BY priority, seq LIMIT ?",
@@ -367,6 +385,7 @@ impl Store {
     }
 
     /// How many credentials `provider` has.
+    #[tracing::instrument(skip_all, fields(provider = provider))]
     pub async fn count_of_provider(&self, provider: &str) -> Result<u64> {
         let n = sqlx::query_scalar!(
             r#"SELECT COUNT(*) AS "n!: i64" FROM credentials WHERE provider = ?"#,
@@ -379,6 +398,8 @@ impl Store {
 
     /// Resolve `key` (a credential id, or the credential's token in clear, as the seed's
     /// `DELETE ...?id=sk-ant-key1` does) to a credential id of `provider`.
+    /// Its span records the provider only: `key` may be a token.
+    #[tracing::instrument(skip_all, fields(provider = provider))]
     pub async fn resolve(&self, provider: &str, key: &str) -> Result<String> {
         let by_id = sqlx::query_scalar!(
             "SELECT id FROM credentials WHERE id = ? AND provider = ?",
@@ -398,6 +419,7 @@ impl Store {
     }
 
     /// Add a credential through the API (see `add_locked`).
+    #[tracing::instrument(skip_all, fields(provider = %new.provider, source = source, actor = actor))]
     pub async fn add(
         &self,
         new: &NewCredential,
@@ -412,6 +434,7 @@ impl Store {
     }
 
     /// Apply a `PUT` (see `update_locked`).
+    #[tracing::instrument(skip_all, fields(credential = id, actor = actor))]
     pub async fn update(
         &self,
         id: &str,
@@ -428,6 +451,7 @@ impl Store {
     }
 
     /// Delete a credential (see `delete_locked`); returns it as it was just before.
+    #[tracing::instrument(skip_all, fields(credential = id, actor = actor))]
     pub async fn delete(&self, id: &str, actor: &str, now: DateTime<Utc>) -> Result<CredentialRow> {
         let row = self.exclusive(self.delete_locked(id, actor, now)).await?;
         self.forget_old_secrets().await;

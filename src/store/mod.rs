@@ -13,13 +13,14 @@ mod import;
 mod ledger;
 mod quota;
 mod requests;
+mod reservation;
 mod secrets;
 
 pub use credentials::{CredentialPatch, Cursor, DEFAULT_PAGE, ListFilter, MAX_PAGE, Page};
 // The import's report types, where the store's callers have always found them.
 pub use crate::import::{ImportMode, ImportReport, Notice};
 pub use quota::{QuotaPatch, QuotaTotal};
-pub use requests::{Mark, Reservation, ReservationKind, ReserveRequest, Unavailable};
+pub use reservation::{Mark, Reservation, ReservationKind, ReserveRequest, Unavailable};
 
 use crate::crypto::{CryptoError, Encryption, Fingerprinter, Sealer, to_hex};
 use crate::files::{create_private_dir, warn_if_shared};
@@ -60,6 +61,10 @@ pub enum StoreError {
     /// The ledger's group this operation was in did not commit.
     #[error("the request path's group commit failed: {0}")]
     GroupFailed(String),
+    /// The ledger's thread is gone (the store is closing, or the thread ended): the request
+    /// path can reserve, settle or release nothing more.
+    #[error("the request path's ledger has stopped")]
+    LedgerGone,
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// `rotate-key` committed after this process opened the database: a write now would seal
@@ -331,6 +336,7 @@ impl Store {
     /// At start: mark the credentials whose secrets do not open. Returns how many credentials
     /// opening the database sealed (encryption just turned on) or re-sealed (an older sealed
     /// format), and the marked ones with their reasons.
+    #[tracing::instrument(skip_all)]
     pub async fn prepare_secrets(
         &self,
         now: DateTime<Utc>,
@@ -346,6 +352,7 @@ impl Store {
     }
 
     /// `PRAGMA integrity_check`; `Ok(())` when the database is sound.
+    #[tracing::instrument(skip_all)]
     pub async fn integrity_check(&self) -> Result<Vec<String>> {
         let rows: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check")
             .fetch_all(&self.reader)
@@ -356,6 +363,7 @@ impl Store {
     /// Close the ledger's connection (after its last group), the checkpoint connection (after
     /// a last attempt at a checkpoint still owed) and both pools; the last one to close
     /// checkpoints the WAL.
+    #[tracing::instrument(skip_all)]
     pub async fn close(&self) {
         let (reply, done) = tokio::sync::oneshot::channel();
         if self.ledger.send(ledger::Op::Close { reply }).is_ok() {

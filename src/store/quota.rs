@@ -35,6 +35,7 @@ impl Store {
     /// rows read out (100,000 of them with one provider). SQLite's SUM fails past 2^63, which
     /// 10,000 counters at their bound (10^15) pass, so each counter is summed as two 32-bit
     /// halves that cannot reach it.
+    #[tracing::instrument(skip_all, fields(provider = provider))]
     pub async fn quota_total(&self, provider: &str) -> Result<QuotaTotal> {
         let r = sqlx::query!(
             r#"SELECT COUNT(*) AS "credentials!: i64",
@@ -61,6 +62,7 @@ impl Store {
     }
 
     /// Apply a quota change (see `set_quota_locked`).
+    #[tracing::instrument(skip_all, fields(provider = provider, credential = id, actor = actor))]
     pub async fn set_quota(
         &self,
         provider: &str,

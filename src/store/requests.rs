@@ -7,125 +7,27 @@
 
 use super::audit::{self, AuditEntry};
 use super::ledger::Op;
+use super::reservation::{Mark, Reservation, ReserveRequest, ReserveRequestOwned, Unavailable};
 use super::{Result, Store, StoreError};
-use crate::config::SelectionStrategy;
 use crate::crypto::Field;
-use crate::providers::wire::Usage;
+use crate::domain::Usage;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
-/// What a reservation is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReservationKind {
-    Request,
-    Lease,
-}
-
-/// A request to reserve tokens on some credential of a provider.
-#[derive(Debug, Clone)]
-pub struct ReserveRequest<'a> {
-    pub provider: &'a str,
-    pub tokens: u64,
-    pub strategy: SelectionStrategy,
-    /// Credentials this request already tried.
-    pub exclude: &'a [String],
-    pub kind: ReservationKind,
-    /// When an unreported lease is settled at its reservation.
-    pub expires_at: Option<DateTime<Utc>>,
-}
-
-/// Tokens held on a credential until settled or released.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reservation {
-    pub id: String,
-    pub credential_id: String,
-    pub tokens: u64,
-}
-
-/// Why nothing could be reserved.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Unavailable {
-    /// The provider has no credential at all.
-    NoCredentials,
-    /// Every credential is exhausted, cooling down or full of reservations; the earliest may be
-    /// usable again in this many seconds. `in_flight`: some credential has room but for the
-    /// reservations of requests in flight, which settlements will free.
-    Busy { retry_after: u64, in_flight: bool },
-    /// Every credential is disabled, invalid or expired (or was tried already).
-    Unusable,
-    /// Every credential that is not unusable is out of quota (or too small for the request),
-    /// and its provider's quota never resets.
-    Exhausted,
-}
-
-/// What happened to the credential that made a request fail.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Mark {
-    Invalid(String),
-    /// Out of credit or quota: until `until` when the provider named a date, else until the
-    /// next reset.
-    Exhausted {
-        reason: String,
-        until: Option<DateTime<Utc>>,
-    },
-    Cooldown {
-        until: DateTime<Utc>,
-        reason: String,
-    },
-}
-
-impl Mark {
-    /// One line for the auth log.
-    pub fn describe(&self) -> String {
-        match self {
-            Mark::Invalid(r) => format!("invalid: {r}"),
-            Mark::Exhausted {
-                reason,
-                until: None,
-            } => format!("exhausted: {reason}"),
-            Mark::Exhausted {
-                reason,
-                until: Some(until),
-            } => format!(
-                "exhausted until {}: {reason}",
-                crate::domain::rfc3339(*until)
-            ),
-            Mark::Cooldown { until, reason } => {
-                format!(
-                    "cooling down until {}: {reason}",
-                    crate::domain::rfc3339(*until)
-                )
-            }
-        }
-    }
-}
-
-/// [`ReserveRequest`] owned, to travel to the ledger's thread.
-#[derive(Debug, Clone)]
-pub(super) struct ReserveRequestOwned {
-    pub provider: String,
-    pub tokens: u64,
-    pub strategy: SelectionStrategy,
-    pub exclude: Vec<String>,
-    pub kind: ReservationKind,
-    pub expires_at: Option<DateTime<Utc>>,
-}
-
-fn ledger_gone() -> StoreError {
-    StoreError::Db(sqlx::Error::PoolClosed)
-}
-
 impl Store {
     async fn ask<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.ledger.send(op(tx)).map_err(|_| ledger_gone())?;
-        rx.await.map_err(|_| ledger_gone())?
+        self.ledger
+            .send(op(tx))
+            .map_err(|_| StoreError::LedgerGone)?;
+        rx.await.map_err(|_| StoreError::LedgerGone)?
     }
 
     /// Pick a credential by `strategy` among the usable ones with room for the tokens, and
     /// reserve them. Answers once the reservation is durable.
+    #[tracing::instrument(level = "debug", skip_all, fields(provider = req.provider, tokens = req.tokens, kind = ?req.kind))]
     pub async fn reserve(
         &self,
         req: &ReserveRequest<'_>,
@@ -144,6 +46,7 @@ impl Store {
 
     /// Reserve as [`Store::reserve`], but when the only obstacle is room held by requests in
     /// flight, wait (up to `patience`) for their settlements to free it instead of failing.
+    #[tracing::instrument(level = "debug", skip_all, fields(provider = req.provider, tokens = req.tokens))]
     pub async fn reserve_waiting(
         &self,
         req: &ReserveRequest<'_>,
@@ -169,6 +72,7 @@ impl Store {
     /// short, a lease reported without usage) the charge is at least the reservation; the part
     /// beyond the reported usage is recorded as unreported. Returns `false` when the
     /// reservation was already settled or released.
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id, input = usage.input, output = usage.output))]
     pub async fn settle(
         &self,
         reservation_id: &str,
@@ -189,6 +93,7 @@ impl Store {
 
     /// Queue a settlement (as [`Store::settle`]) without waiting for its commit. A failure is
     /// logged by the ledger; the reservation then stays, and the next start charges it.
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id, input = usage.input, output = usage.output))]
     pub fn settle_later(
         &self,
         reservation_id: &str,
@@ -212,6 +117,7 @@ impl Store {
 
     /// Queue a release without a mark (as [`Store::release`]) without waiting for it: for a
     /// request path that cannot wait (a reservation dropped while unwinding).
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id))]
     pub fn release_later(&self, reservation_id: &str, now: DateTime<Utc>) {
         let (reply, _) = oneshot::channel();
         let id = reservation_id.to_string();
@@ -238,6 +144,7 @@ impl Store {
 
     /// Release a reservation unused (the request failed before using anything), marking the
     /// credential when the failure was its own. Returns `false` when already settled.
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id, marked = mark.is_some()))]
     pub async fn release(
         &self,
         reservation_id: &str,
@@ -258,6 +165,7 @@ impl Store {
     /// At start: charge in full every request reservation left by a process that is gone (it
     /// may have used the tokens). One transaction; returns the number of reservations and
     /// tokens charged.
+    #[tracing::instrument(skip_all)]
     pub async fn settle_dead(&self, now: DateTime<Utc>) -> Result<(u64, u64)> {
         self.exclusive(async {
             let ts = now.timestamp();
@@ -308,6 +216,7 @@ impl Store {
     }
 
     /// Settle every lease past its expiry at its reservation. Returns how many.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn expire_leases(&self, now: DateTime<Utc>) -> Result<usize> {
         let ids = sqlx::query_scalar!(
             "SELECT id FROM reservations WHERE kind = 'lease' AND expires_at <= ?",
@@ -325,6 +234,7 @@ impl Store {
     }
 
     /// A live lease: its credential and provider, if it exists and is a lease.
+    #[tracing::instrument(level = "debug", skip_all, fields(lease = id))]
     pub async fn lease(&self, id: &str) -> Result<Option<(String, String)>> {
         Ok(sqlx::query!(
             "SELECT credential_id, provider FROM reservations WHERE id = ? AND kind = 'lease'",
@@ -337,6 +247,7 @@ impl Store {
 
     /// A credential's token and, when it does not open, why (the caller marks it). Opened
     /// tokens are kept in memory while the stored value is unchanged.
+    #[tracing::instrument(level = "debug", skip_all, fields(credential = id))]
     pub async fn open_token(
         &self,
         id: &str,
@@ -372,6 +283,7 @@ impl Store {
     }
 
     /// Per credential: `used`, and the usage history of its current period (for checks).
+    #[tracing::instrument(skip_all)]
     pub async fn usage_totals(&self) -> Result<Vec<(String, u64, u64)>> {
         Ok(sqlx::query!(
             r#"SELECT q.credential_id, q.used,
@@ -392,9 +304,11 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SelectionStrategy;
     use crate::crypto::{Encryption, Secret};
     use crate::domain::{CredentialKind, NewCredential, OauthExtra, Status};
     use crate::store::ListFilter;
+    use crate::store::ReservationKind;
 
     /// A reservation whose caller is gone by the time its group commits (a lease call whose
     /// client disconnected) is released by the ledger itself, not held until the next start.
@@ -461,6 +375,47 @@ mod tests {
         let row = store.get(&id, Utc::now()).await.unwrap();
         assert_eq!((row.used, row.reserved), (0, 0));
         store.close().await;
+    }
+
+    /// Once the store is closed its ledger is gone, and the request path's operations say so
+    /// as such (not as a database error).
+    #[tokio::test]
+    async fn operations_after_close_find_the_ledger_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(super::super::StoreOptions {
+            path: dir.path().join("db.sqlite"),
+            encryption: Encryption::off(),
+            schedules: Default::default(),
+            read_connections: 1,
+        })
+        .await
+        .unwrap();
+        let now = Utc::now();
+        store
+            .add(&api_key("sk-ant-gone"), "api", "test", now)
+            .await
+            .unwrap();
+        store.close().await;
+        let req = ReserveRequest {
+            provider: "claude",
+            tokens: 1,
+            strategy: SelectionStrategy::RoundRobin,
+            exclude: &[],
+            kind: ReservationKind::Request,
+            expires_at: None,
+        };
+        assert!(matches!(
+            store.reserve(&req, now).await,
+            Err(StoreError::LedgerGone)
+        ));
+        assert!(matches!(
+            store.release("res_x", None, now).await,
+            Err(StoreError::LedgerGone)
+        ));
+        assert!(matches!(
+            store.settle("res_x", Usage::default(), false, now).await,
+            Err(StoreError::LedgerGone)
+        ));
     }
 
     fn api_key(token: &str) -> NewCredential {

@@ -764,6 +764,7 @@ impl Store {
 
     /// Mark every credential whose stored secrets do not open as `invalid`, with the reason;
     /// the others are untouched. Returns the ids and reasons of the marked ones.
+    #[tracing::instrument(skip_all)]
     pub(super) async fn mark_unopenable(&self, now: i64) -> Result<Vec<(String, String)>> {
         let rows = sealed_rows(&mut *self.reader.acquire().await?).await?;
         let failed: Vec<(String, String)> = rows
@@ -792,6 +793,7 @@ impl Store {
 
     /// Re-seal every stored secret under `to` and replace the fingerprint key (see
     /// `rekey_locked`), then checkpoint so no value under the old key stays on disk.
+    #[tracing::instrument(skip_all)]
     pub async fn rekey(&self, to: &Encryption) -> Result<usize> {
         let count = self
             .exclusive(async { Ok(super::Written::everything(self.rekey_locked(to).await?)) })

@@ -327,3 +327,18 @@ pub fn by_label<'a>(auths: &'a [Value], label: &str) -> &'a Value {
         .find(|a| a["label"] == label)
         .unwrap_or_else(|| panic!("no credential labelled {label}"))
 }
+
+/// Every credential's secrets open: each is listed `active`, but those of `refresh_only` (an
+/// OAuth provider whose credentials the test adds with a refresh token alone), which have no
+/// access token before their first refresh and so are `expired`, awaiting refresh.
+#[allow(dead_code)]
+pub fn assert_all_open(auths: &[Value], refresh_only: &str) {
+    for a in auths {
+        if a["provider"] == refresh_only {
+            assert_eq!(a["status"], "expired", "{a}");
+            assert_eq!(a["status_reason"], "awaiting refresh", "{a}");
+        } else {
+            assert_eq!(a["status"], "active", "{a}");
+        }
+    }
+}

@@ -27,4 +27,5 @@ mod security;
 mod seed;
 mod soak;
 mod stalls;
+mod status;
 mod streams;

@@ -68,14 +68,10 @@ async fn filters_paging_and_status() {
     assert_eq!(page("status=exhausted").await, ["c2"]);
     assert_eq!(
         page("status=expired").await,
-        ["p1"],
-        "no refresh token: expired"
+        ["p1", "p2"],
+        "past expires_at: expired, refreshable or not"
     );
-    assert_eq!(
-        page("status=active&provider=copilot").await,
-        ["p2"],
-        "refreshable: not expired"
-    );
+    assert!(page("status=active&provider=copilot").await.is_empty());
     assert_eq!(page("status=active&limit=3").await.len(), 3);
     let all = app.auths().await;
     assert_eq!(all.len(), 16);
@@ -83,6 +79,8 @@ async fn filters_paging_and_status() {
     assert_eq!(c2["status"], "exhausted");
     assert!(c2["status_reason"].as_str().unwrap().contains("10"));
     assert_eq!(c2["quota"]["remaining"], 0);
+    assert_eq!(by_label(&all, "p1")["status_reason"], "token expired");
+    assert_eq!(by_label(&all, "p2")["status_reason"], "awaiting refresh");
     assert_eq!(by_label(&all, "o0")["quota"]["limit"], Value::Null);
     assert_eq!(by_label(&all, "o0")["quota"]["remaining"], Value::Null);
     app.stop().await;

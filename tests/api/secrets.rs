@@ -4,7 +4,7 @@
 //! changes nothing; sealed values open only in their own database and format; the fingerprint
 //! key rotates; previews, leases, environment secrets, file modes and core dumps.
 
-use crate::common::{Api, Home, Resp};
+use crate::common::{Api, Home, Resp, assert_all_open};
 use cliproxyapi::crypto::{EncryptionKey, to_hex};
 use serde_json::{Value, json};
 use sqlx::sqlite::SqliteConnectOptions;
@@ -386,7 +386,7 @@ async fn turning_encryption_on_leaves_no_clear_token_on_disk() {
             let server = home.spawn_binary();
             let auths = server.auths().await;
             assert_eq!(auths.len(), 20);
-            assert!(auths.iter().all(|a| a["status"] == "active"), "{auths:?}");
+            assert_all_open(&auths, "kiro");
             server.kill9();
             assert_gone(&home, &all, "turned on, then kill -9");
         } else {
@@ -406,7 +406,7 @@ async fn turning_encryption_on_leaves_no_clear_token_on_disk() {
         // Sealed, not lost: they open under the key.
         let app = home.start().await;
         let auths = app.auths().await;
-        assert!(auths.iter().all(|a| a["status"] == "active"), "{auths:?}");
+        assert_all_open(&auths, "kiro");
         let id = auths[0]["id"].as_str().unwrap();
         let token = app.state.store.open_token(id).await.unwrap().unwrap();
         assert!(toks.iter().any(|t| t == token.expose()));
@@ -451,7 +451,7 @@ async fn rotate_key_leaves_no_value_of_the_old_key_on_disk() {
     let server = home.spawn_binary();
     let auths = server.auths().await;
     assert_eq!(auths.len(), 20);
-    assert!(auths.iter().all(|a| a["status"] == "active"), "{auths:?}");
+    assert_all_open(&auths, "kiro");
     server.kill9();
     assert_gone(&home, &old_values, "after rotate-key, a start and kill -9");
 }
@@ -933,7 +933,7 @@ async fn a_key_that_cannot_be_verified_changes_nothing() {
     let app = home.start().await;
     let auths = app.auths().await;
     assert_eq!(auths.len(), 10);
-    assert!(auths.iter().all(|a| a["status"] == "active"), "{auths:?}");
+    assert_all_open(&auths, "kiro");
     app.stop().await;
 }
 
@@ -1072,7 +1072,7 @@ async fn a_value_copied_from_another_database_does_not_open() {
             );
             assert!(app.state.store.open_token(id).await.unwrap().is_err());
         } else {
-            assert_eq!(a["status"], "active", "{a}");
+            assert_all_open(std::slice::from_ref(a), "kiro");
         }
     }
     app.stop().await;
@@ -1243,7 +1243,7 @@ async fn a_database_sealed_before_the_database_id_is_upgraded_once() {
         if id == ids[1] || id == ids[2] {
             assert_eq!(a["status"], "invalid", "{a}");
         } else {
-            assert_eq!(a["status"], "active", "{a}");
+            assert_all_open(std::slice::from_ref(a), "kiro");
             let token = app.state.store.open_token(id).await.unwrap();
             if a["provider"] != "kiro" {
                 let token = token.unwrap();

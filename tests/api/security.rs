@@ -1,7 +1,7 @@
 //! Security (contract section 8): management keys and lock-out, encryption at rest, key
 //! rotation, wrong keys, and secrets kept out of every file on disk.
 
-use crate::common::{Api, Home};
+use crate::common::{Api, Home, assert_all_open};
 use axum::http::HeaderMap;
 use chrono::{DateTime, Duration, Utc};
 use cliproxyapi::app::Clock;
@@ -265,7 +265,7 @@ async fn encryption_keeps_tokens_out_of_the_database_wal_and_logs() {
     assert_no_token_on_disk(&home, &TOKENS);
     let auths = app.auths().await;
     assert_eq!(auths.len(), 4);
-    assert!(auths.iter().all(|a| a["status"] == "active"), "{auths:#?}");
+    assert_all_open(&auths, "copilot");
     app.stop().await;
     assert_no_token_on_disk(&home, &TOKENS);
     // The tokens still open: the credentials are usable after a restart.
@@ -291,7 +291,7 @@ async fn turning_encryption_on_seals_existing_rows() {
     let app = home.start_with(&env, Arc::new(Utc::now)).await;
     let auths = app.auths().await;
     assert_eq!(auths.len(), 4);
-    assert!(auths.iter().all(|a| a["status"] == "active"));
+    assert_all_open(&auths, "copilot");
     assert!(
         home.auth_log()
             .contains("sealed the secrets of 4 credential(s)")

@@ -9,7 +9,8 @@
 //! statement that does not fit the migrated schema stops the start, and each test's start
 //! checks them.
 
-use super::super::requests::Mark;
+use super::super::reservation::Mark;
+use crate::domain::status::StoredState;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -136,6 +137,7 @@ impl LedgerDb {
     /// error nothing of it stays. Returns the reservations settled or released whose row was
     /// already gone (another process settled it): those were not charged again, and the
     /// caller's mirror, which counted them, needs reloading.
+    #[tracing::instrument(level = "debug", skip_all, fields(reservations = e.inserts.len(), settlements = e.settles.len(), releases = e.releases.len(), marks = e.marks.len()))]
     pub(super) fn commit(&mut self, e: &Effects) -> rusqlite::Result<Vec<String>> {
         if e.is_empty() {
             return Ok(Vec::new());
@@ -227,7 +229,7 @@ impl LedgerDb {
             match mark {
                 Mark::Invalid(reason) => {
                     tx.prepare_cached(MARK_STATE)?.execute(params![
-                        "invalid",
+                        StoredState::Invalid.as_str(),
                         reason,
                         None::<i64>,
                         ts,
@@ -236,7 +238,7 @@ impl LedgerDb {
                 }
                 Mark::Exhausted { reason, until } => {
                     tx.prepare_cached(MARK_STATE)?.execute(params![
-                        "exhausted",
+                        StoredState::Exhausted.as_str(),
                         reason,
                         until.map(|u| u.timestamp()),
                         ts,

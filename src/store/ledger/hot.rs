@@ -1,9 +1,10 @@
 //! The ledger's in-memory mirror of the counters and usable credentials: what a group decides
 //! on, so that picking a credential is a cursor step rather than a query.
 
-use super::super::requests::{ReservationKind, Unavailable};
+use super::super::reservation::{ReservationKind, Unavailable};
 use crate::config::SelectionStrategy;
 use crate::crypto::Secret;
+use crate::domain::status::{State, Status, StoredState};
 use crate::quota::ResetSchedule;
 use crate::selection;
 use std::collections::HashMap;
@@ -22,8 +23,9 @@ pub(super) struct HotCred {
     /// Reserved by leases (held until reported).
     pub(super) leased: i64,
     pub(super) disabled: bool,
-    pub(super) state: String,
+    pub(super) state: StoredState,
     pub(super) expires_at: Option<i64>,
+    pub(super) has_refresh_token: bool,
     pub(super) cooldown_until: Option<i64>,
     /// Until when an `exhausted` state holds, when the provider named a date.
     pub(super) exhausted_until: Option<i64>,
@@ -32,19 +34,26 @@ pub(super) struct HotCred {
 }
 
 impl HotCred {
-    /// Marked exhausted, and the mark still holds at `now`: without a date until a reset,
-    /// with one until that date (the status rule of `credentials.rs`, in SQL there).
-    pub(super) fn marked_exhausted(&self, now: i64) -> bool {
-        self.state == "exhausted" && self.exhausted_until.is_none_or(|u| u > now)
+    /// What the status rule reads of the credential (the mirror keeps no reasons: selection
+    /// needs none).
+    pub(super) fn state(&self) -> State<'static> {
+        State {
+            disabled: self.disabled,
+            stored: self.state,
+            state_reason: None,
+            expires_at: self.expires_at,
+            has_refresh_token: self.has_refresh_token,
+            has_token: self.has_token,
+            exhausted_until: self.exhausted_until,
+            cooldown_until: self.cooldown_until,
+            limit: self.limit,
+            used: self.used,
+        }
     }
 
+    /// Whether the request path may pick it at `now`: the status rule says `active`.
     pub(super) fn usable(&self, now: i64) -> bool {
-        !self.disabled
-            && (self.state == "active"
-                || (self.state == "exhausted" && !self.marked_exhausted(now)))
-            && self.has_token
-            && self.expires_at.is_none_or(|e| e > now)
-            && self.cooldown_until.is_none_or(|c| c <= now)
+        self.state().status(now) == Status::Active
     }
 
     /// Whether `tokens` more fit under the limit beside what is used and reserved. Saturating:
@@ -170,10 +179,12 @@ impl Hot {
         let mut consider = |at: i64| earliest = Some(earliest.map_or(at, |e| e.min(at)));
         for id in &list.by_seq {
             let c = &self.creds[id];
-            if c.disabled || !c.has_token || c.state == "invalid" || c.state == "expired" {
-                continue;
-            }
-            if c.expires_at.is_some_and(|e| e <= now) || exclude.contains(id) {
+            let state = c.state();
+            let status = state.status(now);
+            // Out until a user, an import or a refresh brings it back: no wait names an end.
+            if matches!(status, Status::Disabled | Status::Invalid | Status::Expired)
+                || exclude.contains(id)
+            {
                 continue;
             }
             let next_reset = || {
@@ -185,7 +196,7 @@ impl Hot {
             let over_limit = c
                 .limit
                 .is_some_and(|l| c.used >= l || c.used.saturating_add(tokens) > l);
-            let marked = c.marked_exhausted(now);
+            let marked = state.marked_exhausted(now);
             if over_limit || marked {
                 // No reservation's end makes room: a mark with a date ends at that date, and
                 // anything else only with a reset (a mark with a date on a credential also
@@ -202,7 +213,7 @@ impl Hot {
                 }
                 continue;
             }
-            if let Some(until) = c.cooldown_until.filter(|u| *u > now) {
+            if let (Status::Cooldown, Some(until)) = (status, c.cooldown_until) {
                 consider(until);
                 continue;
             }
@@ -246,3 +257,6 @@ impl Hot {
         ends
     }
 }
+
+#[cfg(test)]
+mod tests;

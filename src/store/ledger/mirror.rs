@@ -12,8 +12,9 @@
 
 use super::hot::{Hot, HotCred, HotRes, MAX_COUNTER, ProviderList};
 use crate::crypto::{Field, Sealer, Secret};
+use crate::domain::status::StoredState;
 use crate::store::Result;
-use crate::store::requests::ReservationKind;
+use crate::store::reservation::ReservationKind;
 use sqlx::SqlitePool;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -59,6 +60,7 @@ struct MirrorRow {
     cooldown_until: Option<i64>,
     exhausted_until: Option<i64>,
     token_sealed: Option<Vec<u8>>,
+    has_refresh_token: bool,
     limit_tokens: Option<i64>,
     used: i64,
     period_start: i64,
@@ -82,6 +84,7 @@ macro_rules! credential_rows {
             r#"SELECT c.id, c.provider, c.seq, c.priority, c.disabled AS "disabled!: bool",
                       c.state, c.expires_at, c.cooldown_until, c.exhausted_until,
                       c.token_sealed,
+                      (c.refresh_token_sealed IS NOT NULL) AS "has_refresh_token!: bool",
                       q.limit_tokens, q.used, q.period_start
                FROM credentials c JOIN quotas q ON q.credential_id = c.id "# + $rest
             $(, $arg)*
@@ -113,8 +116,9 @@ impl HotCred {
             reserved: 0,
             leased: 0,
             disabled: r.disabled,
-            state: r.state.clone(),
+            state: StoredState::parse(&r.state),
             expires_at: r.expires_at,
+            has_refresh_token: r.has_refresh_token,
             cooldown_until: r.cooldown_until,
             exhausted_until: r.exhausted_until,
             has_token: r.token_sealed.is_some(),
@@ -354,6 +358,7 @@ fn build(
 /// Load the mirror whole (under the gate's write side: at start, by the ledger after a failed
 /// group, or for a write that touched too much to name). Tokens are opened here, and kept
 /// across loads while their stored value is unchanged.
+#[tracing::instrument(skip_all)]
 pub(in crate::store) async fn load(
     writer: &SqlitePool,
     sealer: &Sealer,
@@ -379,6 +384,7 @@ fn open(sealer: &Sealer, id: &str, sealed: Vec<u8>) -> Option<(Vec<u8>, Arc<Secr
 
 /// Make the mirror follow a management write (under the gate's write side, right after it).
 /// Returns how many credentials it read again.
+#[tracing::instrument(level = "debug", skip_all)]
 pub(in crate::store) async fn follow(
     writer: &SqlitePool,
     sealer: &Sealer,

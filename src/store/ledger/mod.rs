@@ -19,10 +19,11 @@ pub(super) use mirror::{MANY, Touched, follow, load};
 #[cfg(debug_assertions)]
 pub(super) use mirror::{Snapshot, difference, snapshot};
 
-use super::requests::{Mark, Reservation, ReservationKind, ReserveRequestOwned, Unavailable};
+use super::reservation::{Mark, Reservation, ReservationKind, ReserveRequestOwned, Unavailable};
 use super::{Result, StoreError};
 use crate::crypto::Sealer;
-use crate::providers::wire::Usage;
+use crate::domain::Usage;
+use crate::domain::status::StoredState;
 use crate::quota::ResetSchedule;
 use chrono::{DateTime, Utc};
 use db::{Effects, NewReservation, Settlement};
@@ -413,11 +414,11 @@ fn unhold(c: &mut HotCred, res: &HotRes) {
 fn apply_mark(c: &mut HotCred, mark: &Mark, _ts: i64) {
     match mark {
         Mark::Invalid(_) => {
-            c.state = "invalid".into();
+            c.state = StoredState::Invalid;
             c.exhausted_until = None;
         }
         Mark::Exhausted { until, .. } => {
-            c.state = "exhausted".into();
+            c.state = StoredState::Exhausted;
             c.exhausted_until = until.map(|u| u.timestamp());
         }
         Mark::Cooldown { until, .. } => {
@@ -544,8 +545,9 @@ mod tests {
                     reserved: 0,
                     leased: 0,
                     disabled: false,
-                    state: "active".into(),
+                    state: StoredState::Active,
                     expires_at: None,
+                    has_refresh_token: false,
                     cooldown_until: None,
                     exhausted_until: None,
                     has_token: true,

@@ -6,9 +6,9 @@
 use super::{difference, snapshot};
 use crate::config::SelectionStrategy;
 use crate::crypto::{Encryption, Secret};
+use crate::domain::Usage;
 use crate::domain::{CredentialKind, NewCredential, OauthExtra};
 use crate::import::{Batch, Entry};
-use crate::providers::wire::Usage;
 use crate::store::{
     CredentialPatch, ImportMode, Mark, QuotaPatch, ReservationKind, ReserveRequest, Store,
     StoreOptions,

@@ -1,5 +1,13 @@
 //! Credentials as the program sees them: validated input ([`NewCredential`]), the stored row
-//! without secrets ([`CredentialRow`]), and the small enums between them.
+//! without secrets ([`CredentialRow`]), the small enums between them, the one rule that
+//! decides a credential's effective status ([`status`]), and the tokens a request used
+//! ([`Usage`]).
+
+pub mod status;
+mod usage;
+
+pub use status::Status;
+pub use usage::Usage;
 
 use crate::crypto::{Fingerprinter, Secret};
 use chrono::{DateTime, Utc};
@@ -26,44 +34,6 @@ impl CredentialKind {
             "oauth" => Some(CredentialKind::Oauth),
             _ => None,
         }
-    }
-}
-
-/// The effective status of a credential, as the API shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Active,
-    Cooldown,
-    Exhausted,
-    Expired,
-    Invalid,
-    Disabled,
-}
-
-impl Status {
-    pub const ALL: [Status; 6] = [
-        Status::Active,
-        Status::Cooldown,
-        Status::Exhausted,
-        Status::Expired,
-        Status::Invalid,
-        Status::Disabled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Active => "active",
-            Status::Cooldown => "cooldown",
-            Status::Exhausted => "exhausted",
-            Status::Expired => "expired",
-            Status::Invalid => "invalid",
-            Status::Disabled => "disabled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Status::ALL.into_iter().find(|st| st.as_str() == s)
     }
 }
 
