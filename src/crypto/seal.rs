@@ -45,11 +45,13 @@ pub enum CryptoError {
 
 /// Version byte of a value stored in clear (encryption off).
 const PLAIN_V0: u8 = 0;
-/// Version byte of the first AES-256-GCM-SIV format, whose associated data has no database id:
-/// `1 | key_id (u32 BE) | nonce (12) | ct‖tag`. Read only to upgrade it.
-const SEALED_V1: u8 = 1;
-/// Version byte of the current format: the layout of v1, with the database id in the
-/// associated data.
+/// Version byte of the first AES-256-GCM-SIV format, written by builds before the database id
+/// (no database id in its associated data). This version never opens one: the schema those
+/// builds made is not the one it migrates (README, Encryption at rest). The byte is recognised
+/// only so that such a value is refused by name rather than as an unknown one.
+const OBSOLETE_V1: u8 = 1;
+/// Version byte of the current format: `2 | key_id (u32 BE) | nonce (12) | ct‖tag`, with the
+/// database id in the associated data.
 const SEALED_V2: u8 = 2;
 const NONCE_LEN: usize = 12;
 const HEADER_LEN: usize = 1 + 4 + NONCE_LEN;
@@ -60,8 +62,9 @@ const TAG_LEN: usize = 16;
 pub enum Form {
     /// In clear (version 0).
     Plain,
-    /// Sealed without the database id (version 1, before the id existed).
-    Legacy,
+    /// Sealed in the first format (version 1, before the database id), which this version
+    /// cannot open.
+    Obsolete,
     /// Sealed in the current format (version 2).
     Sealed,
     /// Empty, or a version byte this program never wrote.
@@ -72,7 +75,7 @@ pub enum Form {
 pub fn form_of(stored: &[u8]) -> Form {
     match stored.first() {
         Some(&PLAIN_V0) => Form::Plain,
-        Some(&SEALED_V1) => Form::Legacy,
+        Some(&OBSOLETE_V1) => Form::Obsolete,
         Some(&SEALED_V2) => Form::Sealed,
         _ => Form::Unknown,
     }
@@ -260,13 +263,11 @@ fn aad_v2(database: &DatabaseId, owner: &str, field: Field, key_id: u32) -> Vec<
     out
 }
 
-/// The associated data of a v1 value (no database id).
-fn aad_v1(owner: &str, field: Field, key_id: u32) -> Vec<u8> {
-    format!("cliproxyapi/v1/{owner}/{}/{key_id:08x}", field.as_str()).into_bytes()
-}
-
 /// The text sealed as the key check.
 const KEY_CHECK: &str = "cliproxyapi key check";
+
+/// Why a value of the first sealed format is refused.
+const OBSOLETE_REASON: &str = "the value is sealed in the first format (version 1, before the database id), which only earlier builds wrote and this version cannot open; give the credential a new token";
 
 impl Sealer {
     pub fn is_encrypted(&self) -> bool {
@@ -315,8 +316,8 @@ impl Sealer {
 
     /// Open what [`Sealer::seal`] produced for the same owner and field. Only this sealer's
     /// form opens: with encryption on, a value in clear is refused (it can only have been
-    /// written behind the program's back), and so is a value of the old format that did not
-    /// open when the database was upgraded.
+    /// written behind the program's back), and a value of the first sealed format is refused
+    /// whatever the key, as this version cannot open it.
     pub fn open(&self, owner: &str, field: Field, sealed: &[u8]) -> Result<Secret, CryptoError> {
         let err = open_error(owner, field);
         match (form_of(sealed), &self.keyed) {
@@ -324,11 +325,9 @@ impl Sealer {
             (Form::Plain, Some(_)) => Err(err(
                 "the value is stored in clear in an encrypted database, so it is refused; give the credential a new token",
             )),
-            (Form::Legacy | Form::Sealed, None) => Err(err(
+            (Form::Obsolete, _) => Err(err(OBSOLETE_REASON)),
+            (Form::Sealed, None) => Err(err(
                 "the value is encrypted, but encryption is not configured",
-            )),
-            (Form::Legacy, Some(_)) => Err(err(
-                "the value is in the sealed format of before the database id and did not open when the database was upgraded",
             )),
             (Form::Sealed, Some(keyed)) => {
                 let aad = |key_id| aad_v2(&self.database, owner, field, key_id);
@@ -351,23 +350,6 @@ impl Sealer {
         match form_of(stored) {
             Form::Plain => utf8(stored[1..].to_vec()).map_err(err),
             _ => Err(err("the value is not stored in clear")),
-        }
-    }
-
-    /// Open a value of the first sealed format (no database id in its associated data)
-    /// under this sealer's key, for the migration that re-seals those values once.
-    pub fn open_legacy(
-        &self,
-        owner: &str,
-        field: Field,
-        stored: &[u8],
-    ) -> Result<Secret, CryptoError> {
-        let err = open_error(owner, field);
-        match (form_of(stored), &self.keyed) {
-            (Form::Legacy, Some(keyed)) => {
-                decrypt(keyed, stored, |key_id| aad_v1(owner, field, key_id)).map_err(err)
-            }
-            _ => Err(err("the value is not in the first sealed format")),
         }
     }
 
@@ -411,7 +393,7 @@ fn utf8(bytes: Vec<u8>) -> Result<Secret, &'static str> {
     }
 }
 
-/// Decrypt a v1 or v2 value (`version | key id | nonce | ct‖tag`) under `keyed`, with the
+/// Decrypt a v2 value (`version | key id | nonce | ct‖tag`) under `keyed`, with the
 /// associated data `aad` gives for the key id.
 fn decrypt(
     keyed: &Keyed,
@@ -547,44 +529,24 @@ mod tests {
         assert!(EncryptionKey::from_base64("!!").is_err());
     }
 
-    /// A value of the first format, sealed as the program before the database id did.
-    fn seal_v1(key: &EncryptionKey, owner: &str, field: Field, text: &str) -> Vec<u8> {
-        use aes_gcm_siv::KeyInit;
-        use aes_gcm_siv::aead::{Aead, Payload};
-        let cipher = aes_gcm_siv::Aes256GcmSiv::new_from_slice(key.key.as_slice()).unwrap();
-        let nonce = [7u8; NONCE_LEN];
-        let aad = aad_v1(owner, field, key.id());
-        let ct = cipher
-            .encrypt(
-                &nonce.into(),
-                Payload {
-                    msg: text.as_bytes(),
-                    aad: &aad,
-                },
-            )
-            .unwrap();
-        [&[SEALED_V1][..], &key.id().to_be_bytes(), &nonce, &ct].concat()
-    }
-
+    /// A value with the first format's version byte (its layout, under the current key and
+    /// associated data, or cut short) is refused by name, with or without a key, and never by
+    /// a panic.
     #[test]
-    fn legacy_values_open_only_for_their_migration() {
-        let (k1, k2) = (key(), key());
-        let s1 = Encryption::with_key(&k1).for_database(&DatabaseId::random());
-        let old = seal_v1(&k1, "cred_a", Field::Token, "sk-old");
-        assert_eq!(form_of(&old), Form::Legacy);
-        assert_eq!(
-            s1.open_legacy("cred_a", Field::Token, &old)
-                .unwrap()
-                .expose(),
-            "sk-old"
-        );
-        let e = s1.open("cred_a", Field::Token, &old).unwrap_err();
-        assert!(e.to_string().contains("format"), "{e}");
-        assert!(s1.open_legacy("cred_b", Field::Token, &old).is_err());
-        let s2 = Encryption::with_key(&k2).for_database(s1.database());
-        assert!(s2.open_legacy("cred_a", Field::Token, &old).is_err());
-        let v2 = s1.seal("cred_a", Field::Token, &Secret::new("sk-new"));
-        assert!(s1.open_legacy("cred_a", Field::Token, &v2).is_err());
+    fn values_of_the_first_format_are_refused_by_name() {
+        let here = Encryption::with_key(&key()).for_database(&DatabaseId::random());
+        let plain = Encryption::off().for_database(here.database());
+        let mut old = here.seal("cred_a", Field::Token, &Secret::new("sk-old"));
+        old[0] = OBSOLETE_V1;
+        for value in [&old[..], &old[..1], &old[..HEADER_LEN]] {
+            assert_eq!(form_of(value), Form::Obsolete);
+            for sealer in [&here, &plain] {
+                let e = sealer.open("cred_a", Field::Token, value).unwrap_err();
+                assert!(e.to_string().contains(OBSOLETE_REASON), "{e}");
+            }
+            assert!(here.open_plain("cred_a", Field::Token, value).is_err());
+            assert!(here.verify_key_check(value).is_err());
+        }
     }
 
     #[test]

@@ -7,16 +7,15 @@
 //! - a `key_check`: the database is encrypted, and the configured key must open the marker
 //!   (sealed under the key, bound to the database id) before anything is written. A value in
 //!   clear found in it was put there behind the program's back: it is refused, never sealed.
-//! - no `key_check` but values sealed in the first format (v1, no database id), and a
-//!   fingerprint key in that format that opens: a database of before the marker, re-sealed
-//!   once in the current format.
 //!
 //! Anything else (a marker that is missing, in clear or does not open while values are
-//! sealed, or encryption off over sealed values) stops the start before any write. Each
-//! change is one transaction, so a crash leaves the database wholly before or wholly after
-//! it; after one that replaced secrets, the WAL is checkpointed and truncated so no old copy
-//! stays on disk ([`Forgetter`], which never makes a writer wait on a reader). Every write
-//! transaction checks that the keys are still those this process opened with ([`KeyMarker`]).
+//! sealed, encryption off over sealed values, or no marker over values of the first sealed
+//! format, which only builds before the database id wrote) stops the start before any
+//! write. Each change is one transaction, so a crash leaves the database wholly before or
+//! wholly after it; after one that replaced secrets, the WAL is checkpointed and truncated so
+//! no old copy stays on disk ([`Forgetter`], which never makes a writer wait on a reader).
+//! Every write transaction checks that the keys are still those this process opened with
+//! ([`KeyMarker`]).
 
 use super::{Result, Store, StoreError};
 use crate::crypto::{
@@ -38,8 +37,6 @@ enum Standing {
     Plain,
     /// Not encrypted, and encryption is on: seal every value once (or a new database).
     TurnOn,
-    /// Sealed in the first format under the configured key: re-seal once in the current one.
-    Legacy,
     /// Encrypted, and the configured key opened its key check.
     Sealed,
 }
@@ -139,9 +136,6 @@ fn key_owner(generation: i64) -> String {
     format!("meta/{generation}")
 }
 
-/// The owner of the fingerprint key in the first sealed format, from when it lived in `meta`.
-const LEGACY_KEY_OWNER: &str = "meta";
-
 fn is_missing_table(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.message().contains("no such table"))
 }
@@ -182,7 +176,7 @@ async fn fingerprint_keys(conn: &mut SqliteConnection) -> Result<Vec<(i64, Vec<u
 #[derive(Debug, Default)]
 struct Forms {
     plain: bool,
-    legacy: bool,
+    obsolete: bool,
     sealed: bool,
     unknown: bool,
 }
@@ -191,14 +185,14 @@ impl Forms {
     fn add(&mut self, form: Form) {
         match form {
             Form::Plain => self.plain = true,
-            Form::Legacy => self.legacy = true,
+            Form::Obsolete => self.obsolete = true,
             Form::Sealed => self.sealed = true,
             Form::Unknown => self.unknown = true,
         }
     }
 
     fn any_encrypted(&self) -> bool {
-        self.legacy || self.sealed || self.unknown
+        self.obsolete || self.sealed || self.unknown
     }
 }
 
@@ -275,34 +269,19 @@ async fn inspect(conn: &mut SqliteConnection, encryption: &Encryption) -> Result
             standing: fresh.standing,
         });
     }
+    // Values of the first sealed format come from a build before the database id, which wrote
+    // no key check: whatever the key, this version cannot open them, so say that first.
+    if forms.obsolete {
+        return refuse(
+            "the database holds values sealed in the first format (version 1, before the database id), which only earlier builds wrote and this version cannot open",
+        );
+    }
     if !encryption.is_on() {
         return refuse("the database's secrets are encrypted, and encryption is off");
     }
-    if forms.sealed || forms.unknown {
-        return refuse(
-            "the database holds encrypted values but no key check, so the key cannot be verified (`meta` was altered)",
-        );
-    }
-    // A database of before the key check: its fingerprint key, sealed in the first format,
-    // is what tells whether the key is its own. That format has no database id in its
-    // associated data, so the id the sealer is bound to does not matter here.
-    let check = encryption.for_database(&database.clone().unwrap_or_else(DatabaseId::random));
-    match keys.iter().find(|(generation, _)| *generation == 1) {
-        Some((_, key)) if form_of(key) == Form::Legacy => {
-            match check.open_legacy(LEGACY_KEY_OWNER, Field::FingerprintKey, key) {
-                Ok(_) => Ok(Found {
-                    database,
-                    standing: Standing::Legacy,
-                }),
-                Err(e) => refuse(&format!(
-                    "the key does not open the database's fingerprint key: {e}"
-                )),
-            }
-        }
-        _ => refuse(
-            "the database holds encrypted values but its fingerprint key is in clear or missing, so the key cannot be verified",
-        ),
-    }
+    refuse(
+        "the database holds encrypted values but no key check, so the key cannot be verified (`meta` was altered)",
+    )
 }
 
 /// Before an existing database is opened for writing: does `encryption` fit it? The check
@@ -330,17 +309,17 @@ pub(super) struct Opened {
     pub fingerprinter: Fingerprinter,
     /// Earlier keys, kept only to recognise tombstones and import digests made under them.
     pub retired: Vec<Fingerprinter>,
-    /// Credentials whose secrets were sealed (encryption turned on) or re-sealed (upgraded).
+    /// Credentials whose secrets were sealed (encryption turned on).
     pub resealed: usize,
     /// The keys as this open left them, which every later write checks.
     pub marker: KeyMarker,
 }
 
-/// After the migrations, in one transaction: give the database its id, seal what the standing
-/// asks for (turning encryption on, or upgrading the first sealed format), write the key
-/// check, load (or create) the fingerprint keys, and bring stored previews to the current
-/// rule. The caller then checkpoints (see [`Forgetter`]), so nothing replaced stays in the WAL
-/// or the database file, also after a crash between an earlier commit and its checkpoint.
+/// After the migrations, in one transaction: give the database its id, seal the values in
+/// clear when encryption is turned on, write the key check, load (or create) the fingerprint
+/// keys, and bring stored previews to the current rule. The caller then checkpoints (see
+/// [`Forgetter`]), so nothing replaced stays in the WAL or the database file, also after a
+/// crash between an earlier commit and its checkpoint.
 pub(super) async fn prepare(writer: &SqlitePool, encryption: &Encryption) -> Result<Opened> {
     let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
     let found = inspect(&mut tx, encryption).await?;
@@ -355,18 +334,7 @@ pub(super) async fn prepare(writer: &SqlitePool, encryption: &Encryption) -> Res
     let sealer = encryption.for_database(&database);
     let resealed = match found.standing {
         Standing::Plain | Standing::Sealed => 0,
-        Standing::TurnOn => {
-            reseal_found(&mut tx, &sealer, Form::Plain, |owner, field, v| {
-                sealer.open_plain(owner, field, v)
-            })
-            .await?
-        }
-        Standing::Legacy => {
-            reseal_found(&mut tx, &sealer, Form::Legacy, |owner, field, v| {
-                sealer.open_legacy(owner, field, v)
-            })
-            .await?
-        }
+        Standing::TurnOn => seal_values_in_clear(&mut tx, &sealer).await?,
     };
     if found.standing != Standing::Sealed
         && let Some(marker) = sealer.seal_key_check()
@@ -393,23 +361,18 @@ pub(super) async fn prepare(writer: &SqlitePool, encryption: &Encryption) -> Res
     })
 }
 
-/// Seal under `sealer` every stored value in `form` (credential secrets and fingerprint keys),
-/// opened by `open`. A value that does not open stays as it is, for `mark_unopenable` to
-/// report. Returns how many credentials changed.
-async fn reseal_found(
-    conn: &mut SqliteConnection,
-    sealer: &Sealer,
-    form: Form,
-    open: impl Fn(&str, Field, &[u8]) -> Result<Secret, CryptoError>,
-) -> Result<usize> {
+/// Seal under `sealer` every stored value in clear (credential secrets and fingerprint keys),
+/// as turning encryption on does. A value that does not open stays as it is, for
+/// `mark_unopenable` to report. Returns how many credentials changed.
+async fn seal_values_in_clear(conn: &mut SqliteConnection, sealer: &Sealer) -> Result<usize> {
     let mut changed = 0;
     for row in sealed_rows(conn).await? {
         let mut values = row.values.clone();
         let mut touched = false;
         for (field, value) in FIELDS.into_iter().zip(values.iter_mut()) {
             if let Some(v) = value
-                && form_of(v) == form
-                && let Ok(secret) = open(&row.id, field, v)
+                && form_of(v) == Form::Plain
+                && let Ok(secret) = sealer.open_plain(&row.id, field, v)
             {
                 *v = sealer.seal(&row.id, field, &secret);
                 touched = true;
@@ -421,17 +384,12 @@ async fn reseal_found(
         }
     }
     for (generation, key) in fingerprint_keys(conn).await? {
-        if form_of(&key) != form {
+        if form_of(&key) != Form::Plain {
             continue;
         }
-        // The first format sealed the one key for `meta`; a key in clear has no owner.
-        let owner = if form == Form::Legacy {
-            LEGACY_KEY_OWNER.to_string()
-        } else {
-            key_owner(generation)
-        };
-        let secret = open(&owner, Field::FingerprintKey, &key)?;
-        let sealed = sealer.seal(&key_owner(generation), Field::FingerprintKey, &secret);
+        let owner = key_owner(generation);
+        let secret = sealer.open_plain(&owner, Field::FingerprintKey, &key)?;
+        let sealed = sealer.seal(&owner, Field::FingerprintKey, &secret);
         sqlx::query!(
             "UPDATE fingerprint_keys SET key_sealed = ? WHERE generation = ?",
             sealed,

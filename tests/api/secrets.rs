@@ -313,32 +313,6 @@ fn restore(home: &Home, (db, wal): &(Vec<u8>, Vec<u8>)) {
     let _ = std::fs::remove_file(format!("{path}-shm"));
 }
 
-/// A value of the first sealed format (no database id in the associated data), as the
-/// program before it wrote them.
-fn seal_v1(key_b64: &str, owner: &str, field: &str, text: &str) -> Vec<u8> {
-    use aes_gcm_siv::KeyInit;
-    use aes_gcm_siv::aead::{Aead, Payload};
-    use base64::Engine;
-    let raw: [u8; 32] = base64::engine::general_purpose::STANDARD
-        .decode(key_b64)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let id = EncryptionKey::from_base64(key_b64).unwrap().id();
-    let nonce: [u8; 12] = rand::random();
-    let aad = format!("cliproxyapi/v1/{owner}/{field}/{id:08x}");
-    let ct = aes_gcm_siv::Aes256GcmSiv::new(&raw.into())
-        .encrypt(
-            &nonce.into(),
-            Payload {
-                msg: text.as_bytes(),
-                aad: aad.as_bytes(),
-            },
-        )
-        .unwrap();
-    [&[1u8][..], &id.to_be_bytes(), &nonce, &ct].concat()
-}
-
 fn status_of<'a>(auths: &'a [Value], id: &str) -> &'a Value {
     auths
         .iter()
@@ -1078,202 +1052,72 @@ async fn a_value_copied_from_another_database_does_not_open() {
     app.stop().await;
 }
 
-/// A database of the program before the database id: values sealed in the first format, the
-/// fingerprint key too, and no database id, key check or preview rule in `meta`.
-async fn make_legacy(home: &Home, key: &str) {
-    let mut conn = connect(home).await;
-    type Blob = Option<Vec<u8>>;
-    let rows: Vec<(String, Blob, Blob, Blob)> = sqlx::query_as(
-        "SELECT id, token_sealed, refresh_token_sealed, client_secret_sealed FROM credentials",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
-    let v1 = |owner: &str, field: &str, value: &Option<Vec<u8>>| {
-        value.as_ref().map(|v| {
-            assert_eq!(v[0], 0, "built in clear");
-            seal_v1(key, owner, field, std::str::from_utf8(&v[1..]).unwrap())
-        })
-    };
-    for (id, token, refresh, secret) in &rows {
-        sqlx::query(
-            "UPDATE credentials SET token_sealed = ?, refresh_token_sealed = ?,
-             client_secret_sealed = ? WHERE id = ?",
-        )
-        .bind(v1(id, "token", token))
-        .bind(v1(id, "refresh_token", refresh))
-        .bind(v1(id, "client_secret", secret))
-        .bind(id)
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    }
-    let fp_key: Vec<u8> =
-        sqlx::query_scalar("SELECT key_sealed FROM fingerprint_keys WHERE generation = 1")
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-    let fp_key = v1("meta", "fingerprint_key", &Some(fp_key)).unwrap();
-    sqlx::query("UPDATE fingerprint_keys SET key_sealed = ? WHERE generation = 1")
-        .bind(fp_key)
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    sqlx::raw_sql(
-        "DELETE FROM meta WHERE key IN ('database_id', 'key_check', 'token_preview_rule');",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
-    conn.close().await.unwrap();
-}
-
-/// Whether the database has a `meta` row `what` (read whatever the schema version).
-async fn sealed_values_any(home: &Home, what: &str) -> bool {
-    let key = what.trim_start_matches("meta ");
-    let mut conn = connect(home).await;
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM meta WHERE key = ?")
-        .bind(key)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
-    n > 0
-}
-
-async fn versions(home: &Home) -> Vec<u8> {
-    let mut conn = connect(home).await;
-    let v: Vec<Vec<u8>> = sqlx::query_scalar(
-        "SELECT DISTINCT substr(token_sealed, 1, 1) FROM credentials
-         WHERE token_sealed IS NOT NULL ORDER BY 1",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
-    conn.close().await.unwrap();
-    v.into_iter().map(|b| b[0]).collect()
-}
-
+/// A value with the version byte of the first sealed format, which only builds before the
+/// database id wrote: in an encrypted database its credential is `invalid`, saying why, and
+/// the others keep working; without a key check, as those builds left a database, every start
+/// is refused, naming the format, and nothing changes.
 #[tokio::test]
-async fn a_database_sealed_before_the_database_id_is_upgraded_once() {
+async fn a_value_of_the_first_sealed_format_is_refused_by_name() {
     let key = EncryptionKey::generate_base64();
-    let home = Home::new("");
-    // Enough credentials that the upgrade takes a while to kill it in the middle.
-    let file_tokens = tokens("sk-file", 2000);
-    home.auth_file(
-        "openai.json",
-        Value::from(
-            file_tokens
-                .iter()
-                .map(|t| json!({"token": t}))
-                .collect::<Vec<_>>(),
-        )
-        .to_string(),
-    );
+    let home = Home::new(&enc_yaml(&key));
     let app = home.start().await;
-    let api_tokens = tokens("sk-api", 12);
-    add_mixed(&app, &api_tokens).await;
-    let ids: Vec<String> = app
-        .auths()
-        .await
-        .iter()
-        .map(|a| a["id"].as_str().unwrap().to_string())
-        .collect();
+    let mut ids = Vec::new();
+    for t in tokens("sk-first", 3) {
+        ids.push(post_key(&app, "openai", &t).await);
+    }
     app.stop().await;
-    make_legacy(&home, &key).await;
-    // One value moved to another row, and one planted in clear: neither may open.
+    // The first format had the current one's layout: a current value with version byte 1.
+    let (_, mut old) = sealed_values(&home)
+        .await
+        .into_iter()
+        .find(|(what, _)| what == &format!("{} token", ids[0]))
+        .unwrap();
+    old[0] = 1;
     exec(
         &home,
         &format!(
-            "UPDATE credentials SET token_sealed = (SELECT token_sealed FROM credentials WHERE id = '{}') WHERE id = '{}';
-             UPDATE credentials SET token_sealed = x'00{}' WHERE id = '{}';",
-            ids[0],
-            ids[1],
-            to_hex(b"sk-planted-in-legacy-000000"),
-            ids[2]
+            "UPDATE credentials SET token_sealed = x'{}' WHERE id = '{}';",
+            to_hex(&old),
+            ids[0]
         ),
     )
     .await;
-    set_config(&home, &enc_yaml(&key));
+    let app = home.start().await;
+    let auths = app.auths().await;
+    let a = status_of(&auths, &ids[0]);
+    assert_eq!(a["status"], "invalid", "{a}");
+    assert!(
+        a["status_reason"]
+            .as_str()
+            .unwrap()
+            .contains("first format"),
+        "{a}"
+    );
+    for id in &ids[1..] {
+        assert_eq!(status_of(&auths, id)["status"], "active");
+    }
+    assert!(app.state.store.open_token(&ids[0]).await.unwrap().is_err());
+    app.stop().await;
 
-    // A wrong key, and the legacy database with its fingerprint key in clear: refused, and
-    // nothing changed.
+    exec(&home, "DELETE FROM meta WHERE key = 'key_check';").await;
     let before = db_bytes(&home);
-    let wrong = EncryptionKey::generate_base64();
-    for args in [&["import", "--dry-run"][..], &[][..]] {
-        let out = home.run_binary_env(args, &[("CLIPROXY__AUTH__ENCRYPTION__KEY", wrong.as_str())]);
-        assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let off = [("CLIPROXY__AUTH__ENCRYPTION__ENABLED", "false")];
+    for (args, env) in [
+        (&[][..], &[][..]),
+        (&["import", "--dry-run"][..], &[][..]),
+        (&[][..], &off[..]),
+    ] {
+        let out = home.run_binary_env(args, env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains("first format"), "{stderr}");
+        assert!(stderr.contains("nothing was changed"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
         assert!(
             db_bytes(&home) == before,
-            "a wrong key changed the database"
+            "{args:?} {env:?} changed the database"
         );
     }
-
-    // kill -9 during the upgrade, at several moments: wholly before or wholly after it.
-    for delay_ms in [10u64, 40, 80, 150, 300] {
-        let mut child = home
-            .command(&[], &[])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        let _ = child.kill();
-        child.wait().unwrap();
-        // Every value of the first format upgraded, with the key check, or none.
-        let v = versions(&home).await;
-        let marked = sealed_values_any(&home, "meta key_check").await;
-        assert!(
-            (v == [0, 1] && !marked) || (v == [0, 1, 2] && marked),
-            "after a kill at {delay_ms} ms: versions {v:?}, key check {marked}"
-        );
-        if marked {
-            break;
-        }
-    }
-
-    let app = home.start().await;
-    // The file's credentials are the same ones: fingerprints and digests were kept.
-    assert_eq!(app.import_report.imported, 0, "{:?}", app.import_report);
-    assert_eq!(app.import_report.updated, 0, "{:?}", app.import_report);
-    let auths = app.auths().await;
-    assert_eq!(auths.len(), 2010);
-    for a in &auths {
-        let id = a["id"].as_str().unwrap();
-        if id == ids[1] || id == ids[2] {
-            assert_eq!(a["status"], "invalid", "{a}");
-        } else {
-            assert_all_open(std::slice::from_ref(a), "kiro");
-            let token = app.state.store.open_token(id).await.unwrap();
-            if a["provider"] != "kiro" {
-                let token = token.unwrap();
-                assert!(
-                    api_tokens
-                        .iter()
-                        .chain(&file_tokens)
-                        .any(|t| t == token.expose()),
-                    "{id}"
-                );
-            }
-        }
-    }
-    app.stop().await;
-    assert_eq!(
-        versions(&home).await,
-        [0, 1, 2],
-        "the two that did not open stay"
-    );
-    let values = sealed_values(&home).await;
-    assert!(
-        values
-            .iter()
-            .any(|(w, v)| w == "meta key_check" && v[0] == 2)
-    );
-    assert!(
-        values
-            .iter()
-            .any(|(w, v)| w == "fingerprint key 1" && v[0] == 2)
-    );
 }
 
 // ---- the fingerprint key rotates -----------------------------------------------------------
