@@ -1,4 +1,4 @@
-//! The command line (contract section 2). Exit codes: 0 ok, 1 runtime failure, 2 bad config
+//! The command line (README: "Quick start", "Credential files", "Security"). Exit codes: 0 ok, 1 runtime failure, 2 bad config
 //! or arguments, with one line naming the key or file at fault.
 
 use crate::app::{self, AppState, Application, StartError};

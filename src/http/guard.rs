@@ -1,4 +1,4 @@
-//! The guards: who may call `/v0/management` (contract section 8) and `/v1/*` (section 7).
+//! The guards: who may call `/v0/management` (README, "Management and client keys") and `/v1/*` (README, "Proxy API").
 //!
 //! Management ([`ManagementAuth`]): without a configured key only loopback clients are served.
 //! With one, every call presents it (`Authorization: Bearer` or `X-Management-Key`), checked

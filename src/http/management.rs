@@ -1,4 +1,4 @@
-//! The management API under `/v0/management` (contract section 5): credentials, quotas and
+//! The management API under `/v0/management` (README, "Management API"): credentials, quotas and
 //! bulk import. Handlers parse and check input, call one store method, and shape the answer.
 
 use super::error::ApiError;

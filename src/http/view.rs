@@ -1,4 +1,4 @@
-//! The JSON representation of credentials and quotas (contract section 4). Built from rows
+//! The JSON representation of credentials and quotas (README, "Management API"). Built from rows
 //! that never hold a secret, so no response can carry a token in clear. Each view borrows its
 //! row and is serialized straight into the response body: a page of a list builds no
 //! intermediate JSON values.

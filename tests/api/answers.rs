@@ -1,5 +1,5 @@
-//! Provider answers read by what they mean (issue: provider answers, defects 1-5 and
-//! acceptance 1-3), against the provider-like mock: a client's words quoted back in an error
+//! Provider answers read by what they mean (README, "Provider answers"),
+//! against the provider-like mock: a client's words quoted back in an error
 //! mark nothing, in any format; out-of-credit keys are skipped; a request too large for the
 //! limit, a region block and a provider's own overload mark no key; every wait a provider
 //! names is the cooldown.

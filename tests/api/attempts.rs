@@ -1,4 +1,4 @@
-//! What the request path does with a provider's answer (issue 11): an unreachable provider
+//! What the request path does with a provider's answer (README, "Provider answers"): an unreachable provider
 //! answers 502 at once and marks nothing; a stream that ends in an error is charged the larger
 //! of its reservation and what it reported, in every format; the headers that name the pooled
 //! key's owner never reach the client; `stream_options` goes only to providers that accept

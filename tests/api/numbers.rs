@@ -1,4 +1,4 @@
-//! Numbers from outside (issue: hardening, defects 1, 2, 4 and 9): token counts past their
+//! Numbers from outside (README, "Token bounds" and "Limits"): token counts past their
 //! bounds in bodies, files, reports and provider answers; counters at their extremes; huge
 //! waits; and a credential held by leases answered as busy, not broken.
 

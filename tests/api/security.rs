@@ -1,4 +1,4 @@
-//! Security (contract section 8): management keys and lock-out, encryption at rest, key
+//! Security (README, "Security"): management keys and lock-out, encryption at rest, key
 //! rotation, wrong keys, and secrets kept out of every file on disk.
 
 use crate::common::{Api, Home, assert_all_open};

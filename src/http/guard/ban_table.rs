@@ -71,7 +71,7 @@ pub struct BanRule {
     pub ban: Duration,
 }
 
-/// Contract section 8: five wrong management keys ban an address for 30 minutes.
+/// README, "Management and client keys": five wrong management keys ban an address for 30 minutes.
 pub const MANAGEMENT_RULE: BanRule = BanRule {
     kind: BanKind::Management,
     max_failures: 5,
