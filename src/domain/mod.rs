@@ -3,9 +3,11 @@
 //! decides a credential's effective status ([`status`]), and the tokens a request used
 //! ([`Usage`]).
 
+mod ids;
 pub mod status;
 mod usage;
 
+pub use ids::{CredentialId, ProviderName, ReservationId};
 pub use status::Status;
 pub use usage::Usage;
 
