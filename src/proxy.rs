@@ -14,16 +14,16 @@ mod tests;
 
 pub(crate) use settle::Held;
 
-use crate::app::AppState;
 use crate::http::error::ApiError;
+use crate::providers::classify::{MAX_RETRY_AFTER, Verdict};
 use crate::providers::json;
 use crate::providers::tap::StreamTap;
-use crate::providers::wire::{self, Peek, Verdict};
+use crate::providers::wire::{self, Peek};
 use crate::providers::{Format, Provider, StreamUsage};
+use crate::state::AppState;
 use crate::store::{Mark, Reservation, ReservationKind, ReserveRequest, Unavailable};
 use crate::upstream::{Answer, Cause, Target};
 use axum::body::Body;
-use axum::http::header::{ACCEPT, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -233,7 +233,7 @@ pub fn mark_for(verdict: &Verdict, now: DateTime<Utc>) -> Option<Mark> {
             // Waits are clamped where they are read; clamped again here so no wait, however
             // it was made, can overflow the clock.
             let wait =
-                chrono::TimeDelta::from_std((*wait).min(wire::MAX_RETRY_AFTER)).unwrap_or_default();
+                chrono::TimeDelta::from_std((*wait).min(MAX_RETRY_AFTER)).unwrap_or_default();
             Some(Mark::Cooldown {
                 until: now.checked_add_signed(wait).unwrap_or(now),
                 reason: r.clone(),
@@ -303,30 +303,6 @@ async fn forward_with(state: Arc<AppState>, call: Call, classify: Classify) -> R
         Ok(response) => response,
         Err(e) => ApiError::internal(&e).into_response(),
     }
-}
-
-/// The headers of an upstream call: the client's passed-on ones, and the credential attached
-/// the provider's way. `Err` (why the credential is invalid) when the token cannot be sent
-/// in a header at all.
-fn upstream_headers(
-    format: Format,
-    pass: &[(HeaderName, HeaderValue)],
-    token: &str,
-) -> Result<HeaderMap, String> {
-    let (auth_name, auth_prefix) = wire::credential_header(format);
-    let auth = crate::upstream::credential_value(auth_prefix, token)
-        .map_err(|_| "its token holds characters an HTTP header cannot carry".to_string())?;
-    let mut headers = HeaderMap::with_capacity(4 + pass.len());
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
-    for (k, v) in pass {
-        headers.append(k, v.clone());
-    }
-    if format == Format::Anthropic && !headers.contains_key("anthropic-version") {
-        headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
-    }
-    headers.insert(auth_name, auth);
-    Ok(headers)
 }
 
 async fn exchange(state: Arc<AppState>, call: Call, classify: Classify) -> Response {
@@ -450,7 +426,11 @@ async fn attempt(
             return Attempt::Failed(ApiError::from(e).into_response());
         }
     };
-    let headers = match upstream_headers(call.provider.format, &call.pass_headers, token.expose()) {
+    let headers = match crate::providers::exchange::headers(
+        call.provider.format,
+        &call.pass_headers,
+        token.expose(),
+    ) {
         Ok(h) => h,
         Err(reason) => {
             held.give_back(Some(Mark::Invalid(reason))).await;

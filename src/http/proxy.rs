@@ -1,13 +1,14 @@
 //! The proxy API (contract section 7): the provider-shaped endpoints applications call and the
 //! lease API. The client-key guard in front of them is in [`super::guard`].
 
+use super::Guards;
 use super::error::ApiError;
 use super::extract::{Json, Path, Query, read_bytes};
-use crate::app::AppState;
 use crate::providers::wire::Peek;
 use crate::providers::{Format, Provider};
 use crate::proxy::{self, Call};
 use crate::quota::RequestTokens;
+use crate::state::AppState;
 use crate::store::{Mark, ReservationKind, ReserveRequest};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
@@ -226,8 +227,8 @@ pub struct LeaseInput {
 
 /// Leases hand out the token itself, so they need a client key, even from loopback: with no
 /// `api_keys` any local process could take a token in clear.
-fn leases_allowed(state: &AppState) -> AppResult<()> {
-    if !state.clients.has_keys() {
+fn leases_allowed(guards: &Guards) -> AppResult<()> {
+    if !guards.clients.has_keys() {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "leases_need_client_key",
@@ -239,9 +240,10 @@ fn leases_allowed(state: &AppState) -> AppResult<()> {
 
 pub async fn lease(
     State(state): State<Arc<AppState>>,
+    State(guards): State<Arc<Guards>>,
     body: Result<Json<LeaseInput>, ApiError>,
 ) -> AppResult<Response> {
-    leases_allowed(&state)?;
+    leases_allowed(&guards)?;
     let Json(input) = body?;
     let provider = state
         .registry
@@ -323,10 +325,11 @@ pub struct ReportInput {
 
 pub async fn report(
     State(state): State<Arc<AppState>>,
+    State(guards): State<Arc<Guards>>,
     lease_id: Result<Path<String>, ApiError>,
     body: Result<Json<ReportInput>, ApiError>,
 ) -> AppResult<Response> {
-    leases_allowed(&state)?;
+    leases_allowed(&guards)?;
     let (Path(lease_id), Json(input)) = (lease_id?, body?);
     let Some((credential_id, provider)) = state.store.lease(&lease_id).await? else {
         return Err(ApiError::not_found(
@@ -358,7 +361,7 @@ pub async fn report(
             .unwrap_or(Format::Openai);
         let mut headers = HeaderMap::new();
         if let Some(secs) = input.retry_after {
-            let secs = secs.min(crate::providers::wire::MAX_RETRY_AFTER.as_secs());
+            let secs = secs.min(crate::providers::classify::MAX_RETRY_AFTER.as_secs());
             headers.insert(reqwest::header::RETRY_AFTER, secs.into());
         }
         let body = input.error_body.as_deref().unwrap_or("").as_bytes();

@@ -9,9 +9,9 @@
 //! the provider may have spent more than it said before it failed, and never less than it
 //! said.
 
-use crate::app::AppState;
 use crate::providers::tap::StreamTap;
 use crate::providers::wire::Usage;
+use crate::state::AppState;
 use crate::store::Mark;
 use crate::upstream::AnswerStream;
 use bytes::Bytes;

@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::domain::{CredentialKind, NewCredential, OauthExtra, Status};
 use crate::store::ListFilter;
 use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -182,7 +183,7 @@ async fn mock_answer(State(up): State<Arc<Upstream>>, headers: HeaderMap) -> Res
 
 /// Reads the mock's answers as the verdicts under test: 529 and 503 overloaded, 451 a
 /// region block, an `x-test-until` header exhausted until that date; anything else as
-/// [`wire::classify`] does.
+/// [`crate::providers::classify::classify_at`] does.
 fn test_classify(
     format: Format,
     status: StatusCode,
