@@ -8,6 +8,7 @@ use crate::events::AuthLog;
 use crate::http::{Guards, HttpState};
 use crate::import;
 use crate::providers::Registry;
+use crate::proxy::{Parts, RequestPath, Settings};
 use crate::state::{AppState, Clock};
 use crate::store::{ImportMode, ImportReport, Store, StoreError, StoreOptions};
 use chrono::Utc;
@@ -87,11 +88,12 @@ fn open_error(e: StoreError, encryption: &crate::config::EncryptionConfig) -> St
 /// left in clear, mark credentials whose secrets do not open. The guards' settings are checked
 /// too (a bad `management.secret_key` fails every command, as it would fail the server).
 pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, StartError> {
-    Ok(open(config, clock).await?.0)
+    Ok(open(config, clock).await?.app)
 }
 
-/// [`open_state`], with the guards the HTTP edge puts in front of the routes.
-async fn open(config: Loaded, clock: Clock) -> Result<(Arc<AppState>, Guards), StartError> {
+/// [`open_state`], with the guards the HTTP edge puts in front of the routes and the
+/// request path.
+async fn open(config: Loaded, clock: Clock) -> Result<Opened, StartError> {
     let DatabaseLocation::File(path) = &config.database;
     let encryption_config = &config.config.auth.encryption;
     let encryption = encryption_from_config(encryption_config)?;
@@ -136,15 +138,29 @@ async fn open(config: Loaded, clock: Clock) -> Result<(Arc<AppState>, Guards), S
     settings.api_keys.clear();
     settings.management.secret_key.take();
     settings.auth.encryption.key.take();
-    let state = Arc::new(AppState {
+    let path = RequestPath::new(Parts {
+        store: store.clone(),
+        upstream,
+        auth_log: auth_log.clone(),
+        registry: registry.clone(),
+        clock: clock.clone(),
+        settings: Settings::from_config(&config.config),
+    });
+    let app = Arc::new(AppState {
         config: Arc::new(config),
         store,
         registry,
         auth_log,
-        upstream,
         clock,
     });
-    Ok((state, guards))
+    Ok(Opened { app, guards, path })
+}
+
+/// What [`open`] builds.
+struct Opened {
+    app: Arc<AppState>,
+    guards: Guards,
+    path: RequestPath,
 }
 
 /// Warn (naming the path, its mode and the fix) about files holding secrets that users other
@@ -189,6 +205,7 @@ pub struct Application {
     listener: TcpListener,
     state: Arc<AppState>,
     guards: Arc<Guards>,
+    path: RequestPath,
     import_report: ImportReport,
     /// `<database>.lock`, held while the server runs (see [`lock_database`]).
     _lock: std::fs::File,
@@ -281,7 +298,11 @@ impl Application {
         let addr = SocketAddr::new(config.config.host, config.config.port);
         let DatabaseLocation::File(database) = &config.database;
         let lock = lock_database(database, Holder::Server)?;
-        let (state, guards) = open(config, clock).await?;
+        let Opened {
+            app: state,
+            guards,
+            path,
+        } = open(config, clock).await?;
         // Only a server settles what a stopped one left: a CLI command may run beside a live
         // server, whose reservations are not dead.
         let (dead, dead_tokens) = state
@@ -302,6 +323,7 @@ impl Application {
             listener,
             state,
             guards: Arc::new(guards),
+            path,
             import_report,
             _lock: lock,
         })
@@ -338,6 +360,7 @@ impl Application {
         let app = crate::http::router(HttpState {
             app: self.state.clone(),
             guards: self.guards.clone(),
+            path: self.path.clone(),
         });
         let sweeper = tokio::spawn(sweep_leases(self.state.clone()));
         let result = crate::http::listener::serve(

@@ -14,7 +14,9 @@
 //! - [`import`]: turning credential files and bulk bodies into validated new credentials.
 //! - [`domain`]: credentials as the rest of the program sees them.
 //! - [`quota`]: reset schedules and period arithmetic, pure functions of `now`.
-//! - [`providers`]: the provider registry (built-ins and config blocks).
+//! - [`providers`]: the provider registry (built-ins and config blocks), and per format what a
+//!   call carries, where usage is, what an error answer means.
+//! - [`proxy`]: the request path as a service ([`proxy::RequestPath`]): forward, lease, report.
 //! - [`events`]: the auth event log (`logs/auth.log`).
 //! - [`upstream`]: the request path's HTTP client to the providers.
 //! - [`http`]: routers, extractors, the one JSON error shape, the management handlers.
@@ -27,8 +29,8 @@ pub mod domain; // credential types shared by store, import and http
 pub mod events; // auth event log file
 pub mod http; // axum routers and handlers
 pub mod import; // credential files and bodies into new credentials
-pub mod providers; // which providers exist and how they are configured
-pub mod proxy; // the request path: attempts, rotation, streaming with a usage tap
+pub mod providers; // which providers exist, and what differs by format
+pub mod proxy; // the request path: attempts, rotation, leases, streaming with a usage tap
 pub mod quota; // reset schedules, periods
 pub mod selection; // the strategies over usable candidates
 pub mod state; // AppState and the clock: what the application shares

@@ -1,7 +1,7 @@
 //! The state the application shares: the config, the store, the provider registry, the auth
-//! log, the request path and the clock. [`crate::app`] builds it; the HTTP edge, the command
-//! line and the tests use it. It knows nothing of HTTP: the guards in front of the routes are
-//! the edge's own ([`crate::http::HttpState`]).
+//! log and the clock. [`crate::app`] builds it; the HTTP edge, the command line and the tests
+//! use it. It knows nothing of HTTP, nor of the request path (which is built from its parts
+//! and owns its own): the edge serves all three ([`crate::http::HttpState`]).
 
 use crate::config::Loaded;
 use crate::events::AuthLog;
@@ -21,8 +21,7 @@ pub struct AppState {
     pub store: Store,
     pub registry: Arc<Registry>,
     pub auth_log: Arc<AuthLog>,
-    /// The client for upstream calls (connection pools shared by all requests).
-    pub upstream: crate::upstream::Upstream,
+    /// What the application reads as now; tests set it.
     pub clock: Clock,
 }
 

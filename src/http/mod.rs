@@ -11,6 +11,7 @@ pub mod management;
 pub mod proxy;
 pub mod view;
 
+use crate::proxy::RequestPath;
 use crate::state::AppState;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef};
@@ -22,13 +23,20 @@ use error::ApiError;
 pub use guard::Guards;
 use std::sync::Arc;
 
-/// What the routes are served with: the application's shared state, and the guards in front
-/// of the routes. A handler takes the part it needs (`State<Arc<AppState>>`,
-/// `State<Arc<Guards>>`), or both.
+/// What the routes are served with: the application's shared state, the guards in front of
+/// the routes, and the request path the proxy routes call. A handler takes the parts it needs
+/// (`State<Arc<AppState>>`, `State<Arc<Guards>>`, `State<RequestPath>`).
 #[derive(Clone)]
 pub struct HttpState {
     pub app: Arc<AppState>,
     pub guards: Arc<Guards>,
+    pub path: RequestPath,
+}
+
+impl FromRef<HttpState> for RequestPath {
+    fn from_ref(state: &HttpState) -> Self {
+        state.path.clone()
+    }
 }
 
 impl FromRef<HttpState> for Arc<AppState> {
