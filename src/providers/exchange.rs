@@ -182,3 +182,122 @@ pub fn answer_headers(answer: &HeaderMap) -> HeaderMap {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::Registry;
+    use std::collections::BTreeMap;
+
+    fn provider(name: &str) -> std::sync::Arc<Provider> {
+        Registry::from_config(&BTreeMap::new())
+            .get(name)
+            .unwrap()
+            .clone()
+    }
+
+    fn prepared(name: &str, body: &str, stream: bool) -> Prepared {
+        let raw = Bytes::copy_from_slice(body.as_bytes());
+        let peek = Peek::read(&raw).unwrap();
+        prepare(&provider(name), &peek, &raw, stream, 4096).unwrap()
+    }
+
+    #[test]
+    fn only_openai_streams_of_providers_that_accept_it_are_asked_for_usage() {
+        let asked = prepared("openai", r#"{"model": "gpt-4o", "stream": true}"#, true);
+        assert!(asked.hide_usage_chunk);
+        assert_eq!(
+            asked.body,
+            r#"{"model": "gpt-4o", "stream": true,"stream_options":{"include_usage":true}}"#
+        );
+        let kept = r#"{"stream": true, "stream_options": {"x": 1}}"#;
+        assert_eq!(
+            prepared("openai", kept, true).body,
+            r#"{"stream": true, "stream_options": {"x": 1,"include_usage":true}}"#
+        );
+        for (name, body, stream) in [
+            ("openai", r#"{"stream": false}"#, false),
+            (
+                "openai",
+                r#"{"stream": true, "stream_options": {"include_usage": true}}"#,
+                true,
+            ),
+            ("mistral", r#"{"stream": true}"#, true),
+            ("claude", r#"{"stream": true}"#, true),
+            ("gemini", "{}", true),
+        ] {
+            let p = prepared(name, body, stream);
+            assert!(!p.hide_usage_chunk, "{name} {body}");
+            assert_eq!(p.body, body, "{name}: the body as it came");
+        }
+        let raw = Bytes::from_static(br#"{"max_tokens": -1}"#);
+        let peek = Peek::read(&raw).unwrap();
+        let refused = prepare(&provider("openai"), &peek, &raw, false, 4096);
+        assert!(matches!(refused, Err(BodyError::Invalid(m)) if m.contains("max_tokens")));
+    }
+
+    #[test]
+    fn the_credential_goes_where_each_format_expects_it() {
+        let pass = pass_headers(
+            Format::Anthropic,
+            &HeaderMap::from_iter([
+                (
+                    HeaderName::from_static("anthropic-beta"),
+                    HeaderValue::from_static("b"),
+                ),
+                (
+                    HeaderName::from_static("x-api-key"),
+                    HeaderValue::from_static("client-key"),
+                ),
+            ]),
+        );
+        assert_eq!(pass.len(), 1, "only the Anthropic headers, never a key");
+        let sent = headers(Format::Anthropic, &pass, "sk-ant").unwrap();
+        assert_eq!(sent["x-api-key"], "sk-ant");
+        assert_eq!(sent["anthropic-version"], "2023-06-01");
+        assert_eq!(sent["anthropic-beta"], "b");
+        let named = [(
+            HeaderName::from_static("anthropic-version"),
+            HeaderValue::from_static("2024-01-01"),
+        )];
+        let sent = headers(Format::Anthropic, &named, "k").unwrap();
+        assert_eq!(sent.get_all("anthropic-version").iter().count(), 1);
+        assert_eq!(sent["anthropic-version"], "2024-01-01");
+        assert_eq!(
+            headers(Format::Openai, &[], "sk").unwrap()["authorization"],
+            "Bearer sk"
+        );
+        assert_eq!(
+            headers(Format::Gemini, &[], "g").unwrap()["x-goog-api-key"],
+            "g"
+        );
+        assert!(headers(Format::Openai, &[], "bad\nkey").is_err());
+    }
+
+    #[test]
+    fn only_harmless_answer_headers_pass_back() {
+        let answer = HeaderMap::from_iter(
+            [
+                ("content-type", "application/json"),
+                ("retry-after", "3"),
+                ("x-ratelimit-remaining-requests", "0"),
+                ("anthropic-ratelimit-tokens-reset", "2026-01-01T00:00:00Z"),
+                ("openai-organization", "the-owner"),
+                ("set-cookie", "a=b"),
+                ("x-goog-api-client", "x"),
+            ]
+            .map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v))),
+        );
+        let back = answer_headers(&answer);
+        let names: Vec<&str> = back.keys().map(HeaderName::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "content-type",
+                "retry-after",
+                "x-ratelimit-remaining-requests",
+                "anthropic-ratelimit-tokens-reset"
+            ]
+        );
+    }
+}
