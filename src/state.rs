@@ -15,7 +15,8 @@ use std::sync::Arc;
 /// The clock the application reads; tests may replace it.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
-/// What the handlers, the commands and the request path share.
+/// What the handlers and the commands share (the request path holds its own handles to the
+/// same store, registry, auth log and clock).
 pub struct AppState {
     pub config: Arc<Loaded>,
     pub store: Store,

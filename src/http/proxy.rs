@@ -1,8 +1,8 @@
-//! The proxy API: the provider-shaped endpoints applications call, and the
-//! lease API. The client-key guard in front of them is in [`super::guard`]. The routes pick the
-//! provider (by model, or by endpoint) and hand the call to the request path
-//! ([`crate::proxy::RequestPath`]); they turn what it answers into responses and decide
-//! nothing else.
+//! The proxy API: the provider-shaped endpoints applications call, and the lease API. The
+//! client-key guard in front of them is in [`super::guard`]. The routes pick the provider (by
+//! model, or by endpoint) and hand the call to the request path
+//! ([`crate::proxy::RequestPath`]); they turn what it answers into responses and decide nothing
+//! else.
 
 use super::Guards;
 use super::error::ApiError;
@@ -10,8 +10,9 @@ use super::extract::{Json, Path, Query, read_bytes};
 use crate::providers::exchange::{self as format, BodyError};
 use crate::providers::wire::Peek;
 use crate::providers::{Format, Provider, Registry};
-use crate::proxy::RequestPath;
-use crate::proxy::{AnswerBody, Call, Forwarded, LeaseInput, PathError, ReportInput, Reported};
+use crate::proxy::{
+    AnswerBody, Call, Forwarded, LeaseInput, PathError, ReportInput, Reported, RequestPath,
+};
 use crate::state::AppState;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request, State};
