@@ -5,8 +5,9 @@
 //! Run: `cargo bench --bench store` (a release build). Prints one table; no assertions, since
 //! timings belong in a benchmark and not in the test suite.
 
-use cliproxyapi::app::{AppState, Application};
+use cliproxyapi::app::Application;
 use cliproxyapi::config::Config;
+use cliproxyapi::state::AppState;
 use cliproxyapi::store::ImportMode;
 use serde_json::json;
 use std::path::Path;

@@ -5,103 +5,18 @@
 use crate::config::{DatabaseLocation, Loaded};
 use crate::crypto::{Encryption, EncryptionKey, Secret};
 use crate::events::AuthLog;
-use crate::import::{self, Batch};
+use crate::http::{Guards, HttpState};
+use crate::import;
 use crate::providers::Registry;
+use crate::proxy::{Parts, RequestPath, Settings};
+use crate::state::{AppState, Clock};
 use crate::store::{ImportMode, ImportReport, Store, StoreError, StoreOptions};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-
-/// The clock the application reads; tests may replace it.
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
-
-/// Everything a handler needs.
-pub struct AppState {
-    pub config: Arc<Loaded>,
-    pub store: Store,
-    pub registry: Registry,
-    pub auth_log: AuthLog,
-    pub management: crate::http::guard::ManagementAuth,
-    /// The client-key guard: `api_keys` and the bans of wrong ones.
-    pub clients: crate::http::guard::ClientAuth,
-    /// The client for upstream calls (connection pools shared by all requests).
-    pub upstream: crate::upstream::Upstream,
-    clock: Clock,
-}
-
-impl AppState {
-    pub fn now(&self) -> DateTime<Utc> {
-        (self.clock)()
-    }
-
-    /// Read the credential files among `paths` off the async runtime (file I/O and parsing).
-    /// A failure of the reading task itself is reported as an error of the batch.
-    pub async fn read_paths(&self, paths: Vec<PathBuf>) -> Batch {
-        let registry = self.registry.clone();
-        tokio::task::spawn_blocking(move || import::read_paths(&registry, &paths))
-            .await
-            .unwrap_or_else(|e| Batch {
-                errors: vec![import::ImportError {
-                    source: "import".into(),
-                    error: format!("reading the files failed: {e}"),
-                }],
-                ..Default::default()
-            })
-    }
-
-    /// Apply an import batch and write its outcome to the auth log: one line per credential
-    /// created or changed, one per error or notice, and a summary.
-    pub async fn import(
-        &self,
-        batch: Batch,
-        mode: ImportMode,
-        actor: &str,
-        dry_run: bool,
-    ) -> Result<ImportReport, StoreError> {
-        let files = batch.files;
-        let report = self
-            .store
-            .import(batch, mode, actor, dry_run, self.now())
-            .await?;
-        if dry_run {
-            return Ok(report);
-        }
-        let mut lines: Vec<String> = Vec::new();
-        for c in &report.changes {
-            lines.push(format!(
-                "{} credential {} ({}) from {} by {actor}",
-                if c.created { "imported" } else { "updated" },
-                c.credential_id,
-                c.provider,
-                c.source
-            ));
-        }
-        for e in &report.errors {
-            tracing::warn!(source = %e.source, error = %e.error, "import error");
-            lines.push(format!("import error in {}: {}", e.source, e.error));
-        }
-        for n in &report.notices {
-            lines.push(format!("import notice for {}: {}", n.source, n.notice));
-        }
-        lines.push(format!(
-            "import by {actor}: {} imported, {} updated, {} skipped, {} errors{}",
-            report.imported,
-            report.updated,
-            report.skipped,
-            report.errors.len(),
-            if mode == ImportMode::Files {
-                format!(" ({files} files)")
-            } else {
-                String::new()
-            }
-        ));
-        self.auth_log.record_all(lines.iter().map(String::as_str));
-        Ok(report)
-    }
-}
 
 /// Why the application could not start, with the exit code the contract gives it.
 #[derive(Debug, thiserror::Error)]
@@ -170,14 +85,20 @@ fn open_error(e: StoreError, encryption: &crate::config::EncryptionConfig) -> St
 
 /// Open the store and the auth log for a loaded config (what `serve`, `import` and
 /// `rotate-key` share): warn about secret files others can read, check the key, seal secrets
-/// left in clear, mark credentials whose secrets do not open.
+/// left in clear, mark credentials whose secrets do not open. The guards' settings are checked
+/// too (a bad `management.secret_key` fails every command, as it would fail the server).
 pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, StartError> {
+    Ok(open(config, clock).await?.app)
+}
+
+/// [`open_state`], with the guards the HTTP edge puts in front of the routes and the
+/// request path.
+async fn open(config: Loaded, clock: Clock) -> Result<Opened, StartError> {
     let DatabaseLocation::File(path) = &config.database;
     let encryption_config = &config.config.auth.encryption;
     let encryption = encryption_from_config(encryption_config)?;
     warn_readable_secret_files(&config);
-    crate::http::caller::warn_about_trusted_proxies(&config.config.server.trusted_proxies);
-    let management = crate::http::guard::ManagementAuth::from_config(&config.config.management)
+    let guards = Guards::from_config(&config.config)
         .await
         .map_err(StartError::Config)?;
     let store = Store::open(StoreOptions {
@@ -188,7 +109,7 @@ pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, S
     })
     .await
     .map_err(|e| open_error(e, encryption_config))?;
-    let auth_log = AuthLog::open(&config.log_dir).map_err(|e| {
+    let auth_log = AuthLog::open(&config.log_dir).map(Arc::new).map_err(|e| {
         StartError::Runtime(format!(
             "{}: cannot open the auth log: {e}",
             config.log_dir.display()
@@ -207,10 +128,9 @@ pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, S
         tracing::error!(credential = %id, %reason, "credential unusable");
         auth_log.record(&format!("credential {id} is unusable: {reason}"));
     }
-    let registry = Registry::from_config(&config.config.providers);
+    let registry = Arc::new(Registry::from_config(&config.config.providers));
     let upstream = crate::upstream::Upstream::new(config.config.proxy.request_timeout.0)
         .map_err(StartError::Runtime)?;
-    let clients = crate::http::guard::ClientAuth::new(&config.config.api_keys);
     // The guards keep digests and the store its cipher; the keys in clear are not needed any
     // more, so they are wiped now rather than kept for the life of the process.
     let mut config = config;
@@ -218,16 +138,29 @@ pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, S
     settings.api_keys.clear();
     settings.management.secret_key.take();
     settings.auth.encryption.key.take();
-    Ok(Arc::new(AppState {
+    let path = RequestPath::new(Parts {
+        store: store.clone(),
+        upstream,
+        auth_log: auth_log.clone(),
+        registry: registry.clone(),
+        clock: clock.clone(),
+        settings: Settings::from_config(&config.config),
+    });
+    let app = Arc::new(AppState {
         config: Arc::new(config),
         store,
         registry,
         auth_log,
-        management,
-        clients,
-        upstream,
         clock,
-    }))
+    });
+    Ok(Opened { app, guards, path })
+}
+
+/// What [`open`] builds.
+struct Opened {
+    app: Arc<AppState>,
+    guards: Guards,
+    path: RequestPath,
 }
 
 /// Warn (naming the path, its mode and the fix) about files holding secrets that users other
@@ -271,6 +204,8 @@ fn warn_if_readable(path: &std::path::Path, what: &str) {
 pub struct Application {
     listener: TcpListener,
     state: Arc<AppState>,
+    guards: Arc<Guards>,
+    path: RequestPath,
     import_report: ImportReport,
     /// `<database>.lock`, held while the server runs (see [`lock_database`]).
     _lock: std::fs::File,
@@ -363,7 +298,11 @@ impl Application {
         let addr = SocketAddr::new(config.config.host, config.config.port);
         let DatabaseLocation::File(database) = &config.database;
         let lock = lock_database(database, Holder::Server)?;
-        let state = open_state(config, clock).await?;
+        let Opened {
+            app: state,
+            guards,
+            path,
+        } = open(config, clock).await?;
         // Only a server settles what a stopped one left: a CLI command may run beside a live
         // server, whose reservations are not dead.
         let (dead, dead_tokens) = state
@@ -383,6 +322,8 @@ impl Application {
         Ok(Application {
             listener,
             state,
+            guards: Arc::new(guards),
+            path,
             import_report,
             _lock: lock,
         })
@@ -400,6 +341,11 @@ impl Application {
         self.state.clone()
     }
 
+    /// The guards in front of the routes (their bans and checks, for tests).
+    pub fn guards(&self) -> Arc<Guards> {
+        self.guards.clone()
+    }
+
     /// The report of the import of `auth_dir` made while building.
     pub fn import_report(&self) -> &ImportReport {
         &self.import_report
@@ -411,7 +357,11 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let app = crate::http::router(self.state.clone());
+        let app = crate::http::router(HttpState {
+            app: self.state.clone(),
+            guards: self.guards.clone(),
+            path: self.path.clone(),
+        });
         let sweeper = tokio::spawn(sweep_leases(self.state.clone()));
         let result = crate::http::listener::serve(
             self.listener,

@@ -1,9 +1,10 @@
 //! The command line (README: "Quick start", "Credential files", "Security"). Exit codes: 0 ok, 1 runtime failure, 2 bad config
 //! or arguments, with one line naming the key or file at fault.
 
-use crate::app::{self, AppState, Application, StartError};
+use crate::app::{self, Application, StartError};
 use crate::config::Config;
 use crate::crypto::{self, Encryption, EncryptionKey};
+use crate::state::AppState;
 use crate::store::ImportMode;
 use chrono::Utc;
 use clap::{Parser, Subcommand};

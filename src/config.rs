@@ -2,7 +2,7 @@
 //! unknown keys refused, and every value checked at start with an error that names its key.
 
 use crate::crypto::Secret;
-use crate::providers::{self, Format};
+use crate::providers::{self, Format, ProviderConfig};
 use crate::quota::ResetSchedule;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -347,20 +347,6 @@ impl Default for ProxyConfig {
             request_timeout: HumanDuration(Duration::from_secs(600)),
         }
     }
-}
-
-/// A `providers:` block. For a built-in every key is optional and overrides a default; a new
-/// name needs `format` and `base_url`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProviderConfig {
-    pub enabled: Option<bool>,
-    pub format: Option<Format>,
-    pub base_url: Option<String>,
-    pub models: Option<Vec<String>>,
-    /// `ask` or `never`: whether OpenAI-format streams get `stream_options.include_usage`
-    /// (default per provider, see [`providers::StreamUsage`]).
-    pub stream_usage: Option<providers::StreamUsage>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

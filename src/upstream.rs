@@ -328,6 +328,8 @@ impl Upstream {
     }
 
     /// POST `body` to `target` with `headers`, and wait for the answer's status and headers.
+    /// Its span (debug) names the host only: the headers carry the credential.
+    #[tracing::instrument(level = "debug", name = "upstream_post", skip_all, fields(host = target.uri.host()))]
     pub async fn post(
         &self,
         target: &Target,

@@ -3,28 +3,28 @@
 //! behind [`super::guard::recovery_guard`], which lets the operator at the console in while
 //! loopback is banned.
 
+use super::HttpState;
 use super::error::ApiError;
 use super::extract::Query;
 use super::guard::ban_table::{Ban, BanKey};
 use super::management::Actor;
-use crate::app::AppState;
 use crate::domain::rfc3339;
 use axum::Extension;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::json;
-use std::sync::Arc;
 
 /// `GET /v0/management/bans`: `{"bans": [{"address", "kind", "until"}]}`.
-pub async fn list(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    let now = state.now();
+pub async fn list(State(state): State<HttpState>) -> impl IntoResponse {
+    let now = state.app.now();
     let bans: Vec<_> = state
+        .guards
         .management
         .bans()
         .list(now)
         .into_iter()
-        .chain(state.clients.bans().list(now))
+        .chain(state.guards.clients.bans().list(now))
         .map(|b| b.view())
         .collect();
     axum::Json(json!({ "bans": bans }))
@@ -39,7 +39,7 @@ pub struct LiftQuery {
 /// `DELETE /v0/management/bans[?address=]`: lift the bans (both kinds) on one address and on
 /// the block holding it, or on one block, or all.
 pub async fn lift(
-    State(state): State<Arc<AppState>>,
+    State(state): State<HttpState>,
     Extension(actor): Extension<Actor>,
     Query(q): Query<LiftQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -53,9 +53,9 @@ pub async fn lift(
         })?),
     };
     let actor = actor.0;
-    let now = state.now();
-    let mut lifted = state.management.bans().lift(key, now);
-    lifted.extend(state.clients.bans().lift(key, now));
+    let now = state.app.now();
+    let mut lifted = state.guards.management.bans().lift(key, now);
+    lifted.extend(state.guards.clients.bans().lift(key, now));
     let lines: Vec<String> = if lifted.is_empty() {
         vec![format!(
             "no ban to lift for {} (asked by {actor})",
@@ -74,7 +74,10 @@ pub async fn lift(
             })
             .collect()
     };
-    state.auth_log.record_all(lines.iter().map(String::as_str));
+    state
+        .app
+        .auth_log
+        .record_all(lines.iter().map(String::as_str));
     if lifted.is_empty()
         && let Some(k) = key
     {

@@ -2,7 +2,9 @@
 //! `{"error": {"code": "snake_case_code", "message": "human sentence"}}`.
 //! Internal faults are logged with their cause and answered with a generic message.
 
-use crate::store::StoreError;
+use crate::providers::exchange::BodyError;
+use crate::proxy::PathError;
+use crate::store::{StoreError, Unavailable};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
@@ -108,5 +110,140 @@ impl From<StoreError> for ApiError {
             }
             other => ApiError::internal(&other),
         }
+    }
+}
+
+impl From<PathError> for ApiError {
+    /// The request path's errors: its sentence with the status and code each means here.
+    fn from(e: PathError) -> Self {
+        let (status, code) = match &e {
+            PathError::UnknownProvider(_) => (StatusCode::BAD_REQUEST, "unknown_provider"),
+            PathError::ProviderDisabled(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "provider_disabled")
+            }
+            PathError::Unavailable { why, .. } => match why {
+                Unavailable::NoCredentials => (StatusCode::SERVICE_UNAVAILABLE, "no_credentials"),
+                Unavailable::Busy { retry_after, .. } => {
+                    let (status, code) = (StatusCode::TOO_MANY_REQUESTS, "credentials_busy");
+                    return ApiError::new(status, code, e.to_string()).retry_after(*retry_after);
+                }
+                Unavailable::Exhausted => (StatusCode::TOO_MANY_REQUESTS, "credentials_exhausted"),
+                Unavailable::Unusable => (StatusCode::SERVICE_UNAVAILABLE, "no_usable_credentials"),
+            },
+            PathError::Unreachable { .. } => (StatusCode::BAD_GATEWAY, "provider_unreachable"),
+            PathError::LocationRefused { .. } => {
+                (StatusCode::BAD_GATEWAY, "provider_location_refused")
+            }
+            PathError::NoneSucceeded(_) | PathError::CutShort => {
+                (StatusCode::BAD_GATEWAY, "upstream_failed")
+            }
+            PathError::Body(BodyError::NotJson(_)) => (StatusCode::BAD_REQUEST, "invalid_json"),
+            PathError::Body(BodyError::NotAnObject | BodyError::Invalid(_))
+            | PathError::InvalidReport(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
+            PathError::InvalidPath => (StatusCode::BAD_REQUEST, "invalid_path"),
+            PathError::LeaseNotFound => (StatusCode::NOT_FOUND, "lease_not_found"),
+            PathError::Store(_) | PathError::Task(_) => return fault(e),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+/// A fault of the request path's own (its store, its task): logged, answered generically.
+fn fault(e: PathError) -> ApiError {
+    match e {
+        PathError::Store(e) => ApiError::from(e),
+        other => ApiError::internal(&other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::Cause;
+
+    #[test]
+    fn path_errors_answer_their_sentence_with_their_status_and_code() {
+        let provider = || "claude".to_string();
+        let unavailable = |why| PathError::Unavailable {
+            provider: provider(),
+            why,
+        };
+        let busy = Unavailable::Busy {
+            retry_after: 7,
+            in_flight: false,
+        };
+        let cases = [
+            (
+                PathError::UnknownProvider(provider()),
+                400,
+                "unknown_provider",
+            ),
+            (
+                PathError::ProviderDisabled(provider()),
+                503,
+                "provider_disabled",
+            ),
+            (
+                unavailable(Unavailable::NoCredentials),
+                503,
+                "no_credentials",
+            ),
+            (unavailable(busy), 429, "credentials_busy"),
+            (
+                unavailable(Unavailable::Exhausted),
+                429,
+                "credentials_exhausted",
+            ),
+            (
+                unavailable(Unavailable::Unusable),
+                503,
+                "no_usable_credentials",
+            ),
+            (
+                PathError::Unreachable {
+                    provider: provider(),
+                    cause: Cause::Refused,
+                },
+                502,
+                "provider_unreachable",
+            ),
+            (
+                PathError::LocationRefused {
+                    provider: provider(),
+                    reason: "not served in this region".into(),
+                },
+                502,
+                "provider_location_refused",
+            ),
+            (PathError::NoneSucceeded(provider()), 502, "upstream_failed"),
+            (PathError::CutShort, 502, "upstream_failed"),
+            (BodyError::NotAnObject.into(), 400, "invalid_body"),
+            (
+                BodyError::Invalid("`max_tokens` is -1".into()).into(),
+                400,
+                "invalid_body",
+            ),
+            (PathError::InvalidPath, 400, "invalid_path"),
+            (PathError::InvalidReport("no tokens"), 400, "invalid_body"),
+            (PathError::LeaseNotFound, 404, "lease_not_found"),
+        ];
+        for (e, status, code) in cases {
+            let message = e.to_string();
+            let answer = ApiError::from(e);
+            assert_eq!(
+                (answer.status.as_u16(), answer.code, answer.message.as_str()),
+                (status, code, message.as_str())
+            );
+            let retry_after = (code == "credentials_busy").then_some(7);
+            assert_eq!(answer.retry_after, retry_after, "{code}");
+        }
+        let not_json = serde_json::from_slice::<serde_json::Value>(b"{").unwrap_err();
+        let answer = ApiError::from(PathError::Body(BodyError::NotJson(not_json)));
+        assert_eq!((answer.status.as_u16(), answer.code), (400, "invalid_json"));
+        let internal = ApiError::from(PathError::Task("panicked".into()));
+        assert_eq!(
+            (internal.status.as_u16(), internal.code),
+            (500, "internal_error")
+        );
     }
 }

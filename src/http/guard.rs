@@ -33,16 +33,35 @@ pub use management::{
     ARGON2_MEMORY_BUDGET_KIB, CHECK_WAIT, MAX_CHECKS, ManagementAuth, check_permits,
 };
 
+use super::HttpState;
 use super::caller::Caller;
 use super::management::Actor;
-use crate::app::AppState;
+use crate::state::AppState;
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ban_table::Bans;
-use std::sync::Arc;
 use zeroize::Zeroizing;
+
+/// The guards' state: the management key's and the client keys', with their bans.
+pub struct Guards {
+    pub management: ManagementAuth,
+    /// The client-key guard: `api_keys` and the bans of wrong ones.
+    pub clients: ClientAuth,
+}
+
+impl Guards {
+    /// From the config (see [`ManagementAuth::from_config`]); warns about trusted proxies too
+    /// broad to trust.
+    pub async fn from_config(config: &crate::config::Config) -> Result<Guards, String> {
+        super::caller::warn_about_trusted_proxies(&config.server.trusted_proxies);
+        Ok(Guards {
+            management: ManagementAuth::from_config(&config.management).await?,
+            clients: ClientAuth::new(&config.api_keys),
+        })
+    }
+}
 
 /// The token of an `Authorization: Bearer TOKEN` header. The scheme is case-insensitive and
 /// may be followed by any number of spaces or tabs.
@@ -157,17 +176,17 @@ fn log_bans(state: &AppState, bans: &Bans) {
 }
 
 async fn guard_management(
-    state: Arc<AppState>,
+    state: HttpState,
     mut req: Request,
     next: Next,
     recovery: bool,
 ) -> Response {
-    let caller = Caller::of_request(&req, &state.config.config.server.trusted_proxies);
-    let decision = state
-        .management
-        .check(&caller, presented_key(req.headers()), recovery, state.now())
+    let (app, management) = (&state.app, &state.guards.management);
+    let caller = Caller::of_request(&req, &app.config.config.server.trusted_proxies);
+    let decision = management
+        .check(&caller, presented_key(req.headers()), recovery, app.now())
         .await;
-    log_bans(&state, state.management.bans());
+    log_bans(app, management.bans());
     if let Err(e) = decision {
         return e.into_response();
     }
@@ -177,7 +196,7 @@ async fn guard_management(
 
 /// The management guard, for every management route but the ban endpoints.
 pub async fn management_guard(
-    State(state): State<Arc<AppState>>,
+    State(state): State<HttpState>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -185,27 +204,20 @@ pub async fn management_guard(
 }
 
 /// The management guard for the ban endpoints: the operator at the console passes a ban.
-pub async fn recovery_guard(
-    State(state): State<Arc<AppState>>,
-    req: Request,
-    next: Next,
-) -> Response {
+pub async fn recovery_guard(State(state): State<HttpState>, req: Request, next: Next) -> Response {
     guard_management(state, req, next, true).await
 }
 
 /// Client keys for `/v1/*`.
-pub async fn client_guard(
-    State(state): State<Arc<AppState>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let caller = Caller::of_request(&req, &state.config.config.server.trusted_proxies);
+pub async fn client_guard(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    let (app, clients) = (&state.app, &state.guards.clients);
+    let caller = Caller::of_request(&req, &app.config.config.server.trusted_proxies);
     let decision = {
         let presented = client_key(&req);
         let presented = presented.as_ref().map(PresentedKey::as_bytes);
-        state.clients.check(&caller, presented, state.now())
+        clients.check(&caller, presented, app.now())
     };
-    log_bans(&state, state.clients.bans());
+    log_bans(app, clients.bans());
     match decision {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),

@@ -4,11 +4,11 @@
 use super::error::ApiError;
 use super::extract::{Json, JsonValue, Path, Query};
 use super::view;
-use crate::app::AppState;
 use crate::crypto::Secret;
 use crate::domain::Status;
 use crate::import::{self, CredentialInput, check_label, check_priority, check_secret};
 use crate::quota::CounterTokens;
+use crate::state::AppState;
 use crate::store::{CredentialPatch, DEFAULT_PAGE, ImportMode, ListFilter, MAX_PAGE, QuotaPatch};
 use axum::Extension;
 use axum::extract::State;

@@ -11,19 +11,49 @@ pub mod management;
 pub mod proxy;
 pub mod view;
 
-use crate::app::AppState;
+use crate::proxy::RequestPath;
+use crate::state::AppState;
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use error::ApiError;
+pub use guard::Guards;
 use std::sync::Arc;
+
+/// What the routes are served with: the application's shared state, the guards in front of
+/// the routes, and the request path the proxy routes call. A handler takes the parts it needs
+/// (`State<Arc<AppState>>`, `State<Arc<Guards>>`, `State<RequestPath>`).
+#[derive(Clone)]
+pub struct HttpState {
+    pub app: Arc<AppState>,
+    pub guards: Arc<Guards>,
+    pub path: RequestPath,
+}
+
+impl FromRef<HttpState> for RequestPath {
+    fn from_ref(state: &HttpState) -> Self {
+        state.path.clone()
+    }
+}
+
+impl FromRef<HttpState> for Arc<AppState> {
+    fn from_ref(state: &HttpState) -> Self {
+        state.app.clone()
+    }
+}
+
+impl FromRef<HttpState> for Arc<Guards> {
+    fn from_ref(state: &HttpState) -> Self {
+        state.guards.clone()
+    }
+}
 
 /// The whole application router. Serve it with [`listener::serve`], which gives each request
 /// its TCP peer address (for the guards) and its body limits (for the body readers).
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: HttpState) -> Router {
     let management = Router::new()
         .route("/auths", get(management::list).post(management::add))
         .route("/auths/import", post(management::import))

@@ -1,27 +1,30 @@
-//! The proxy API (contract section 7): the provider-shaped endpoints applications call and the
-//! lease API. The client-key guard in front of them is in [`super::guard`].
+//! The proxy API: the provider-shaped endpoints applications call, and the lease API. The
+//! client-key guard in front of them is in [`super::guard`]. The routes pick the provider (by
+//! model, or by endpoint) and hand the call to the request path
+//! ([`crate::proxy::RequestPath`]); they turn what it answers into responses and decide nothing
+//! else.
 
+use super::Guards;
 use super::error::ApiError;
 use super::extract::{Json, Path, Query, read_bytes};
-use crate::app::AppState;
+use crate::providers::exchange::{self as format, BodyError};
 use crate::providers::wire::Peek;
-use crate::providers::{Format, Provider};
-use crate::proxy::{self, Call};
-use crate::quota::RequestTokens;
-use crate::store::{Mark, ReservationKind, ReserveRequest};
-use axum::body::Bytes;
+use crate::providers::{Format, Provider, Registry};
+use crate::proxy::{
+    AnswerBody, Call, Forwarded, LeaseInput, PathError, ReportInput, Reported, RequestPath,
+};
+use crate::state::AppState;
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::header::CACHE_CONTROL;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use chrono::Duration;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 
 /// Largest request body the proxy takes (prompts may carry images).
 pub const MAX_PROXY_BODY: usize = 32 * 1024 * 1024;
-/// How long a lease lasts before it is settled at its reservation.
-const LEASE_MINUTES: i64 = 10;
 
 type AppResult<T> = Result<T, ApiError>;
 
@@ -43,29 +46,34 @@ impl<S: Send + Sync> FromRequest<S> for ProxyBody {
         }
         match Peek::read(&bytes) {
             Ok(peek) => Ok(ProxyBody(peek, bytes)),
-            Err(e) => Err(proxy::unusable_body(e)),
+            Err(e) => Err(PathError::Body(BodyError::from(e)).into()),
         }
     }
 }
 
-/// Client headers an upstream of `format` may need (never a key).
-fn pass_headers(format: Format, headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
-    let names: &[&str] = match format {
-        Format::Anthropic => &["anthropic-version", "anthropic-beta"],
-        _ => &[],
+/// The response for what the request path answered a forwarded call.
+fn respond(forwarded: Result<Forwarded, PathError>) -> Response {
+    let forwarded = match forwarded {
+        Ok(f) => f,
+        Err(e) => return ApiError::from(e).into_response(),
     };
-    names
-        .iter()
-        .filter_map(|n| {
-            headers
-                .get(*n)
-                .map(|v| (HeaderName::from_static(n), v.clone()))
-        })
-        .collect()
+    let (body, streamed) = match forwarded.body {
+        AnswerBody::Whole(bytes) => (Body::from(bytes), false),
+        AnswerBody::Stream(tapped) => (Body::from_stream(tapped), true),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = forwarded.status;
+    *response.headers_mut() = forwarded.headers;
+    if streamed {
+        response
+            .headers_mut()
+            .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    response
 }
 
-fn provider_of(state: &AppState, name: &str) -> AppResult<Arc<Provider>> {
-    state.registry.get(name).cloned().ok_or_else(|| {
+fn provider_of(registry: &Registry, name: &str) -> AppResult<Arc<Provider>> {
+    registry.get(name).cloned().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unknown_provider",
@@ -75,14 +83,14 @@ fn provider_of(state: &AppState, name: &str) -> AppResult<Arc<Provider>> {
 }
 
 pub async fn chat_completions(
-    State(state): State<Arc<AppState>>,
+    State(path): State<RequestPath>,
     headers: HeaderMap,
     ProxyBody(peek, raw): ProxyBody,
 ) -> Response {
     let Some(model) = peek.model() else {
         return ApiError::bad_request("invalid_body", "The body needs a `model`").into_response();
     };
-    let Some((provider, upstream_model)) = state.registry.route_openai(model) else {
+    let Some((provider, upstream_model)) = path.registry().route_openai(model) else {
         return ApiError::not_found(
             "unknown_model",
             format!("No configured provider serves model `{model}`"),
@@ -94,40 +102,40 @@ pub async fn chat_completions(
         raw
     } else {
         let model = serde_json::to_string(upstream_model).expect("a string serializes");
-        match proxy::rewrite(&raw, "model", &model) {
+        match format::rewrite(&raw, "model", &model) {
             Ok(body) => body,
-            Err(e) => return e.into_response(),
+            Err(e) => return ApiError::from(PathError::Body(e)).into_response(),
         }
     };
     let call = Call {
-        pass_headers: pass_headers(provider.format, &headers),
+        pass_headers: format::pass_headers(provider.format, &headers),
         provider: provider.clone(),
         path: "/chat/completions".into(),
         stream: peek.stream(),
         peek,
         raw,
     };
-    proxy::forward(state, call).await
+    respond(path.forward(call).await)
 }
 
 pub async fn messages(
-    State(state): State<Arc<AppState>>,
+    State(path): State<RequestPath>,
     headers: HeaderMap,
     ProxyBody(peek, raw): ProxyBody,
 ) -> Response {
-    let provider = match provider_of(&state, "claude") {
+    let provider = match provider_of(path.registry(), "claude") {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
     let call = Call {
-        pass_headers: pass_headers(provider.format, &headers),
+        pass_headers: format::pass_headers(provider.format, &headers),
         provider,
         path: "/v1/messages".into(),
         stream: peek.stream(),
         peek,
         raw,
     };
-    proxy::forward(state, call).await
+    respond(path.forward(call).await)
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,7 +156,7 @@ fn plain_model(model: &str) -> bool {
 }
 
 pub async fn gemini(
-    State(state): State<Arc<AppState>>,
+    State(path): State<RequestPath>,
     Path(model_action): Path<String>,
     Query(q): Query<GeminiQuery>,
     ProxyBody(peek, raw): ProxyBody,
@@ -178,26 +186,26 @@ pub async fn gemini(
         )
         .into_response();
     }
-    let provider = match provider_of(&state, "gemini") {
+    let provider = match provider_of(path.registry(), "gemini") {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let mut path = format!("/models/{model}:{action}");
+    let mut target = format!("/models/{model}:{action}");
     if let Some(alt) = q
         .alt
         .filter(|a| a.chars().all(|c| c.is_ascii_alphanumeric()))
     {
-        path.push_str(&format!("?alt={alt}"));
+        target.push_str(&format!("?alt={alt}"));
     }
     let call = Call {
         pass_headers: Vec::new(),
         provider,
-        path,
+        path: target,
         peek,
         raw,
         stream,
     };
-    proxy::forward(state, call).await
+    respond(path.forward(call).await)
 }
 
 /// `GET /v1/models`: the model patterns of the enabled OpenAI-format providers, and each as
@@ -217,17 +225,10 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LeaseInput {
-    provider: String,
-    estimated_tokens: Option<RequestTokens>,
-}
-
 /// Leases hand out the token itself, so they need a client key, even from loopback: with no
 /// `api_keys` any local process could take a token in clear.
-fn leases_allowed(state: &AppState) -> AppResult<()> {
-    if !state.clients.has_keys() {
+fn leases_allowed(guards: &Guards) -> AppResult<()> {
+    if !guards.clients.has_keys() {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "leases_need_client_key",
@@ -238,163 +239,37 @@ fn leases_allowed(state: &AppState) -> AppResult<()> {
 }
 
 pub async fn lease(
-    State(state): State<Arc<AppState>>,
+    State(path): State<RequestPath>,
+    State(guards): State<Arc<Guards>>,
     body: Result<Json<LeaseInput>, ApiError>,
 ) -> AppResult<Response> {
-    leases_allowed(&state)?;
+    leases_allowed(&guards)?;
     let Json(input) = body?;
-    let provider = state
-        .registry
-        .get(&input.provider)
-        .cloned()
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "unknown_provider",
-                format!("Unknown provider `{}`", input.provider),
-            )
-        })?;
-    if !provider.enabled {
-        return Err(proxy::provider_disabled(&provider.name));
-    }
-    let config = &state.config.config;
-    let tokens = input
-        .estimated_tokens
-        .map_or(config.auth.quota.default_reservation, RequestTokens::get);
-    let expires_at = state.now() + Duration::minutes(LEASE_MINUTES);
-    let mut tried = Vec::new();
-    for _ in 0..config.proxy.max_attempts {
-        let req = ReserveRequest {
-            provider: &provider.name,
-            tokens,
-            strategy: config.auth.selection_strategy,
-            exclude: &tried,
-            kind: ReservationKind::Lease,
-            expires_at: Some(expires_at),
-        };
-        let r = match state
-            .store
-            .reserve_waiting(&req, || state.now(), proxy::ROOM_PATIENCE)
-            .await?
-        {
-            Ok(r) => r,
-            Err(why) => return Err(proxy::unavailable(&provider.name, why)),
-        };
-        let held = proxy::Held::new(&state, &r, &provider.name);
-        match state.store.open_token(&r.credential_id).await? {
-            Ok(token) => {
-                held.keep();
-                let body = json!({
-                    "lease_id": r.id,
-                    "credential_id": r.credential_id,
-                    "provider": provider.name,
-                    "token": token.expose(),
-                    "base_url": provider.base_url,
-                    "expires_at": crate::domain::rfc3339(expires_at),
-                });
-                return Ok((StatusCode::CREATED, axum::Json(body)).into_response());
-            }
-            Err(reason) => {
-                held.release(Some(Mark::Invalid(reason)), " for a lease")
-                    .await?;
-                tried.push(r.credential_id);
-            }
-        }
-    }
-    Err(proxy::unavailable(
-        &provider.name,
-        crate::store::Unavailable::Unusable,
-    ))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReportInput {
-    tokens_used: Option<RequestTokens>,
-    input_tokens: Option<RequestTokens>,
-    output_tokens: Option<RequestTokens>,
-    error_status: Option<u16>,
-    /// Seconds, as the provider's `Retry-After` said; past a day it counts as a day.
-    retry_after: Option<u64>,
-    /// The provider's error body as it came (text), read as the proxy reads the answers it
-    /// gets itself: what it says about the credential (exhausted until a date, a region
-    /// block, an overload) decides the mark, not the status alone.
-    error_body: Option<String>,
+    let lease = path.lease(input).await?;
+    let body = json!({
+        "lease_id": lease.id,
+        "credential_id": lease.credential_id,
+        "provider": lease.provider.name,
+        "token": lease.token.expose(),
+        "base_url": lease.provider.base_url,
+        "expires_at": crate::domain::rfc3339(lease.expires_at),
+    });
+    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
 }
 
 pub async fn report(
-    State(state): State<Arc<AppState>>,
+    State(path): State<RequestPath>,
+    State(guards): State<Arc<Guards>>,
     lease_id: Result<Path<String>, ApiError>,
     body: Result<Json<ReportInput>, ApiError>,
 ) -> AppResult<Response> {
-    leases_allowed(&state)?;
+    leases_allowed(&guards)?;
     let (Path(lease_id), Json(input)) = (lease_id?, body?);
-    let Some((credential_id, provider)) = state.store.lease(&lease_id).await? else {
-        return Err(ApiError::not_found(
-            "lease_not_found",
-            "No such lease, or it was already reported or expired",
-        ));
-    };
-    if input.error_body.is_some() && input.error_status.is_none() {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            "error_body comes with the error_status it was answered with",
-        ));
-    }
-    if let Some(status) = input.error_status {
-        let status = StatusCode::from_u16(status).map_err(|_| {
-            ApiError::bad_request("invalid_body", "error_status is not an HTTP status")
-        })?;
-        // From here the lease is released, even if reading the report were to fail.
-        let lease = crate::store::Reservation {
-            id: lease_id.clone(),
-            credential_id,
-            tokens: 0,
-        };
-        let held = proxy::Held::new(&state, &lease, &provider);
-        let format = state
-            .registry
-            .get(&provider)
-            .map(|p| p.format)
-            .unwrap_or(Format::Openai);
-        let mut headers = HeaderMap::new();
-        if let Some(secs) = input.retry_after {
-            let secs = secs.min(crate::providers::wire::MAX_RETRY_AFTER.as_secs());
-            headers.insert(reqwest::header::RETRY_AFTER, secs.into());
-        }
-        let body = input.error_body.as_deref().unwrap_or("").as_bytes();
-        let verdict =
-            crate::providers::classify::classify_at(format, status, &headers, body, state.now());
-        // The same verdicts as a proxied request's: only the credential's own failure marks
-        // it; an overload, a region block or the client's own error marks nothing.
-        let mark = proxy::mark_for(&verdict, state.now());
-        held.release(mark, " by a lease report").await?;
-        return Ok(axum::Json(json!({"lease_id": lease_id, "released": true})).into_response());
-    }
-    let count = |t: Option<RequestTokens>| t.map_or(0, RequestTokens::get);
-    let usage = match (input.tokens_used, input.input_tokens, input.output_tokens) {
-        (Some(t), None, None) => crate::providers::wire::Usage::reported(0, t.get()),
-        (None, i, o) if i.is_some() || o.is_some() => {
-            crate::providers::wire::Usage::reported(count(i), count(o))
-        }
-        _ => {
-            return Err(ApiError::bad_request(
-                "invalid_body",
-                "Report tokens_used (or input_tokens and output_tokens), or error_status",
-            ));
+    let body = match path.report(&lease_id, input).await? {
+        Reported::Released => json!({"lease_id": lease_id, "released": true}),
+        Reported::Settled { tokens_used } => {
+            json!({"lease_id": lease_id, "settled": true, "tokens_used": tokens_used})
         }
     };
-    if !state
-        .store
-        .settle(&lease_id, usage, false, state.now())
-        .await?
-    {
-        return Err(ApiError::not_found(
-            "lease_not_found",
-            "No such lease, or it was already reported or expired",
-        ));
-    }
-    Ok(
-        axum::Json(json!({"lease_id": lease_id, "settled": true, "tokens_used": usage.total()}))
-            .into_response(),
-    )
+    Ok(axum::Json(body).into_response())
 }

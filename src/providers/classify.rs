@@ -10,17 +10,47 @@
 //!
 //! Also the waits a provider names (`Retry-After`, Gemini's `RetryInfo`, OpenAI's and
 //! Anthropic's reset headers), each read by its own function and clamped to a day
-//! ([`super::wire::MAX_RETRY_AFTER`]); without one, [`DEFAULT_RATE_LIMIT_COOLDOWN`].
+//! ([`MAX_RETRY_AFTER`]); without one, [`DEFAULT_RATE_LIMIT_COOLDOWN`].
 //!
 //! Each row names the provider's documentation page or the public bug report its answer was
 //! taken from, so a row can be checked against its source.
 
 use super::Format;
-use super::wire::{Verdict, clamp_wait};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, TimeDelta, Utc};
 use serde_json::{Map, Value};
 use std::time::Duration;
+
+/// What an upstream error answer means, read from its structure: whose fault it is, and so
+/// what happens to the credential that got it and whether another is tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The client's own request (400, 404, 413, 422, a request too large for any key…): pass
+    /// the answer on, mark nothing, try no other credential.
+    ClientError,
+    /// The credential is rejected (wrong, revoked, disabled): marked invalid.
+    Invalid(String),
+    /// The credential is out of credit or quota: marked exhausted until `until` when the
+    /// provider names a date, else until the next reset.
+    Exhausted {
+        reason: String,
+        until: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// The credential is rate-limited: it cools down for `wait` (what the provider named,
+    /// else a default), and the next one is tried.
+    RateLimited { wait: Duration, reason: String },
+    /// The provider itself is overloaded or failing (every key would get the same): nothing
+    /// is marked; another credential is tried at most once, then the provider's answer goes
+    /// back.
+    Overloaded(String),
+    /// The provider refuses where this server runs (a region block), not the key: nothing is
+    /// marked, no other credential is tried, and the client is told what happened.
+    Location(String),
+}
+
+/// The longest cooldown a provider's named wait (or a lease report's `retry_after`) can
+/// impose on a credential: a day. A longer one is taken as a day.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Cooldown after a 429 that names no wait (the README's documented default).
 pub const DEFAULT_RATE_LIMIT_COOLDOWN: Duration = Duration::from_secs(30);
@@ -38,6 +68,38 @@ pub fn classify_at(
     format: Format,
     status: StatusCode,
     headers: &HeaderMap,
+    body: &[u8],
+    now: DateTime<Utc>,
+) -> Verdict {
+    classify_answer(format, status, Waits::Headers(headers), body, now)
+}
+
+/// What a lease holder's report of an error answer means: the answer read as
+/// [`classify_at`] reads the proxy's own, its `Retry-After` given in seconds (past
+/// [`MAX_RETRY_AFTER`] it counts as that).
+pub fn classify_report(
+    format: Format,
+    status: StatusCode,
+    retry_after: Option<u64>,
+    body: &[u8],
+    now: DateTime<Utc>,
+) -> Verdict {
+    classify_answer(format, status, Waits::Reported(retry_after), body, now)
+}
+
+/// Where an error answer names its waits.
+#[derive(Clone, Copy)]
+enum Waits<'a> {
+    /// The headers it came with (`Retry-After`, the formats' reset headers).
+    Headers(&'a HeaderMap),
+    /// A lease holder's report: the `Retry-After` seconds it gave, if any.
+    Reported(Option<u64>),
+}
+
+fn classify_answer(
+    format: Format,
+    status: StatusCode,
+    waits: Waits<'_>,
     body: &[u8],
     now: DateTime<Utc>,
 ) -> Verdict {
@@ -70,7 +132,7 @@ pub fn classify_at(
                 .and_then(|until| believable_until(until, now)),
         },
         Then::RateLimited(what) => Verdict::RateLimited {
-            wait: named_wait(format, headers, &json, parsed.kind, now)
+            wait: named_wait(format, waits, &json, parsed.kind, now)
                 .unwrap_or(DEFAULT_RATE_LIMIT_COOLDOWN),
             reason: reason(what),
         },
@@ -591,11 +653,23 @@ fn believable_until(until: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime
 /// none (or only values that are not a wait).
 fn named_wait(
     format: Format,
-    headers: &HeaderMap,
+    waits: Waits<'_>,
     body: &Value,
     kind: Option<&str>,
     now: DateTime<Utc>,
 ) -> Option<Duration> {
+    let headers = match waits {
+        Waits::Headers(headers) => headers,
+        Waits::Reported(secs) => {
+            // A report carries no reset headers: the body (Gemini's `RetryInfo`), then the
+            // seconds it gave.
+            let reported = || secs.map(|s| clamp_wait(s as f64));
+            return match format {
+                Format::Gemini => gemini_retry_delay(body).or_else(reported),
+                Format::Openai | Format::Anthropic | Format::Kiro => reported(),
+            };
+        }
+    };
     match format {
         Format::Gemini => gemini_retry_delay(body).or_else(|| retry_after(headers, now)),
         Format::Openai => retry_after(headers, now).or_else(|| openai_reset(headers, kind)),
@@ -755,6 +829,18 @@ pub fn anthropic_reset(headers: &HeaderMap, now: DateTime<Utc>) -> Option<Durati
         }
     }
     spent.or(any).map(|at| until(at, now))
+}
+
+/// `secs` seconds (rounded up), at most [`MAX_RETRY_AFTER`]; never panics, whatever `secs` is
+/// (`inf` and huge values are the maximum, `NaN` and negatives zero).
+pub fn clamp_wait(secs: f64) -> Duration {
+    let max = MAX_RETRY_AFTER.as_secs_f64();
+    let secs = if secs.is_nan() {
+        0.0
+    } else {
+        secs.clamp(0.0, max)
+    };
+    Duration::from_secs_f64(secs.ceil())
 }
 
 #[cfg(test)]

@@ -1,13 +1,15 @@
 //! The providers: the registry of built-ins with their defaults, overridden or extended by the
 //! config's `providers` blocks (everything that asks "is this a provider?" asks here), and per
-//! upstream format what the request path needs to know ([`wire`], [`tap`], [`classify`]).
+//! upstream format what the request path needs to know: what goes into a call and what of its
+//! answer comes back ([`exchange`]), the request's size and the answer's usage ([`wire`],
+//! [`tap`]), what an error answer means ([`classify`]).
 
 pub mod classify;
+pub mod exchange;
 pub mod json;
 pub mod tap;
 pub mod wire;
 
-use crate::config::ProviderConfig;
 use crate::upstream::Target;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -49,6 +51,20 @@ impl StreamUsage {
             _ => StreamUsage::Ask,
         }
     }
+}
+
+/// A `providers:` block. For a built-in every key is optional and overrides a default; a new
+/// name needs `format` and `base_url`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub enabled: Option<bool>,
+    pub format: Option<Format>,
+    pub base_url: Option<String>,
+    pub models: Option<Vec<String>>,
+    /// `ask` or `never`: whether OpenAI-format streams get `stream_options.include_usage`
+    /// (default per provider, see [`StreamUsage`]).
+    pub stream_usage: Option<StreamUsage>,
 }
 
 /// One provider as configured.

@@ -1,60 +1,15 @@
-//! What differs between the upstream formats (protocols.md section 4): how a credential is
-//! attached, how big a request may get, and where usage is in a body or a stream. What an error
-//! answer means for the credential that got it is read in [`super::classify`].
+//! What differs between the upstream formats in what is read of a request and its answer: the
+//! fields of a client's body the request path reads ([`Peek`]), how big a request may get, and
+//! where usage is in a body or a stream. How a call is made is in [`super::exchange`]; what an
+//! error answer means for the credential that got it, in [`super::classify`].
 
 use super::Format;
 use super::json::{Pick, Picked, Quantity};
 pub use crate::domain::Usage;
 use crate::quota::MAX_REQUEST_TOKENS;
-use axum::http::HeaderName;
-use axum::http::header::AUTHORIZATION;
 use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess};
 use serde_json::Value;
-use std::time::Duration;
-
-/// What an upstream error answer means, read from its structure: whose fault it is, and so
-/// what happens to the credential that got it and whether another is tried.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// The client's own request (400, 404, 413, 422, a request too large for any key…): pass
-    /// the answer on, mark nothing, try no other credential.
-    ClientError,
-    /// The credential is rejected (wrong, revoked, disabled): marked invalid.
-    Invalid(String),
-    /// The credential is out of credit or quota: marked exhausted until `until` when the
-    /// provider names a date, else until the next reset.
-    Exhausted {
-        reason: String,
-        until: Option<chrono::DateTime<chrono::Utc>>,
-    },
-    /// The credential is rate-limited: it cools down for `wait` (what the provider named,
-    /// else a default), and the next one is tried.
-    RateLimited { wait: Duration, reason: String },
-    /// The provider itself is overloaded or failing (every key would get the same): nothing
-    /// is marked; another credential is tried at most once, then the provider's answer goes
-    /// back.
-    Overloaded(String),
-    /// The provider refuses where this server runs (a region block), not the key: nothing is
-    /// marked, no other credential is tried, and the client is told what happened.
-    Location(String),
-}
-
-/// The longest cooldown a provider's named wait (or a lease report's `retry_after`) can
-/// impose on a credential: a day. A longer one is taken as a day.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
-
-// What an error answer means is read in `classify`, table by table.
-pub use super::classify::classify;
-
-/// Where the provider expects the credential: the header, and what goes before the token.
-pub fn credential_header(format: Format) -> (HeaderName, &'static str) {
-    match format {
-        Format::Openai | Format::Kiro => (AUTHORIZATION, "Bearer "),
-        Format::Anthropic => (HeaderName::from_static("x-api-key"), ""),
-        Format::Gemini => (HeaderName::from_static("x-goog-api-key"), ""),
-    }
-}
 
 fn u(v: &Value) -> Option<u64> {
     v.as_u64()
@@ -516,18 +471,6 @@ pub fn is_openai_usage_chunk(event: &Value) -> bool {
             .get("choices")
             .and_then(Value::as_array)
             .is_some_and(|c| c.is_empty())
-}
-
-/// `secs` seconds (rounded up), at most [`MAX_RETRY_AFTER`]; never panics, whatever `secs` is
-/// (`inf` and huge values are the maximum, `NaN` and negatives zero).
-pub fn clamp_wait(secs: f64) -> Duration {
-    let max = MAX_RETRY_AFTER.as_secs_f64();
-    let secs = if secs.is_nan() {
-        0.0
-    } else {
-        secs.clamp(0.0, max)
-    };
-    Duration::from_secs_f64(secs.ceil())
 }
 
 #[cfg(test)]

@@ -9,22 +9,21 @@
 //! the provider may have spent more than it said before it failed, and never less than it
 //! said.
 
-use crate::app::AppState;
+use super::RequestPath;
 use crate::providers::tap::StreamTap;
 use crate::providers::wire::Usage;
-use crate::store::Mark;
+use crate::store::{Mark, StoreError};
 use crate::upstream::AnswerStream;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// A reservation between its grant and its settlement or release. Dropped while still held
 /// (the exchange panicked, or its task was torn down), it is released without a mark, so a
 /// fault in the request path never leaves tokens reserved until the next start.
-pub(crate) struct Held {
-    state: Arc<AppState>,
+pub(super) struct Held {
+    path: RequestPath,
     reservation: String,
     credential: String,
     provider: String,
@@ -32,50 +31,62 @@ pub(crate) struct Held {
 }
 
 impl Held {
-    pub(crate) fn new(
-        state: &Arc<AppState>,
-        reservation: &crate::store::Reservation,
+    pub(super) fn new(
+        path: &RequestPath,
+        reservation: String,
+        credential: String,
         provider: &str,
     ) -> Held {
         Held {
-            state: state.clone(),
-            reservation: reservation.id.clone(),
-            credential: reservation.credential_id.clone(),
+            path: path.clone(),
+            reservation,
+            credential,
             provider: provider.to_string(),
             done: false,
         }
     }
 
-    /// Release the reservation unused, marking the credential when the failure was its own.
-    pub(super) async fn give_back(self, mark: Option<Mark>) {
-        if let Err(e) = self.release(mark, "").await {
+    /// The credential the reservation is on.
+    pub(super) fn credential(&self) -> &str {
+        &self.credential
+    }
+
+    /// Release the reservation unused, marking the credential when the failure was its own
+    /// (`context` says how the failure was learnt, for the auth log). A failure to release is
+    /// logged: the reservation then stays, and the next start charges it.
+    pub(super) async fn give_back(self, mark: Option<Mark>, context: &str) {
+        if let Err(e) = self.release(mark, context).await {
             tracing::error!(error = %e, "cannot release a reservation");
         }
     }
 
-    /// Release the reservation unused, with an optional mark (`context` says how the failure
-    /// was learnt, for the auth log); `false` when it was already settled or released.
-    pub(crate) async fn release(
+    /// Release the reservation unused, with an optional mark (`context` as for
+    /// [`Held::give_back`]); `false` when it was already settled or released.
+    pub(super) async fn release(
         mut self,
         mark: Option<Mark>,
         context: &str,
-    ) -> Result<bool, crate::store::StoreError> {
+    ) -> Result<bool, StoreError> {
         self.done = true;
         let (id, cred, name) = (&self.reservation, &self.credential, &self.provider);
-        super::release(&self.state, id, cred, name, mark, context).await
+        self.path.release(id, cred, name, mark, context).await
     }
 
-    /// The reservation outlives the handler (a lease handed out): it is settled by a report
-    /// or when it expires.
-    pub(crate) fn keep(mut self) {
+    /// The reservation outlives the request (a lease handed out): it is settled by a report
+    /// or when it expires. Its id and its credential's.
+    pub(super) fn keep(mut self) -> (String, String) {
         self.done = true;
+        (
+            std::mem::take(&mut self.reservation),
+            std::mem::take(&mut self.credential),
+        )
     }
 
     /// Hand the reservation to what settles it once the answer is read.
     pub(super) fn settler(mut self) -> Settler {
         self.done = true;
         Settler {
-            state: self.state.clone(),
+            path: self.path.clone(),
             reservation: std::mem::take(&mut self.reservation),
         }
     }
@@ -88,15 +99,14 @@ impl Drop for Held {
                 reservation = %self.reservation,
                 "a request ended without settling its reservation; releasing it"
             );
-            self.state
-                .store
-                .release_later(&self.reservation, self.state.now());
+            let now = self.path.now();
+            self.path.0.store.release_later(&self.reservation, now);
         }
     }
 }
 
 pub(super) struct Settler {
-    state: Arc<AppState>,
+    path: RequestPath,
     reservation: String,
 }
 
@@ -106,17 +116,17 @@ impl Settler {
     /// as it should; otherwise (and without usage) it is charged at least its reservation.
     pub(super) fn settle(self, usage: Option<Usage>, complete: bool) {
         let exact = complete && usage.is_some();
-        self.state.store.settle_later(
+        self.path.0.store.settle_later(
             &self.reservation,
             usage.unwrap_or_default(),
             !exact,
-            self.state.now(),
+            self.path.now(),
         );
     }
 }
 
 /// A streamed answer with its usage tap; settles when it ends or is dropped.
-pub(super) struct Tapped {
+pub struct Tapped {
     inner: AnswerStream,
     tap: StreamTap,
     settler: Option<Settler>,

@@ -3,11 +3,15 @@
 //! release) driven by a local mock whose answers a test classifier reads as the verdict under
 //! test, whatever `classify` makes of them today.
 
+use super::attempts::{Then, after_failure, mark_for};
 use super::*;
-use crate::config::Config;
+use crate::config::{Config, DatabaseLocation};
 use crate::domain::{CredentialKind, NewCredential, OauthExtra, Status};
-use crate::store::ListFilter;
+use crate::store::{ListFilter, StoreOptions};
+use axum::body::Body;
 use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::Response;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -182,7 +186,7 @@ async fn mock_answer(State(up): State<Arc<Upstream>>, headers: HeaderMap) -> Res
 
 /// Reads the mock's answers as the verdicts under test: 529 and 503 overloaded, 451 a
 /// region block, an `x-test-until` header exhausted until that date; anything else as
-/// [`wire::classify`] does.
+/// [`crate::providers::classify::classify_at`] does.
 fn test_classify(
     format: Format,
     status: StatusCode,
@@ -205,14 +209,15 @@ fn test_classify(
 }
 
 struct Harness {
-    state: Arc<AppState>,
+    path: RequestPath,
+    store: Store,
     upstream: Arc<Upstream>,
     clock: Arc<AtomicI64>,
     _dir: tempfile::TempDir,
 }
 
 impl Harness {
-    /// The application's state (not served) with `keys` of `provider`, pointed at a mock.
+    /// A request path (not served) with `keys` of `provider`, pointed at a mock.
     async fn new(provider: &str, keys: &[&str], max_attempts: u32) -> Harness {
         let upstream = Arc::new(Upstream::default());
         let app = axum::Router::new()
@@ -233,12 +238,27 @@ impl Harness {
         let loaded = Config::load_with_env(&path, true, std::iter::empty()).unwrap();
         let clock = Arc::new(AtomicI64::new(t0().timestamp()));
         let read = clock.clone();
-        let state = crate::app::open_state(
-            loaded,
-            Arc::new(move || DateTime::from_timestamp(read.load(Ordering::SeqCst), 0).unwrap()),
-        )
+        let DatabaseLocation::File(database) = &loaded.database;
+        let store = Store::open(StoreOptions {
+            path: database.clone(),
+            encryption: crate::crypto::Encryption::off(),
+            schedules: Default::default(),
+            read_connections: 1,
+        })
         .await
         .unwrap();
+        let config = &loaded.config;
+        let parts = Parts {
+            store: store.clone(),
+            upstream: crate::upstream::Upstream::new(config.proxy.request_timeout.0).unwrap(),
+            auth_log: Arc::new(AuthLog::open(&loaded.log_dir).unwrap()),
+            registry: Arc::new(Registry::from_config(&config.providers)),
+            clock: Arc::new(move || {
+                DateTime::from_timestamp(read.load(Ordering::SeqCst), 0).unwrap()
+            }),
+            settings: Settings::from_config(config),
+        };
+        let path = RequestPath::classifying_with(parts, test_classify);
         for key in keys {
             let new = NewCredential {
                 provider: provider.into(),
@@ -254,10 +274,11 @@ impl Harness {
                 disabled: false,
                 expires_at: None,
             };
-            state.store.add(&new, "api", "test", t0()).await.unwrap();
+            store.add(&new, "api", "test", t0()).await.unwrap();
         }
         Harness {
-            state,
+            path,
+            store,
             upstream,
             clock,
             _dir: dir,
@@ -265,7 +286,7 @@ impl Harness {
     }
 
     /// A request to `provider` through the loop, with the test classifier.
-    async fn request(&self, provider: &str) -> (StatusCode, String) {
+    async fn forward(&self, provider: &str) -> Result<Forwarded, PathError> {
         let (path, body) = match provider {
             "openai" => (
                 "/chat/completions",
@@ -278,27 +299,38 @@ impl Harness {
             ),
         };
         let call = Call {
-            provider: self.state.registry.get(provider).unwrap().clone(),
+            provider: self.path.registry().get(provider).unwrap().clone(),
             path: path.into(),
             peek: Peek::read(body.as_bytes()).unwrap(),
             raw: Bytes::from_static(body.as_bytes()),
             stream: false,
             pass_headers: Vec::new(),
         };
-        let response = forward_with(self.state.clone(), call, test_classify).await;
-        let status = response.status();
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        (status, String::from_utf8(body.to_vec()).unwrap())
+        self.path.clone().forward(call).await
+    }
+
+    /// A request answered with the provider's answer: its status and body.
+    async fn request(&self, provider: &str) -> (StatusCode, String) {
+        match self.forward(provider).await {
+            Ok(Forwarded {
+                status,
+                body: AnswerBody::Whole(body),
+                ..
+            }) => (status, String::from_utf8(body.to_vec()).unwrap()),
+            Ok(_) => panic!("{provider}: a streamed answer to a request not streamed"),
+            Err(e) => panic!("{provider}: {e}"),
+        }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.path.now()
     }
 
     /// Each credential's label, status and reserved tokens, once the ledger settled.
     async fn credentials(&self) -> Vec<(String, Status, u64)> {
         let page = self
-            .state
             .store
-            .list(&ListFilter::default(), self.state.now())
+            .list(&ListFilter::default(), self.now())
             .await
             .unwrap();
         page.rows
@@ -356,7 +388,7 @@ async fn an_overload_tries_one_other_key_and_marks_none() {
             let (again, _) = h.request(provider).await;
             assert_eq!(again.as_u16(), status, "{what}");
             assert_eq!(h.upstream.calls().len(), 2 * calls, "{what}");
-            h.state.store.close().await;
+            h.store.close().await;
         }
     }
 }
@@ -371,7 +403,7 @@ async fn an_overload_then_another_answer() {
         let (got, _) = h.request(provider).await;
         assert_eq!(got, StatusCode::OK, "{provider}");
         assert_eq!(h.upstream.calls(), ["a", "b"], "{provider}");
-        h.state.store.close().await;
+        h.store.close().await;
 
         let h = Harness::new(provider, &["a", "b", "c"], 3).await;
         h.upstream
@@ -396,11 +428,11 @@ async fn an_overload_then_another_answer() {
             ],
             "{provider}"
         );
-        h.state.store.close().await;
+        h.store.close().await;
     }
 }
 
-/// A region block: one call, no mark, our 502 naming the provider and the reason.
+/// A region block: one call, no mark, our error naming the provider and the reason.
 #[tokio::test]
 async fn a_region_block_answers_at_once_and_marks_none() {
     for (provider, _, _) in FORMATS {
@@ -416,11 +448,13 @@ async fn a_region_block_answers_at_once_and_marks_none() {
                     r#"{"error":{"message":"unsupported_country_region_territory"}}"#,
                 );
             }
-            let (got, text) = h.request(provider).await;
-            assert_eq!(got, StatusCode::BAD_GATEWAY, "{provider}: {text}");
-            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-            assert_eq!(v["error"]["code"], "provider_location_refused");
-            let message = v["error"]["message"].as_str().unwrap();
+            // The HTTP edge answers it 502 `provider_location_refused` with this message
+            // (`http::error`'s tests).
+            let refused = h.forward(provider).await;
+            let Err(e @ PathError::LocationRefused { .. }) = refused else {
+                panic!("{provider}: not refused");
+            };
+            let message = e.to_string();
             assert!(
                 message.contains(provider) && message.contains("not served in this region"),
                 "{message}"
@@ -429,7 +463,7 @@ async fn a_region_block_answers_at_once_and_marks_none() {
             for (label, st, reserved) in h.credentials().await {
                 assert_eq!((st, reserved), (Status::Active, 0), "{provider}: {label}");
             }
-            h.state.store.close().await;
+            h.store.close().await;
         }
     }
 }
@@ -452,13 +486,9 @@ async fn an_exhausted_key_comes_back_at_its_date() {
             assert_eq!(got, StatusCode::OK, "{provider} {wait}");
             assert_eq!(h.upstream.calls(), ["a", "b"]);
             let row = |label: &'static str| {
-                let state = h.state.clone();
+                let (store, now) = (h.store.clone(), h.now());
                 async move {
-                    let page = state
-                        .store
-                        .list(&ListFilter::default(), state.now())
-                        .await
-                        .unwrap();
+                    let page = store.list(&ListFilter::default(), now).await.unwrap();
                     page.rows
                         .into_iter()
                         .find(|r| r.label.as_deref() == Some(label))
@@ -488,7 +518,7 @@ async fn an_exhausted_key_comes_back_at_its_date() {
                 last.contains(&"a".to_string()),
                 "{provider} {wait}: {last:?}"
             );
-            h.state.store.close().await;
+            h.store.close().await;
         }
     }
 }

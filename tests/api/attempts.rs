@@ -885,7 +885,7 @@ async fn an_exhausted_key_is_back_at_the_date_the_provider_named() {
     let app = home
         .start_with(
             &[],
-            Arc::new(move || *read.lock().unwrap()) as cliproxyapi::app::Clock,
+            Arc::new(move || *read.lock().unwrap()) as cliproxyapi::state::Clock,
         )
         .await;
     add(&app, "claude", "claude-limited").await;

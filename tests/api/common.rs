@@ -1,8 +1,9 @@
 //! The test harness: the real application on port 0 with a temporary folder holding its
 //! config, database, auth files and logs; and the real binary, for restarts and `kill -9`.
 
-use cliproxyapi::app::{Application, Clock, StartError};
+use cliproxyapi::app::{Application, StartError};
 use cliproxyapi::config::Config;
+use cliproxyapi::state::Clock;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -57,6 +58,7 @@ impl Home {
         let app = self.build(env, clock).await.expect("application builds");
         let base = format!("http://{}", app.local_addr());
         let state = app.state();
+        let guards = app.guards();
         let report = app.import_report().clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(app.serve(async {
@@ -68,6 +70,7 @@ impl Home {
             shutdown: Some(tx),
             handle: Some(handle),
             state,
+            guards,
             import_report: report,
         }
     }
@@ -243,7 +246,8 @@ pub trait Api {
 pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
-    pub state: std::sync::Arc<cliproxyapi::app::AppState>,
+    pub state: std::sync::Arc<cliproxyapi::state::AppState>,
+    pub guards: std::sync::Arc<cliproxyapi::http::Guards>,
     pub import_report: cliproxyapi::store::ImportReport,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,

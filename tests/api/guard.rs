@@ -97,7 +97,7 @@ async fn a_burst_of_wrong_management_keys_is_banned_after_few_checks() {
         cheap_phc("the-right-key")
     ));
     let app = home.start().await;
-    let guard = &app.state.management;
+    let guard = &app.guards.management;
 
     // 800 wrong keys at once from eight loopback addresses (one machine: one ban).
     let clients: Vec<From> = (2..=9)

@@ -528,7 +528,7 @@ async fn leases_share_counters_and_settle() {
         let now = Arc::new(std::sync::Mutex::new(Utc::now()));
         let read = now.clone();
         (
-            Arc::new(move || *read.lock().unwrap()) as cliproxyapi::app::Clock,
+            Arc::new(move || *read.lock().unwrap()) as cliproxyapi::state::Clock,
             now,
         )
     };

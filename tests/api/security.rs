@@ -4,11 +4,11 @@
 use crate::common::{Api, Home, assert_all_open};
 use axum::http::HeaderMap;
 use chrono::{DateTime, Duration, Utc};
-use cliproxyapi::app::Clock;
 use cliproxyapi::config::ManagementConfig;
 use cliproxyapi::crypto::{EncryptionKey, Secret, hash_secret};
 use cliproxyapi::http::caller::Caller;
 use cliproxyapi::http::guard::ManagementAuth;
+use cliproxyapi::state::Clock;
 use serde_json::json;
 use std::sync::{Arc, Mutex};
 

@@ -29,15 +29,17 @@
 //! connection's task closes it when the deadline of its phase passes.
 
 mod connection;
+mod phase;
 mod slots;
 
 use super::body::BodyBudget;
 use crate::config::ServerConfig;
 use axum::Router;
-use connection::{Held, Stop, Timeouts, Watch};
+use connection::{Held, Stop};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use phase::{Timeouts, Watch};
 use slots::Slots;
 use std::future::Future;
 use std::io;

@@ -11,7 +11,7 @@
 //! anyone else's, so one address with many requests in flight cannot keep others out, and a
 //! local client with hundreds of requests at once is still served, in turn.
 
-use super::connection::Watch;
+use super::phase::Watch;
 use crate::config::Cidr;
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr};

@@ -3,7 +3,6 @@
 //! values.
 
 use super::*;
-use crate::providers::wire::MAX_RETRY_AFTER;
 use axum::http::{HeaderName, HeaderValue};
 use chrono::TimeZone;
 
@@ -942,4 +941,56 @@ fn waits_clamp_without_panicking() {
         ),
         Some(DateTime::<Utc>::MAX_UTC)
     );
+}
+
+/// A lease holder's report of an error answer reads as that answer with a `Retry-After`
+/// header of its seconds would (a report carries no other header).
+#[test]
+fn a_report_reads_as_the_answer_with_its_retry_after() {
+    let gemini = gemini_429(&["37s"]);
+    let answers: [(Format, u16, &str); 6] = [
+        (
+            Format::Anthropic,
+            429,
+            r#"{"type":"error","error":{"type":"rate_limit_error","message":"This request would exceed the rate limit for your organization of 50,000 input tokens per minute."}}"#,
+        ),
+        (
+            Format::Openai,
+            429,
+            r#"{"error": {"message": "Rate limit reached for requests", "type": "requests", "param": null, "code": "rate_limit_exceeded"}}"#,
+        ),
+        (Format::Gemini, 429, &gemini),
+        (
+            Format::Gemini,
+            429,
+            r#"{"error": {"code": 429, "message": "Resource has been exhausted (e.g. check quota).", "status": "RESOURCE_EXHAUSTED"}}"#,
+        ),
+        (
+            Format::Anthropic,
+            529,
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        ),
+        (Format::Kiro, 429, ""),
+    ];
+    for (format, status, body) in answers {
+        let status = StatusCode::from_u16(status).unwrap();
+        for secs in [
+            None,
+            Some(0),
+            Some(37),
+            Some(86_400),
+            Some(86_401),
+            Some(u64::MAX),
+        ] {
+            let mut headers = HeaderMap::new();
+            if let Some(s) = secs {
+                headers.insert("retry-after", s.min(MAX_RETRY_AFTER.as_secs()).into());
+            }
+            assert_eq!(
+                classify_report(format, status, secs, body.as_bytes(), now()),
+                classify_at(format, status, &headers, body.as_bytes(), now()),
+                "{format:?} {status} {secs:?}: {body}"
+            );
+        }
+    }
 }
