@@ -328,8 +328,8 @@ impl Upstream {
     }
 
     /// POST `body` to `target` with `headers`, and wait for the answer's status and headers.
-    /// Its span (debug) names the host only: the headers carry the credential.
-    #[tracing::instrument(level = "debug", name = "upstream_post", skip_all, fields(host = target.uri.host()))]
+    /// It runs in the request path's span (provider, credential, attempt), not one of its own:
+    /// instrumenting this future would copy it once more per request.
     pub async fn post(
         &self,
         target: &Target,

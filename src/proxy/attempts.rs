@@ -10,7 +10,6 @@ use crate::providers::classify::{MAX_RETRY_AFTER, Verdict};
 use crate::store::{Mark, ReservationKind, ReserveRequest};
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
-use tracing::Instrument;
 
 /// The shortest an exhausted mark with the provider's date lasts: a date already past (our
 /// clock ahead of the provider's) would otherwise leave the key to fail the next request too.
@@ -37,6 +36,8 @@ pub(super) struct Attempts<'a> {
     tried: Vec<String>,
     /// Reservations left (`proxy.max_attempts` at the start).
     left: u32,
+    /// The request's span, which names the attempt under way and its credential.
+    span: tracing::Span,
 }
 
 impl<'a> Attempts<'a> {
@@ -71,6 +72,7 @@ impl<'a> Attempts<'a> {
             expires_at,
             tried: Vec::new(),
             left: path.0.settings.max_attempts,
+            span: tracing::Span::current(),
         }
     }
 
@@ -82,72 +84,54 @@ impl<'a> Attempts<'a> {
         }
     }
 
-    /// How many reservations were made so far (the attempt under way, from 1).
-    pub(super) fn made(&self) -> usize {
-        self.tried.len()
-    }
-
     /// The next credential, reserved, with its token open; `Ok(None)` once every attempt is
     /// used. A token that does not open marks its credential invalid, and the next one is
-    /// reserved. `Err(PathError::Unavailable)` when nothing could be reserved.
+    /// reserved. `Err(PathError::Unavailable)` when nothing could be reserved. (One function,
+    /// not one per reservation: each async function between the loop and the store's
+    /// futures copies them once more per request.)
     pub(super) async fn next(&mut self) -> Result<Option<Granted>, PathError> {
+        let shared = &self.path.0;
         while self.left > 0 {
             self.left -= 1;
-            let span = tracing::debug_span!(
-                "attempt",
-                provider = self.provider,
-                attempt = self.tried.len() + 1,
-                credential = tracing::field::Empty,
-            );
-            if let Some(granted) = self.reserve_and_open().instrument(span).await? {
-                return Ok(Some(granted));
+            self.span.record("attempt", self.tried.len() + 1);
+            let req = ReserveRequest {
+                provider: self.provider,
+                tokens: self.tokens,
+                strategy: shared.settings.strategy,
+                exclude: &self.tried,
+                kind: self.kind,
+                expires_at: self.expires_at,
+            };
+            let path = self.path;
+            let now = || path.now();
+            let reservation = match shared
+                .store
+                .reserve_waiting(&req, now, super::ROOM_PATIENCE)
+                .await?
+            {
+                Ok(r) => r,
+                Err(why) => {
+                    let provider = self.provider.to_string();
+                    return Err(PathError::Unavailable { provider, why });
+                }
+            };
+            let credential = reservation.credential_id;
+            self.span.record("credential", credential.as_str());
+            self.tried.push(credential.clone());
+            let held = Held::new(self.path, reservation.id, credential, self.provider);
+            match shared.store.open_token(held.credential()).await {
+                Ok(Ok(token)) => return Ok(Some(Granted { held, token })),
+                Ok(Err(reason)) => {
+                    let context = self.context();
+                    held.give_back(Some(Mark::Invalid(reason)), context).await;
+                }
+                Err(e) => {
+                    held.give_back(None, "").await;
+                    return Err(e.into());
+                }
             }
         }
         Ok(None)
-    }
-
-    /// One reservation, and its token opened: `Ok(None)` when the token does not open (its
-    /// credential is marked invalid).
-    async fn reserve_and_open(&mut self) -> Result<Option<Granted>, PathError> {
-        let shared = &self.path.0;
-        let req = ReserveRequest {
-            provider: self.provider,
-            tokens: self.tokens,
-            strategy: shared.settings.strategy,
-            exclude: &self.tried,
-            kind: self.kind,
-            expires_at: self.expires_at,
-        };
-        let now = || self.path.now();
-        let reservation = match shared
-            .store
-            .reserve_waiting(&req, now, super::ROOM_PATIENCE)
-            .await?
-        {
-            Ok(r) => r,
-            Err(why) => {
-                return Err(PathError::Unavailable {
-                    provider: self.provider.to_string(),
-                    why,
-                });
-            }
-        };
-        tracing::Span::current().record("credential", reservation.credential_id.as_str());
-        self.tried.push(reservation.credential_id.clone());
-        let (id, credential) = (reservation.id, reservation.credential_id);
-        let held = Held::new(self.path, id, credential, self.provider);
-        match shared.store.open_token(held.credential()).await {
-            Ok(Ok(token)) => Ok(Some(Granted { held, token })),
-            Ok(Err(reason)) => {
-                held.give_back(Some(Mark::Invalid(reason)), self.context())
-                    .await;
-                Ok(None)
-            }
-            Err(e) => {
-                held.give_back(None, "").await;
-                Err(e.into())
-            }
-        }
     }
 }
 

@@ -10,7 +10,6 @@ use crate::providers::exchange::{self as format, Prepared};
 use crate::providers::wire;
 use crate::upstream::{Answer, Target};
 use std::borrow::Cow;
-use tracing::Instrument;
 
 /// Error bodies read from upstream at most (to classify them and pass them on).
 const MAX_ERROR_BODY: usize = 256 * 1024;
@@ -32,9 +31,8 @@ pub(super) async fn exchange(path: RequestPath, call: Call) -> Result<Forwarded,
             Err(PathError::Unavailable { .. }) if last_failure.is_some() => break,
             Err(e) => return Err(e),
         };
-        let span = tracing::debug_span!("upstream_call", attempt = attempts.made());
-        let sent = attempt(&path, &call, &target, &prepared, granted);
-        let Some((held, answer)) = sent.instrument(span).await? else {
+        let sent = attempt(&path, &call, &target, &prepared, granted).await?;
+        let Some((held, answer)) = sent else {
             continue;
         };
         if answer.status.is_success() {

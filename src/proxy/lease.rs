@@ -63,7 +63,7 @@ pub enum Reported {
 
 impl RequestPath {
     /// Lease a credential of `input.provider`.
-    #[tracing::instrument(level = "debug", name = "lease", skip_all, fields(provider = %input.provider))]
+    #[tracing::instrument(level = "debug", name = "lease", skip_all, fields(provider = %input.provider, attempt = tracing::field::Empty, credential = tracing::field::Empty))]
     pub async fn lease(&self, input: LeaseInput) -> Result<Lease, PathError> {
         let provider = self
             .0
