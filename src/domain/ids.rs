@@ -59,6 +59,15 @@ macro_rules! text_id {
             }
         }
 
+        /// Read as text wherever text is wanted (SQL parameters, log lines); the other way,
+        /// text into an id, is always spelled out.
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
                 &self.0

@@ -129,8 +129,8 @@ impl NewCredential {
 /// A stored credential without its secrets, with its counters and effective status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialRow {
-    pub id: String,
-    pub provider: String,
+    pub id: CredentialId,
+    pub provider: ProviderName,
     pub kind: CredentialKind,
     pub label: Option<String>,
     pub token_preview: String,

@@ -159,11 +159,12 @@ fn fault(e: PathError) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ProviderName;
     use crate::upstream::Cause;
 
     #[test]
     fn path_errors_answer_their_sentence_with_their_status_and_code() {
-        let provider = || "claude".to_string();
+        let provider = || ProviderName::from("claude");
         let unavailable = |why| PathError::Unavailable {
             provider: provider(),
             why,
@@ -174,7 +175,7 @@ mod tests {
         };
         let cases = [
             (
-                PathError::UnknownProvider(provider()),
+                PathError::UnknownProvider(provider().into_string()),
                 400,
                 "unknown_provider",
             ),

@@ -5,7 +5,7 @@ use super::error::ApiError;
 use super::extract::{Json, JsonValue, Path, Query};
 use super::view;
 use crate::crypto::Secret;
-use crate::domain::Status;
+use crate::domain::{CredentialId, Status};
 use crate::import::{self, CredentialInput, check_label, check_priority, check_secret};
 use crate::quota::CounterTokens;
 use crate::state::AppState;
@@ -193,7 +193,7 @@ pub struct IdQuery {
 }
 
 /// The credential a `?id=` names (its id or its token), or the provider's only credential.
-async fn target(state: &AppState, provider: &str, id: Option<&str>) -> AppResult<String> {
+async fn target(state: &AppState, provider: &str, id: Option<&str>) -> AppResult<CredentialId> {
     match id {
         Some(key) if !key.is_empty() => Ok(state.store.resolve(provider, key).await?),
         _ => {
@@ -221,7 +221,7 @@ async fn target(state: &AppState, provider: &str, id: Option<&str>) -> AppResult
                             ids.join(", ")
                         ),
                     )
-                    .with("ids", ids)
+                    .with("ids", ids.iter().map(|i| i.as_str()).collect::<Vec<_>>())
                     .with("count", count))
                 }
             }

@@ -7,6 +7,7 @@
 use super::Guards;
 use super::error::ApiError;
 use super::extract::{Json, Path, Query, read_bytes};
+use crate::domain::ReservationId;
 use crate::providers::exchange::{self as format, BodyError};
 use crate::providers::wire::Peek;
 use crate::providers::{Format, Provider, Registry};
@@ -265,6 +266,7 @@ pub async fn report(
 ) -> AppResult<Response> {
     leases_allowed(&guards)?;
     let (Path(lease_id), Json(input)) = (lease_id?, body?);
+    let lease_id = ReservationId::from(lease_id);
     let body = match path.report(&lease_id, input).await? {
         Reported::Released => json!({"lease_id": lease_id, "released": true}),
         Reported::Settled { tokens_used } => {

@@ -10,6 +10,7 @@ pub mod json;
 pub mod tap;
 pub mod wire;
 
+use crate::domain::ProviderName;
 use crate::upstream::Target;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -70,7 +71,7 @@ pub struct ProviderConfig {
 /// One provider as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provider {
-    pub name: String,
+    pub name: ProviderName,
     pub format: Format,
     pub base_url: String,
     /// Model name patterns (`*` wildcards) that route to this provider.
@@ -221,7 +222,7 @@ impl Registry {
             providers.insert(
                 name.to_string(),
                 Provider {
-                    name: name.to_string(),
+                    name: ProviderName::from(*name),
                     format: *format,
                     base_url: base_url.to_string(),
                     models: models.iter().map(|m| m.to_string()).collect(),
@@ -234,7 +235,7 @@ impl Registry {
         }
         for (name, block) in blocks {
             let entry = providers.entry(name.clone()).or_insert_with(|| Provider {
-                name: name.clone(),
+                name: ProviderName::from(name.as_str()),
                 format: block.format.unwrap_or(Format::Openai),
                 base_url: String::new(),
                 models: Vec::new(),

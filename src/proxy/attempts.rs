@@ -6,6 +6,7 @@
 use super::settle::Held;
 use super::{PathError, RequestPath};
 use crate::crypto::Secret;
+use crate::domain::{CredentialId, ProviderName};
 use crate::providers::classify::{MAX_RETRY_AFTER, Verdict};
 use crate::store::{Mark, ReservationKind, ReserveRequest};
 use chrono::{DateTime, Utc};
@@ -27,13 +28,13 @@ pub(super) struct Granted {
 /// The attempts of one request or lease on the credentials of one provider.
 pub(super) struct Attempts<'a> {
     path: &'a RequestPath,
-    provider: &'a str,
+    provider: &'a ProviderName,
     tokens: u64,
     kind: ReservationKind,
     /// When an unreported lease is settled at its reservation.
     expires_at: Option<DateTime<Utc>>,
     /// Credentials reserved so far, not to be picked again.
-    tried: Vec<String>,
+    tried: Vec<CredentialId>,
     /// Reservations left (`proxy.max_attempts` at the start).
     left: u32,
     /// The request's span, which names the attempt under way and its credential.
@@ -42,14 +43,14 @@ pub(super) struct Attempts<'a> {
 
 impl<'a> Attempts<'a> {
     /// The attempts of a proxied request reserving `tokens`.
-    pub(super) fn request(path: &'a RequestPath, provider: &'a str, tokens: u64) -> Self {
+    pub(super) fn request(path: &'a RequestPath, provider: &'a ProviderName, tokens: u64) -> Self {
         Self::new(path, provider, tokens, ReservationKind::Request, None)
     }
 
     /// The attempts of a lease reserving `tokens` until `expires_at`.
     pub(super) fn lease(
         path: &'a RequestPath,
-        provider: &'a str,
+        provider: &'a ProviderName,
         tokens: u64,
         expires_at: DateTime<Utc>,
     ) -> Self {
@@ -59,7 +60,7 @@ impl<'a> Attempts<'a> {
 
     fn new(
         path: &'a RequestPath,
-        provider: &'a str,
+        provider: &'a ProviderName,
         tokens: u64,
         kind: ReservationKind,
         expires_at: Option<DateTime<Utc>>,
@@ -111,7 +112,7 @@ impl<'a> Attempts<'a> {
             {
                 Ok(r) => r,
                 Err(why) => {
-                    let provider = self.provider.to_string();
+                    let provider = self.provider.clone();
                     return Err(PathError::Unavailable { provider, why });
                 }
             };

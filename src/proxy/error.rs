@@ -2,6 +2,7 @@
 //! is the sentence a client may read; the HTTP edge gives each its status and code, and logs
 //! a [`PathError::Store`] or [`PathError::Task`] without passing it on.
 
+use crate::domain::ProviderName;
 use crate::providers::exchange::BodyError;
 use crate::store::{StoreError, Unavailable};
 use crate::upstream::Cause;
@@ -12,23 +13,32 @@ pub enum PathError {
     #[error("Unknown provider `{0}`")]
     UnknownProvider(String),
     #[error("Provider {0} is disabled in the config")]
-    ProviderDisabled(String),
+    ProviderDisabled(ProviderName),
     /// Nothing could be reserved.
     #[error("{}", unavailable(provider, why))]
-    Unavailable { provider: String, why: Unavailable },
+    Unavailable {
+        provider: ProviderName,
+        why: Unavailable,
+    },
     /// The provider could not be reached at all: no credential is blamed, and no other is
     /// tried (they all go to the same host).
     #[error("Provider {provider} could not be reached: {}", cause.describe())]
-    Unreachable { provider: String, cause: Cause },
+    Unreachable {
+        provider: ProviderName,
+        cause: Cause,
+    },
     /// The provider refuses where this server runs (a region block): the fault is neither the
     /// client's nor a key's, and every key would get the same.
     #[error(
         "Provider {provider} refuses to serve the location this server runs in ({reason}); no credential was marked, and none would be served from here"
     )]
-    LocationRefused { provider: String, reason: String },
+    LocationRefused {
+        provider: ProviderName,
+        reason: String,
+    },
     /// Every attempt was used on a credential that could not be sent.
     #[error("No credential of provider {0} succeeded")]
-    NoneSucceeded(String),
+    NoneSucceeded(ProviderName),
     /// A successful answer that was not read whole (not streamed): nothing reaches the client.
     #[error("The provider's answer was cut short")]
     CutShort,

@@ -7,6 +7,7 @@ use super::attempts::{Attempts, Granted, mark_for};
 use super::settle::Held;
 use super::{PathError, RequestPath};
 use crate::crypto::Secret;
+use crate::domain::{CredentialId, ReservationId};
 use crate::providers::wire::Usage;
 use crate::providers::{Format, Provider};
 use crate::quota::RequestTokens;
@@ -29,8 +30,8 @@ pub struct LeaseInput {
 
 /// A lease handed out.
 pub struct Lease {
-    pub id: String,
-    pub credential_id: String,
+    pub id: ReservationId,
+    pub credential_id: CredentialId,
     pub provider: Arc<Provider>,
     pub token: Arc<Secret>,
     pub expires_at: DateTime<Utc>,
@@ -94,8 +95,12 @@ impl RequestPath {
     }
 
     /// Settle or release lease `lease_id` by its holder's report.
-    #[tracing::instrument(level = "debug", name = "report", skip_all, fields(lease = lease_id))]
-    pub async fn report(&self, lease_id: &str, input: ReportInput) -> Result<Reported, PathError> {
+    #[tracing::instrument(level = "debug", name = "report", skip_all, fields(lease = lease_id.as_str()))]
+    pub async fn report(
+        &self,
+        lease_id: &ReservationId,
+        input: ReportInput,
+    ) -> Result<Reported, PathError> {
         let Some((credential_id, provider)) = self.0.store.lease(lease_id).await? else {
             return Err(PathError::LeaseNotFound);
         };
@@ -108,7 +113,7 @@ impl RequestPath {
             let status = StatusCode::from_u16(status)
                 .map_err(|_| PathError::InvalidReport("error_status is not an HTTP status"))?;
             // From here the lease is released, even if reading the report were to fail.
-            let held = Held::new(self, lease_id.to_string(), credential_id, &provider);
+            let held = Held::new(self, lease_id.clone(), credential_id, &provider);
             let format = self
                 .0
                 .registry

@@ -40,6 +40,7 @@ pub use lease::{Lease, LeaseInput, ReportInput, Reported};
 pub use settle::Tapped;
 
 use crate::config::{Config, SelectionStrategy};
+use crate::domain::{CredentialId, ProviderName, ReservationId};
 use crate::events::AuthLog;
 use crate::providers::classify::Verdict;
 use crate::providers::wire::Peek;
@@ -203,9 +204,9 @@ impl RequestPath {
     /// request). `false` when the reservation was already settled or released.
     async fn release(
         &self,
-        reservation: &str,
-        credential: &str,
-        provider: &str,
+        reservation: &ReservationId,
+        credential: &CredentialId,
+        provider: &ProviderName,
         mark: Option<Mark>,
         context: &str,
     ) -> Result<bool, StoreError> {

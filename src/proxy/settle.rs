@@ -10,6 +10,7 @@
 //! said.
 
 use super::RequestPath;
+use crate::domain::{CredentialId, ProviderName, ReservationId};
 use crate::providers::tap::StreamTap;
 use crate::providers::wire::Usage;
 use crate::store::{Mark, StoreError};
@@ -24,30 +25,30 @@ use std::task::{Context, Poll};
 /// fault in the request path never leaves tokens reserved until the next start.
 pub(super) struct Held {
     path: RequestPath,
-    reservation: String,
-    credential: String,
-    provider: String,
+    reservation: ReservationId,
+    credential: CredentialId,
+    provider: ProviderName,
     done: bool,
 }
 
 impl Held {
     pub(super) fn new(
         path: &RequestPath,
-        reservation: String,
-        credential: String,
-        provider: &str,
+        reservation: ReservationId,
+        credential: CredentialId,
+        provider: &ProviderName,
     ) -> Held {
         Held {
             path: path.clone(),
             reservation,
             credential,
-            provider: provider.to_string(),
+            provider: provider.clone(),
             done: false,
         }
     }
 
     /// The credential the reservation is on.
-    pub(super) fn credential(&self) -> &str {
+    pub(super) fn credential(&self) -> &CredentialId {
         &self.credential
     }
 
@@ -74,7 +75,7 @@ impl Held {
 
     /// The reservation outlives the request (a lease handed out): it is settled by a report
     /// or when it expires. Its id and its credential's.
-    pub(super) fn keep(mut self) -> (String, String) {
+    pub(super) fn keep(mut self) -> (ReservationId, CredentialId) {
         self.done = true;
         (
             std::mem::take(&mut self.reservation),
@@ -107,7 +108,7 @@ impl Drop for Held {
 
 pub(super) struct Settler {
     path: RequestPath,
-    reservation: String,
+    reservation: ReservationId,
 }
 
 impl Settler {

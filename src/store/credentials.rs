@@ -6,7 +6,9 @@ use super::ledger::Touched;
 use super::{Result, Store, StoreError, Written, is_unique_violation, new_credential_id};
 use crate::crypto::{Field, Secret, token_preview};
 use crate::domain::status::{self, State, StoredState};
-use crate::domain::{CredentialKind, CredentialRow, NewCredential, Status, from_unix};
+use crate::domain::{
+    CredentialId, CredentialKind, CredentialRow, NewCredential, Status, from_unix,
+};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::SqliteConnection;
@@ -158,8 +160,8 @@ impl ListRecord {
     fn into_row(self, now: i64) -> CredentialRow {
         let (status, status_reason) = status::effective(&self.state(), now);
         CredentialRow {
-            id: self.id,
-            provider: self.provider,
+            id: self.id.into(),
+            provider: self.provider.into(),
             kind: CredentialKind::parse(&self.kind).unwrap_or(CredentialKind::ApiKey),
             label: self.label,
             token_preview: self.token_preview,
@@ -310,9 +312,9 @@ impl Store {
     }
 
     /// One credential by id.
-    #[tracing::instrument(skip_all, fields(credential = id))]
-    pub async fn get(&self, id: &str, now: DateTime<Utc>) -> Result<CredentialRow> {
-        list_rows!("c.id = ?2", 1i64, id)
+    #[tracing::instrument(skip_all, fields(credential = %id))]
+    pub async fn get(&self, id: &CredentialId, now: DateTime<Utc>) -> Result<CredentialRow> {
+        list_rows!("c.id = ?2", 1i64, id.as_str())
             .fetch_optional(&self.reader)
             .await?
             .map(|r| r.into_row(now.timestamp()))
@@ -374,14 +376,17 @@ impl Store {
 
     /// The first `at_most` ids of a provider's credentials, in list order.
     #[tracing::instrument(skip_all, fields(provider = provider))]
-    pub async fn ids_of_provider(&self, provider: &str, at_most: u32) -> Result<Vec<String>> {
+    pub async fn ids_of_provider(&self, provider: &str, at_most: u32) -> Result<Vec<CredentialId>> {
         Ok(sqlx::query_scalar!(
             "SELECT id FROM credentials WHERE provider = ? ORDER BY priority, seq LIMIT ?",
             provider,
             at_most
         )
         .fetch_all(&self.reader)
-        .await?)
+        .await?
+        .into_iter()
+        .map(CredentialId::from)
+        .collect())
     }
 
     /// How many credentials `provider` has.
@@ -400,7 +405,7 @@ impl Store {
     /// `DELETE ...?id=sk-ant-key1` does) to a credential id of `provider`.
     /// Its span records the provider only: `key` may be a token.
     #[tracing::instrument(skip_all, fields(provider = provider))]
-    pub async fn resolve(&self, provider: &str, key: &str) -> Result<String> {
+    pub async fn resolve(&self, provider: &str, key: &str) -> Result<CredentialId> {
         let by_id = sqlx::query_scalar!(
             "SELECT id FROM credentials WHERE id = ? AND provider = ?",
             key,
@@ -409,12 +414,13 @@ impl Store {
         .fetch_optional(&self.reader)
         .await?;
         if let Some(id) = by_id {
-            return Ok(id);
+            return Ok(id.into());
         }
         let fp = self.fingerprinter.credential(provider, &Secret::new(key));
         sqlx::query_scalar!("SELECT id FROM credentials WHERE fingerprint = ?", fp)
             .fetch_optional(&self.reader)
             .await?
+            .map(CredentialId::from)
             .ok_or(StoreError::NotFound)
     }
 
@@ -430,14 +436,14 @@ impl Store {
         let id = self
             .exclusive(self.add_locked(new, source, actor, now))
             .await?;
-        self.get(&id, now).await
+        self.get(&CredentialId::from(id), now).await
     }
 
     /// Apply a `PUT` (see `update_locked`).
-    #[tracing::instrument(skip_all, fields(credential = id, actor = actor))]
+    #[tracing::instrument(skip_all, fields(credential = %id, actor = actor))]
     pub async fn update(
         &self,
-        id: &str,
+        id: &CredentialId,
         patch: &CredentialPatch,
         actor: &str,
         now: DateTime<Utc>,
@@ -451,8 +457,13 @@ impl Store {
     }
 
     /// Delete a credential (see `delete_locked`); returns it as it was just before.
-    #[tracing::instrument(skip_all, fields(credential = id, actor = actor))]
-    pub async fn delete(&self, id: &str, actor: &str, now: DateTime<Utc>) -> Result<CredentialRow> {
+    #[tracing::instrument(skip_all, fields(credential = %id, actor = actor))]
+    pub async fn delete(
+        &self,
+        id: &CredentialId,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<CredentialRow> {
         let row = self.exclusive(self.delete_locked(id, actor, now)).await?;
         self.forget_old_secrets().await;
         Ok(row)
@@ -706,7 +717,7 @@ impl Store {
     /// an unchanged import file does not bring it back.
     async fn delete_locked(
         &self,
-        id: &str,
+        id: &CredentialId,
         actor: &str,
         now: DateTime<Utc>,
     ) -> Result<Written<CredentialRow>> {
@@ -714,7 +725,7 @@ impl Store {
         let mut tx = self.begin_write().await?;
         let fp = sqlx::query_scalar!(
             "DELETE FROM credentials WHERE id = ? RETURNING fingerprint",
-            id
+            id.as_str()
         )
         .fetch_optional(&mut *tx)
         .await?
@@ -724,8 +735,8 @@ impl Store {
             "INSERT OR REPLACE INTO tombstones (fingerprint, provider, credential_id, deleted_at)
              VALUES (?, ?, ?, ?)",
             fp,
-            row.provider,
-            id,
+            row.provider.as_str(),
+            id.as_str(),
             ts
         )
         .execute(&mut *tx)

@@ -10,7 +10,7 @@ use super::ledger::Op;
 use super::reservation::{Mark, Reservation, ReserveRequest, ReserveRequestOwned, Unavailable};
 use super::{Result, Store, StoreError};
 use crate::crypto::Field;
-use crate::domain::Usage;
+use crate::domain::{CredentialId, ProviderName, ReservationId, Usage};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use std::sync::Arc;
@@ -27,7 +27,7 @@ impl Store {
 
     /// Pick a credential by `strategy` among the usable ones with room for the tokens, and
     /// reserve them. Answers once the reservation is durable.
-    #[tracing::instrument(level = "debug", skip_all, fields(provider = req.provider, tokens = req.tokens, kind = ?req.kind))]
+    #[tracing::instrument(level = "debug", skip_all, fields(provider = req.provider.as_str(), tokens = req.tokens, kind = ?req.kind))]
     pub async fn reserve(
         &self,
         req: &ReserveRequest<'_>,
@@ -37,7 +37,7 @@ impl Store {
             provider: req.provider.to_string(),
             tokens: req.tokens,
             strategy: req.strategy,
-            exclude: req.exclude.to_vec(),
+            exclude: req.exclude.iter().map(|c| c.to_string()).collect(),
             kind: req.kind,
             expires_at: req.expires_at,
         };
@@ -46,7 +46,7 @@ impl Store {
 
     /// Reserve as [`Store::reserve`], but when the only obstacle is room held by requests in
     /// flight, wait (up to `patience`) for their settlements to free it instead of failing.
-    #[tracing::instrument(level = "debug", skip_all, fields(provider = req.provider, tokens = req.tokens))]
+    #[tracing::instrument(level = "debug", skip_all, fields(provider = req.provider.as_str(), tokens = req.tokens))]
     pub async fn reserve_waiting(
         &self,
         req: &ReserveRequest<'_>,
@@ -72,10 +72,10 @@ impl Store {
     /// short, a lease reported without usage) the charge is at least the reservation; the part
     /// beyond the reported usage is recorded as unreported. Returns `false` when the
     /// reservation was already settled or released.
-    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id, input = usage.input, output = usage.output))]
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id.as_str(), input = usage.input, output = usage.output))]
     pub async fn settle(
         &self,
-        reservation_id: &str,
+        reservation_id: &ReservationId,
         usage: Usage,
         at_least_reserved: bool,
         now: DateTime<Utc>,
@@ -93,10 +93,10 @@ impl Store {
 
     /// Queue a settlement (as [`Store::settle`]) without waiting for its commit. A failure is
     /// logged by the ledger; the reservation then stays, and the next start charges it.
-    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id, input = usage.input, output = usage.output))]
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id.as_str(), input = usage.input, output = usage.output))]
     pub fn settle_later(
         &self,
-        reservation_id: &str,
+        reservation_id: &ReservationId,
         usage: Usage,
         at_least_reserved: bool,
         now: DateTime<Utc>,
@@ -117,8 +117,8 @@ impl Store {
 
     /// Queue a release without a mark (as [`Store::release`]) without waiting for it: for a
     /// request path that cannot wait (a reservation dropped while unwinding).
-    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id))]
-    pub fn release_later(&self, reservation_id: &str, now: DateTime<Utc>) {
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id.as_str()))]
+    pub fn release_later(&self, reservation_id: &ReservationId, now: DateTime<Utc>) {
         let (reply, _) = oneshot::channel();
         let id = reservation_id.to_string();
         self.tell(
@@ -133,10 +133,10 @@ impl Store {
     }
 
     /// Queue an operation on a reservation whose outcome nobody waits for.
-    fn tell(&self, reservation_id: &str, op: Op) {
+    fn tell(&self, reservation_id: &ReservationId, op: Op) {
         if self.ledger.send(op).is_err() {
             tracing::error!(
-                reservation = reservation_id,
+                reservation = reservation_id.as_str(),
                 "the ledger is gone; the reservation stays for the next start"
             );
         }
@@ -144,10 +144,10 @@ impl Store {
 
     /// Release a reservation unused (the request failed before using anything), marking the
     /// credential when the failure was its own. Returns `false` when already settled.
-    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id, marked = mark.is_some()))]
+    #[tracing::instrument(level = "debug", skip_all, fields(reservation = reservation_id.as_str(), marked = mark.is_some()))]
     pub async fn release(
         &self,
-        reservation_id: &str,
+        reservation_id: &ReservationId,
         mark: Option<&Mark>,
         now: DateTime<Utc>,
     ) -> Result<bool> {
@@ -226,7 +226,10 @@ impl Store {
         .await?;
         let mut n = 0;
         for id in ids {
-            if self.settle(&id, Usage::default(), true, now).await? {
+            if self
+                .settle(&ReservationId::from(id), Usage::default(), true, now)
+                .await?
+            {
                 n += 1;
             }
         }
@@ -234,37 +237,45 @@ impl Store {
     }
 
     /// A live lease: its credential and provider, if it exists and is a lease.
-    #[tracing::instrument(level = "debug", skip_all, fields(lease = id))]
-    pub async fn lease(&self, id: &str) -> Result<Option<(String, String)>> {
+    #[tracing::instrument(level = "debug", skip_all, fields(lease = id.as_str()))]
+    pub async fn lease(&self, id: &ReservationId) -> Result<Option<(CredentialId, ProviderName)>> {
         Ok(sqlx::query!(
             "SELECT credential_id, provider FROM reservations WHERE id = ? AND kind = 'lease'",
-            id
+            id.as_str()
         )
         .fetch_optional(&self.reader)
         .await?
-        .map(|r| (r.credential_id, r.provider)))
+        .map(|r| {
+            (
+                CredentialId::from(r.credential_id),
+                ProviderName::from(r.provider),
+            )
+        }))
     }
 
     /// A credential's token and, when it does not open, why (the caller marks it). Opened
     /// tokens are kept in memory while the stored value is unchanged.
-    #[tracing::instrument(level = "debug", skip_all, fields(credential = id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(credential = id.as_str()))]
     pub async fn open_token(
         &self,
-        id: &str,
+        id: &CredentialId,
     ) -> Result<std::result::Result<Arc<crate::crypto::Secret>, String>> {
         if let Some((_, t)) = self
             .hot
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .tokens
-            .get(id)
+            .get(id.as_str())
         {
             return Ok(Ok(t.clone()));
         }
-        let sealed = sqlx::query_scalar!("SELECT token_sealed FROM credentials WHERE id = ?", id)
-            .fetch_optional(&self.reader)
-            .await?
-            .flatten();
+        let sealed = sqlx::query_scalar!(
+            "SELECT token_sealed FROM credentials WHERE id = ?",
+            id.as_str()
+        )
+        .fetch_optional(&self.reader)
+        .await?
+        .flatten();
         Ok(match sealed {
             None => Err("the credential has no token".to_string()),
             Some(s) => match self.sealer.open(id, Field::Token, &s) {
@@ -354,7 +365,7 @@ mod tests {
                 store.ledger.send(Op::Reserve { req, now, reply }).unwrap();
                 // The whole limit is free again: a reservation of all of it goes through.
                 let full = ReserveRequest {
-                    provider: "claude",
+                    provider: &"claude".into(),
                     tokens: 100,
                     strategy: SelectionStrategy::RoundRobin,
                     exclude: &[],
@@ -397,7 +408,7 @@ mod tests {
             .unwrap();
         store.close().await;
         let req = ReserveRequest {
-            provider: "claude",
+            provider: &"claude".into(),
             tokens: 1,
             strategy: SelectionStrategy::RoundRobin,
             exclude: &[],
@@ -409,11 +420,13 @@ mod tests {
             Err(StoreError::LedgerGone)
         ));
         assert!(matches!(
-            store.release("res_x", None, now).await,
+            store.release(&"res_x".into(), None, now).await,
             Err(StoreError::LedgerGone)
         ));
         assert!(matches!(
-            store.settle("res_x", Usage::default(), false, now).await,
+            store
+                .settle(&"res_x".into(), Usage::default(), false, now)
+                .await,
             Err(StoreError::LedgerGone)
         ));
     }
@@ -452,7 +465,7 @@ mod tests {
         let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
         let s = chrono::Duration::seconds;
         let req = ReserveRequest {
-            provider: "claude",
+            provider: &"claude".into(),
             tokens: 1,
             strategy: SelectionStrategy::RoundRobin,
             exclude: &[],

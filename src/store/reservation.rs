@@ -4,6 +4,7 @@
 //! ledger that decides and commits them (`ledger/`) both speak it, neither through the other.
 
 use crate::config::SelectionStrategy;
+use crate::domain::{CredentialId, ProviderName, ReservationId};
 use chrono::{DateTime, Utc};
 
 /// What a reservation is for.
@@ -16,11 +17,11 @@ pub enum ReservationKind {
 /// A request to reserve tokens on some credential of a provider.
 #[derive(Debug, Clone)]
 pub struct ReserveRequest<'a> {
-    pub provider: &'a str,
+    pub provider: &'a ProviderName,
     pub tokens: u64,
     pub strategy: SelectionStrategy,
     /// Credentials this request already tried.
-    pub exclude: &'a [String],
+    pub exclude: &'a [CredentialId],
     pub kind: ReservationKind,
     /// When an unreported lease is settled at its reservation.
     pub expires_at: Option<DateTime<Utc>>,
@@ -29,8 +30,8 @@ pub struct ReserveRequest<'a> {
 /// Tokens held on a credential until settled or released.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
-    pub id: String,
-    pub credential_id: String,
+    pub id: ReservationId,
+    pub credential_id: CredentialId,
     pub tokens: u64,
 }
 

@@ -382,7 +382,13 @@ async fn turning_encryption_on_leaves_no_clear_token_on_disk() {
         let auths = app.auths().await;
         assert_all_open(&auths, "kiro");
         let id = auths[0]["id"].as_str().unwrap();
-        let token = app.state.store.open_token(id).await.unwrap().unwrap();
+        let token = app
+            .state
+            .store
+            .open_token(&id.into())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(toks.iter().any(|t| t == token.expose()));
         app.stop().await;
     }
@@ -1044,7 +1050,14 @@ async fn a_value_copied_from_another_database_does_not_open() {
                 a["status_reason"].as_str().unwrap().contains("database"),
                 "{a}"
             );
-            assert!(app.state.store.open_token(id).await.unwrap().is_err());
+            assert!(
+                app.state
+                    .store
+                    .open_token(&id.into())
+                    .await
+                    .unwrap()
+                    .is_err()
+            );
         } else {
             assert_all_open(std::slice::from_ref(a), "kiro");
         }
@@ -1096,7 +1109,14 @@ async fn a_value_of_the_first_sealed_format_is_refused_by_name() {
     for id in &ids[1..] {
         assert_eq!(status_of(&auths, id)["status"], "active");
     }
-    assert!(app.state.store.open_token(&ids[0]).await.unwrap().is_err());
+    assert!(
+        app.state
+            .store
+            .open_token(&ids[0].clone().into())
+            .await
+            .unwrap()
+            .is_err()
+    );
     app.stop().await;
 
     exec(&home, "DELETE FROM meta WHERE key = 'key_check';").await;
@@ -1407,7 +1427,14 @@ async fn rotate_key_refuses_while_a_server_holds_the_database() {
     let auths = app.auths().await;
     assert_eq!(auths.len(), 2);
     assert!(auths.iter().all(|a| a["status"] == "active"), "{auths:?}");
-    assert!(app.state.store.open_token(&id).await.unwrap().is_ok());
+    assert!(
+        app.state
+            .store
+            .open_token(&id.clone().into())
+            .await
+            .unwrap()
+            .is_ok()
+    );
     app.stop().await;
 
     // While rotate-key holds it, no server starts.

@@ -271,7 +271,13 @@ async fn encryption_keeps_tokens_out_of_the_database_wal_and_logs() {
     // The tokens still open: the credentials are usable after a restart.
     let app = home.start().await;
     let id = app.auths().await[0]["id"].as_str().unwrap().to_string();
-    let token = app.state.store.open_token(&id).await.unwrap().unwrap();
+    let token = app
+        .state
+        .store
+        .open_token(&id.clone().into())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(TOKENS.contains(&token.expose()));
     app.stop().await;
 }
@@ -360,11 +366,18 @@ async fn a_sealed_value_moved_to_another_row_does_not_open() {
             .contains("moved from another credential"),
         "{b}"
     );
-    assert!(app.state.store.open_token(&ids[1]).await.unwrap().is_err());
+    assert!(
+        app.state
+            .store
+            .open_token(&ids[1].clone().into())
+            .await
+            .unwrap()
+            .is_err()
+    );
     assert_eq!(
         app.state
             .store
-            .open_token(&ids[0])
+            .open_token(&ids[0].clone().into())
             .await
             .unwrap()
             .unwrap()

@@ -198,7 +198,7 @@ impl Ledger {
                     match p {
                         Pending::Reserve(reply, r) => {
                             if let Err(Ok(Ok(r))) = reply.send(Ok(r)) {
-                                orphans.push(r.id);
+                                orphans.push(r.id.into_string());
                             }
                         }
                         Pending::Done(reply, done, id) => {
@@ -307,8 +307,8 @@ fn decide_reserve(
         provider: req.provider,
     });
     Ok(Reservation {
-        id,
-        credential_id,
+        id: id.into(),
+        credential_id: credential_id.into(),
         tokens: tokens as u64,
     })
 }
@@ -601,7 +601,7 @@ mod tests {
                         expires_at: lease.then(|| now + chrono::Duration::minutes(10)),
                     };
                     if let Ok(r) = decide_reserve(&mut hot, &schedules, req, now, &mut effects) {
-                        let c = &before[&r.credential_id];
+                        let c = &before[r.credential_id.as_str()];
                         assert!(*tokens <= crate::quota::MAX_COUNTER_TOKENS);
                         let asked = i128::from((*tokens).max(1));
                         if let Some(limit) = c.limit {
@@ -614,7 +614,7 @@ mod tests {
                             );
                         }
                         assert_eq!(i128::from(r.tokens as i64), asked);
-                        live.push(r.id);
+                        live.push(r.id.into_string());
                     }
                 }
                 Step::Settle {

@@ -238,12 +238,12 @@ async fn apply(store: &Store, step: &Step, now: DateTime<Utc>, live: &mut Vec<St
                 expires_at: expired.map(|e| e.then(|| now - chrono::Duration::hours(1))),
                 ..Default::default()
             };
-            let _ = store.update(&id, &patch, "test", now).await;
+            let _ = store.update(&id.into(), &patch, "test", now).await;
             true
         }
         Step::Delete { pick: i } => {
             if let Some(id) = pick(&ids(store), *i) {
-                store.delete(&id, "test", now).await.unwrap();
+                store.delete(&id.into(), "test", now).await.unwrap();
             }
             true
         }
@@ -301,7 +301,7 @@ async fn apply(store: &Store, step: &Step, now: DateTime<Utc>, live: &mut Vec<St
             lease,
         } => {
             let req = ReserveRequest {
-                provider: PROVIDERS[*provider],
+                provider: &PROVIDERS[*provider].into(),
                 tokens: *tokens,
                 strategy: *strategy,
                 exclude: &[],
@@ -313,7 +313,7 @@ async fn apply(store: &Store, step: &Step, now: DateTime<Utc>, live: &mut Vec<St
                 expires_at: lease.then(|| now + chrono::Duration::minutes(10)),
             };
             if let Ok(r) = store.reserve(&req, now).await.unwrap() {
-                live.push(r.id);
+                live.push(r.id.into_string());
             }
             false
         }
@@ -325,7 +325,7 @@ async fn apply(store: &Store, step: &Step, now: DateTime<Utc>, live: &mut Vec<St
                     output: *used - *used / 2,
                 };
                 // Its credential may be gone, and the reservation with it.
-                store.settle(&id, usage, false, now).await.unwrap();
+                store.settle(&id.into(), usage, false, now).await.unwrap();
             }
             false
         }
@@ -353,7 +353,7 @@ async fn apply(store: &Store, step: &Step, now: DateTime<Utc>, live: &mut Vec<St
                     }),
                     _ => Some(Mark::Invalid("test".into())),
                 };
-                store.release(&id, mark.as_ref(), now).await.unwrap();
+                store.release(&id.into(), mark.as_ref(), now).await.unwrap();
             }
             false
         }
@@ -397,7 +397,7 @@ fn round_robin_goes_on_after_the_last_pick_whatever_comes_and_goes() {
             }
             let pick = || async {
                 let req = ReserveRequest {
-                    provider: PROVIDERS[0],
+                    provider: &PROVIDERS[0].into(),
                     tokens: 1,
                     strategy: SelectionStrategy::RoundRobin,
                     exclude: &[],
