@@ -1,27 +1,51 @@
 //! cliproxyapi: a credential server for LLM providers.
 //!
-//! It keeps API keys and OAuth logins in SQLite, imports `auths/*.json` at start, and serves a
-//! management API over them. The contract (`../shared/docs/contract.md`) is the outside; this
-//! crate is organised by the parts of the design, one module each.
+//! It keeps API keys and OAuth logins in SQLite, imports `auths/*.json` at start, serves a
+//! management API over them and a proxy API that picks, reserves on and rotates across them.
+//! README.md is the outside (commands, config keys, routes, JSON shapes); bench/README.md the
+//! measurements. The modules depend on each other without cycles
+//! (`python3 scripts/module-cycles.py` checks it): `http` and `cli` at the top, then `app`
+//! and `state`, the request path (`proxy`), `store` and `import`, and below them `providers`,
+//! `domain`, `quota`, `crypto`, `files`.
 //!
 //! # Layout
-//! - [`cli`]: the command line (`serve`, `import`), exit codes.
+//! - [`cli`]: the command line (`serve`, `import`, `hash-secret`, `gen-key`, `rotate-key`), exit codes.
 //! - [`app`]: building the application from a config and serving it; tests use the same path.
-//! - [`state`]: what the application shares (store, registry, auth log, request path, clock).
+//! - [`state`]: what the application shares (config, store, registry, auth log, clock).
 //! - [`config`]: the typed config, loaded from YAML and `CLIPROXY__*` variables, validated.
-//! - [`store`]: the SQLite pool, migrations and every SQL statement.
-//! - [`crypto`]: the seal/open seam for secrets, fingerprints, the redacting [`crypto::Secret`].
-//! - [`import`]: turning credential files and bulk bodies into validated new credentials.
-//! - [`domain`]: credentials as the rest of the program sees them, and the one rule for their
-//!   effective status ([`domain::status`]).
-//! - [`quota`]: reset schedules and period arithmetic, pure functions of `now`.
-//! - [`providers`]: the provider registry (built-ins and config blocks), and per format what a
-//!   call carries, where usage is, what an error answer means.
+//! - [`http`]: the HTTP edge; it owns every response and makes no business decision.
+//!   - [`http::listener`]: our accept loop with its limits (`connection`, `phase`, `slots`).
+//!   - [`http::body`], [`http::extract`]: bodies within their budgets; extractors whose
+//!     rejections are our JSON error.
+//!   - [`http::error`]: the one JSON error shape, and every request-path error mapped to it.
+//!   - [`http::caller`], [`http::guard`] (`ban_table`, `client`, `management`), [`http::bans`]:
+//!     who is calling, the management and client-key guards, the ban endpoints.
+//!   - [`http::management`], [`http::view`]: the management API and its JSON views.
+//!   - [`http::proxy`]: the provider-shaped routes and the lease API, over [`proxy`].
 //! - [`proxy`]: the request path as a service ([`proxy::RequestPath`]): forward, lease, report.
+//!   - `attempts`: the one attempt loop; `exchange`: forwarding in stages (prepare, attempt,
+//!     deliver); `lease`: leases and reports; `settle`: a reservation from grant to
+//!     settlement, and the tapped stream; `error`: [`proxy::PathError`].
+//! - [`store`]: the SQLite pools, migrations and every SQL statement.
+//!   - `credentials`, `quota`, `import`, `audit`, `secrets`: management-side statements.
+//!   - `requests`: the request path's operations; `reservation`: their vocabulary (a leaf).
+//!   - `ledger` (`db`, `hot`, `mirror`): the request path's writes committed in groups, and
+//!     the in-memory mirror they are decided on.
+//! - [`import`]: credential files and bulk bodies into validated new credentials;
+//!   [`import::plan`]: what an import does, decided over the store's snapshot.
+//! - [`providers`]: the provider registry (built-ins and config blocks), and per format:
+//!   [`providers::exchange`] (headers, credential, body), [`providers::wire`] (what is read of
+//!   a request and its usage), [`providers::tap`] (usage in a stream), [`providers::classify`]
+//!   (what an error answer means), [`providers::json`] (reading bodies without building them).
+//! - [`upstream`]: the request path's HTTP client to the providers.
+//! - [`domain`]: credentials as the program sees them; [`domain::status`], the one rule for
+//!   their effective status; typed ids ([`domain::CredentialId`], [`domain::ReservationId`],
+//!   [`domain::ProviderName`]); [`domain::Usage`].
+//! - [`quota`]: reset schedules and period arithmetic, pure functions of `now`; token bounds.
+//! - [`selection`]: the selection strategies as plain functions.
+//! - [`crypto`]: [`crypto::Secret`], sealing (`seal`), fingerprints, password hashes, previews.
 //! - [`events`]: the auth event log (`logs/auth.log`).
 //! - [`files`]: owner-only files and folders for secrets, and the warning for shared ones.
-//! - [`upstream`]: the request path's HTTP client to the providers.
-//! - [`http`]: routers, extractors, the one JSON error shape, the management handlers.
 
 pub mod app; // Application::build / serve
 pub mod cli; // argument parsing and exit codes
