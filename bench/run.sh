@@ -263,7 +263,7 @@ PY
     read -r pages pg50 pg99 pgbad < <(stats "$work/pages.txt")
     local bytes rows; read -r _ _ bytes rows < "$work/lists.txt"
     echo
-    echo "| check | value | target (issue 10) |"
+    echo "| check | value | target |"
     echo "| --- | --- | --- |"
     echo "| p99 added by a PUT every 150 ms, per round | $(printf '%s ms ' "${diffs[@]}")| <= 20 ms |"
     echo "| default list (no query): p50 / p99 over $lists calls | $l50 / $l99 ms ($rows rows, $bytes bytes; non-200: $lbad) | < 50 ms |"
