@@ -18,7 +18,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
-/// Why the application could not start, with the exit code the README gives it (0 ok, 1 runtime failure, 2 bad config or arguments).
+/// Why the application could not start, with the exit code the README gives it (0 ok,
+/// 1 runtime failure, 2 bad config or arguments).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A bad config or argument: exit code 2.
