@@ -106,6 +106,14 @@ async fn open(config: Loaded, clock: Clock) -> Result<Opened, StartError> {
         path: path.clone(),
         encryption,
         schedules: config.config.auth.quota.reset_schedule.clone(),
+        default_limits: config
+            .config
+            .auth
+            .quota
+            .default_limit
+            .iter()
+            .map(|(provider, limit)| (provider.clone(), limit.get()))
+            .collect(),
         read_connections: 2,
     })
     .await

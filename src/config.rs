@@ -3,7 +3,7 @@
 
 use crate::crypto::Secret;
 use crate::providers::{self, Format, ProviderConfig};
-use crate::quota::ResetSchedule;
+use crate::quota::{CounterTokens, ResetSchedule};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -254,6 +254,9 @@ pub struct QuotaConfig {
     pub default_reservation: u64,
     /// Per provider; a provider not named here never resets.
     pub reset_schedule: BTreeMap<String, ResetSchedule>,
+    /// Per provider: the limit a new credential takes when it names none (absent: unlimited).
+    /// A default set through the management API is stored and wins over this one.
+    pub default_limit: BTreeMap<String, CounterTokens>,
 }
 
 impl Default for QuotaConfig {
@@ -265,6 +268,7 @@ impl Default for QuotaConfig {
         QuotaConfig {
             default_reservation: 4096,
             reset_schedule,
+            default_limit: BTreeMap::new(),
         }
     }
 }
@@ -615,11 +619,20 @@ impl Config {
                 )));
             }
         }
-        for name in self.auth.quota.reset_schedule.keys() {
+        let quota = &self.auth.quota;
+        for (key, name) in quota
+            .reset_schedule
+            .keys()
+            .map(|name| ("reset_schedule", name))
+            .chain(
+                quota
+                    .default_limit
+                    .keys()
+                    .map(|name| ("default_limit", name)),
+            )
+        {
             if !providers::is_built_in(name) && !self.providers.contains_key(name) {
-                return Err(err(format!(
-                    "`auth.quota.reset_schedule.{name}`: unknown provider"
-                )));
+                return Err(err(format!("`auth.quota.{key}.{name}`: unknown provider")));
             }
         }
         if self.auth.quota.default_reservation == 0 {
@@ -853,6 +866,30 @@ mod tests {
         .unwrap_err()
         .0;
         assert!(e.contains("reset_schedule.nope"), "{e}");
+        // `default_limit`: known providers, 0 to 10^15 tokens each.
+        let l = load(
+            "auth:\n  quota:\n    default_limit:\n      claude: 1000000000000000\n",
+            &[("CLIPROXY__AUTH__QUOTA__DEFAULT_LIMIT__OPENAI", "0")],
+        )
+        .unwrap();
+        let limits = &l.config.auth.quota.default_limit;
+        assert_eq!(limits["claude"].get(), 1_000_000_000_000_000);
+        assert_eq!(limits["openai"].get(), 0);
+        for bad in [
+            "claude: -1",
+            "claude: 1000000000000001",
+            "claude: lots",
+            "nope: 5",
+        ] {
+            let e = load(
+                &format!("auth:\n  quota:\n    default_limit:\n      {bad}\n"),
+                &[],
+            )
+            .unwrap_err()
+            .0;
+            let key = format!("default_limit.{}", &bad[..bad.find(':').unwrap()]);
+            assert!(e.contains(&key), "{bad}: {e}");
+        }
         let e = load("providers:\n  my-llm: { base_url: http://x }\n", &[])
             .unwrap_err()
             .0;

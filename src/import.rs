@@ -98,7 +98,10 @@ pub struct CredentialInput {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaInput {
-    pub limit: Option<CounterTokens>,
+    /// `Some(None)` for an explicit `null` (unlimited), `None` when absent (the provider's
+    /// default limit).
+    #[serde(default, deserialize_with = "nullable")]
+    pub limit: Option<Option<CounterTokens>>,
     pub used: Option<CounterTokens>,
     #[allow(dead_code)]
     remaining: Option<IgnoredAny>,
@@ -108,6 +111,15 @@ pub struct QuotaInput {
     period_start: Option<IgnoredAny>,
     #[allow(dead_code)]
     next_reset: Option<IgnoredAny>,
+}
+
+/// `Some(None)` for an explicit `null`, `None` for an absent field (with `#[serde(default)]`).
+fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// Deserialize `value` as `T`, naming the field at fault: `quota.limit: invalid type: …`.
@@ -242,7 +254,7 @@ impl CredentialInput {
             .quota
             .map(|q| {
                 (
-                    q.limit.map(CounterTokens::get),
+                    q.limit.map(|l| l.map(CounterTokens::get)),
                     q.used.map_or(0, CounterTokens::get),
                 )
             })
@@ -555,7 +567,19 @@ mod tests {
             Some("claude"),
         )
         .unwrap();
-        assert_eq!((c.limit, c.used), (Some(1000000), 50000));
+        assert_eq!((c.limit, c.used), (Some(Some(1000000)), 50000));
+        // A limit left out takes the provider's default; an explicit null is unlimited.
+        for (quota, limit) in [
+            (json!({"used": 5}), None),
+            (json!(null), None),
+            (json!({"limit": null}), Some(None)),
+        ] {
+            let e = one(
+                json!({"token": "sk-ant-xxxxx", "quota": quota}),
+                Some("claude"),
+            );
+            assert_eq!(e.unwrap().limit, limit, "{quota}");
+        }
         assert_eq!(c.priority, 100);
     }
 

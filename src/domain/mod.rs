@@ -82,7 +82,9 @@ pub struct NewCredential {
     pub extra: OauthExtra,
     pub priority: i64,
     pub label: Option<String>,
-    pub limit: Option<u64>,
+    /// The quota limit it names: `Some(None)` is unlimited, and `None` (named none) takes the
+    /// provider's default limit when stored (README, "Management API").
+    pub limit: Option<Option<u64>>,
     /// Seeds the counter of a new credential only; never overwrites a live one.
     pub used: u64,
     pub disabled: bool,
@@ -117,7 +119,9 @@ impl NewCredential {
             self.extra,
             self.priority,
             self.label,
-            self.limit,
+            // Absent and `null` read alike here, as before either meant unlimited, so the
+            // digest of an unchanged file stays what it was.
+            self.limit.flatten(),
             self.used,
             self.disabled,
             self.expires_at.map(|t| t.timestamp()),

@@ -350,12 +350,14 @@ async fn quota_view(
     };
     paged(state, &mut filter, page)?;
     let total = state.store.quota_total(provider).await?;
+    let default_limit = state.store.default_limit(provider).await?;
     let page = state.store.list(&filter, state.now()).await?;
     let next = page.next.map(|c| state.store.cursor_text(&c, &filter));
     Ok(axum::Json(view::quota(
         &state.config.config.auth.quota,
         provider,
         total,
+        default_limit,
         &page.rows,
         next,
     ))
@@ -403,8 +405,13 @@ pub async fn set_quota(
         Some(None) => "unlimited".to_string(),
         Some(Some(l)) => l.to_string(),
     };
+    let default = if patch.sets_default(id.as_deref()) {
+        format!(", and the default limit of new credentials {limit}")
+    } else {
+        String::new()
+    };
     state.auth_log.record(&format!(
-        "quota of {} ({} credential(s){}) set through the API from {}: limit {limit}{}{}",
+        "quota of {} ({} credential(s){}) set through the API from {}: limit {limit}{}{}{default}",
         provider,
         changed,
         id.as_ref().map(|i| format!(": {i}")).unwrap_or_default(),

@@ -127,12 +127,14 @@ pub struct QuotaLine<'a> {
     counters: Counters,
 }
 
-/// `GET .../{provider}/quota`: the provider's total (over all its credentials) and a page of
-/// per-credential counters.
+/// `GET .../{provider}/quota`: the provider's total (over all its credentials), the default
+/// limit its new credentials take, and a page of per-credential counters.
 #[derive(Serialize)]
 pub struct Quota<'a> {
     provider: &'a str,
     total: QuotaTotalView,
+    /// The limit a credential added now takes when it names none (`null`: unlimited).
+    default_limit: Option<u64>,
     credentials: Vec<QuotaLine<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     next: Option<String>,
@@ -149,6 +151,7 @@ pub fn quota<'a>(
     quota: &QuotaConfig,
     provider: &'a str,
     total: QuotaTotal,
+    default_limit: Option<u64>,
     rows: &'a [CredentialRow],
     next: Option<String>,
 ) -> Quota<'a> {
@@ -159,6 +162,7 @@ pub fn quota<'a>(
             used: total.used,
             remaining: total.remaining,
         },
+        default_limit,
         credentials: rows
             .iter()
             .map(|r| QuotaLine {

@@ -243,6 +243,7 @@ impl Harness {
             path: database.clone(),
             encryption: crate::crypto::Encryption::off(),
             schedules: Default::default(),
+            default_limits: Default::default(),
             read_connections: 1,
         })
         .await

@@ -514,10 +514,14 @@ impl Store {
         source: &str,
         now: DateTime<Utc>,
     ) -> Result<String> {
+        let limit = self
+            .default_limits_in(conn)
+            .await?
+            .resolve(&new.provider, new.limit);
         let id = self
             .insert_credential(conn, new, fingerprint, import_digest, source, now)
             .await?;
-        let seed = self.quota_seed(&id, new, now);
+        let seed = self.quota_seed(&id, new, limit, now);
         insert_quotas(conn, &[seed]).await?;
         Ok(id)
     }
@@ -533,14 +537,16 @@ impl Store {
         ]
     }
 
-    /// The counter row of a new credential, for [`insert_quotas`].
+    /// The counter row of a new credential, for [`insert_quotas`], with the `limit` it gets
+    /// (its own, or its provider's default: [`super::defaults::DefaultLimits::resolve`]).
     pub(super) fn quota_seed(
         &self,
         id: &str,
         new: &NewCredential,
+        limit: Option<u64>,
         now: DateTime<Utc>,
     ) -> serde_json::Value {
-        let limit = new.limit.map(|l| l.min(i64::MAX as u64) as i64);
+        let limit = limit.map(|l| l.min(i64::MAX as u64) as i64);
         let used = new.used.min(i64::MAX as u64) as i64;
         json!([id, limit, used, self.period_start(&new.provider, now)])
     }

@@ -174,14 +174,17 @@ impl Store {
             mut report,
         } = plan;
         let ts = now.timestamp();
+        let defaults = self.default_limits_in(conn).await?;
         let mut quota_seeds = Vec::new();
         for action in &actions {
             let keyed = action.keyed();
             let new = &keyed.entry.credential;
+            let limit = defaults.resolve(&new.provider, new.limit);
             let id = match action {
                 Action::Update { id, source, .. } => {
                     self.update_from_import(conn, id, new, &keyed.digest, source, ts)
                         .await?;
+                    set_limit(conn, id, limit).await?;
                     id.clone()
                 }
                 Action::Create {
@@ -207,7 +210,7 @@ impl Store {
                             now,
                         )
                         .await?;
-                    quota_seeds.push(self.quota_seed(&id, new, now));
+                    quota_seeds.push(self.quota_seed(&id, new, limit, now));
                     id
                 }
             };
@@ -230,8 +233,9 @@ impl Store {
         Ok(report)
     }
 
-    /// Update a credential in place from a changed import entry: its secrets and settings,
-    /// never `used` or `reserved`. A changed secret clears an `invalid` or `expired` mark.
+    /// Update a credential in place from a changed import entry: its secrets and settings
+    /// (its limit: [`set_limit`]), never `used` or `reserved`. A changed secret clears an
+    /// `invalid` or `expired` mark.
     async fn update_from_import(
         &self,
         conn: &mut SqliteConnection,
@@ -246,7 +250,6 @@ impl Store {
         let extra = serde_json::to_string(&new.extra).expect("extra serializes");
         let kind = new.kind.as_str();
         let expires_at = new.expires_at.map(|t| t.timestamp());
-        let limit = new.limit.map(|l| l.min(i64::MAX as u64) as i64);
         sqlx::query!(
             "UPDATE credentials SET kind = ?1, label = ?2, token_sealed = ?3,
                  refresh_token_sealed = ?4, client_secret_sealed = ?5, token_preview = ?6,
@@ -272,13 +275,20 @@ impl Store {
         )
         .execute(&mut *conn)
         .await?;
-        sqlx::query!(
-            "UPDATE quotas SET limit_tokens = ? WHERE credential_id = ?",
-            limit,
-            id
-        )
-        .execute(&mut *conn)
-        .await?;
         Ok(())
     }
+}
+
+/// Set the limit of a credential a changed import entry updates: the entry's own, or when it
+/// names none its provider's default, as for a new credential.
+async fn set_limit(conn: &mut SqliteConnection, id: &str, limit: Option<u64>) -> Result<()> {
+    let limit = limit.map(|l| l.min(i64::MAX as u64) as i64);
+    sqlx::query!(
+        "UPDATE quotas SET limit_tokens = ? WHERE credential_id = ?",
+        limit,
+        id
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
 }

@@ -9,6 +9,7 @@
 
 mod audit;
 mod credentials;
+mod defaults;
 mod import;
 mod ledger;
 mod quota;
@@ -83,6 +84,9 @@ pub struct StoreOptions {
     pub encryption: Encryption,
     /// Quota reset schedules by provider (absent: never), for the period of new counters.
     pub schedules: BTreeMap<String, ResetSchedule>,
+    /// The config's default limits by provider (`auth.quota.default_limit`), for new
+    /// credentials that name none; a default stored through the API wins over these.
+    pub default_limits: BTreeMap<String, u64>,
     pub read_connections: u32,
 }
 
@@ -103,6 +107,8 @@ pub struct Store {
     /// Checkpoints owed after secrets were removed, and the connection that runs them.
     forget: Arc<secrets::Forgetter>,
     schedules: BTreeMap<String, ResetSchedule>,
+    /// The config's default limits (see [`StoreOptions::default_limits`]).
+    default_limits: Arc<BTreeMap<String, u64>>,
     /// This process's name on the reservations it makes, so those of a dead one are known.
     instance: Arc<str>,
     /// Woken whenever a group of settlements or releases frees reserved room.
@@ -222,6 +228,7 @@ impl Store {
             key_marker: Arc::new(opened.marker),
             forget,
             schedules: options.schedules,
+            default_limits: Arc::new(options.default_limits),
             instance: Arc::from(instance),
             freed: Arc::new(tokio::sync::Notify::new()),
             ledger,

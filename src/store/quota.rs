@@ -2,6 +2,7 @@
 //! is one UPDATE over the chosen counters, in one transaction with its audit row.
 
 use super::audit::{self, AuditEntry};
+use super::defaults::set_default_limit;
 use super::ledger::Touched;
 use super::{Result, Store, StoreError, Written};
 use chrono::{DateTime, Utc};
@@ -13,6 +14,14 @@ pub struct QuotaPatch {
     pub limit: Option<Option<u64>>,
     pub used: Option<u64>,
     pub reset: bool,
+}
+
+impl QuotaPatch {
+    /// Whether applying it to `id` also sets the provider's default limit: a limit given for
+    /// all of the provider's credentials (no `id`).
+    pub fn sets_default(&self, id: Option<&str>) -> bool {
+        id.is_none() && self.limit.is_some()
+    }
 }
 
 /// A provider's quota summed over its credentials: `limit` and `remaining` are unlimited
@@ -75,8 +84,10 @@ impl Store {
             .await
     }
 
-    /// Apply `patch` to one credential of `provider` (`id`), or to all of them. Returns how
-    /// many counters changed; `NotFound` when `id` names no credential of the provider.
+    /// Apply `patch` to one credential of `provider` (`id`), or to all of them; a limit for
+    /// all of them is also stored as the provider's default, for the credentials added later
+    /// ([`QuotaPatch::sets_default`]). Returns how many counters changed; `NotFound` when `id`
+    /// names no credential of the provider.
     async fn set_quota_locked(
         &self,
         provider: &str,
@@ -112,6 +123,9 @@ impl Store {
         if id.is_some() && changed == 0 {
             return Err(StoreError::NotFound);
         }
+        if patch.sets_default(id) {
+            set_default_limit(&mut tx, provider, limit, ts).await?;
+        }
         if patch.reset {
             // A reset starts a new period: a provider's "quota exhausted" mark ends with it.
             sqlx::query!(
@@ -133,12 +147,18 @@ impl Store {
                 action: "quota.update",
                 credential_id: id,
                 provider: Some(provider),
-                detail: json!({
-                    "limit": patch.limit,
-                    "used": patch.used,
-                    "reset": patch.reset,
-                    "credentials": changed,
-                }),
+                detail: {
+                    let mut detail = json!({
+                        "limit": patch.limit,
+                        "used": patch.used,
+                        "reset": patch.reset,
+                        "credentials": changed,
+                    });
+                    if patch.sets_default(id) {
+                        detail["default_limit"] = json!(patch.limit.flatten());
+                    }
+                    detail
+                },
             },
         )
         .await?;

@@ -330,6 +330,7 @@ mod tests {
             path: dir.path().join("db.sqlite"),
             encryption: Encryption::off(),
             schedules: Default::default(),
+            default_limits: Default::default(),
             read_connections: 1,
         })
         .await
@@ -344,7 +345,7 @@ mod tests {
             extra: OauthExtra::default(),
             priority: 100,
             label: None,
-            limit: Some(100),
+            limit: Some(Some(100)),
             used: 0,
             disabled: false,
             expires_at: None,
@@ -397,6 +398,7 @@ mod tests {
             path: dir.path().join("db.sqlite"),
             encryption: Encryption::off(),
             schedules: Default::default(),
+            default_limits: Default::default(),
             read_connections: 1,
         })
         .await
@@ -458,6 +460,7 @@ mod tests {
             path: dir.path().join("db.sqlite"),
             encryption: Encryption::off(),
             schedules: Default::default(),
+            default_limits: Default::default(),
             read_connections: 1,
         })
         .await

@@ -8,6 +8,7 @@ mod attempts;
 mod bad_input;
 mod common;
 mod crash;
+mod default_limits;
 mod guard;
 mod imports;
 mod limits;

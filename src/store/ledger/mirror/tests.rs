@@ -146,7 +146,8 @@ fn credential(provider: usize, token: u8, priority: i64, limit: Option<u64>) -> 
         extra: OauthExtra::default(),
         priority,
         label: Some(format!("t{token}")),
-        limit,
+        // None names no limit: the provider's default (which `Quota` steps set) applies.
+        limit: limit.map(Some),
         used: 0,
         disabled: false,
         expires_at: None,
@@ -166,6 +167,7 @@ async fn open(dir: &std::path::Path) -> Store {
         path: dir.join("mirror.db"),
         encryption: Encryption::off(),
         schedules: Default::default(),
+        default_limits: Default::default(),
         read_connections: 2,
     })
     .await
