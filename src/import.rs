@@ -114,7 +114,7 @@ pub struct QuotaInput {
 }
 
 /// `Some(None)` for an explicit `null`, `None` for an absent field (with `#[serde(default)]`).
-fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+pub fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,

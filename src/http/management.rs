@@ -6,7 +6,7 @@ use super::extract::{Json, JsonValue, Path, Query};
 use super::view;
 use crate::crypto::Secret;
 use crate::domain::{CredentialId, Status};
-use crate::import::{self, CredentialInput, check_label, check_priority, check_secret};
+use crate::import::{self, CredentialInput, check_label, check_priority, check_secret, nullable};
 use crate::quota::CounterTokens;
 use crate::state::AppState;
 use crate::store::{CredentialPatch, DEFAULT_PAGE, ImportMode, ListFilter, MAX_PAGE, QuotaPatch};
@@ -15,7 +15,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -30,15 +30,6 @@ impl Actor {
     pub fn from_caller(caller: &super::caller::Caller) -> Actor {
         Actor(caller.actor())
     }
-}
-
-/// `Some(None)` for an explicit `null`, `None` for an absent field.
-fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(d).map(Some)
 }
 
 fn known_provider(state: &AppState, provider: &str) -> AppResult<()> {
