@@ -4,6 +4,7 @@
 use super::audit::{self, AuditEntry};
 use super::ledger::Touched;
 use super::{Result, Store, StoreError, Written};
+use crate::domain::{CredentialId, ProviderName};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
@@ -61,16 +62,18 @@ impl Store {
         })
     }
 
-    /// Apply a quota change (see `set_quota_locked`).
-    #[tracing::instrument(skip_all, fields(provider = provider, credential = id, actor = actor))]
+    /// Apply a quota change (see `set_quota_locked`). The provider and the credential are
+    /// typed, so they cannot be passed in each other's place.
+    #[tracing::instrument(skip_all, fields(provider = provider.as_str(), credential = id.map(CredentialId::as_str), actor = actor))]
     pub async fn set_quota(
         &self,
-        provider: &str,
-        id: Option<&str>,
+        provider: &ProviderName,
+        id: Option<&CredentialId>,
         patch: &QuotaPatch,
         actor: &str,
         now: DateTime<Utc>,
     ) -> Result<u64> {
+        let (provider, id) = (provider.as_str(), id.map(CredentialId::as_str));
         self.exclusive(self.set_quota_locked(provider, id, patch, actor, now))
             .await
     }
