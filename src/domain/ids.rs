@@ -2,6 +2,20 @@
 //! name are all text, and a function taking two or three of them must not take them in the
 //! wrong order. Each is a distinct type over the same text; none is a secret (ids are random,
 //! names are config), so `Debug` and `Display` print them.
+//!
+//! An id is read as text only when asked (`as_str`, `AsRef<str>`): it does not deref to `str`,
+//! since with a deref every function taking `&str` would take any of the three ids unasked, and
+//! two of them in the wrong order. Text into an id is always spelled out too.
+//!
+//! ```compile_fail
+//! fn provider_text(_: &str) {}
+//! provider_text(&cliproxyapi::domain::CredentialId::new("cred_x"));
+//! ```
+//!
+//! ```
+//! fn provider_text(_: &str) {}
+//! provider_text(cliproxyapi::domain::CredentialId::new("cred_x").as_str());
+//! ```
 
 use serde::{Deserialize, Serialize};
 use std::borrow::Borrow;
@@ -55,15 +69,6 @@ macro_rules! text_id {
         /// Maps keyed by the id are looked up by its text.
         impl Borrow<str> for $name {
             fn borrow(&self) -> &str {
-                &self.0
-            }
-        }
-
-        /// Read as text wherever text is wanted (SQL parameters, log lines); the other way,
-        /// text into an id, is always spelled out.
-        impl std::ops::Deref for $name {
-            type Target = str;
-            fn deref(&self) -> &str {
                 &self.0
             }
         }

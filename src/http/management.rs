@@ -5,7 +5,7 @@ use super::error::ApiError;
 use super::extract::{Json, JsonValue, Path, Query};
 use super::view;
 use crate::crypto::Secret;
-use crate::domain::{CredentialId, Status};
+use crate::domain::{CredentialId, ProviderName, Status};
 use crate::import::{self, CredentialInput, check_label, check_priority, check_secret, nullable};
 use crate::quota::CounterTokens;
 use crate::state::AppState;
@@ -186,7 +186,10 @@ pub struct IdQuery {
 /// The credential a `?id=` names (its id or its token), or the provider's only credential.
 async fn target(state: &AppState, provider: &str, id: Option<&str>) -> AppResult<CredentialId> {
     match id {
-        Some(key) if !key.is_empty() => Ok(state.store.resolve(provider, key).await?),
+        Some(key) if !key.is_empty() => {
+            let provider = ProviderName::from(provider);
+            Ok(state.store.resolve(&provider, key).await?)
+        }
         _ => {
             // The answer names at most this many of the ids (a provider may have 100,000).
             const NAMED: u32 = 20;
@@ -309,7 +312,10 @@ pub async fn delete(
             "Name the credential to delete with ?id= (its id or its token)",
         )
     })?;
-    let id = state.store.resolve(&provider, &key).await?;
+    let id = state
+        .store
+        .resolve(&ProviderName::from(provider), &key)
+        .await?;
     let row = state.store.delete(&id, &actor.0, state.now()).await?;
     state.auth_log.record(&format!(
         "deleted credential {} ({}) through the API from {}",
@@ -383,20 +389,21 @@ pub async fn set_quota(
             "Nothing to update: give limit (a number or null), used, or reset: true",
         ));
     }
+    let provider = ProviderName::from(provider);
     let id = match q.id.as_deref().filter(|k| !k.is_empty()) {
         Some(key) => Some(state.store.resolve(&provider, key).await?),
         None => None,
     };
     let changed = state
         .store
-        .set_quota(&provider, id.as_deref(), &patch, &actor.0, state.now())
+        .set_quota(&provider, id.as_ref(), &patch, &actor.0, state.now())
         .await?;
     let limit = match patch.limit {
         None => "unchanged".to_string(),
         Some(None) => "unlimited".to_string(),
         Some(Some(l)) => l.to_string(),
     };
-    let default = if patch.sets_default(id.as_deref()) {
+    let default = if patch.sets_default(id.as_ref()) {
         format!(", and the default limit of new credentials {limit}")
     } else {
         String::new()
@@ -413,7 +420,7 @@ pub async fn set_quota(
             .unwrap_or_default(),
         if patch.reset { ", reset" } else { "" },
     ));
-    quota_view(&state, &provider, PageQuery::default()).await
+    quota_view(&state, provider.as_str(), PageQuery::default()).await
 }
 
 pub async fn import(

@@ -22,7 +22,11 @@ impl Serialize for Time {
 }
 
 fn next_reset(quota: &QuotaConfig, row: &CredentialRow) -> Time {
-    Time(quota.schedule(&row.provider).next_reset(row.period_start))
+    Time(
+        quota
+            .schedule(row.provider.as_str())
+            .next_reset(row.period_start),
+    )
 }
 
 /// A credential's counters.
@@ -75,8 +79,8 @@ pub struct Credential<'a> {
 
 pub fn credential<'a>(quota: &QuotaConfig, row: &'a CredentialRow) -> Credential<'a> {
     Credential {
-        id: &row.id,
-        provider: &row.provider,
+        id: row.id.as_str(),
+        provider: row.provider.as_str(),
         kind: row.kind.as_str(),
         label: row.label.as_deref(),
         token_preview: &row.token_preview,
@@ -166,7 +170,7 @@ pub fn quota<'a>(
         credentials: rows
             .iter()
             .map(|r| QuotaLine {
-                id: &r.id,
+                id: r.id.as_str(),
                 counters: Counters::of(quota, r),
             })
             .collect(),

@@ -15,7 +15,7 @@ pub enum PathError {
     #[error("Provider {0} is disabled in the config")]
     ProviderDisabled(ProviderName),
     /// Nothing could be reserved.
-    #[error("{}", unavailable(provider, why))]
+    #[error("{}", unavailable(provider.as_str(), why))]
     Unavailable {
         provider: ProviderName,
         why: Unavailable,

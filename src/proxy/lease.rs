@@ -117,7 +117,7 @@ impl RequestPath {
             let format = self
                 .0
                 .registry
-                .get(&provider)
+                .get(provider.as_str())
                 .map_or(Format::Openai, |p| p.format);
             let body = input.error_body.as_deref().unwrap_or("").as_bytes();
             let now = self.now();

@@ -189,7 +189,7 @@ impl RequestPath {
     /// provider's answer is still read and settled exactly (a stream is then charged as cut
     /// short).
     pub async fn forward(self, call: Call) -> Result<Forwarded, PathError> {
-        let span = request_span(&call.provider.name);
+        let span = request_span(call.provider.name.as_str());
         // Boxed: the exchange is a large future, and spawning it unboxed copies it twice. The
         // box is instrumented, not the future, which would be copied once more.
         let exchange = Box::pin(exchange::exchange(self, call)).instrument(span);

@@ -7,7 +7,7 @@ use super::{Result, Store, StoreError, Written, is_unique_violation, new_credent
 use crate::crypto::{Field, Secret, token_preview};
 use crate::domain::status::{self, State, StoredState};
 use crate::domain::{
-    CredentialId, CredentialKind, CredentialRow, NewCredential, Status, from_unix,
+    CredentialId, CredentialKind, CredentialRow, NewCredential, ProviderName, Status, from_unix,
 };
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -404,8 +404,9 @@ impl Store {
     /// Resolve `key` (a credential id, or the credential's token in clear, as the seed's
     /// `DELETE ...?id=sk-ant-key1` does) to a credential id of `provider`.
     /// Its span records the provider only: `key` may be a token.
-    #[tracing::instrument(skip_all, fields(provider = provider))]
-    pub async fn resolve(&self, provider: &str, key: &str) -> Result<CredentialId> {
+    #[tracing::instrument(skip_all, fields(provider = provider.as_str()))]
+    pub async fn resolve(&self, provider: &ProviderName, key: &str) -> Result<CredentialId> {
+        let provider = provider.as_str();
         let by_id = sqlx::query_scalar!(
             "SELECT id FROM credentials WHERE id = ? AND provider = ?",
             key,
@@ -448,7 +449,7 @@ impl Store {
         actor: &str,
         now: DateTime<Utc>,
     ) -> Result<CredentialRow> {
-        self.exclusive(self.update_locked(id, patch, actor, now))
+        self.exclusive(self.update_locked(id.as_str(), patch, actor, now))
             .await?;
         if patch.token.is_some() || patch.refresh_token.is_some() {
             self.forget_old_secrets().await;
@@ -753,14 +754,14 @@ impl Store {
                 now: ts,
                 actor,
                 action: "credential.delete",
-                credential_id: Some(id),
-                provider: Some(&row.provider),
+                credential_id: Some(id.as_str()),
+                provider: Some(row.provider.as_str()),
                 detail: json!({"used": row.used, "source": row.source}),
             },
         )
         .await?;
         tx.commit().await?;
-        Ok(Written::new(row, Touched::credential(id)))
+        Ok(Written::new(row, Touched::credential(id.as_str())))
     }
 }
 

@@ -5,6 +5,7 @@ use super::audit::{self, AuditEntry};
 use super::defaults::set_default_limit;
 use super::ledger::Touched;
 use super::{Result, Store, StoreError, Written};
+use crate::domain::{CredentialId, ProviderName};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
@@ -19,7 +20,7 @@ pub struct QuotaPatch {
 impl QuotaPatch {
     /// Whether applying it to `id` also sets the provider's default limit: a limit given for
     /// all of the provider's credentials (no `id`).
-    pub fn sets_default(&self, id: Option<&str>) -> bool {
+    pub fn sets_default<Id>(&self, id: Option<Id>) -> bool {
         id.is_none() && self.limit.is_some()
     }
 }
@@ -70,16 +71,18 @@ impl Store {
         })
     }
 
-    /// Apply a quota change (see `set_quota_locked`).
-    #[tracing::instrument(skip_all, fields(provider = provider, credential = id, actor = actor))]
+    /// Apply a quota change (see `set_quota_locked`). The provider and the credential are
+    /// typed, so they cannot be passed in each other's place.
+    #[tracing::instrument(skip_all, fields(provider = provider.as_str(), credential = id.map(CredentialId::as_str), actor = actor))]
     pub async fn set_quota(
         &self,
-        provider: &str,
-        id: Option<&str>,
+        provider: &ProviderName,
+        id: Option<&CredentialId>,
         patch: &QuotaPatch,
         actor: &str,
         now: DateTime<Utc>,
     ) -> Result<u64> {
+        let (provider, id) = (provider.as_str(), id.map(CredentialId::as_str));
         self.exclusive(self.set_quota_locked(provider, id, patch, actor, now))
             .await
     }

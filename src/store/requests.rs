@@ -278,7 +278,7 @@ impl Store {
         .flatten();
         Ok(match sealed {
             None => Err("the credential has no token".to_string()),
-            Some(s) => match self.sealer.open(id, Field::Token, &s) {
+            Some(s) => match self.sealer.open(id.as_str(), Field::Token, &s) {
                 Ok(token) => {
                     let token = Arc::new(token);
                     self.hot
@@ -562,7 +562,13 @@ mod tests {
                 ..Default::default()
             };
             store
-                .set_quota("claude", Some(&id), &patch, "test", far)
+                .set_quota(
+                    &ProviderName::from("claude"),
+                    Some(&id),
+                    &patch,
+                    "test",
+                    far,
+                )
                 .await
                 .unwrap();
             let row = store.get(&id, far).await.unwrap();

@@ -7,7 +7,7 @@ use super::{difference, snapshot};
 use crate::config::SelectionStrategy;
 use crate::crypto::{Encryption, Secret};
 use crate::domain::Usage;
-use crate::domain::{CredentialKind, NewCredential, OauthExtra};
+use crate::domain::{CredentialId, CredentialKind, NewCredential, OauthExtra, ProviderName};
 use crate::import::{Batch, Entry};
 use crate::store::{
     CredentialPatch, ImportMode, Mark, QuotaPatch, ReservationKind, ReserveRequest, Store,
@@ -256,8 +256,8 @@ async fn apply(store: &Store, step: &Step, now: DateTime<Utc>, live: &mut Vec<St
             used,
             reset,
         } => {
-            let provider = PROVIDERS[*provider];
-            let id = i.and_then(|i| pick(&ids(store), i));
+            let provider = ProviderName::from(PROVIDERS[*provider]);
+            let id = i.and_then(|i| pick(&ids(store), i)).map(CredentialId::from);
             let patch = QuotaPatch {
                 limit: *limit,
                 used: *used,
@@ -265,7 +265,7 @@ async fn apply(store: &Store, step: &Step, now: DateTime<Utc>, live: &mut Vec<St
             };
             // An id of another provider is not found, before anything is written.
             let _ = store
-                .set_quota(provider, id.as_deref(), &patch, "test", now)
+                .set_quota(&provider, id.as_ref(), &patch, "test", now)
                 .await;
             true
         }
