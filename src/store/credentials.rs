@@ -236,13 +236,16 @@ impl Store {
                 from = Some(last.cursor());
             }
             for record in records {
-                let cursor = record.cursor();
-                let row = record.into_row(ts);
-                if filter.status.is_none_or(|s| s == row.status) {
-                    rows.push((cursor, row));
-                    if rows.len() == want {
-                        break;
-                    }
+                // The rule's status first (no allocation): only rows that match are built.
+                if filter
+                    .status
+                    .is_some_and(|s| s != record.state().status(ts))
+                {
+                    continue;
+                }
+                rows.push((record.cursor(), record.into_row(ts)));
+                if rows.len() == want {
+                    break;
                 }
             }
             if rows.len() == want || !more {

@@ -95,9 +95,10 @@ impl Store {
         // unchanged files, at every start and on demand), the request path is not stopped at
         // all, however many credentials there are. Otherwise the transaction plans again over
         // what it reads itself.
-        let mut reader = self.reader.acquire().await?;
+        // One read transaction, so both of the snapshot's reads see the same database.
+        let mut reader = self.reader.begin().await?;
         let outside = snapshot(&mut reader, &prepared).await?;
-        drop(reader);
+        reader.rollback().await?;
         let unchanged = plan::plan(&prepared, &outside, mode);
         if unchanged.writes_nothing() {
             if large {
