@@ -256,12 +256,12 @@ async fn a_cron_expression_resets_when_it_says() {
     let home = self::home(&[("openai", "*/2 * * * * *")]);
     let app = home.start_with(&[], Arc::new(Utc::now)).await;
     add(&app, "openai", "oa", 400).await;
-    eventually(Duration::from_secs(10), || async {
-        (used(&app, "oa").await == 0).then_some(())
+    // The log line follows the reset's commit: wait for both.
+    let lines = eventually(Duration::from_secs(10), || async {
+        let lines = reset_lines(&home, "openai");
+        (used(&app, "oa").await == 0 && !lines.is_empty()).then_some(lines)
     })
     .await;
-    let lines = reset_lines(&home, "openai");
-    assert!(!lines.is_empty());
     assert!(
         lines[0].contains("(*/2 * * * * *) by scheduler: 1 credential(s)"),
         "{}",
