@@ -7,6 +7,7 @@ use crate::crypto::{Encryption, EncryptionKey, Secret};
 use crate::events::AuthLog;
 use crate::http::{Guards, HttpState};
 use crate::import;
+use crate::jobs::Jobs;
 use crate::providers::Registry;
 use crate::proxy::{Parts, RequestPath, Settings};
 use crate::state::{AppState, Clock};
@@ -324,6 +325,9 @@ impl Application {
                 "settled {dead} reservation(s) left by a stopped process at their reserved {dead_tokens} tokens"
             ));
         }
+        // A quota boundary passed while the server was down is applied now, once, before
+        // any request is served.
+        crate::jobs::resets::run(&state, state.now()).await;
         let import_report = import_auth_dir(&state, "startup").await?;
         let listener = TcpListener::bind(addr)
             .await
@@ -360,7 +364,8 @@ impl Application {
         &self.import_report
     }
 
-    /// Serve until `shutdown` resolves, then finish in-flight requests and close the store.
+    /// Serve until `shutdown` resolves, then finish in-flight requests, stop the background
+    /// jobs ([`crate::jobs`]) and close the store.
     /// The listener applies the `server:` limits (see [`crate::http::listener`]).
     pub async fn serve(
         self,
@@ -372,6 +377,9 @@ impl Application {
             path: self.path.clone(),
         });
         let sweeper = tokio::spawn(sweep_leases(self.state.clone()));
+        let jobs = Jobs::start(self.state.clone())
+            .await
+            .map_err(|e| std::io::Error::other(format!("cannot start the job scheduler: {e}")))?;
         let result = crate::http::listener::serve(
             self.listener,
             app,
@@ -380,6 +388,7 @@ impl Application {
         )
         .await;
         sweeper.abort();
+        jobs.stop().await;
         self.state.store.close().await;
         result
     }

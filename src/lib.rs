@@ -4,13 +4,15 @@
 //! management API over them and a proxy API that picks, reserves on and rotates across them.
 //! README.md is the outside (commands, config keys, routes, JSON shapes); bench/README.md the
 //! measurements. The modules depend on each other without cycles
-//! (`python3 scripts/module-cycles.py` checks it): `http` and `cli` at the top, then `app`
-//! and `state`, the request path (`proxy`), `store` and `import`, and below them `providers`,
-//! `domain`, `quota`, `crypto`, `files`.
+//! (`python3 scripts/module-cycles.py` checks it): `http` and `cli` at the top, then `app`,
+//! `jobs` (which only `app` uses) and `state`, the request path (`proxy`), `store` and
+//! `import`, and below them `providers`, `domain`, `quota`, `crypto`, `files`.
 //!
 //! # Layout
 //! - [`cli`]: the command line (`serve`, `import`, `hash-secret`, `gen-key`, `rotate-key`), exit codes.
 //! - [`app`]: building the application from a config and serving it; tests use the same path.
+//! - [`jobs`]: the background jobs ([`jobs::resets`]: quota resets), plain functions of the
+//!   state and `now` that tokio-cron-scheduler runs inside `serve`.
 //! - [`state`]: what the application shares (config, store, registry, auth log, clock).
 //! - [`config`]: the typed config, loaded from YAML and `CLIPROXY__*` variables, validated.
 //! - [`http`]: the HTTP edge; it owns every response and makes no business decision.
@@ -56,6 +58,7 @@ pub mod events; // auth event log file
 pub mod files; // owner-only files and folders
 pub mod http; // axum routers and handlers
 pub mod import; // credential files and bodies into new credentials
+pub mod jobs; // background jobs on tokio-cron-scheduler: quota resets
 pub mod providers; // which providers exist, and what differs by format
 pub mod proxy; // the request path: attempts, rotation, leases, streaming with a usage tap
 pub mod quota; // reset schedules, periods

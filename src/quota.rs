@@ -191,6 +191,32 @@ impl ResetSchedule {
         }
     }
 
+    /// The start of the period that contains `now`, for a schedule that has periods: `None`
+    /// for `never`, and for a cron expression that never fired before `now`. The scheduled
+    /// reset's one input: a counter is due when its period began before this (see
+    /// [`ResetSchedule::reset_due`]).
+    pub fn current_start(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            ResetSchedule::Never => None,
+            ResetSchedule::Cron(cron, _) => cron.find_previous_occurrence(&now, true).ok(),
+            _ => Some(self.period_start(now)),
+        }
+    }
+
+    /// Whether a counter whose period began at `period_start` is due a reset at `now`, and if
+    /// so the start of its new period: a boundary of the schedule lies in `(period_start,
+    /// now]`. The store's scheduled reset applies this rule in SQL (`period_start < start`),
+    /// so a reset applies once however late it runs, and a counter created in the current
+    /// period is never due.
+    pub fn reset_due(
+        &self,
+        period_start: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        self.current_start(now)
+            .filter(|start| period_start < *start)
+    }
+
     /// The first reset strictly after `after`; `None` for `never`.
     pub fn next_reset(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
@@ -281,6 +307,71 @@ mod tests {
             "0 0 * * *".parse::<ResetSchedule>().is_err(),
             "seconds are required"
         );
+    }
+
+    /// Whether a counter started at `start` is due at `now`.
+    fn due(s: &ResetSchedule, start: &str, now: &str) -> bool {
+        s.reset_due(t(start), t(now)).is_some()
+    }
+
+    #[test]
+    fn due_at_the_boundary_and_not_the_second_before() {
+        let d = ResetSchedule::Daily;
+        assert!(!due(&d, "2026-11-27T00:00:00Z", "2026-11-27T23:59:59Z"));
+        assert!(due(&d, "2026-11-27T00:00:00Z", "2026-11-28T00:00:00Z"));
+        assert_eq!(
+            d.reset_due(t("2026-11-27T00:00:00Z"), t("2026-11-28T00:00:00Z")),
+            Some(t("2026-11-28T00:00:00Z"))
+        );
+        // Several boundaries passed (a server down for days): one reset, to the current one.
+        assert_eq!(
+            d.reset_due(t("2026-11-20T00:00:00Z"), t("2026-11-28T13:00:00Z")),
+            Some(t("2026-11-28T00:00:00Z"))
+        );
+        // A counter whose period starts later than now (a clock set back) is not due.
+        assert!(!due(&d, "2026-11-29T00:00:00Z", "2026-11-28T13:00:00Z"));
+        let w = ResetSchedule::Weekly;
+        assert!(!due(&w, "2026-11-23T00:00:00Z", "2026-11-29T23:59:59Z"));
+        assert!(due(&w, "2026-11-23T00:00:00Z", "2026-11-30T00:00:00Z"));
+    }
+
+    #[test]
+    fn due_over_month_ends_and_leap_days() {
+        let m = ResetSchedule::Monthly;
+        for (start, last, first) in [
+            ("2026-01-01", "2026-01-31", "2026-02-01"),
+            ("2026-02-01", "2026-02-28", "2026-03-01"),
+            ("2028-02-01", "2028-02-29", "2028-03-01"),
+            ("2026-04-01", "2026-04-30", "2026-05-01"),
+            ("2026-12-01", "2026-12-31", "2027-01-01"),
+        ] {
+            let start = format!("{start}T00:00:00Z");
+            assert!(!due(&m, &start, &format!("{last}T23:59:59Z")), "{last}");
+            assert!(due(&m, &start, &format!("{first}T00:00:00Z")), "{first}");
+        }
+        let d = ResetSchedule::Daily;
+        assert!(due(&d, "2028-02-28T00:00:00Z", "2028-02-29T00:00:00Z"));
+        assert!(!due(&d, "2028-02-29T00:00:00Z", "2028-02-29T23:59:59Z"));
+        assert!(due(&d, "2028-02-29T00:00:00Z", "2028-03-01T00:00:00Z"));
+        // A cron expression on the leap day alone: due from 2028-02-29, not in the years
+        // between.
+        let leap: ResetSchedule = "0 0 0 29 2 *".parse().unwrap();
+        assert!(!due(&leap, "2024-02-29T00:00:00Z", "2028-02-28T23:59:59Z"));
+        assert!(due(&leap, "2024-02-29T00:00:00Z", "2028-02-29T00:00:00Z"));
+    }
+
+    #[test]
+    fn due_for_cron_and_never() {
+        let c: ResetSchedule = "30 15 */6 * * *".parse().unwrap();
+        assert!(!due(&c, "2026-11-27T06:15:30Z", "2026-11-27T12:15:29Z"));
+        assert!(due(&c, "2026-11-27T06:15:30Z", "2026-11-27T12:15:30Z"));
+        assert_eq!(
+            c.reset_due(t("2026-11-27T06:15:30Z"), t("2026-11-27T17:00:00Z")),
+            Some(t("2026-11-27T12:15:30Z"))
+        );
+        let n = ResetSchedule::Never;
+        assert_eq!(n.current_start(t("2026-11-27T00:00:00Z")), None);
+        assert!(!due(&n, "1970-01-01T00:00:00Z", "2099-01-01T00:00:00Z"));
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod ledger;
 mod quota;
 mod requests;
 mod reservation;
+mod resets;
 mod secrets;
 
 pub use credentials::{CredentialPatch, Cursor, DEFAULT_PAGE, ListFilter, MAX_PAGE, Page};
@@ -22,6 +23,7 @@ pub use credentials::{CredentialPatch, Cursor, DEFAULT_PAGE, ListFilter, MAX_PAG
 pub use crate::import::{ImportMode, ImportReport, Notice};
 pub use quota::{QuotaPatch, QuotaTotal};
 pub use reservation::{Mark, Reservation, ReservationKind, ReserveRequest, Unavailable};
+pub use resets::PeriodReset;
 
 use crate::crypto::{CryptoError, Encryption, Fingerprinter, Sealer, to_hex};
 use crate::files::{create_private_dir, warn_if_shared};

@@ -20,6 +20,7 @@ mod persistence;
 mod provider_mock;
 mod proxy;
 mod raw;
+mod resets;
 mod scale;
 #[cfg(feature = "sdk-tests")]
 mod sdk;
