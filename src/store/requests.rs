@@ -321,12 +321,9 @@ mod tests {
     use crate::store::ListFilter;
     use crate::store::ReservationKind;
 
-    /// A reservation whose caller is gone by the time its group commits (a lease call whose
-    /// client disconnected) is released by the ledger itself, not held until the next start.
-    #[tokio::test]
-    async fn a_reservation_nobody_waits_for_is_released() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(super::super::StoreOptions {
+    /// A store in `dir` without encryption, schedules or default limits.
+    async fn open_store(dir: &tempfile::TempDir) -> Store {
+        Store::open(super::super::StoreOptions {
             path: dir.path().join("db.sqlite"),
             encryption: Encryption::off(),
             schedules: Default::default(),
@@ -334,7 +331,15 @@ mod tests {
             read_connections: 1,
         })
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A reservation whose caller is gone by the time its group commits (a lease call whose
+    /// client disconnected) is released by the ledger itself, not held until the next start.
+    #[tokio::test]
+    async fn a_reservation_nobody_waits_for_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(&dir).await;
         let now = Utc::now();
         let new = NewCredential {
             provider: "claude".into(),
@@ -394,15 +399,7 @@ mod tests {
     #[tokio::test]
     async fn operations_after_close_find_the_ledger_gone() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(super::super::StoreOptions {
-            path: dir.path().join("db.sqlite"),
-            encryption: Encryption::off(),
-            schedules: Default::default(),
-            default_limits: Default::default(),
-            read_connections: 1,
-        })
-        .await
-        .unwrap();
+        let store = open_store(&dir).await;
         let now = Utc::now();
         store
             .add(&api_key("sk-ant-gone"), "api", "test", now)
@@ -456,15 +453,7 @@ mod tests {
     #[tokio::test]
     async fn an_exhausted_mark_with_a_date_holds_until_it() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(super::super::StoreOptions {
-            path: dir.path().join("db.sqlite"),
-            encryption: Encryption::off(),
-            schedules: Default::default(),
-            default_limits: Default::default(),
-            read_connections: 1,
-        })
-        .await
-        .unwrap();
+        let store = open_store(&dir).await;
         let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
         let s = chrono::Duration::seconds;
         let req = ReserveRequest {
