@@ -224,7 +224,7 @@ impl ProviderList {
 
     /// Sort `by_seq` by creation, then `by_priority` (and `levels`) from it: by priority, then
     /// creation. Keys are looked up once per credential, not at every comparison.
-    fn sort(&mut self, creds: &HashMap<String, HotCred>) {
+    pub(in crate::store::ledger) fn sort(&mut self, creds: &HashMap<String, HotCred>) {
         let key = |id: &String| {
             creds
                 .get(id)

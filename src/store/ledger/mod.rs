@@ -555,14 +555,7 @@ mod tests {
                 },
             );
         }
-        list.by_priority = list.by_seq.clone();
-        list.by_priority
-            .sort_by_key(|id| (hot.creds[id].priority, hot.creds[id].seq));
-        list.levels = list
-            .by_priority
-            .iter()
-            .map(|id| hot.creds[id].priority)
-            .collect();
+        list.sort(&hot.creds);
         hot.lists.insert(PROVIDER.into(), list);
         hot
     }

@@ -46,15 +46,7 @@ fn hot(creds: Vec<HotCred>) -> Hot {
         list.by_seq.push(id(i));
         hot.creds.insert(id(i), c);
     }
-    list.by_seq.sort_by_key(|i| hot.creds[i].seq);
-    list.by_priority = list.by_seq.clone();
-    list.by_priority
-        .sort_by_key(|i| (hot.creds[i].priority, hot.creds[i].seq));
-    list.levels = list
-        .by_priority
-        .iter()
-        .map(|i| hot.creds[i].priority)
-        .collect();
+    list.sort(&hot.creds);
     hot.lists.insert(P.to_string(), list);
     hot
 }
