@@ -6,7 +6,7 @@
 //! measurements. The modules depend on each other without cycles
 //! (`python3 scripts/module-cycles.py` checks it): `http` and `cli` at the top, then `app`,
 //! `jobs` (which only `app` uses) and `state`, the request path (`proxy`), `store` and
-//! `import`, and below them `providers`, `domain`, `quota`, `crypto`, `files`.
+//! `import`, and below them `notify`, `providers`, `domain`, `quota`, `crypto`, `files`.
 //!
 //! # Layout
 //! - [`cli`]: the command line (`serve`, `import`, `hash-secret`, `gen-key`, `rotate-key`), exit codes.
