@@ -27,6 +27,9 @@ pub const EVENT_HEADER: &str = "x-cliproxy-event";
 pub(super) struct Target {
     client: reqwest::Client,
     url: String,
+    /// What the logs name: the URL's origin only, as a path or query may hold a receiver's
+    /// token.
+    shown: String,
     secret: Secret,
 }
 
@@ -34,9 +37,18 @@ impl Target {
     pub(super) fn new(client: reqwest::Client, url: String, secret: Secret) -> Target {
         Target {
             client,
+            shown: origin(&url),
             url,
             secret,
         }
+    }
+}
+
+/// `scheme://host[:port]` of `url`, for logs.
+pub(super) fn origin(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => u.origin().ascii_serialization(),
+        Err(_) => "(a webhook)".to_string(),
     }
 }
 
@@ -91,25 +103,26 @@ async fn deliver(target: &Target, event: &Event) {
             Ok(answer) if answer.status().is_success() => return,
             Ok(answer) if !retryable(answer.status()) => {
                 tracing::warn!(
-                    webhook = %target.url, event = %event.event, id = %event.id,
+                    webhook = %target.shown, event = %event.event, id = %event.id,
                     status = answer.status().as_u16(),
                     "the webhook refused an event; it is not sent again"
                 );
                 return;
             }
             Ok(answer) => format!("status {}", answer.status().as_u16()),
-            Err(e) => e.to_string(),
+            // Without the URL, which the logs name by its origin only.
+            Err(e) => e.without_url().to_string(),
         };
         let Some(wait) = waits.next() else {
             tracing::warn!(
-                webhook = %target.url, event = %event.event, id = %event.id, error = %failure,
+                webhook = %target.shown, event = %event.event, id = %event.id, error = %failure,
                 "cannot deliver an event to the webhook after {} retries; giving it up",
                 BACKOFF.len()
             );
             return;
         };
         tracing::debug!(
-            webhook = %target.url, event = %event.event, error = %failure,
+            webhook = %target.shown, event = %event.event, error = %failure,
             "webhook delivery failed; retrying in {wait:?}"
         );
         tokio::time::sleep(*wait).await;
@@ -119,6 +132,14 @@ async fn deliver(target: &Target, event: &Event) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_name_the_origin_only() {
+        assert_eq!(
+            origin("https://hooks.example:8443/T000/B000/XXXX?token=abc"),
+            "https://hooks.example:8443"
+        );
+    }
 
     #[test]
     fn the_signature_is_rfc_4231s() {

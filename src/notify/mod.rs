@@ -151,7 +151,7 @@ impl Notifier {
         let mut hooks = Vec::new();
         let mut tasks = Vec::new();
         for hook in webhooks {
-            let queue = Arc::new(DropQueue::new(QUEUE_CAPACITY, hook.url.clone()));
+            let queue = Arc::new(DropQueue::new(QUEUE_CAPACITY, deliver::origin(&hook.url)));
             hooks.push(Hook {
                 events: hook.events,
                 queue: queue.clone(),

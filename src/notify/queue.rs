@@ -19,7 +19,7 @@ pub struct DropQueue<T> {
     /// Wakes the consumer; it keeps a permit when nobody waits, so no push is missed.
     ready: Notify,
     dropped: AtomicU64,
-    /// What the warning names (the webhook's URL).
+    /// What the warning names (the webhook's origin).
     name: String,
 }
 
