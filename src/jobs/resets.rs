@@ -1,7 +1,7 @@
 //! The quota reset job: every provider whose schedule has turned over since its credentials'
 //! periods began gets its counters reset (`Store::reset_period`), with a line in the auth log
-//! per provider, and a `quota.reset` event for the webhooks. A plain function of the state and `now`: the scheduler calls it, tests call
-//! it with the clock they set.
+//! per provider and a `quota.reset` event for the webhooks. A plain function of the state and
+//! `now`: the scheduler calls it, tests call it with the clock they set.
 
 use crate::notify::{Event, EventKind};
 use crate::state::AppState;
