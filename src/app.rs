@@ -8,6 +8,7 @@ use crate::events::AuthLog;
 use crate::http::{Guards, HttpState};
 use crate::import;
 use crate::jobs::Jobs;
+use crate::notify::{Notifier, Webhook};
 use crate::providers::Registry;
 use crate::proxy::{Parts, RequestPath, Settings};
 use crate::state::{AppState, Clock};
@@ -142,9 +143,22 @@ async fn open(config: Loaded, clock: Clock) -> Result<Opened, StartError> {
     let upstream = crate::upstream::Upstream::new(config.config.proxy.request_timeout.0)
         .map_err(StartError::Runtime)?;
     // The guards keep digests and the store its cipher; the keys in clear are not needed any
-    // more, so they are wiped now rather than kept for the life of the process.
+    // more, so they are wiped now rather than kept for the life of the process. The webhooks'
+    // secrets move to their delivery tasks.
     let mut config = config;
     let settings = &mut config.config;
+    let notifications = &mut settings.auth.notifications;
+    let webhooks = notifications
+        .webhooks
+        .iter_mut()
+        .map(|hook| Webhook {
+            url: hook.url.clone(),
+            events: hook.events.clone(),
+            secret: hook.secret.take(),
+        })
+        .collect();
+    let notifier =
+        Notifier::start(webhooks, notifications.timeout.0).map_err(StartError::Runtime)?;
     settings.api_keys.clear();
     settings.management.secret_key.take();
     settings.auth.encryption.key.take();
@@ -155,12 +169,14 @@ async fn open(config: Loaded, clock: Clock) -> Result<Opened, StartError> {
         registry: registry.clone(),
         clock: clock.clone(),
         settings: Settings::from_config(&config.config),
+        notifier: notifier.clone(),
     });
     let app = Arc::new(AppState {
         config: Arc::new(config),
         store,
         registry,
         auth_log,
+        notifier,
         clock,
     });
     Ok(Opened { app, guards, path })
@@ -365,7 +381,8 @@ impl Application {
     }
 
     /// Serve until `shutdown` resolves, then finish in-flight requests, stop the background
-    /// jobs ([`crate::jobs`]) and close the store.
+    /// jobs ([`crate::jobs`]) and the webhook deliveries ([`crate::notify`]), and close the
+    /// store.
     /// The listener applies the `server:` limits (see [`crate::http::listener`]).
     pub async fn serve(
         self,
@@ -389,6 +406,7 @@ impl Application {
         .await;
         sweeper.abort();
         jobs.stop().await;
+        self.state.notifier.stop(crate::notify::STOP_GRACE).await;
         self.state.store.close().await;
         result
     }

@@ -2,6 +2,7 @@
 //! unknown keys refused, and every value checked at start with an error that names its key.
 
 use crate::crypto::Secret;
+use crate::notify::EventKind;
 use crate::providers::{self, Format, ProviderConfig};
 use crate::quota::{CounterTokens, ResetSchedule};
 use serde::Deserialize;
@@ -310,30 +311,37 @@ pub struct EncryptionConfig {
     pub key_env: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Webhooks told of credential events (README, "Notifications").
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NotificationsConfig {
     pub webhooks: Vec<WebhookConfig>,
+    /// How long one delivery may take (at most [`MAX_WEBHOOK_TIMEOUT`]).
+    pub timeout: HumanDuration,
 }
 
-/// Credential events a webhook may subscribe to.
-pub const WEBHOOK_EVENTS: &[&str] = &[
-    "credential.exhausted",
-    "credential.invalid",
-    "credential.expired",
-    "credential.cooldown",
-    "credential.refreshed",
-    "credential.refresh_failed",
-    "credential.added",
-    "credential.deleted",
-];
+/// The longest `auth.notifications.timeout`: a delivery holds up its webhook's queue.
+pub const MAX_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, Deserialize)]
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        NotificationsConfig {
+            webhooks: Vec::new(),
+            timeout: HumanDuration(Duration::from_secs(5)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     pub url: String,
-    #[serde(default)]
-    pub events: Vec<String>,
+    pub events: Vec<EventKind>,
+    /// The environment variable holding the signing secret: a secret never sits in the file.
+    pub secret_env: String,
+    /// The secret read from `secret_env` at load.
+    #[serde(skip)]
+    pub secret: Secret,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -434,6 +442,9 @@ pub struct Loaded {
     pub secrets_in_file: Vec<&'static str>,
 }
 
+/// Environment variables as (name, value).
+type EnvVars = Vec<(String, String)>;
+
 /// Keys whose environment value is a comma-separated list.
 const ENV_LISTS: &[&str] = &["api_keys", "server.trusted_proxies"];
 
@@ -507,10 +518,11 @@ impl Config {
         } else if must_exist {
             return Err(err(format!("{}: config file not found", path.display())));
         }
-        let mut env: config::Map<String, String> = env
+        // The other variables are kept for the webhooks' `secret_env`, read after validation.
+        let (env, others): (EnvVars, EnvVars) = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("CLIPROXY__"))
-            .collect();
+            .partition(|(k, _)| k.starts_with("CLIPROXY__"));
+        let mut env: config::Map<String, String> = env.into_iter().collect();
         // Secret settings are set from their text as written, past the generic parsing.
         for (name, value) in env.clone() {
             let key = name["CLIPROXY__".len()..].to_lowercase().replace("__", ".");
@@ -543,7 +555,7 @@ impl Config {
             .add_source(source)
             .build()
             .map_err(|e| err(format!("{}: {e}", path.display())))?;
-        let config: Config = serde_path_to_error::deserialize(raw).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(raw).map_err(|e| {
             let key = e.path().to_string();
             if let Some(secret) = secret_key_of(&key) {
                 let what = if secret == "api_keys" {
@@ -569,6 +581,12 @@ impl Config {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         config.validate()?;
+        config.auth.notifications.read_secrets(|name| {
+            others
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        })?;
         let resolve = |p: &Path| {
             if p.is_absolute() {
                 p.to_path_buf()
@@ -665,17 +683,7 @@ impl Config {
                 "`auth.encryption.key`: encryption is enabled but neither `key` nor `key_env` is set",
             ));
         }
-        for (i, hook) in self.auth.notifications.webhooks.iter().enumerate() {
-            check_url(&format!("auth.notifications.webhooks[{i}].url"), &hook.url)?;
-            for event in &hook.events {
-                if !WEBHOOK_EVENTS.contains(&event.as_str()) {
-                    return Err(err(format!(
-                        "`auth.notifications.webhooks[{i}].events`: unknown event `{event}` (known: {})",
-                        WEBHOOK_EVENTS.join(", ")
-                    )));
-                }
-            }
-        }
+        self.auth.notifications.validate()?;
         check_url(
             "oauth.copilot.github_base_url",
             &self.oauth.copilot.github_base_url,
@@ -721,6 +729,56 @@ fn check_log_level(filter: &str) -> Result<(), ConfigError> {
         return Err(bad());
     }
     Ok(())
+}
+
+impl NotificationsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let timeout = self.timeout.0;
+        if timeout.is_zero() || timeout > MAX_WEBHOOK_TIMEOUT {
+            return Err(err(
+                "`auth.notifications.timeout`: must be longer than 0s and at most 60s",
+            ));
+        }
+        for (i, hook) in self.webhooks.iter().enumerate() {
+            let key = format!("auth.notifications.webhooks[{i}]");
+            check_url(&format!("{key}.url"), &hook.url)?;
+            if reqwest::Url::parse(&hook.url).map_or(true, |u| u.host_str().is_none()) {
+                return Err(err(format!(
+                    "`{key}.url`: `{}` is not a URL with a host",
+                    hook.url
+                )));
+            }
+            if hook.events.is_empty() {
+                return Err(err(format!("`{key}.events`: name at least one event")));
+            }
+            if hook.secret_env.trim().is_empty() {
+                return Err(err(format!(
+                    "`{key}.secret_env`: name the environment variable holding the webhook's secret"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Read each webhook's secret from the variable its `secret_env` names (`lookup`); an
+    /// unset or empty one is refused, naming the key and the variable, never a value.
+    fn read_secrets(
+        &mut self,
+        mut lookup: impl FnMut(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        for (i, hook) in self.webhooks.iter_mut().enumerate() {
+            match lookup(&hook.secret_env) {
+                Some(value) if !value.is_empty() => hook.secret = Secret::new(value),
+                _ => {
+                    return Err(err(format!(
+                        "`auth.notifications.webhooks[{i}].secret_env`: the environment variable {} is not set or empty",
+                        hook.secret_env
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ServerConfig {
@@ -920,6 +978,110 @@ mod tests {
         }
         let e = load("database:\n  url: mysql://x\n", &[]).unwrap_err().0;
         assert!(e.contains("database.url"), "{e}");
+    }
+
+    #[test]
+    fn webhooks_are_checked() {
+        let hook = |url: &str, events: &str, secret_env: &str| {
+            format!(
+                "auth:\n  notifications:\n    webhooks:\n      - {{url: \"{url}\", events: {events}, secret_env: {secret_env}}}\n"
+            )
+        };
+        let env = [("HOOK_SECRET", "s3cr3t-value")];
+        let l = load(
+            &hook(
+                "https://hooks.example/x",
+                "[credential.rotated, quota.reset]",
+                "HOOK_SECRET",
+            ),
+            &env,
+        )
+        .unwrap();
+        let n = &l.config.auth.notifications;
+        assert_eq!(n.timeout, HumanDuration(Duration::from_secs(5)));
+        assert_eq!(
+            n.webhooks[0].events,
+            [EventKind::CredentialRotated, EventKind::QuotaReset]
+        );
+        assert_eq!(n.webhooks[0].secret.expose(), "s3cr3t-value");
+        assert!(!format!("{:?}", l.config).contains("s3cr3t"));
+        // Every name of the README is taken.
+        load(
+            &hook(
+                "http://127.0.0.1:9/",
+                "[credential.exhausted, credential.invalid, credential.expired, credential.cooldown, credential.rotated, credential.refreshed, refresh.failed, quota.reset]",
+                "HOOK_SECRET",
+            ),
+            &env,
+        )
+        .unwrap();
+        for (yaml, env, key, also) in [
+            (
+                hook("https://h.example/", "[credential.bogus]", "HOOK_SECRET"),
+                &env[..],
+                "auth.notifications.webhooks[0].events[0]",
+                "credential.bogus",
+            ),
+            (
+                hook("https://h.example/", "[]", "HOOK_SECRET"),
+                &env[..],
+                "auth.notifications.webhooks[0].events",
+                "",
+            ),
+            (
+                hook("ftp://h.example/", "[quota.reset]", "HOOK_SECRET"),
+                &env[..],
+                "auth.notifications.webhooks[0].url",
+                "ftp://",
+            ),
+            (
+                hook("https://", "[quota.reset]", "HOOK_SECRET"),
+                &env[..],
+                "auth.notifications.webhooks[0].url",
+                "",
+            ),
+            (
+                hook("https://h.example/", "[quota.reset]", "HOOK_SECRET"),
+                &[][..],
+                "auth.notifications.webhooks[0].secret_env",
+                "HOOK_SECRET",
+            ),
+            (
+                hook("https://h.example/", "[quota.reset]", "HOOK_SECRET"),
+                &[("HOOK_SECRET", "")][..],
+                "auth.notifications.webhooks[0].secret_env",
+                "HOOK_SECRET",
+            ),
+            (
+                "auth:\n  notifications:\n    webhooks:\n      - {url: \"https://h.example/\", events: [quota.reset]}\n".into(),
+                &env[..],
+                "secret_env",
+                "",
+            ),
+            (
+                "auth:\n  notifications:\n    webhooks:\n      - {url: \"https://h.example/\", events: [quota.reset], secret_env: HOOK_SECRET, secret: x}\n".into(),
+                &env[..],
+                "auth.notifications.webhooks[0]",
+                "secret",
+            ),
+            (
+                "auth:\n  notifications:\n    timeout: 61s\n".into(),
+                &env[..],
+                "auth.notifications.timeout",
+                "",
+            ),
+            (
+                "auth:\n  notifications:\n    timeout: 0s\n".into(),
+                &env[..],
+                "auth.notifications.timeout",
+                "",
+            ),
+        ] {
+            let e = load(&yaml, env).unwrap_err().0;
+            assert!(e.contains(key) && e.contains(also), "{yaml}: {e}");
+            assert!(!e.contains("s3cr3t"), "{yaml}: {e}");
+        }
+        load("auth:\n  notifications:\n    timeout: 60s\n", &[]).unwrap();
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! The state the application shares: the config, the store, the provider registry, the auth
-//! log and the clock. [`crate::app`] builds it; the HTTP edge, the command line and the tests
+//! log, the webhook notifier and the clock. [`crate::app`] builds it; the HTTP edge, the command line and the tests
 //! use it. It knows nothing of HTTP, nor of the request path (which is built from its parts
 //! and owns its own): the edge serves all three ([`crate::http::HttpState`]).
 
 use crate::config::Loaded;
 use crate::events::AuthLog;
 use crate::import::{self, Batch};
+use crate::notify::Notifier;
 use crate::providers::Registry;
 use crate::store::{ImportMode, ImportReport, Store, StoreError};
 use chrono::{DateTime, Utc};
@@ -22,6 +23,8 @@ pub struct AppState {
     pub store: Store,
     pub registry: Arc<Registry>,
     pub auth_log: Arc<AuthLog>,
+    /// Where events for the webhooks go (README, "Notifications").
+    pub notifier: Notifier,
     /// What the application reads as now; tests set it.
     pub clock: Clock,
 }

@@ -1,8 +1,9 @@
 //! The quota reset job: every provider whose schedule has turned over since its credentials'
 //! periods began gets its counters reset (`Store::reset_period`), with a line in the auth log
-//! per provider. A plain function of the state and `now`: the scheduler calls it, tests call
-//! it with the clock they set.
+//! per provider and a `quota.reset` event for the webhooks. A plain function of the state and
+//! `now`: the scheduler calls it, tests call it with the clock they set.
 
+use crate::notify::{Event, EventKind};
 use crate::state::AppState;
 use crate::store::PeriodReset;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -33,11 +34,18 @@ pub async fn run(state: &AppState, now: DateTime<Utc>) -> Vec<ProviderReset> {
             Ok(reset) if reset.credentials == 0 => {}
             Ok(reset) => {
                 let at = start.to_rfc3339_opts(SecondsFormat::Secs, true);
+                let reason = format!(
+                    "{} credential(s) to 0 for the period from {at}, {} exhausted revived \
+                     ({schedule})",
+                    reset.credentials, reset.revived
+                );
                 state.auth_log.record(&format!(
                     "quota reset for {provider} ({schedule}) by {ACTOR}: {} credential(s) to 0 \
                      for the period from {at}, {} exhausted revived",
                     reset.credentials, reset.revived
                 ));
+                let event = Event::new(EventKind::QuotaReset, provider, None, reason, now);
+                state.notifier.send(event);
                 done.push(ProviderReset {
                     provider: provider.clone(),
                     period_start: start,

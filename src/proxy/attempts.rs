@@ -7,6 +7,7 @@ use super::settle::Held;
 use super::{PathError, RequestPath};
 use crate::crypto::Secret;
 use crate::domain::{CredentialId, ProviderName};
+use crate::notify::{Event, EventKind};
 use crate::providers::classify::{MAX_RETRY_AFTER, Verdict};
 use crate::store::{Mark, ReservationKind, ReserveRequest};
 use chrono::{DateTime, Utc};
@@ -85,6 +86,29 @@ impl<'a> Attempts<'a> {
         }
     }
 
+    /// A request (or lease) moved on from `left`, which failed, to `to`: a line in the auth
+    /// log and a `credential.rotated` event naming the credential moved to.
+    fn rotated(&self, left: &CredentialId, to: &CredentialId) {
+        let shared = &self.path.0;
+        let provider = self.provider.as_str();
+        let what = match self.kind {
+            ReservationKind::Request => "a request",
+            ReservationKind::Lease => "a lease",
+        };
+        let reason = format!("{what} moved on from credential {left} after it failed");
+        shared.auth_log.record(&format!(
+            "credential {to} ({provider}) rotated to: {reason}"
+        ));
+        let event = Event::new(
+            EventKind::CredentialRotated,
+            provider,
+            Some(to.as_str()),
+            reason,
+            self.path.now(),
+        );
+        shared.notifier.send(event);
+    }
+
     /// The next credential, reserved, with its token open; `Ok(None)` once every attempt is
     /// used. A token that does not open marks its credential invalid, and the next one is
     /// reserved. `Err(PathError::Unavailable)` when nothing could be reserved. (One function,
@@ -118,6 +142,9 @@ impl<'a> Attempts<'a> {
             };
             let credential = reservation.credential_id;
             self.span.record("credential", credential.as_str());
+            if let Some(left) = self.tried.last() {
+                self.rotated(left, &credential);
+            }
             self.tried.push(credential.clone());
             let held = Held::new(self.path, reservation.id, credential, self.provider);
             match shared.store.open_token(held.credential()).await {

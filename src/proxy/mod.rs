@@ -42,6 +42,7 @@ pub use settle::Tapped;
 use crate::config::{Config, SelectionStrategy};
 use crate::domain::{CredentialId, ProviderName, ReservationId};
 use crate::events::AuthLog;
+use crate::notify::{Event, EventKind, Notifier};
 use crate::providers::classify::Verdict;
 use crate::providers::wire::Peek;
 use crate::providers::{Format, Provider, Registry};
@@ -102,6 +103,8 @@ pub struct Parts {
     pub registry: Arc<Registry>,
     pub clock: Clock,
     pub settings: Settings,
+    /// Where marks and rotations are told to the webhooks.
+    pub notifier: Notifier,
 }
 
 /// The request path; clones share it.
@@ -115,6 +118,7 @@ struct Shared {
     registry: Arc<Registry>,
     clock: Clock,
     settings: Settings,
+    notifier: Notifier,
     classify: Classify,
 }
 
@@ -171,6 +175,7 @@ impl RequestPath {
             registry: parts.registry,
             clock: parts.clock,
             settings: parts.settings,
+            notifier: parts.notifier,
             classify,
         }))
     }
@@ -201,7 +206,8 @@ impl RequestPath {
 
     /// Release a reservation, marking its credential when the failure was its own; a mark is
     /// also written to the auth log (`context` says how it was learnt, if not from a proxied
-    /// request). `false` when the reservation was already settled or released.
+    /// request) and sent to the webhooks that want it. `false` when the reservation was
+    /// already settled or released.
     async fn release(
         &self,
         reservation: &ReservationId,
@@ -211,10 +217,19 @@ impl RequestPath {
         context: &str,
     ) -> Result<bool, StoreError> {
         if let Some(m) = &mark {
+            let reason = m.describe();
             self.0.auth_log.record(&format!(
-                "credential {credential} ({provider}) marked{context}: {}",
-                m.describe()
+                "credential {credential} ({provider}) marked{context}: {reason}"
             ));
+            let kind = match m {
+                Mark::Invalid(_) => EventKind::CredentialInvalid,
+                Mark::Exhausted { .. } => EventKind::CredentialExhausted,
+                Mark::Cooldown { .. } => EventKind::CredentialCooldown,
+            };
+            let (provider, id) = (provider.as_str(), Some(credential.as_str()));
+            self.0
+                .notifier
+                .send(Event::new(kind, provider, id, reason, self.now()));
         }
         self.0
             .store

@@ -258,6 +258,7 @@ impl Harness {
                 DateTime::from_timestamp(read.load(Ordering::SeqCst), 0).unwrap()
             }),
             settings: Settings::from_config(config),
+            notifier: crate::notify::Notifier::none(),
         };
         let path = RequestPath::classifying_with(parts, test_classify);
         for key in keys {

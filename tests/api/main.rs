@@ -14,6 +14,7 @@ mod imports;
 mod limits;
 mod management;
 mod mock;
+mod notify;
 mod numbers;
 mod operations;
 mod persistence;
