@@ -226,6 +226,13 @@ pub trait Api {
     async fn delete(&self, path: &str) -> Resp {
         self.call("DELETE", path, None).await
     }
+    /// A `POST` of `body` as a client with key `key` (the proxy and lease APIs).
+    async fn post_as(&self, key: &str, path: &str, body: &Value) -> Resp {
+        let auth = format!("Bearer {key}");
+        let body = body.to_string();
+        self.call_with("POST", path, Some(&body), &[("authorization", &auth)])
+            .await
+    }
     /// Every credential, following the list's `next` cursor page by page.
     async fn auths(&self) -> Vec<Value> {
         let mut all = Vec::new();

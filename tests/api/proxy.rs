@@ -31,13 +31,7 @@ async fn add(app: &TestApp, provider: &str, token: &str, extra: Value) -> String
 }
 
 async fn v1(app: &TestApp, path: &str, body: Value) -> Resp {
-    app.call_with(
-        "POST",
-        path,
-        Some(&body.to_string()),
-        &[("authorization", &format!("Bearer {CLIENT_KEY}"))],
-    )
-    .await
+    app.post_as(CLIENT_KEY, path, &body).await
 }
 
 fn chat(model: &str, stream: bool) -> Value {

@@ -50,13 +50,7 @@ async fn add(app: &TestApp, provider: &str, label: &str, used: u64) -> String {
 }
 
 async fn client(app: &TestApp, path: &str, body: Value) -> crate::common::Resp {
-    app.call_with(
-        "POST",
-        path,
-        Some(&body.to_string()),
-        &[("authorization", &format!("Bearer {CLIENT_KEY}"))],
-    )
-    .await
+    app.post_as(CLIENT_KEY, path, &body).await
 }
 
 /// Take a lease of `tokens` on `provider`; returns its id.

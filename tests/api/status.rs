@@ -16,13 +16,7 @@ async fn add(app: &TestApp, body: Value) -> String {
 async fn chat(app: &TestApp) -> crate::common::Resp {
     let body = json!({"model": "gpt-4o", "max_tokens": 20,
                       "messages": [{"role": "user", "content": "Say hello, please."}]});
-    app.call_with(
-        "POST",
-        "/v1/chat/completions",
-        Some(&body.to_string()),
-        &[("authorization", &format!("Bearer {CLIENT_KEY}"))],
-    )
-    .await
+    app.post_as(CLIENT_KEY, "/v1/chat/completions", &body).await
 }
 
 async fn labels(app: &TestApp, query: &str) -> Vec<String> {
