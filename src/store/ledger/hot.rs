@@ -34,6 +34,28 @@ pub(super) struct HotCred {
 }
 
 impl HotCred {
+    /// An active, unlimited credential with a token, created `seq`th at `priority`, at rest
+    /// (no reservation, no mark): what the ledger's tests build their mirrors from.
+    #[cfg(test)]
+    pub(super) fn at_rest(seq: i64, priority: i64) -> HotCred {
+        HotCred {
+            seq,
+            priority,
+            limit: None,
+            used: 0,
+            reserved: 0,
+            leased: 0,
+            disabled: false,
+            state: StoredState::Active,
+            expires_at: None,
+            has_refresh_token: false,
+            cooldown_until: None,
+            exhausted_until: None,
+            has_token: true,
+            period_start: 0,
+        }
+    }
+
     /// What the status rule reads of the credential (the mirror keeps no reasons: selection
     /// needs none).
     pub(super) fn state(&self) -> State<'static> {

@@ -538,20 +538,9 @@ mod tests {
             hot.creds.insert(
                 id,
                 HotCred {
-                    seq: i as i64,
-                    priority: *priority,
                     limit: *limit,
                     used: *used,
-                    reserved: 0,
-                    leased: 0,
-                    disabled: false,
-                    state: StoredState::Active,
-                    expires_at: None,
-                    has_refresh_token: false,
-                    cooldown_until: None,
-                    exhausted_until: None,
-                    has_token: true,
-                    period_start: 0,
+                    ..HotCred::at_rest(i as i64, *priority)
                 },
             );
         }

@@ -16,20 +16,8 @@ const MIDNIGHT: i64 = DAY + 86_400;
 /// An active, unlimited credential created `seq`th at `priority`.
 fn cred(seq: i64, priority: i64) -> HotCred {
     HotCred {
-        seq,
-        priority,
-        limit: None,
-        used: 0,
-        reserved: 0,
-        leased: 0,
-        disabled: false,
-        state: StoredState::Active,
-        expires_at: None,
-        has_refresh_token: false,
-        cooldown_until: None,
-        exhausted_until: None,
-        has_token: true,
         period_start: DAY,
+        ..HotCred::at_rest(seq, priority)
     }
 }
 
