@@ -76,9 +76,7 @@ impl Provider {
         let app = axum::Router::new()
             .fallback(answer)
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let base = crate::common::serve(app).await;
         Provider { base, state }
     }
 

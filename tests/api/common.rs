@@ -353,3 +353,11 @@ pub fn assert_all_open(auths: &[Value], refresh_only: &str) {
         }
     }
 }
+
+/// Serve `app` on a free loopback port for the rest of the test; its `http://127.0.0.1:PORT`.
+pub async fn serve(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base
+}

@@ -47,11 +47,7 @@ impl Mock {
             .route("/v1/messages", post(anthropic))
             .route("/v1beta/models/{model_action}", post(gemini))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let base = crate::common::serve(app).await;
         Mock { base, state }
     }
 

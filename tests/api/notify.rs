@@ -58,9 +58,7 @@ impl Receiver {
         let app = axum::Router::new()
             .fallback(receive)
             .with_state(inbox.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let url = format!("{}/hook", crate::common::serve(app).await);
         Receiver { url, inbox }
     }
 

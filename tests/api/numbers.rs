@@ -77,9 +77,7 @@ async fn setup(extra: &str) -> (Arc<Canned>, Home, TestApp) {
     let app = axum::Router::new()
         .fallback(answer)
         .with_state(canned.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let base = crate::common::serve(app).await;
     let home = Home::new(&format!(
         "api_keys: [\"{KEY}\"]\nproviders:\n  openai: {{ base_url: \"{base}/v1\" }}\n  mistral: {{ base_url: \"{base}/v1\" }}\n  claude: {{ base_url: \"{base}\" }}\n  gemini: {{ base_url: \"{base}/v1beta\" }}\n{extra}"
     ));
