@@ -509,13 +509,7 @@ async fn a_stream_that_ends_in_an_error_is_charged_the_larger_of_reservation_and
                     "{provider}, {ending}, reservation {reserved}, reported {reported}"
                 );
                 // Disabled, so the next credential added is the one used.
-                let r = app
-                    .put(
-                        &format!("/v0/management/auths/{provider}?id={token}"),
-                        r#"{"disabled": true}"#,
-                    )
-                    .await;
-                assert_eq!(r.status, 200, "{}", r.text);
+                disable(&app, provider, &token).await;
             }
         }
     }
@@ -595,13 +589,7 @@ async fn headers_that_name_the_key_owner_stay_behind() {
                     "{provider} {what}: {name}"
                 );
             }
-            let r = app
-                .put(
-                    &format!("/v0/management/auths/{provider}?id={token}"),
-                    r#"{"disabled": true}"#,
-                )
-                .await;
-            assert_eq!(r.status, 200, "{}", r.text);
+            disable(&app, provider, &token).await;
         }
     }
     app.stop().await;
@@ -747,13 +735,7 @@ async fn a_lease_report_reads_the_providers_error_body() {
         let all = settled(&app).await;
         assert_eq!(all[&token]["status"], after, "{token}");
         assert_eq!(all[&token]["quota"]["used"], 0, "{token}");
-        let r = app
-            .put(
-                &format!("/v0/management/auths/{provider}?id={token}"),
-                r#"{"disabled": true}"#,
-            )
-            .await;
-        assert_eq!(r.status, 200, "{}", r.text);
+        disable(&app, provider, &token).await;
     }
     // A body without the status it came with is refused, and the lease stays open.
     add(&app, "openai", "openai-lease-last").await;
@@ -924,4 +906,15 @@ async fn an_exhausted_key_is_back_at_the_date_the_provider_named() {
     }
     assert_eq!(provider_mock.bodies("claude-limited").len(), 2);
     app.stop().await;
+}
+
+/// Disable `provider`'s credential `token`, so the next one added is the one used.
+async fn disable(app: &TestApp, provider: &str, token: &str) {
+    let r = app
+        .put(
+            &format!("/v0/management/auths/{provider}?id={token}"),
+            r#"{"disabled": true}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
 }
