@@ -286,10 +286,29 @@ impl QuotaConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RefreshConfig {
+    /// Whether the refresh worker runs, and a provider's 401 triggers a refresh (a manual
+    /// refresh works either way).
     pub enabled: bool,
+    /// How often the worker checks (at most [`MAX_CHECK_INTERVAL`]).
     pub check_interval: HumanDuration,
+    /// How long before its expiry a token is refreshed (at most [`MAX_REFRESH_LEAD`]).
     pub refresh_lead_time: HumanDuration,
+    /// Calls to a token endpoint per refresh when it fails in a way worth retrying (a network
+    /// error, a 429, a 5xx), 1 to [`MAX_REFRESH_TRIES`].
+    pub max_tries: u32,
+    /// The wait before the second call, doubled before each later one (at most
+    /// [`MAX_RETRY_BACKOFF`]; a wait the endpoint names is used instead, up to the same bound).
+    pub retry_backoff: HumanDuration,
 }
+
+/// The longest `auth.refresh.check_interval`.
+pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// The longest `auth.refresh.refresh_lead_time`.
+pub const MAX_REFRESH_LEAD: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The most `auth.refresh.max_tries`.
+pub const MAX_REFRESH_TRIES: u32 = 10;
+/// The longest `auth.refresh.retry_backoff`.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
 
 impl Default for RefreshConfig {
     fn default() -> Self {
@@ -297,7 +316,34 @@ impl Default for RefreshConfig {
             enabled: true,
             check_interval: HumanDuration(Duration::from_secs(300)),
             refresh_lead_time: HumanDuration(Duration::from_secs(600)),
+            max_tries: 3,
+            retry_backoff: HumanDuration(Duration::from_secs(1)),
         }
+    }
+}
+
+impl RefreshConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let interval = self.check_interval.0;
+        if interval < Duration::from_secs(1) || interval > MAX_CHECK_INTERVAL {
+            return Err(err(
+                "`auth.refresh.check_interval`: must be between 1s and 24h",
+            ));
+        }
+        if self.refresh_lead_time.0 > MAX_REFRESH_LEAD {
+            return Err(err(
+                "`auth.refresh.refresh_lead_time`: must be at most 30 days",
+            ));
+        }
+        if !(1..=MAX_REFRESH_TRIES).contains(&self.max_tries) {
+            return Err(err(format!(
+                "`auth.refresh.max_tries`: must be between 1 and {MAX_REFRESH_TRIES}"
+            )));
+        }
+        if self.retry_backoff.0 > MAX_RETRY_BACKOFF {
+            return Err(err("`auth.refresh.retry_backoff`: must be at most 60s"));
+        }
+        Ok(())
     }
 }
 
@@ -661,9 +707,7 @@ impl Config {
         if self.proxy.max_attempts == 0 {
             return Err(err("`proxy.max_attempts`: must be at least 1"));
         }
-        if self.auth.refresh.check_interval.0.is_zero() {
-            return Err(err("`auth.refresh.check_interval`: must be longer than 0s"));
-        }
+        self.auth.refresh.validate()?;
         // An empty key would admit a client that sends an empty one.
         if let Some(i) = self.api_keys.iter().position(Secret::is_empty) {
             return Err(err(format!(
@@ -903,6 +947,31 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(e.contains("auth.refresh.check_interval"), "{e}");
+        for (key, value) in [
+            ("check_interval", "0s"),
+            ("check_interval", "500ms"),
+            ("check_interval", "25h"),
+            ("refresh_lead_time", "31d"),
+            ("max_tries", "0"),
+            ("max_tries", "11"),
+            ("max_tries", "-1"),
+            ("max_tries", "99999999999"),
+            ("retry_backoff", "61s"),
+        ] {
+            let e = load(&format!("auth:\n  refresh:\n    {key}: {value}\n"), &[])
+                .unwrap_err()
+                .0;
+            assert!(
+                e.contains(&format!("auth.refresh.{key}")),
+                "{key}={value}: {e}"
+            );
+        }
+        let l = load(
+            "auth:\n  refresh:\n    check_interval: 1s\n    refresh_lead_time: 30d\n    max_tries: 10\n    retry_backoff: 0s\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(l.config.auth.refresh.max_tries, 10);
         for huge in [
             "367d",
             "1000000000y",
