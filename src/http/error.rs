@@ -142,6 +142,11 @@ impl From<PathError> for ApiError {
             | PathError::InvalidReport(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
             PathError::InvalidPath => (StatusCode::BAD_REQUEST, "invalid_path"),
             PathError::LeaseNotFound => (StatusCode::NOT_FOUND, "lease_not_found"),
+            PathError::LeaseCredentialUnusable(status) => {
+                let code = "lease_credential_unusable";
+                return ApiError::new(StatusCode::CONFLICT, code, e.to_string())
+                    .with("status", *status);
+            }
             PathError::Store(_) | PathError::Task(_) => return fault(e),
         };
         ApiError::new(status, code, e.to_string())
@@ -227,6 +232,11 @@ mod tests {
             (PathError::InvalidPath, 400, "invalid_path"),
             (PathError::InvalidReport("no tokens"), 400, "invalid_body"),
             (PathError::LeaseNotFound, 404, "lease_not_found"),
+            (
+                PathError::LeaseCredentialUnusable("disabled"),
+                409,
+                "lease_credential_unusable",
+            ),
         ];
         for (e, status, code) in cases {
             let message = e.to_string();

@@ -92,6 +92,7 @@ pub fn router(state: HttpState) -> Router {
             "/v1/credentials/lease/{lease_id}/report",
             post(proxy::report),
         )
+        .route("/v1/credentials/lease/{lease_id}/renew", post(proxy::renew))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             guard::client_guard,

@@ -12,7 +12,7 @@ use crate::providers::exchange::{self as format, BodyError};
 use crate::providers::wire::Peek;
 use crate::providers::{Format, Provider, Registry};
 use crate::proxy::{
-    AnswerBody, Call, Forwarded, LeaseInput, PathError, ReportInput, Reported, RequestPath,
+    AnswerBody, Call, Forwarded, Lease, LeaseInput, PathError, ReportInput, Reported, RequestPath,
 };
 use crate::state::AppState;
 use axum::body::{Body, Bytes};
@@ -247,15 +247,33 @@ pub async fn lease(
     leases_allowed(&guards)?;
     let Json(input) = body?;
     let lease = path.lease(input).await?;
-    let body = json!({
+    Ok((StatusCode::CREATED, lease_answer(&lease)).into_response())
+}
+
+/// A lease as its holder reads it, on leasing and on renewal alike. The token is in clear here
+/// and nowhere else: this body is not logged.
+fn lease_answer(lease: &Lease) -> axum::Json<serde_json::Value> {
+    axum::Json(json!({
         "lease_id": lease.id,
         "credential_id": lease.credential_id,
         "provider": lease.provider.name,
         "token": lease.token.expose(),
         "base_url": lease.provider.base_url,
         "expires_at": crate::domain::rfc3339(lease.expires_at),
-    });
-    Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+        "token_expires_at": lease.token_expires_at.map(crate::domain::rfc3339),
+    }))
+}
+
+/// `POST /v1/credentials/lease/{lease_id}/renew`: the body, if any, is not read.
+pub async fn renew(
+    State(path): State<RequestPath>,
+    State(guards): State<Arc<Guards>>,
+    lease_id: Result<Path<String>, ApiError>,
+) -> AppResult<Response> {
+    leases_allowed(&guards)?;
+    let Path(lease_id) = lease_id?;
+    let lease = path.renew(&ReservationId::from(lease_id)).await?;
+    Ok(lease_answer(&lease).into_response())
 }
 
 pub async fn report(

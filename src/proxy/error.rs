@@ -51,6 +51,12 @@ pub enum PathError {
     InvalidReport(&'static str),
     #[error("No such lease, or it was already reported or expired")]
     LeaseNotFound,
+    /// A renewal of a lease whose credential is out of use (`disabled`, `invalid`, `expired`,
+    /// or `deleted`): the lease is left as it was.
+    #[error(
+        "The lease's credential is {0} now, so the lease was not renewed; report it, or lease again"
+    )]
+    LeaseCredentialUnusable(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The exchange's task failed (it panicked).

@@ -1,7 +1,9 @@
 //! Leases: a credential's token handed to a client that calls the provider itself, reserved
 //! through the same attempt loop as a proxied request, and settled by the client's report of
 //! what it used, or released with the mark its reported error gives (read as the proxy reads
-//! the answers it gets itself), or at its reservation when it expires unreported.
+//! the answers it gets itself), or at its reservation when it expires unreported. Until then
+//! its holder may renew it: the lease lasts its length again, and the holder gets the
+//! credential's current token (a new one after a refresh).
 
 use super::attempts::{Attempts, Granted, mark_for};
 use super::settle::Held;
@@ -11,7 +13,7 @@ use crate::domain::{CredentialId, ReservationId};
 use crate::providers::wire::Usage;
 use crate::providers::{Format, Provider};
 use crate::quota::RequestTokens;
-use crate::store::Unavailable;
+use crate::store::{Renewal, Unavailable};
 use axum::http::StatusCode;
 use chrono::{DateTime, Duration, Utc};
 use serde::Deserialize;
@@ -28,13 +30,15 @@ pub struct LeaseInput {
     estimated_tokens: Option<RequestTokens>,
 }
 
-/// A lease handed out.
+/// A lease handed out, or renewed.
 pub struct Lease {
     pub id: ReservationId,
     pub credential_id: CredentialId,
     pub provider: Arc<Provider>,
     pub token: Arc<Secret>,
     pub expires_at: DateTime<Utc>,
+    /// The access token's own expiry (`None` for an API key).
+    pub token_expires_at: Option<DateTime<Utc>>,
 }
 
 /// A lease holder's report: the tokens it used, or the error status its call got.
@@ -85,12 +89,52 @@ impl RequestPath {
             return Err(PathError::Unavailable { provider, why });
         };
         let (id, credential_id) = held.keep();
+        let token_expires_at = self.0.store.token_expires_at(&credential_id);
         Ok(Lease {
             id,
             credential_id,
             provider,
             token,
             expires_at,
+            token_expires_at,
+        })
+    }
+
+    /// Renew lease `lease_id`: it lasts its length again from now, and its holder gets the
+    /// credential's current token and that token's expiry. A lease whose credential is out of
+    /// use (disabled, invalid, expired, deleted) is not renewed.
+    #[tracing::instrument(level = "debug", name = "renew", skip_all, fields(lease = lease_id.as_str()))]
+    pub async fn renew(&self, lease_id: &ReservationId) -> Result<Lease, PathError> {
+        let renewed = match self.0.store.renew_lease(lease_id, self.now()).await? {
+            Renewal::Renewed(r) => r,
+            Renewal::NotFound => return Err(PathError::LeaseNotFound),
+            Renewal::CredentialDeleted => {
+                return Err(PathError::LeaseCredentialUnusable("deleted"));
+            }
+            Renewal::CredentialUnusable(status) => {
+                return Err(PathError::LeaseCredentialUnusable(status.as_str()));
+            }
+        };
+        let provider = self
+            .0
+            .registry
+            .get(renewed.provider.as_str())
+            .cloned()
+            .ok_or_else(|| PathError::UnknownProvider(renewed.provider.to_string()))?;
+        // The mirror keeps the opened token current: after a refresh or a replacement, the new
+        // one. A stored token that no longer opens leaves the lease renewed but is not handed
+        // out; the proxy's own next use of it marks the credential.
+        let token = match self.0.store.open_token(&renewed.credential_id).await? {
+            Ok(token) => token,
+            Err(_) => return Err(PathError::LeaseCredentialUnusable("invalid")),
+        };
+        Ok(Lease {
+            id: lease_id.clone(),
+            credential_id: renewed.credential_id,
+            provider,
+            token,
+            expires_at: renewed.expires_at,
+            token_expires_at: renewed.token_expires_at,
         })
     }
 

@@ -22,7 +22,9 @@ pub use credentials::{CredentialPatch, Cursor, DEFAULT_PAGE, ListFilter, MAX_PAG
 // The import's report types, where the store's callers have always found them.
 pub use crate::import::{ImportMode, ImportReport, Notice};
 pub use quota::{QuotaPatch, QuotaTotal};
-pub use reservation::{Mark, Reservation, ReservationKind, ReserveRequest, Unavailable};
+pub use reservation::{
+    Mark, Renewal, RenewedLease, Reservation, ReservationKind, ReserveRequest, Unavailable,
+};
 pub use resets::PeriodReset;
 
 use crate::crypto::{CryptoError, Encryption, Fingerprinter, Sealer, to_hex};

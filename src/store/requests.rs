@@ -2,12 +2,15 @@
 //! any upstream call), then settle what was used or release the reservation with a mark on the
 //! credential. A reservation row exists from the one to the other, so a settlement applies
 //! once, and a crash in between loses nothing: at start, reservations of a dead process are
-//! charged in full. The writes themselves are committed in groups by the ledger's thread
+//! charged in full. A lease's reservation may be renewed (its expiry moved) in between, by the
+//! same ledger, so a renewal, a report and the expiry sweep are decided one after another. The writes themselves are committed in groups by the ledger's thread
 //! (`ledger/`).
 
 use super::audit::{self, AuditEntry};
 use super::ledger::Op;
-use super::reservation::{Mark, Reservation, ReserveRequest, ReserveRequestOwned, Unavailable};
+use super::reservation::{
+    Mark, Renewal, Reservation, ReserveRequest, ReserveRequestOwned, Unavailable,
+};
 use super::{Result, Store, StoreError};
 use crate::crypto::Field;
 use crate::domain::{CredentialId, ProviderName, ReservationId, Usage};
@@ -215,7 +218,9 @@ impl Store {
         .await
     }
 
-    /// Settle every lease past its expiry at its reservation. Returns how many.
+    /// Settle every lease past its expiry at its reservation. Returns how many. The ledger
+    /// checks each one's expiry again when it settles it, so a lease renewed since this read
+    /// is kept.
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn expire_leases(&self, now: DateTime<Utc>) -> Result<usize> {
         let ids = sqlx::query_scalar!(
@@ -226,14 +231,28 @@ impl Store {
         .await?;
         let mut n = 0;
         for id in ids {
-            if self
-                .settle(&ReservationId::from(id), Usage::default(), true, now)
-                .await?
-            {
+            if self.ask(|reply| Op::Expire { id, now, reply }).await? {
                 n += 1;
             }
         }
         Ok(n)
+    }
+
+    /// Renew lease `id` at `now`: a live lease whose credential is still in use gets its length
+    /// again from `now`, committed with the ledger's group (the mirror, the database and the
+    /// expiry sweep see the same expiry). A lease reported, released or past its expiry is
+    /// [`Renewal::NotFound`]; one whose credential is out of use is left as it was.
+    #[tracing::instrument(level = "debug", skip_all, fields(lease = id.as_str()))]
+    pub async fn renew_lease(&self, id: &ReservationId, now: DateTime<Utc>) -> Result<Renewal> {
+        let id = id.to_string();
+        self.ask(|reply| Op::Renew { id, now, reply }).await
+    }
+
+    /// The access-token expiry of credential `id` as the mirror holds it now (`None` for an
+    /// API key, a token without one, or a credential the mirror does not hold).
+    pub fn token_expires_at(&self, id: &CredentialId) -> Option<DateTime<Utc>> {
+        let hot = self.hot.lock().unwrap_or_else(|p| p.into_inner());
+        hot.token_expires_at(id.as_str())
     }
 
     /// A live lease: its credential and provider, if it exists and is a lease.

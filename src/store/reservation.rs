@@ -1,9 +1,11 @@
 //! The request path's vocabulary with the store: what is asked for ([`ReserveRequest`]),
-//! what is held ([`Reservation`]), why nothing could be held ([`Unavailable`]) and what a
-//! failure does to a credential ([`Mark`]). A leaf: the operations (`requests.rs`) and the
-//! ledger that decides and commits them (`ledger/`) both speak it, neither through the other.
+//! what is held ([`Reservation`]), why nothing could be held ([`Unavailable`]), what a
+//! failure does to a credential ([`Mark`]) and what renewing a lease did ([`Renewal`]). A
+//! leaf: the operations (`requests.rs`) and the ledger that decides and commits them
+//! (`ledger/`) both speak it, neither through the other.
 
 use crate::config::SelectionStrategy;
+use crate::domain::status::Status;
 use crate::domain::{CredentialId, ProviderName, ReservationId};
 use chrono::{DateTime, Utc};
 
@@ -91,6 +93,39 @@ impl Mark {
             }
         }
     }
+}
+
+/// What renewing a lease did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    /// Extended by its length from now.
+    Renewed(RenewedLease),
+    /// No such lease: never made, reported, or past its expiry (the sweep settles it).
+    NotFound,
+    /// Its credential was deleted (and the lease with it) while this server ran.
+    CredentialDeleted,
+    /// Its credential is disabled, invalid or expired now: not extended.
+    CredentialUnusable(Status),
+}
+
+impl Renewal {
+    /// A lease's credential in this status cannot be renewed on: its token is refused, or the
+    /// operator took it out. A credential cooling down or out of quota keeps its lease: the
+    /// lease's tokens are reserved already, and the holder learns the rest from the provider.
+    pub fn refuses(status: Status) -> bool {
+        matches!(status, Status::Disabled | Status::Invalid | Status::Expired)
+    }
+}
+
+/// A lease as renewed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenewedLease {
+    pub credential_id: CredentialId,
+    pub provider: ProviderName,
+    /// Its new expiry.
+    pub expires_at: DateTime<Utc>,
+    /// Its credential's access-token expiry now (`None` for an API key, or a token without one).
+    pub token_expires_at: Option<DateTime<Utc>>,
 }
 
 /// [`ReserveRequest`] owned, to travel to the ledger's thread.

@@ -11,6 +11,7 @@ mod crash;
 mod default_limits;
 mod guard;
 mod imports;
+mod leases;
 mod limits;
 mod management;
 mod mock;

@@ -27,6 +27,13 @@ pub(super) struct NewReservation {
     pub provider: String,
 }
 
+/// A lease renewed in this group: its new term.
+pub(super) struct Renewed {
+    pub id: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
 /// A settlement, charged to the counter and the hour's usage history.
 pub(super) struct Settlement {
     pub id: String,
@@ -52,6 +59,9 @@ struct Hour<'a> {
 #[derive(Default)]
 pub(super) struct Effects {
     pub inserts: Vec<NewReservation>,
+    /// Leases renewed: written before the group's settlements and releases, so that a
+    /// renewal decided before a report of the same lease finds its row.
+    pub renewals: Vec<Renewed>,
     pub settles: Vec<Settlement>,
     /// Reservations released unused.
     pub releases: Vec<String>,
@@ -62,6 +72,7 @@ pub(super) struct Effects {
 impl Effects {
     pub fn is_empty(&self) -> bool {
         self.inserts.is_empty()
+            && self.renewals.is_empty()
             && self.settles.is_empty()
             && self.releases.is_empty()
             && self.marks.is_empty()
@@ -87,6 +98,8 @@ const HISTORY: &str = "INSERT INTO usage_hourly
         input_tokens = MIN(input_tokens + excluded.input_tokens, 1000000000000000),
         output_tokens = MIN(output_tokens + excluded.output_tokens, 1000000000000000),
         unreported_tokens = MIN(unreported_tokens + excluded.unreported_tokens, 1000000000000000)";
+const RENEW: &str = "UPDATE reservations SET created_at = ?2, expires_at = ?3
+    WHERE id = ?1 AND kind = 'lease'";
 const DELETE: &str = "DELETE FROM reservations WHERE id = ?1";
 // A mark replaces the state, and with it any earlier exhausted-until date: the provider's
 // latest word counts (`apply_mark` in `mod.rs` does the same to the mirror).
@@ -102,7 +115,15 @@ const MARK_COOLDOWN: &str = "UPDATE credentials
                             THEN ?2 ELSE state_reason END,
         updated_at = ?3
     WHERE id = ?4";
-const STATEMENTS: [&str; 6] = [INSERT, CHARGE, HISTORY, DELETE, MARK_STATE, MARK_COOLDOWN];
+const STATEMENTS: [&str; 7] = [
+    INSERT,
+    RENEW,
+    CHARGE,
+    HISTORY,
+    DELETE,
+    MARK_STATE,
+    MARK_COOLDOWN,
+];
 
 pub(in crate::store) struct LedgerDb {
     conn: Connection,
@@ -134,10 +155,10 @@ impl LedgerDb {
     }
 
     /// Write a group in one `BEGIN IMMEDIATE` transaction: one fsync for all of it. On an
-    /// error nothing of it stays. Returns the reservations settled or released whose row was
-    /// already gone (another process settled it): those were not charged again, and the
-    /// caller's mirror, which counted them, needs reloading.
-    #[tracing::instrument(level = "debug", skip_all, fields(reservations = e.inserts.len(), settlements = e.settles.len(), releases = e.releases.len(), marks = e.marks.len()))]
+    /// error nothing of it stays. Returns the reservations settled, released or renewed whose
+    /// row was already gone (another process settled it): those were not charged again, and
+    /// the caller's mirror, which counted them, needs reloading.
+    #[tracing::instrument(level = "debug", skip_all, fields(reservations = e.inserts.len(), renewals = e.renewals.len(), settlements = e.settles.len(), releases = e.releases.len(), marks = e.marks.len()))]
     pub(super) fn commit(&mut self, e: &Effects) -> rusqlite::Result<Vec<String>> {
         if e.is_empty() {
             return Ok(Vec::new());
@@ -171,6 +192,14 @@ impl LedgerDb {
                     r.expires_at,
                     r.provider
                 ])?;
+            }
+        }
+        if !e.renewals.is_empty() {
+            let mut renew = tx.prepare_cached(RENEW)?;
+            for r in &e.renewals {
+                if renew.execute(params![r.id, r.created_at, r.expires_at])? == 0 {
+                    gone.push(r.id.clone());
+                }
             }
         }
         if !e.settles.is_empty() || !e.releases.is_empty() {

@@ -7,6 +7,7 @@ use crate::crypto::Secret;
 use crate::domain::status::{State, Status, StoredState};
 use crate::quota::ResetSchedule;
 use crate::selection;
+use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -31,6 +32,9 @@ pub(super) struct HotCred {
     pub(super) exhausted_until: Option<i64>,
     pub(super) has_token: bool,
     pub(super) period_start: i64,
+    /// An OAuth credential, whose `expires_at` is its access token's own expiry (a lease
+    /// names it); an API key's never is.
+    pub(super) oauth: bool,
 }
 
 impl HotCred {
@@ -53,6 +57,7 @@ impl HotCred {
             exhausted_until: None,
             has_token: true,
             period_start: 0,
+            oauth: false,
         }
     }
 
@@ -112,6 +117,9 @@ pub(super) struct HotRes {
     pub(super) kind: ReservationKind,
     /// When an unreported lease is settled at its reservation (unix seconds).
     pub(super) expires_at: Option<i64>,
+    /// When its current term began (unix seconds): its creation, or a lease's last renewal,
+    /// so that `expires_at - created_at` stays the lease's length.
+    pub(super) created_at: i64,
 }
 
 /// A provider's credentials in selection order, with the round-robin cursors.
@@ -138,9 +146,34 @@ pub(in crate::store) struct Hot {
     /// or follows a write (`mirror.rs`), and kept while the stored value is unchanged.
     /// Shared, not copied: a request holds the `Arc` while it sends the token.
     pub(in crate::store) tokens: HashMap<String, (Vec<u8>, Arc<Secret>)>,
+    /// Leases that went with their credential when it was deleted, with their expiry, so a
+    /// renewal can say why (`deleted`) rather than not knowing the lease. Kept while this
+    /// server runs, at most [`GONE_LEASES`] of them.
+    pub(super) gone_leases: HashMap<String, i64>,
 }
 
+/// Most leases of deleted credentials remembered (`Hot::gone_leases`).
+pub(super) const GONE_LEASES: usize = 4096;
+
 impl Hot {
+    /// Remember the lease `id` (expiring at `expires_at`) as gone with its deleted credential;
+    /// past [`GONE_LEASES`], the half that expire first are forgotten.
+    pub(super) fn remember_gone_lease(&mut self, id: String, expires_at: i64) {
+        if self.gone_leases.len() >= GONE_LEASES {
+            let mut ends: Vec<i64> = self.gone_leases.values().copied().collect();
+            let (_, median, _) = ends.select_nth_unstable(GONE_LEASES / 2);
+            let median = *median;
+            self.gone_leases.retain(|_, e| *e > median);
+        }
+        self.gone_leases.insert(id, expires_at);
+    }
+
+    /// The access-token expiry of credential `id` (an OAuth credential's `expires_at`).
+    pub(in crate::store) fn token_expires_at(&self, id: &str) -> Option<DateTime<Utc>> {
+        let c = self.creds.get(id).filter(|c| c.oauth)?;
+        c.expires_at.map(crate::domain::from_unix)
+    }
+
     /// Pick a usable credential with room for `tokens`, not in `exclude`.
     pub(super) fn pick(
         &mut self,

@@ -64,6 +64,7 @@ struct MirrorRow {
     limit_tokens: Option<i64>,
     used: i64,
     period_start: i64,
+    oauth: bool,
 }
 
 /// A reservation as the mirror reads it.
@@ -74,6 +75,7 @@ struct ReservationRow {
     tokens: i64,
     kind: String,
     expires_at: Option<i64>,
+    created_at: i64,
 }
 
 /// The mirror's credential rows; `$rest` (a string literal) ends the statement.
@@ -85,7 +87,8 @@ macro_rules! credential_rows {
                       c.state, c.expires_at, c.cooldown_until, c.exhausted_until,
                       c.token_sealed,
                       (c.refresh_token_sealed IS NOT NULL) AS "has_refresh_token!: bool",
-                      q.limit_tokens, q.used, q.period_start
+                      q.limit_tokens, q.used, q.period_start,
+                      (c.kind = 'oauth') AS "oauth!: bool"
                FROM credentials c JOIN quotas q ON q.credential_id = c.id "# + $rest
             $(, $arg)*
         )
@@ -97,7 +100,8 @@ macro_rules! reservation_rows {
     ($rest:tt $(, $arg:expr)*) => {
         sqlx::query_as!(
             ReservationRow,
-            "SELECT id, credential_id, provider, tokens, kind, expires_at FROM reservations "
+            "SELECT id, credential_id, provider, tokens, kind, expires_at, created_at
+             FROM reservations "
                 + $rest
             $(, $arg)*
         )
@@ -123,6 +127,7 @@ impl HotCred {
             exhausted_until: r.exhausted_until,
             has_token: r.token_sealed.is_some(),
             period_start: r.period_start,
+            oauth: r.oauth,
         }
     }
 
@@ -147,6 +152,7 @@ impl From<ReservationRow> for HotRes {
                 ReservationKind::Request
             },
             expires_at: r.expires_at,
+            created_at: r.created_at,
         }
     }
 }
@@ -373,6 +379,7 @@ pub(in crate::store) async fn load(
     });
     let mut current = mirror.lock().unwrap_or_else(|p| p.into_inner());
     carry_cursors(&current.lists, &current.creds, &mut hot);
+    hot.gone_leases = std::mem::take(&mut current.gone_leases);
     *current = hot;
     Ok(())
 }
@@ -553,8 +560,21 @@ impl Hot {
 
         // The credentials themselves, their tokens and their reservations.
         let touched: HashSet<&str> = ids.iter().map(String::as_str).collect();
-        self.reservations
-            .retain(|_, r| !touched.contains(r.credential_id.as_str()));
+        let mut gone = Vec::new();
+        self.reservations.retain(|id, r| {
+            let keep = !touched.contains(r.credential_id.as_str());
+            // The lease went with its credential (the rows cascade): remembered for renewals.
+            if !keep
+                && !rows.contains_key(&r.credential_id)
+                && let Some(at) = r.expires_at.filter(|_| r.kind == ReservationKind::Lease)
+            {
+                gone.push((id.clone(), at));
+            }
+            keep
+        });
+        for (id, at) in gone {
+            self.remember_gone_lease(id, at);
+        }
         for id in ids {
             match rows.remove(id) {
                 Some(mut r) => {

@@ -1,7 +1,7 @@
 //! The ledger: the request path's writes, committed in groups.
 //!
 //! One thread owns the request path's writes, on a connection of its own (`db.rs`). It takes
-//! every reserve, settle and release queued while the previous group was committing, decides each against an in-memory mirror of the
+//! every reserve, settle, release and lease renewal queued while the previous group was committing, decides each against an in-memory mirror of the
 //! counters and usable credentials, and commits the whole group in one `BEGIN IMMEDIATE`
 //! transaction (one fsync for all of them), then answers each caller.
 //! A reservation is answered only once its group is durable, so it is on disk before the
@@ -19,14 +19,16 @@ pub(super) use mirror::{MANY, Touched, follow, load};
 #[cfg(debug_assertions)]
 pub(super) use mirror::{Snapshot, difference, snapshot};
 
-use super::reservation::{Mark, Reservation, ReservationKind, ReserveRequestOwned, Unavailable};
+use super::reservation::{
+    Mark, Renewal, RenewedLease, Reservation, ReservationKind, ReserveRequestOwned, Unavailable,
+};
 use super::{Result, StoreError};
 use crate::crypto::Sealer;
 use crate::domain::Usage;
 use crate::domain::status::StoredState;
 use crate::quota::ResetSchedule;
 use chrono::{DateTime, Utc};
-use db::{Effects, NewReservation, Settlement};
+use db::{Effects, NewReservation, Renewed, Settlement};
 use hot::{HotCred, HotRes};
 use sqlx::SqlitePool;
 use std::collections::BTreeMap;
@@ -63,6 +65,19 @@ pub(super) enum Op {
         now: DateTime<Utc>,
         reply: oneshot::Sender<Result<bool>>,
     },
+    /// Extend a live lease by its length from `now`, unless its credential is out of use.
+    Renew {
+        id: String,
+        now: DateTime<Utc>,
+        reply: oneshot::Sender<Result<Renewal>>,
+    },
+    /// Settle a lease at its reservation if it is past its expiry at `now` (the sweep): decided
+    /// here, not by the sweep's earlier read, so a renewal in between keeps the lease.
+    Expire {
+        id: String,
+        now: DateTime<Utc>,
+        reply: oneshot::Sender<Result<bool>>,
+    },
 }
 
 /// A reply waiting for its group's commit.
@@ -73,6 +88,8 @@ enum Pending {
     ),
     /// A settlement or release: its reply, whether the mirror held it, and its reservation.
     Done(oneshot::Sender<Result<bool>>, bool, String),
+    /// A renewal: its reply, what it did in the mirror, and its lease.
+    Renew(oneshot::Sender<Result<Renewal>>, Renewal, String),
 }
 
 /// What the ledger's thread shares with the store.
@@ -177,6 +194,27 @@ impl Ledger {
                             release_in(&mut hot, id.clone(), mark, now.timestamp(), &mut effects);
                         pending.push(Pending::Done(reply, done, id));
                     }
+                    Op::Renew { id, now, reply } => {
+                        let renewal = renew_in(&mut hot, &id, now.timestamp(), &mut effects);
+                        pending.push(Pending::Renew(reply, renewal, id));
+                    }
+                    Op::Expire { id, now, reply } => {
+                        let ts = now.timestamp();
+                        let due = hot
+                            .reservations
+                            .get(&id)
+                            .is_some_and(|r| r.expires_at.is_some_and(|e| e <= ts));
+                        let done = due
+                            && settle_in(
+                                &mut hot,
+                                id.clone(),
+                                Usage::default(),
+                                true,
+                                ts,
+                                &mut effects,
+                            );
+                        pending.push(Pending::Done(reply, done, id));
+                    }
                     Op::Close { .. } => unreachable!("Close is handled before a group"),
                 }
             }
@@ -204,6 +242,15 @@ impl Ledger {
                         Pending::Done(reply, done, id) => {
                             let _ = reply.send(Ok(done && !gone.contains(&id)));
                         }
+                        Pending::Renew(reply, renewal, id) => {
+                            // A row another process settled is no lease any more.
+                            let renewal = if gone.contains(&id) {
+                                Renewal::NotFound
+                            } else {
+                                renewal
+                            };
+                            let _ = reply.send(Ok(renewal));
+                        }
                     }
                 }
             }
@@ -218,6 +265,9 @@ impl Ledger {
                             let _ = reply.send(Err(err()));
                         }
                         Pending::Done(reply, ..) => {
+                            let _ = reply.send(Err(err()));
+                        }
+                        Pending::Renew(reply, ..) => {
                             let _ = reply.send(Err(err()));
                         }
                     }
@@ -292,6 +342,7 @@ fn decide_reserve(
             tokens,
             kind: req.kind,
             expires_at,
+            created_at: ts,
         },
     );
     effects.inserts.push(NewReservation {
@@ -315,16 +366,17 @@ fn decide_reserve(
 
 /// Add to `ops` every operation queued, and for a group of settlements only, wait briefly for
 /// more: settlements may be committed a little later, so a quiet server spends one fsync per
-/// request rather than two. A reservation commits at once. Returns the reply of a `Close`
+/// request rather than two. A reservation (or a renewal, whose caller waits) commits at once. Returns the reply of a `Close`
 /// that came, after which nothing more is taken.
 fn gather(rx: &Receiver<Op>, ops: &mut Vec<Op>) -> Option<oneshot::Sender<()>> {
-    let mut reserves = ops.iter().any(|op| matches!(op, Op::Reserve { .. }));
+    let waited = |op: &Op| matches!(op, Op::Reserve { .. } | Op::Renew { .. });
+    let mut reserves = ops.iter().any(waited);
     loop {
         while ops.len() < MAX_GROUP {
             match rx.try_recv() {
                 Ok(Op::Close { reply }) => return Some(reply),
                 Ok(op) => {
-                    reserves |= matches!(op, Op::Reserve { .. });
+                    reserves |= waited(&op);
                     ops.push(op);
                 }
                 Err(_) => break,
@@ -336,12 +388,65 @@ fn gather(rx: &Receiver<Op>, ops: &mut Vec<Op>) -> Option<oneshot::Sender<()>> {
         match rx.recv_timeout(SETTLE_LINGER) {
             Ok(Op::Close { reply }) => return Some(reply),
             Ok(op) => {
-                reserves |= matches!(op, Op::Reserve { .. });
+                reserves |= waited(&op);
                 ops.push(op);
             }
             Err(_) => return None,
         }
     }
+}
+
+/// The longest term a renewal gives (a lease's length is the server's own, minutes; this
+/// bounds one read from an edited database).
+const MAX_LEASE_TERM: i64 = 86_400;
+
+/// Renew lease `id` in the mirror at `ts`, recording the write: its new expiry is `ts` plus its
+/// length (`expires_at - created_at`, which the renewal keeps by moving `created_at` to `ts`),
+/// never earlier than it was. A lease already past its expiry is the sweep's, not renewed.
+fn renew_in(hot: &mut Hot, id: &str, ts: i64, e: &mut Effects) -> Renewal {
+    let Some(res) = hot.reservations.get_mut(id) else {
+        return match hot.gone_leases.get(id) {
+            Some(&until) if until > ts => Renewal::CredentialDeleted,
+            _ => Renewal::NotFound,
+        };
+    };
+    let Some(expires_at) = res
+        .expires_at
+        .filter(|_| res.kind == ReservationKind::Lease)
+    else {
+        return Renewal::NotFound;
+    };
+    if expires_at <= ts {
+        return Renewal::NotFound;
+    }
+    let Some(c) = hot.creds.get(&res.credential_id) else {
+        // Reservations go with their credential; should one not, it is not renewed.
+        return Renewal::CredentialDeleted;
+    };
+    let status = c.state().status(ts);
+    if Renewal::refuses(status) {
+        return Renewal::CredentialUnusable(status);
+    }
+    let term = expires_at
+        .saturating_sub(res.created_at)
+        .clamp(1, MAX_LEASE_TERM);
+    let renewed = ts.saturating_add(term).max(expires_at);
+    res.expires_at = Some(renewed);
+    res.created_at = renewed - term;
+    e.renewals.push(Renewed {
+        id: id.to_string(),
+        created_at: res.created_at,
+        expires_at: renewed,
+    });
+    Renewal::Renewed(RenewedLease {
+        credential_id: res.credential_id.clone().into(),
+        provider: res.provider.clone().into(),
+        expires_at: crate::domain::from_unix(renewed),
+        token_expires_at: c
+            .expires_at
+            .filter(|_| c.oauth)
+            .map(crate::domain::from_unix),
+    })
 }
 
 /// Settle in the mirror, recording the writes; `false` when already settled or released.
@@ -689,6 +794,71 @@ mod tests {
         ) {
             run(&creds, &steps, true);
         }
+    }
+
+    /// A renewal gives the lease its length again from its time (never less than it had), keeps
+    /// that length for the next one, and refuses a lease that is gone, past its expiry, or
+    /// whose credential is out of use; the expiry sweep settles only what is due.
+    #[test]
+    fn renewals_keep_the_leases_length() {
+        let mut hot = mirror(&[(Some(1000), 0, 0)]);
+        let t0 = 1_800_000_000;
+        let res = |expires_at| HotRes {
+            credential_id: "cred_0".into(),
+            provider: PROVIDER.into(),
+            tokens: 10,
+            kind: ReservationKind::Lease,
+            expires_at: Some(expires_at),
+            created_at: t0,
+        };
+        hot.reservations.insert("res_a".into(), res(t0 + 600));
+        let mut e = Effects::default();
+        let Renewal::Renewed(r) = renew_in(&mut hot, "res_a", t0 + 100, &mut e) else {
+            panic!("not renewed");
+        };
+        assert_eq!(r.expires_at.timestamp(), t0 + 700);
+        assert_eq!(r.token_expires_at, None);
+        assert_eq!(hot.reservations["res_a"].created_at, t0 + 100);
+        // A clock gone back never shortens it; the length stays 600.
+        assert!(matches!(
+            renew_in(&mut hot, "res_a", t0, &mut e),
+            Renewal::Renewed(_)
+        ));
+        assert_eq!(hot.reservations["res_a"].expires_at, Some(t0 + 700));
+        let Renewal::Renewed(r) = renew_in(&mut hot, "res_a", t0 + 650, &mut e) else {
+            panic!("not renewed");
+        };
+        assert_eq!(r.expires_at.timestamp(), t0 + 1250);
+        assert_eq!(e.renewals.len(), 3);
+        // Past its expiry: the sweep's.
+        assert_eq!(
+            renew_in(&mut hot, "res_a", t0 + 1250, &mut e),
+            Renewal::NotFound
+        );
+        assert_eq!(renew_in(&mut hot, "res_b", t0, &mut e), Renewal::NotFound);
+        // Out of use: refused, and left as it was.
+        hot.creds.get_mut("cred_0").unwrap().disabled = true;
+        assert_eq!(
+            renew_in(&mut hot, "res_a", t0 + 700, &mut e),
+            Renewal::CredentialUnusable(crate::domain::Status::Disabled)
+        );
+        assert_eq!(hot.reservations["res_a"].expires_at, Some(t0 + 1250));
+        assert_eq!(e.renewals.len(), 3);
+        // A lease that went with its deleted credential says so until its expiry.
+        hot.remember_gone_lease("res_c".into(), t0 + 600);
+        assert_eq!(
+            renew_in(&mut hot, "res_c", t0, &mut e),
+            Renewal::CredentialDeleted
+        );
+        assert_eq!(
+            renew_in(&mut hot, "res_c", t0 + 600, &mut e),
+            Renewal::NotFound
+        );
+        // Remembered leases are bounded.
+        for i in 0..3 * hot::GONE_LEASES {
+            hot.remember_gone_lease(format!("res_{i}"), t0 + i as i64);
+        }
+        assert!(hot.gone_leases.len() <= hot::GONE_LEASES);
     }
 
     #[test]

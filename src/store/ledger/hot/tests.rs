@@ -55,6 +55,7 @@ fn hold(hot: &mut Hot, seq: usize, tokens: i64, kind: ReservationKind, ends: Opt
             tokens,
             kind,
             expires_at: ends,
+            created_at: NOW,
         },
     );
 }
