@@ -162,10 +162,12 @@ impl ErrorBody {
         else {
             return ErrorBody::default();
         };
+        // Not cut here (the body is at most 64 KiB): a secret cut in two would no longer be
+        // found by `scrub`, and its first part would show.
         let text = |v: Option<&Value>| {
             v.and_then(Value::as_str)
                 .filter(|s| !s.trim().is_empty())
-                .map(|s| s.chars().take(MAX_REASON * 4).collect::<String>())
+                .map(str::to_string)
         };
         ErrorBody {
             error: text(map.get("error")),
@@ -412,6 +414,11 @@ mod tests {
             false,
         );
         assert_eq!(f.reason(), "invalid_grant: token *** is revoked");
+        // A long token echoed whole is removed whole, not cut and then shown in part.
+        let token = "t".repeat(5000);
+        let body = serde_json::json!({"error": "invalid_grant", "error_description": token});
+        let f = failure(&answer(400, &body.to_string()), &[&token], false);
+        assert_eq!(f.reason(), "invalid_grant: ***");
     }
 
     #[test]

@@ -510,7 +510,7 @@ mod tests {
             FlowError::Unrefreshable(_)
         ));
         assert!(mock.requests().is_empty());
-        testing::assert_no_secret(&m, &["cs-old"]);
+        testing::assert_no_secret(&m, &["cs-old", "rt-kiro-1", "old-access-token"]);
         testing::assert_no_secret(&flow, &["cs-old"]);
     }
 }
