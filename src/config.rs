@@ -9,6 +9,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Why a config could not be used. The message names the key or file at fault.
@@ -627,12 +628,14 @@ impl Config {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         config.validate()?;
-        config.auth.notifications.read_secrets(|name| {
+        let lookup = |name: &str| {
             others
                 .iter()
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.clone())
-        })?;
+        };
+        config.auth.notifications.read_secrets(lookup)?;
+        read_client_secrets(&mut config.providers, lookup)?;
         let resolve = |p: &Path| {
             if p.is_absolute() {
                 p.to_path_buf()
@@ -682,6 +685,7 @@ impl Config {
                     "`providers.{name}.stream_usage`: only OpenAI-format providers are asked for stream usage"
                 )));
             }
+            check_grant(name, block)?;
         }
         let quota = &self.auth.quota;
         for (key, name) in quota
@@ -853,6 +857,94 @@ impl ServerConfig {
         }
         Ok(())
     }
+}
+
+/// A provider block's refresh grant keys: `token_url` an http(s) URL with a host, and
+/// `client_id` with it; the other keys only with a `token_url`.
+fn check_grant(name: &str, block: &ProviderConfig) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("providers.{name}.{k}");
+    let Some(url) = &block.token_url else {
+        for (k, set) in [
+            ("client_id", block.client_id.is_some()),
+            ("client_secret_env", block.client_secret_env.is_some()),
+            ("scope", block.scope.is_some()),
+        ] {
+            if set {
+                return Err(err(format!(
+                    "`{}`: only used by the refresh grant; set `{}` too",
+                    key(k),
+                    key("token_url")
+                )));
+            }
+        }
+        return Ok(());
+    };
+    check_url(&key("token_url"), url)?;
+    if reqwest::Url::parse(url).map_or(true, |u| u.host_str().is_none()) {
+        return Err(err(format!(
+            "`{}`: `{url}` is not a URL with a host",
+            key("token_url")
+        )));
+    }
+    let text =
+        |v: &str| !v.trim().is_empty() && v.len() <= 1024 && !v.chars().any(char::is_control);
+    match &block.client_id {
+        None => {
+            return Err(err(format!(
+                "`{}`: the refresh grant needs a client id with `token_url`",
+                key("client_id")
+            )));
+        }
+        Some(id) if !text(id) => {
+            return Err(err(format!(
+                "`{}`: must be non-empty printable text of at most 1024 bytes",
+                key("client_id")
+            )));
+        }
+        Some(_) => {}
+    }
+    if block
+        .client_secret_env
+        .as_deref()
+        .is_some_and(|v| v.trim().is_empty())
+    {
+        return Err(err(format!(
+            "`{}`: name the environment variable holding the client secret",
+            key("client_secret_env")
+        )));
+    }
+    if block.scope.as_deref().is_some_and(|v| !text(v)) {
+        return Err(err(format!(
+            "`{}`: must be non-empty printable text of at most 1024 bytes",
+            key("scope")
+        )));
+    }
+    Ok(())
+}
+
+/// Read each refresh grant's client secret from the variable its `client_secret_env` names
+/// (`lookup`); an unset or empty one is refused, naming the key and the variable, never a
+/// value.
+fn read_client_secrets(
+    blocks: &mut BTreeMap<String, ProviderConfig>,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    for (name, block) in blocks.iter_mut() {
+        let Some(var) = &block.client_secret_env else {
+            continue;
+        };
+        match lookup(var) {
+            Some(value) if !value.is_empty() => {
+                block.client_secret = Some(Arc::new(Secret::new(value)));
+            }
+            _ => {
+                return Err(err(format!(
+                    "`providers.{name}.client_secret_env`: the environment variable {var} is not set or empty"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
@@ -1047,6 +1139,110 @@ mod tests {
         }
         let e = load("database:\n  url: mysql://x\n", &[]).unwrap_err().0;
         assert!(e.contains("database.url"), "{e}");
+    }
+
+    #[test]
+    fn refresh_grant_keys_are_checked() {
+        let block = |keys: &str| {
+            format!("providers:\n  my-llm: {{ format: openai, base_url: http://x, {keys} }}\n")
+        };
+        let env = [("MY_LLM_SECRET", "grant-secret-value")];
+        let l = load(
+            &block("token_url: \"https://auth.example/oauth/token\", client_id: cid, client_secret_env: MY_LLM_SECRET, scope: \"a b\""),
+            &env,
+        )
+        .unwrap();
+        let registry = providers::Registry::from_config(&l.config.providers);
+        let grant = registry
+            .get("my-llm")
+            .unwrap()
+            .refresh_grant
+            .clone()
+            .unwrap();
+        assert_eq!(grant.token_url, "https://auth.example/oauth/token");
+        assert_eq!(grant.client_id, "cid");
+        assert_eq!(grant.scope.as_deref(), Some("a b"));
+        assert_eq!(
+            grant.client_secret.as_deref().map(Secret::expose),
+            Some("grant-secret-value")
+        );
+        for shown in [
+            format!("{grant:?}"),
+            format!("{:?}", l.config.providers),
+            format!("{:?}", registry.get("my-llm")),
+        ] {
+            assert!(!shown.contains("grant-secret-value"), "{shown}");
+        }
+        assert!(registry.get("openai").unwrap().refresh_grant.is_none());
+        // A public client names no secret; a built-in takes the keys too, also from the
+        // environment.
+        let l = load(
+            "providers:\n  claude: { token_url: \"http://127.0.0.1:9/t\" }\n",
+            &[("CLIPROXY__PROVIDERS__CLAUDE__CLIENT_ID", "from-env")],
+        )
+        .unwrap();
+        let registry = providers::Registry::from_config(&l.config.providers);
+        let grant = registry
+            .get("claude")
+            .unwrap()
+            .refresh_grant
+            .clone()
+            .unwrap();
+        assert_eq!(grant.client_id, "from-env");
+        assert!(grant.client_secret.is_none() && grant.scope.is_none());
+        for (keys, key) in [
+            (
+                "token_url: ftp://x/t, client_id: c",
+                "providers.my-llm.token_url",
+            ),
+            (
+                "token_url: \"http://\", client_id: c",
+                "providers.my-llm.token_url",
+            ),
+            (
+                "token_url: \"https://a.example/t\"",
+                "providers.my-llm.client_id",
+            ),
+            (
+                "token_url: \"https://a.example/t\", client_id: \" \"",
+                "providers.my-llm.client_id",
+            ),
+            ("client_id: c", "providers.my-llm.client_id"),
+            ("client_secret_env: X", "providers.my-llm.client_secret_env"),
+            ("scope: s", "providers.my-llm.scope"),
+            (
+                "token_url: \"https://a.example/t\", client_id: c, client_secret_env: \"\"",
+                "providers.my-llm.client_secret_env",
+            ),
+            (
+                "token_url: \"https://a.example/t\", client_id: c, client_secret_env: UNSET_VAR",
+                "providers.my-llm.client_secret_env",
+            ),
+            (
+                "token_url: \"https://a.example/t\", client_id: c, client_secret_env: EMPTY_VAR",
+                "providers.my-llm.client_secret_env",
+            ),
+            (
+                "token_url: \"https://a.example/t\", client_id: c, scope: \"\"",
+                "providers.my-llm.scope",
+            ),
+            (
+                "token_url: \"https://a.example/t\", client_id: c, client_secret: x",
+                "client_secret",
+            ),
+        ] {
+            let e = load(&block(keys), &[("EMPTY_VAR", "")]).unwrap_err().0;
+            assert!(e.contains(key), "{keys}: {e}");
+        }
+        let e = load(
+            &block(
+                "token_url: \"https://a.example/t\", client_id: c, client_secret_env: UNSET_VAR",
+            ),
+            &[],
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("UNSET_VAR"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! measurements. The modules depend on each other without cycles
 //! (`python3 scripts/module-cycles.py` checks it): `http` and `cli` at the top, then `app`,
 //! `jobs` (which only `app` uses) and `state`, the request path (`proxy`), `store` and
-//! `import`, and below them `notify`, `providers`, `domain`, `quota`, `crypto`, `files`.
+//! `import`, and below them `oauth`, `notify`, `providers`, `domain`, `quota`, `crypto`, `files`.
 //!
 //! # Layout
 //! - [`cli`]: the command line (`serve`, `import`, `hash-secret`, `gen-key`, `rotate-key`), exit codes.
@@ -47,6 +47,9 @@
 //! - [`selection`]: the selection strategies as plain functions.
 //! - [`crypto`]: [`crypto::Secret`], sealing (`seal`), fingerprints, password hashes, previews.
 //! - [`events`]: the auth event log (`logs/auth.log`).
+//! - [`oauth`]: the provider-specific part of refreshing an OAuth credential, behind
+//!   [`oauth::OauthFlow`]: copilot's token exchange, kiro's AWS SSO OIDC grant, the RFC 6749
+//!   refresh grant; [`oauth::Flows`] holds them by provider; [`oauth::client`], what they share.
 //! - [`notify`]: webhook notifications of credential events: a bounded queue and a delivery
 //!   task per webhook, signed bodies ([`notify::queue`]: the queue that drops its oldest).
 //! - [`files`]: owner-only files and folders for secrets, and the warning for shared ones.
@@ -62,6 +65,7 @@ pub mod http; // axum routers and handlers
 pub mod import; // credential files and bodies into new credentials
 pub mod jobs; // background jobs on tokio-cron-scheduler: quota resets
 pub mod notify; // webhook notifications of credential events, off the request path
+pub mod oauth; // the provider-specific part of an OAuth refresh: copilot, kiro, the RFC 6749 grant
 pub mod providers; // which providers exist, and what differs by format
 pub mod proxy; // the request path: attempts, rotation, leases, streaming with a usage tap
 pub mod quota; // reset schedules, periods

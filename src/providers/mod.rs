@@ -10,6 +10,7 @@ pub mod json;
 pub mod tap;
 pub mod wire;
 
+use crate::crypto::Secret;
 use crate::domain::ProviderName;
 use crate::upstream::Target;
 use serde::{Deserialize, Serialize};
@@ -66,6 +67,30 @@ pub struct ProviderConfig {
     /// `ask` or `never`: whether OpenAI-format streams get `stream_options.include_usage`
     /// (default per provider, see [`StreamUsage`]).
     pub stream_usage: Option<StreamUsage>,
+    /// The RFC 6749 refresh grant's token endpoint, for this provider's `oauth` credentials
+    /// (README, "Token refresh grants").
+    pub token_url: Option<String>,
+    /// The client id the refresh grant sends; required with `token_url`.
+    pub client_id: Option<String>,
+    /// The environment variable holding the client secret the refresh grant sends: a secret
+    /// never sits in the file.
+    pub client_secret_env: Option<String>,
+    /// A `scope` the refresh grant asks for (none: the grant's original scope).
+    pub scope: Option<String>,
+    /// The secret read from `client_secret_env` at load.
+    #[serde(skip)]
+    pub client_secret: Option<Arc<Secret>>,
+}
+
+/// How a provider's `oauth` credentials are refreshed by the RFC 6749 refresh grant: its
+/// `token_url`, `client_id`, the secret `client_secret_env` named, and `scope`. `Debug` shows
+/// no secret (`Secret`'s prints nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantSettings {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: Option<Arc<Secret>>,
+    pub scope: Option<String>,
 }
 
 /// One provider as configured.
@@ -79,6 +104,8 @@ pub struct Provider {
     pub enabled: bool,
     /// Whether OpenAI-format streams are asked for their usage.
     pub stream_usage: StreamUsage,
+    /// The refresh grant of its `oauth` credentials, when its block names a `token_url`.
+    pub refresh_grant: Option<GrantSettings>,
     /// `base_url` parsed once, so a request does not parse its URL again: `None` when it has
     /// a query or fragment, or does not parse (the URL is then parsed whole each time).
     base: Option<reqwest::Url>,
@@ -228,6 +255,7 @@ impl Registry {
                     models: models.iter().map(|m| m.to_string()).collect(),
                     enabled: true,
                     stream_usage: StreamUsage::default_for(name),
+                    refresh_grant: None,
                     base: None,
                     fixed: Vec::new(),
                 },
@@ -241,6 +269,7 @@ impl Registry {
                 models: Vec::new(),
                 enabled: true,
                 stream_usage: StreamUsage::default_for(name),
+                refresh_grant: None,
                 base: None,
                 fixed: Vec::new(),
             });
@@ -258,6 +287,15 @@ impl Registry {
             }
             if let Some(stream_usage) = block.stream_usage {
                 entry.stream_usage = stream_usage;
+            }
+            // Validation has required `client_id` with `token_url`.
+            if let (Some(token_url), Some(client_id)) = (&block.token_url, &block.client_id) {
+                entry.refresh_grant = Some(GrantSettings {
+                    token_url: token_url.clone(),
+                    client_id: client_id.clone(),
+                    client_secret: block.client_secret.clone(),
+                    scope: block.scope.clone(),
+                });
             }
         }
         let providers = providers

@@ -1,0 +1,516 @@
+//! Kiro's refresh: the AWS SSO OIDC refresh grant (JSON, camelCase) at
+//! `oauth.kiro.oidc_base_url` with `{region}` the credential's region. It needs the registered
+//! OIDC client: when the stored one is missing or its secret expires within 5 minutes, the
+//! client is registered again first (`POST /client/register`) and the new one comes back in
+//! [`Refreshed::client`] to be stored with the tokens. A token call refused with
+//! `invalid_client` by a client we did not just register gets one registration and one more
+//! token call.
+
+use super::client::{self, Answer, ErrorBody, Http};
+use super::{BoxFuture, OauthFlow};
+use crate::config::KiroOAuthConfig;
+use crate::crypto::Secret;
+use crate::domain::refresh::{FlowError, NewClient, RefreshMaterial, Refreshed};
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::json;
+
+/// The name Kiro registers its client under, and the scopes it asks for.
+const CLIENT_NAME: &str = "Kiro IDE";
+const SCOPES: &[&str] = &[
+    "codewhisperer:completions",
+    "codewhisperer:analysis",
+    "codewhisperer:conversations",
+    "codewhisperer:transformations",
+    "codewhisperer:taskassist",
+];
+const GRANT_TYPES: &[&str] = &[
+    "urn:ietf:params:oauth:grant-type:device_code",
+    "refresh_token",
+];
+/// A client whose secret expires within this is registered again before it is used.
+const SECRET_MARGIN: TimeDelta = TimeDelta::minutes(5);
+/// The longest client id taken from an answer.
+const MAX_CLIENT_ID: usize = 1024;
+
+#[derive(Debug)]
+pub struct KiroFlow {
+    http: Http,
+    /// `oidc_base_url`, with `{region}` still in it.
+    base_url: String,
+    /// The region of a credential that names none.
+    region: String,
+}
+
+/// A region goes into a host name: nothing but `^[a-z0-9-]{1,32}$`.
+fn valid_region(region: &str) -> bool {
+    (1..=32).contains(&region.len())
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// The client a token call presents: the stored one, or one just registered.
+struct Client<'m> {
+    id: &'m str,
+    secret: &'m str,
+}
+
+impl KiroFlow {
+    pub fn new(http: Http, config: &KiroOAuthConfig) -> KiroFlow {
+        KiroFlow {
+            http,
+            base_url: config.oidc_base_url.trim_end_matches('/').to_string(),
+            region: config.region.clone(),
+        }
+    }
+
+    async fn run(
+        &self,
+        material: &RefreshMaterial,
+        now: DateTime<Utc>,
+    ) -> Result<Refreshed, FlowError> {
+        let refresh_token = super::refresh_token(material, "refresh token")?;
+        let region = material.extra.region.as_deref().unwrap_or(&self.region);
+        if !valid_region(region) {
+            return Err(FlowError::Unrefreshable(client::scrub(
+                &format!("`{region}` is not an AWS region"),
+                &[],
+            )));
+        }
+        let base = self.base_url.replace("{region}", region);
+        let stored = material
+            .extra
+            .client_id
+            .as_deref()
+            .filter(|id| !id.is_empty())
+            .zip(
+                material
+                    .client_secret
+                    .as_ref()
+                    .map(|s| s.expose())
+                    .filter(|s| !s.is_empty()),
+            );
+        let fresh = material
+            .extra
+            .client_secret_expires_at
+            .is_none_or(|at| at > now + SECRET_MARGIN);
+        let secrets: Vec<&str> = [Some(refresh_token), stored.map(|(_, s)| s)]
+            .into_iter()
+            .flatten()
+            .chain(material.access_token.as_ref().map(|s| s.expose()))
+            .collect();
+
+        let (answer, registered) = match stored.filter(|_| fresh) {
+            Some((id, secret)) => {
+                let answer = self
+                    .token(&base, Client { id, secret }, refresh_token, &secrets)
+                    .await?;
+                let refused = !answer.status.is_success()
+                    && ErrorBody::read(&answer).error.as_deref() == Some("invalid_client");
+                if refused {
+                    let new = self.register(&base, now, &secrets).await?;
+                    let answer = self
+                        .token_with(&base, &new, refresh_token, &secrets)
+                        .await?;
+                    (answer, Some(new))
+                } else {
+                    (answer, None)
+                }
+            }
+            None => {
+                let new = self.register(&base, now, &secrets).await?;
+                let answer = self
+                    .token_with(&base, &new, refresh_token, &secrets)
+                    .await?;
+                (answer, Some(new))
+            }
+        };
+        let secrets: Vec<&str> = secrets
+            .into_iter()
+            .chain(registered.as_ref().map(|c| c.client_secret.expose()))
+            .collect();
+        if !answer.status.is_success() {
+            return Err(client::failure(&answer, &secrets, false));
+        }
+        let map = client::json_object(&answer, &secrets)?;
+        let access_token = client::token(&map, "accessToken", &secrets)?;
+        let lifetime = client::seconds(&map, "expiresIn", &secrets)?
+            .unwrap_or(client::DEFAULT_LIFETIME.num_seconds());
+        let rotated = client::optional_token(&map, "refreshToken", &secrets)?
+            .filter(|t| t.expose() != refresh_token);
+        Ok(Refreshed {
+            access_token,
+            expires_at: client::expiry_in(now, lifetime),
+            refresh_token: rotated,
+            client: registered,
+            refresh_after: None,
+        })
+    }
+
+    /// The token call with a client just registered.
+    async fn token_with(
+        &self,
+        base: &str,
+        new: &NewClient,
+        refresh_token: &str,
+        secrets: &[&str],
+    ) -> Result<Answer, FlowError> {
+        let secret = new.client_secret.expose();
+        let secrets: Vec<&str> = secrets.iter().copied().chain([secret]).collect();
+        let client = Client {
+            id: &new.client_id,
+            secret,
+        };
+        self.token(base, client, refresh_token, &secrets).await
+    }
+
+    /// `POST {base}/token` with the refresh grant; the answer as it came.
+    async fn token(
+        &self,
+        base: &str,
+        client: Client<'_>,
+        refresh_token: &str,
+        secrets: &[&str],
+    ) -> Result<Answer, FlowError> {
+        let body = json!({
+            "clientId": client.id,
+            "clientSecret": client.secret,
+            "grantType": "refresh_token",
+            "refreshToken": refresh_token,
+        });
+        let request = self
+            .http
+            .client()?
+            .post(format!("{base}/token"))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(body.to_string());
+        client::send(request, secrets).await
+    }
+
+    /// `POST {base}/client/register`: a new public client, or why not (a refusal is final:
+    /// without a client the credential cannot be refreshed).
+    async fn register(
+        &self,
+        base: &str,
+        now: DateTime<Utc>,
+        secrets: &[&str],
+    ) -> Result<NewClient, FlowError> {
+        let body = json!({
+            "clientName": CLIENT_NAME,
+            "clientType": "public",
+            "scopes": SCOPES,
+            "grantTypes": GRANT_TYPES,
+        });
+        let request = self
+            .http
+            .client()?
+            .post(format!("{base}/client/register"))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(body.to_string());
+        let answer = client::send(request, secrets).await?;
+        if !answer.status.is_success() {
+            // A refusal (a 4xx but a timeout or a rate limit) is final: without a client the
+            // credential cannot be refreshed.
+            let status = answer.status.as_u16();
+            let failure = client::failure(&answer, secrets, true);
+            let reason = format!("client registration: {}", failure.reason());
+            return Err(match status {
+                400..=499 if status != 408 && status != 429 => {
+                    FlowError::Rejected(client::scrub(&reason, secrets))
+                }
+                _ => client::transient(&reason, secrets, answer.retry_after),
+            });
+        }
+        let map = client::json_object(&answer, secrets)?;
+        let client_id = match map.get("clientId").and_then(|v| v.as_str()) {
+            Some(id)
+                if !id.is_empty()
+                    && id.len() <= MAX_CLIENT_ID
+                    && id.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                id.to_string()
+            }
+            _ => return Err(client::unreadable("no usable `clientId`", secrets)),
+        };
+        let client_secret: Secret = client::token(&map, "clientSecret", secrets)?;
+        let client_secret_expires_at = client::seconds(&map, "clientSecretExpiresAt", secrets)?
+            .map(|at| client::expiry_at(now, at));
+        Ok(NewClient {
+            client_id,
+            client_secret,
+            client_secret_expires_at,
+        })
+    }
+}
+
+impl OauthFlow for KiroFlow {
+    fn refresh<'a>(
+        &'a self,
+        material: &'a RefreshMaterial,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<Refreshed, FlowError>> {
+        Box::pin(self.run(material, now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{self, Mock, json};
+    use super::*;
+    use serde_json::json as j;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    fn flow(base: &str) -> KiroFlow {
+        KiroFlow::new(
+            Http::new(),
+            &KiroOAuthConfig {
+                oidc_base_url: format!("{base}/{{region}}/"),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// A kiro credential with a registered client whose secret expires at `secret_expires`.
+    fn material(secret_expires: Option<DateTime<Utc>>) -> RefreshMaterial {
+        let mut m = testing::material("kiro", Some("rt-kiro-1"));
+        m.client_secret = Some(Secret::new("cs-old"));
+        m.extra.client_id = Some("client-old".into());
+        m.extra.client_secret_expires_at = secret_expires;
+        m.extra.region = Some("eu-west-1".into());
+        m
+    }
+
+    fn registered(n: u32) -> testing::Scripted {
+        json(
+            200,
+            j!({"clientId": format!("client-{n}"), "clientSecret": format!("cs-{n}"),
+                      "clientSecretExpiresAt": now().timestamp() + 90 * 86400,
+                      "clientIdIssuedAt": now().timestamp()}),
+        )
+    }
+
+    #[tokio::test]
+    async fn refreshes_with_the_stored_client() {
+        let (mock, base) = Mock::start(vec![
+            json(
+                200,
+                j!({"accessToken": "at-k", "expiresIn": 28800, "refreshToken": "rt-kiro-2",
+                          "tokenType": "Bearer"}),
+            ),
+            json(200, j!({"accessToken": "at-k2", "expiresIn": 3600})),
+        ])
+        .await;
+        let flow = flow(&base);
+        let m = material(Some(now() + TimeDelta::days(30)));
+        let got = flow.refresh(&m, now()).await.unwrap();
+        assert_eq!(got.access_token.expose(), "at-k");
+        assert_eq!(got.expires_at, now() + TimeDelta::seconds(28800));
+        assert_eq!(got.refresh_token.as_ref().unwrap().expose(), "rt-kiro-2");
+        assert!(got.client.is_none());
+        testing::assert_no_secret(&got, &["at-k", "rt-kiro-2"]);
+        let sent = mock.requests();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].path, "/eu-west-1/token");
+        assert_eq!(
+            sent[0].json(),
+            j!({"clientId": "client-old", "clientSecret": "cs-old",
+                "grantType": "refresh_token", "refreshToken": "rt-kiro-1"})
+        );
+        // No rotation.
+        let got = flow.refresh(&m, now()).await.unwrap();
+        assert!(got.refresh_token.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_expiring_or_missing_client_is_registered_again_first() {
+        for m in [
+            material(Some(now() + TimeDelta::minutes(4))),
+            material(Some(now() - TimeDelta::days(1))),
+            {
+                let mut m = material(None);
+                m.client_secret = None;
+                m.extra.region = None;
+                m
+            },
+        ] {
+            let (mock, base) = Mock::start(vec![
+                registered(7),
+                json(200, j!({"accessToken": "at-new", "expiresIn": 3600})),
+            ])
+            .await;
+            let got = flow(&base).refresh(&m, now()).await.unwrap();
+            let client = got.client.as_ref().unwrap();
+            assert_eq!(client.client_id, "client-7");
+            assert_eq!(client.client_secret.expose(), "cs-7");
+            assert_eq!(
+                client.client_secret_expires_at,
+                Some(now() + TimeDelta::days(90))
+            );
+            testing::assert_no_secret(&got, &["cs-7", "at-new"]);
+            let sent = mock.requests();
+            let region = m.extra.region.as_deref().unwrap_or("us-east-1");
+            assert_eq!(sent[0].path, format!("/{region}/client/register"));
+            assert_eq!(
+                sent[0].json(),
+                j!({"clientName": "Kiro IDE", "clientType": "public", "scopes": SCOPES,
+                    "grantTypes": GRANT_TYPES})
+            );
+            assert_eq!(sent[1].json()["clientId"], "client-7");
+            assert_eq!(sent[1].json()["clientSecret"], "cs-7");
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_client_registers_once_and_retries_once() {
+        let invalid = || {
+            json(
+                401,
+                j!({"error": "invalid_client", "error_description": "bad secret cs-old"}),
+            )
+        };
+        let (mock, base) = Mock::start(vec![
+            invalid(),
+            registered(8),
+            json(200, j!({"accessToken": "at-8", "expiresIn": 3600})),
+        ])
+        .await;
+        let flow = flow(&base);
+        let m = material(Some(now() + TimeDelta::days(30)));
+        let got = flow.refresh(&m, now()).await.unwrap();
+        assert_eq!(got.client.as_ref().unwrap().client_id, "client-8");
+        let paths: Vec<String> = mock.requests().into_iter().map(|r| r.path).collect();
+        assert_eq!(
+            paths,
+            [
+                "/eu-west-1/token",
+                "/eu-west-1/client/register",
+                "/eu-west-1/token"
+            ]
+        );
+
+        // Refused again with the new client: final, and not a third try.
+        let (mock, base) =
+            Mock::start(vec![invalid(), registered(9), invalid(), registered(10)]).await;
+        let e = self::flow(&base).refresh(&m, now()).await.unwrap_err();
+        assert_eq!(
+            e,
+            FlowError::Rejected("invalid_client: bad secret ***".into())
+        );
+        assert_eq!(mock.requests().len(), 3);
+
+        // A client registered just now and refused is not registered again.
+        let (mock, base) = Mock::start(vec![registered(11), invalid(), registered(12)]).await;
+        let mut none = material(None);
+        none.client_secret = None;
+        let e = self::flow(&base).refresh(&none, now()).await.unwrap_err();
+        assert!(matches!(e, FlowError::Rejected(_)), "{e:?}");
+        assert_eq!(mock.requests().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn failures() {
+        let (mock, base) = Mock::start(vec![
+            json(400, j!({"error": "invalid_grant", "error_description": "Invalid refresh token rt-kiro-1"})),
+            json(500, j!({"error": "server_error"})),
+            (429, vec![("retry-after", "30".into())], vec![]),
+            (200, vec![], b"<html>".to_vec()),
+            testing::huge(10 << 20),
+            json(200, j!({"accessToken": "a", "expiresIn": 1e300})),
+            json(200, j!({"accessToken": "a", "expiresIn": -1})),
+        ])
+        .await;
+        let flow = flow(&base);
+        let m = material(None);
+        let next = async || flow.refresh(&m, now()).await;
+        assert_eq!(
+            next().await.unwrap_err(),
+            FlowError::Rejected("invalid_grant: Invalid refresh token ***".into())
+        );
+        assert!(matches!(
+            next().await.unwrap_err(),
+            FlowError::Transient {
+                retry_after: None,
+                ..
+            }
+        ));
+        assert!(matches!(
+            next().await.unwrap_err(),
+            FlowError::Transient { retry_after: Some(d), .. } if d.as_secs() == 30
+        ));
+        for _ in 0..2 {
+            let e = next().await.unwrap_err();
+            assert!(
+                matches!(&e, FlowError::Transient { reason, .. } if reason.starts_with("answer unreadable")),
+                "{e:?}"
+            );
+        }
+        assert_eq!(
+            next().await.unwrap().expires_at,
+            now() + client::MAX_LIFETIME
+        );
+        assert_eq!(
+            next().await.unwrap().expires_at,
+            now() + client::MIN_LIFETIME
+        );
+        assert_eq!(mock.requests().len(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_refused_registration_is_final_and_a_failing_one_transient() {
+        let mut m = material(None);
+        m.client_secret = None;
+        let (_mock, base) = Mock::start(vec![
+            json(
+                400,
+                j!({"error": "invalid_request", "error_description": "no"}),
+            ),
+            json(500, j!({})),
+            json(200, j!({"clientId": "c"})),
+        ])
+        .await;
+        let flow = flow(&base);
+        assert_eq!(
+            flow.refresh(&m, now()).await.unwrap_err(),
+            FlowError::Rejected("client registration: invalid_request: no".into())
+        );
+        assert!(matches!(
+            flow.refresh(&m, now()).await.unwrap_err(),
+            FlowError::Transient { .. }
+        ));
+        assert!(matches!(
+            flow.refresh(&m, now()).await.unwrap_err(),
+            FlowError::Transient { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn bad_regions_and_missing_tokens_send_nothing() {
+        let (mock, base) = Mock::start(vec![]).await;
+        let flow = flow(&base);
+        for region in ["", "EU-WEST-1", "a/b", "x.evil.example", &"a".repeat(33)] {
+            let mut m = material(None);
+            m.extra.region = Some(region.to_string());
+            assert!(
+                matches!(
+                    flow.refresh(&m, now()).await.unwrap_err(),
+                    FlowError::Unrefreshable(_)
+                ),
+                "{region}"
+            );
+        }
+        let mut m = material(None);
+        m.refresh_token = None;
+        assert!(matches!(
+            flow.refresh(&m, now()).await.unwrap_err(),
+            FlowError::Unrefreshable(_)
+        ));
+        assert!(mock.requests().is_empty());
+        testing::assert_no_secret(&m, &["cs-old", "rt-kiro-1", "old-access-token"]);
+        testing::assert_no_secret(&flow, &["cs-old"]);
+    }
+}
