@@ -611,7 +611,8 @@ impl Store {
 
     /// Apply a `PUT`. Changing the identifying secret re-keys the fingerprint and leaves a
     /// tombstone for the old one (the old token was removed through the API); a new secret
-    /// also clears an `invalid` or `expired` mark, since it deserves a fresh chance.
+    /// also clears an `invalid` or `expired` mark, since it deserves a fresh chance, and the
+    /// `refresh_after` the old token came with (copilot's `refresh_in`).
     async fn update_locked(
         &self,
         id: &str,
@@ -689,6 +690,7 @@ impl Store {
                  token_preview = COALESCE(?10, token_preview),
                  state = CASE WHEN ?11 AND state IN ('invalid', 'expired') THEN 'active' ELSE state END,
                  state_reason = CASE WHEN ?11 AND state IN ('invalid', 'expired') THEN NULL ELSE state_reason END,
+                 refresh_after = CASE WHEN ?11 THEN NULL ELSE refresh_after END,
                  updated_at = ?12
              WHERE id = ?13",
             patch.priority,

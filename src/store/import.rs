@@ -236,7 +236,7 @@ impl Store {
 
     /// Update a credential in place from a changed import entry: its secrets and settings
     /// (its limit: [`set_limit`]), never `used` or `reserved`. A changed secret clears an
-    /// `invalid` or `expired` mark.
+    /// `invalid` or `expired` mark, and the `refresh_after` of the tokens it replaces.
     async fn update_from_import(
         &self,
         conn: &mut SqliteConnection,
@@ -255,7 +255,7 @@ impl Store {
             "UPDATE credentials SET kind = ?1, label = ?2, token_sealed = ?3,
                  refresh_token_sealed = ?4, client_secret_sealed = ?5, token_preview = ?6,
                  extra = ?7, priority = ?8, disabled = ?9, expires_at = ?10, import_digest = ?11,
-                 source = ?12, updated_at = ?13,
+                 source = ?12, updated_at = ?13, refresh_after = NULL,
                  state = CASE WHEN state IN ('invalid', 'expired') THEN 'active' ELSE state END,
                  state_reason = CASE WHEN state IN ('invalid', 'expired') THEN NULL ELSE state_reason END
              WHERE id = ?14",

@@ -13,6 +13,7 @@ mod defaults;
 mod import;
 mod ledger;
 mod quota;
+mod refresh;
 mod requests;
 mod reservation;
 mod resets;
@@ -22,6 +23,10 @@ pub use credentials::{CredentialPatch, Cursor, DEFAULT_PAGE, ListFilter, MAX_PAG
 // The import's report types, where the store's callers have always found them.
 pub use crate::import::{ImportMode, ImportReport, Notice};
 pub use quota::{QuotaPatch, QuotaTotal};
+pub use refresh::{
+    MAX_REASON, MAX_RECENT, MAX_SCAN, RefreshCandidate, RefreshHistory, RefreshOutcome, RefreshRun,
+    RefreshScan,
+};
 pub use reservation::{
     Mark, Renewal, RenewedLease, Reservation, ReservationKind, ReserveRequest, Unavailable,
 };
