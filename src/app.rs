@@ -9,8 +9,10 @@ use crate::http::{Guards, HttpState};
 use crate::import;
 use crate::jobs::Jobs;
 use crate::notify::{Notifier, Webhook};
+use crate::oauth::Flows;
 use crate::providers::Registry;
 use crate::proxy::{Parts, RequestPath, Settings};
+use crate::refresh::Refresher;
 use crate::state::{AppState, Clock};
 use crate::store::{ImportMode, ImportReport, Store, StoreError, StoreOptions};
 use chrono::Utc;
@@ -162,6 +164,14 @@ async fn open(config: Loaded, clock: Clock) -> Result<Opened, StartError> {
     settings.api_keys.clear();
     settings.management.secret_key.take();
     settings.auth.encryption.key.take();
+    let refresher = Refresher::new(crate::refresh::Parts {
+        store: store.clone(),
+        flows: Flows::from_config(&config.config, &registry),
+        auth_log: auth_log.clone(),
+        notifier: notifier.clone(),
+        clock: clock.clone(),
+        settings: crate::refresh::Settings::from_config(&config.config),
+    });
     let path = RequestPath::new(Parts {
         store: store.clone(),
         upstream,
@@ -170,6 +180,7 @@ async fn open(config: Loaded, clock: Clock) -> Result<Opened, StartError> {
         clock: clock.clone(),
         settings: Settings::from_config(&config.config),
         notifier: notifier.clone(),
+        refresher: Some(refresher.clone()),
     });
     let app = Arc::new(AppState {
         config: Arc::new(config),
@@ -177,6 +188,7 @@ async fn open(config: Loaded, clock: Clock) -> Result<Opened, StartError> {
         registry,
         auth_log,
         notifier,
+        refresher,
         clock,
     });
     Ok(Opened { app, guards, path })

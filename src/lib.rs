@@ -11,8 +11,12 @@
 //! # Layout
 //! - [`cli`]: the command line (`serve`, `import`, `hash-secret`, `gen-key`, `rotate-key`), exit codes.
 //! - [`app`]: building the application from a config and serving it; tests use the same path.
-//! - [`jobs`]: the background jobs ([`jobs::resets`]: quota resets), plain functions of the
-//!   state and `now` that tokio-cron-scheduler runs inside `serve`.
+//! - [`jobs`]: the background jobs ([`jobs::resets`]: quota resets; [`jobs::refresh`]: the
+//!   token refresh worker's check), plain functions of the state and `now` that
+//!   tokio-cron-scheduler runs inside `serve`.
+//! - [`refresh`]: the token refresh service: one refresh per credential at a time (shared in
+//!   the process, claimed in the database), what a refresh's result does, checks and their
+//!   history, the status; over the providers' flows in `oauth`.
 //! - [`state`]: what the application shares (config, store, registry, auth log, clock).
 //! - [`config`]: the typed config, loaded from YAML and `CLIPROXY__*` variables, validated.
 //! - [`http`]: the HTTP edge; it owns every response and makes no business decision.
@@ -69,6 +73,7 @@ pub mod oauth; // the provider-specific part of an OAuth refresh: copilot, kiro,
 pub mod providers; // which providers exist, and what differs by format
 pub mod proxy; // the request path: attempts, rotation, leases, streaming with a usage tap
 pub mod quota; // reset schedules, periods
+pub mod refresh; // the token refresh service: single-flight refreshes, checks, history
 pub mod selection; // the strategies over usable candidates
 pub mod state; // AppState and the clock: what the application shares
 pub mod store; // the only place that knows SQL

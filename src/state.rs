@@ -8,6 +8,7 @@ use crate::events::AuthLog;
 use crate::import::{self, Batch};
 use crate::notify::Notifier;
 use crate::providers::Registry;
+use crate::refresh::Refresher;
 use crate::store::{ImportMode, ImportReport, Store, StoreError};
 use chrono::{DateTime, Utc};
 use std::path::PathBuf;
@@ -25,6 +26,8 @@ pub struct AppState {
     pub auth_log: Arc<AuthLog>,
     /// Where events for the webhooks go (README, "Notifications").
     pub notifier: Notifier,
+    /// The token refresh service (the worker's checks, manual refreshes, the status).
+    pub refresher: Refresher,
     /// What the application reads as now; tests set it.
     pub clock: Clock,
 }

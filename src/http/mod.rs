@@ -9,6 +9,7 @@ pub mod guard;
 pub mod listener;
 pub mod management;
 pub mod proxy;
+pub mod refresh;
 pub mod view;
 
 use crate::proxy::RequestPath;
@@ -67,6 +68,8 @@ pub fn router(state: HttpState) -> Router {
             "/auths/{provider}/quota",
             get(management::quota).put(management::set_quota),
         )
+        .route("/auths/refresh/status", get(refresh::status))
+        .route("/auths/{provider}/refresh", post(refresh::refresh))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             guard::management_guard,

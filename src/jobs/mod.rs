@@ -7,7 +7,11 @@
 //!   second 0 of every minute (every `daily`, `weekly` and `monthly` boundary is one), and at
 //!   each occurrence of every provider's cron expression, so one with seconds resets when it
 //!   says. A run with nothing due only reads.
+//! - [`refresh`]: the token refresh worker's check, when the server starts and every
+//!   `auth.refresh.check_interval` after, while `auth.refresh.enabled`. It takes turns with
+//!   itself, not with the resets: a slow token endpoint does not hold a reset back.
 
+pub mod refresh;
 pub mod resets;
 
 use crate::quota::ResetSchedule;
@@ -22,9 +26,11 @@ const EVERY_MINUTE: &str = "0 * * * * *";
 /// writes after the store closes.
 pub struct Jobs {
     scheduler: JobScheduler,
-    /// Held by a run while it runs (so runs take turns) and by `stop`, which then marks the
-    /// jobs closed.
+    /// Held by a reset run while it runs (so runs take turns) and by `stop`, which then marks
+    /// the jobs closed.
     closed: Arc<tokio::sync::Mutex<bool>>,
+    /// The same for the refresh checks.
+    refresh_closed: Arc<tokio::sync::Mutex<bool>>,
 }
 
 impl Jobs {
@@ -56,8 +62,23 @@ impl Jobs {
                 ),
             }
         }
+        let refresh_closed = Arc::new(tokio::sync::Mutex::new(false));
+        if state.refresher.settings().enabled {
+            let interval = state.refresher.settings().check_interval;
+            scheduler
+                .add(refresh_job(interval, &state, &refresh_closed)?)
+                .await?;
+            // The first check now, not one interval after the start: a token that expired
+            // while the server was down is refreshed at once.
+            let (state, closed) = (state.clone(), refresh_closed.clone());
+            tokio::spawn(async move { refresh_run(&state, &closed).await });
+        }
         scheduler.start().await?;
-        Ok(Jobs { scheduler, closed })
+        Ok(Jobs {
+            scheduler,
+            closed,
+            refresh_closed,
+        })
     }
 
     /// Stop the scheduler, then wait for a run in progress to end.
@@ -66,7 +87,33 @@ impl Jobs {
             tracing::warn!(error = %e, "the job scheduler did not stop cleanly");
         }
         *self.closed.lock().await = true;
+        *self.refresh_closed.lock().await = true;
     }
+}
+
+/// One refresh check, unless the jobs are closed or a check is still under way (a check
+/// that outlasts its interval is not followed by a queue of others).
+async fn refresh_run(state: &Arc<AppState>, closed: &tokio::sync::Mutex<bool>) {
+    let Ok(closed) = closed.try_lock() else {
+        tracing::debug!("a refresh check is still under way; this one is skipped");
+        return;
+    };
+    if !*closed {
+        refresh::run(state, state.now()).await;
+    }
+}
+
+/// The refresh check every `interval`, with the application's clock.
+fn refresh_job(
+    interval: std::time::Duration,
+    state: &Arc<AppState>,
+    closed: &Arc<tokio::sync::Mutex<bool>>,
+) -> Result<Job, JobSchedulerError> {
+    let (state, closed) = (state.clone(), closed.clone());
+    Job::new_repeated_async(interval, move |_, _| {
+        let (state, closed) = (state.clone(), closed.clone());
+        Box::pin(async move { refresh_run(&state, &closed).await })
+    })
 }
 
 /// A job that runs the resets at the times of `cron`, with the application's clock.

@@ -197,7 +197,12 @@ impl ErrorBody {
 pub fn failure(answer: &Answer, secrets: &[&str], forbidden_is_final: bool) -> FlowError {
     let body = ErrorBody::read(answer);
     let status = answer.status;
-    let reason = body.reason(format!("the token endpoint answered {}", status.as_u16()));
+    let code = status.as_u16();
+    // The provider's words, with the status they came with.
+    let reason = match body.reason(String::new()) {
+        words if words.is_empty() => format!("the token endpoint answered {code}"),
+        words => format!("{words} (HTTP {code})"),
+    };
     let final_error = body
         .error
         .as_deref()
@@ -363,7 +368,10 @@ mod tests {
             &[],
             false,
         );
-        assert_eq!(f, FlowError::Rejected("invalid_grant: revoked".into()));
+        assert_eq!(
+            f,
+            FlowError::Rejected("invalid_grant: revoked (HTTP 400)".into())
+        );
         let f = failure(&answer(401, "nonsense"), &[], false);
         assert_eq!(
             f,
@@ -383,7 +391,7 @@ mod tests {
                 &[],
                 true
             ),
-            FlowError::Rejected("no seat".into())
+            FlowError::Rejected("no seat (HTTP 403)".into())
         );
         for status in [429, 500, 502, 404, 302] {
             assert!(
@@ -413,12 +421,12 @@ mod tests {
             &["rt-9"],
             false,
         );
-        assert_eq!(f.reason(), "invalid_grant: token *** is revoked");
+        assert_eq!(f.reason(), "invalid_grant: token *** is revoked (HTTP 400)");
         // A long token echoed whole is removed whole, not cut and then shown in part.
         let token = "t".repeat(5000);
         let body = serde_json::json!({"error": "invalid_grant", "error_description": token});
         let f = failure(&answer(400, &body.to_string()), &[&token], false);
-        assert_eq!(f.reason(), "invalid_grant: ***");
+        assert_eq!(f.reason(), "invalid_grant: *** (HTTP 400)");
     }
 
     #[test]

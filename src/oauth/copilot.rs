@@ -191,11 +191,11 @@ mod tests {
         let next = async || flow.refresh(&material, now()).await;
         assert_eq!(
             next().await.unwrap_err(),
-            FlowError::Rejected("Bad credentials".into())
+            FlowError::Rejected("Bad credentials (HTTP 401)".into())
         );
         assert_eq!(
             next().await.unwrap_err(),
-            FlowError::Rejected("No Copilot seat for ***".into())
+            FlowError::Rejected("No Copilot seat for *** (HTTP 403)".into())
         );
         assert_eq!(
             next().await.unwrap_err(),

@@ -196,12 +196,12 @@ mod tests {
         let next = async || flow.refresh(&material, now()).await;
         assert_eq!(
             next().await.unwrap_err(),
-            FlowError::Rejected("invalid_grant: refresh token *** revoked".into())
+            FlowError::Rejected("invalid_grant: refresh token *** revoked (HTTP 400)".into())
         );
         assert_eq!(
             next().await.unwrap_err(),
             FlowError::Transient {
-                reason: "server_error".into(),
+                reason: "server_error (HTTP 500)".into(),
                 retry_after: None
             }
         );
@@ -233,7 +233,7 @@ mod tests {
         );
         assert_eq!(
             next().await.unwrap_err(),
-            FlowError::Rejected("invalid_client".into())
+            FlowError::Rejected("invalid_client (HTTP 401)".into())
         );
     }
 

@@ -399,7 +399,7 @@ mod tests {
         let e = self::flow(&base).refresh(&m, now()).await.unwrap_err();
         assert_eq!(
             e,
-            FlowError::Rejected("invalid_client: bad secret ***".into())
+            FlowError::Rejected("invalid_client: bad secret *** (HTTP 401)".into())
         );
         assert_eq!(mock.requests().len(), 3);
 
@@ -429,7 +429,7 @@ mod tests {
         let next = async || flow.refresh(&m, now()).await;
         assert_eq!(
             next().await.unwrap_err(),
-            FlowError::Rejected("invalid_grant: Invalid refresh token ***".into())
+            FlowError::Rejected("invalid_grant: Invalid refresh token *** (HTTP 400)".into())
         );
         assert!(matches!(
             next().await.unwrap_err(),
@@ -476,7 +476,7 @@ mod tests {
         let flow = flow(&base);
         assert_eq!(
             flow.refresh(&m, now()).await.unwrap_err(),
-            FlowError::Rejected("client registration: invalid_request: no".into())
+            FlowError::Rejected("client registration: invalid_request: no (HTTP 400)".into())
         );
         assert!(matches!(
             flow.refresh(&m, now()).await.unwrap_err(),

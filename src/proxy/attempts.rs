@@ -190,10 +190,20 @@ pub(super) fn mark_for(verdict: &Verdict, now: DateTime<Utc>) -> Option<Mark> {
 pub(super) enum Then {
     /// Try the next credential.
     TryAnother,
+    /// The credential's rejected token was replaced by a refresh: it may be tried again.
+    TryAgain(CredentialId),
     /// Answer the provider's error as it came.
     Answer,
     /// Answer [`PathError::LocationRefused`] with this reason.
     Refused(String),
+}
+
+impl Attempts<'_> {
+    /// `credential` may be picked again: its token was rejected, and it has a new one now.
+    /// Every pick still takes one of the request's attempts.
+    pub(super) fn allow_again(&mut self, credential: &CredentialId) {
+        self.tried.retain(|c| c != credential);
+    }
 }
 
 /// What a failed call's verdict leads to: the mark on its credential, and what follows.

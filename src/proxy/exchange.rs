@@ -5,11 +5,15 @@
 
 use super::attempts::{Attempts, Granted, Then, after_failure};
 use super::settle::{Held, Tapped};
-use super::{AnswerBody, Call, Forwarded, PathError, RequestPath};
+use super::{AnswerBody, Call, Forwarded, PathError, RequestPath, TokenRenewal};
+use crate::crypto::Secret;
+use crate::providers::classify::Verdict;
 use crate::providers::exchange::{self as format, Prepared};
 use crate::providers::wire;
 use crate::upstream::{Answer, Target};
+use axum::http::StatusCode;
 use std::borrow::Cow;
+use std::sync::Arc;
 
 /// Error bodies read from upstream at most (to classify them and pass them on).
 const MAX_ERROR_BODY: usize = 256 * 1024;
@@ -32,13 +36,18 @@ pub(super) async fn exchange(path: RequestPath, call: Call) -> Result<Forwarded,
             Err(e) => return Err(e),
         };
         let sent = attempt(&path, &call, &target, &prepared, granted).await?;
-        let Some((held, answer)) = sent else {
+        let Some((held, answer, token)) = sent else {
             continue;
         };
         if answer.status.is_success() {
             return deliver(held, answer, &call, prepared.hide_usage_chunk).await;
         }
-        let (failure, then) = read_failure(&path, &call, held, answer, &mut overloaded).await;
+        let sent = Sent {
+            held,
+            answer,
+            token,
+        };
+        let (failure, then) = read_failure(&path, &call, sent, &mut overloaded).await;
         match then {
             Then::Answer => return Ok(failure),
             Then::Refused(reason) => {
@@ -46,6 +55,10 @@ pub(super) async fn exchange(path: RequestPath, call: Call) -> Result<Forwarded,
                 return Err(PathError::LocationRefused { provider, reason });
             }
             Then::TryAnother => last_failure = Some(failure),
+            Then::TryAgain(credential) => {
+                attempts.allow_again(&credential);
+                last_failure = Some(failure);
+            }
         }
     }
     last_failure.ok_or_else(|| PathError::NoneSucceeded(name.clone()))
@@ -68,16 +81,24 @@ fn prepare<'c>(
     Ok((prepared, target))
 }
 
+/// A call sent with a reserved credential: its answer (any status), the reservation still held,
+/// and the token it was sent with.
+struct Sent {
+    held: Held,
+    answer: Answer,
+    token: Arc<Secret>,
+}
+
 /// Send the call with a reserved credential, up to the answer's status and headers: the
-/// answer (any status) with the reservation still held, or `None` when the credential cannot
-/// be sent (marked invalid, reservation released: the next one is tried).
+/// answer (any status) with the reservation still held and the token sent, or `None` when the
+/// credential cannot be sent (marked invalid, reservation released: the next one is tried).
 async fn attempt(
     path: &RequestPath,
     call: &Call,
     target: &Target,
     prepared: &Prepared,
     granted: Granted,
-) -> Result<Option<(Held, Answer)>, PathError> {
+) -> Result<Option<(Held, Answer, Arc<Secret>)>, PathError> {
     let Granted { held, token } = granted;
     let headers = match format::headers(call.provider.format, &call.pass_headers, token.expose()) {
         Ok(headers) => headers,
@@ -93,7 +114,7 @@ async fn attempt(
         .post(target, headers, prepared.body.clone())
         .await
     {
-        Ok(answer) => Ok(Some((held, answer))),
+        Ok(answer) => Ok(Some((held, answer, token))),
         Err(e) => {
             // Nothing reached the provider, or nothing came back by the deadline: the
             // provider's state, not the key's. Its other keys go to the same host, so
@@ -110,14 +131,20 @@ async fn attempt(
 }
 
 /// Read a failed answer, release its reservation with the mark its verdict gives, and say what
-/// follows; the answer is kept to pass on as it came.
+/// follows; the answer is kept to pass on as it came. A 401 that rejects an OAuth credential's
+/// token refreshes the credential first ([`RequestPath::renew_rejected`]): refreshed, it is not
+/// marked, and the request goes on to the next credential as it would have.
 async fn read_failure(
     path: &RequestPath,
     call: &Call,
-    held: Held,
-    mut answer: Answer,
+    sent: Sent,
     overloaded: &mut bool,
 ) -> (Forwarded, Then) {
+    let Sent {
+        held,
+        mut answer,
+        token,
+    } = sent;
     let status = answer.status;
     let headers = std::mem::take(&mut answer.headers);
     let body = answer
@@ -126,7 +153,18 @@ async fn read_failure(
         .unwrap_or_default();
     let format = call.provider.format;
     let verdict = (path.0.classify)(format, status, &headers, &body, path.now());
-    let (mark, then) = after_failure(&verdict, overloaded, path.now());
+    let (mut mark, mut then) = after_failure(&verdict, overloaded, path.now());
+    if status == StatusCode::UNAUTHORIZED && matches!(verdict, Verdict::Invalid(_)) {
+        let name = &call.provider.name;
+        match path.renew_rejected(held.credential(), name, &token).await {
+            TokenRenewal::Renewed => {
+                mark = None;
+                then = Then::TryAgain(held.credential().clone());
+            }
+            TokenRenewal::Expired => mark = None,
+            TokenRenewal::Not => {}
+        }
+    }
     held.give_back(mark, "").await;
     let failure = Forwarded {
         status,

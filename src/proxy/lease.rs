@@ -10,6 +10,7 @@ use super::settle::Held;
 use super::{PathError, RequestPath};
 use crate::crypto::Secret;
 use crate::domain::{CredentialId, ReservationId};
+use crate::providers::classify::Verdict;
 use crate::providers::wire::Usage;
 use crate::providers::{Format, Provider};
 use crate::quota::RequestTokens;
@@ -173,9 +174,21 @@ impl RequestPath {
                 now,
             );
             // The same verdicts as a proxied request's: only the credential's own failure
-            // marks it; an overload, a region block or the client's own error marks nothing.
-            held.release(mark_for(&verdict, now), " by a lease report")
-                .await?;
+            // marks it; an overload, a region block or the client's own error marks nothing;
+            // a 401 on an OAuth credential refreshes it instead (the application renews its
+            // lease for the new token).
+            let mut mark = mark_for(&verdict, now);
+            if status == StatusCode::UNAUTHORIZED
+                && matches!(verdict, Verdict::Invalid(_))
+                && let Ok(Ok(current)) = self.0.store.open_token(held.credential()).await
+                && self
+                    .renew_rejected(held.credential(), &provider, &current)
+                    .await
+                    != super::TokenRenewal::Not
+            {
+                mark = None;
+            }
+            held.release(mark, " by a lease report").await?;
             return Ok(Reported::Released);
         }
         let count = |t: Option<RequestTokens>| t.map_or(0, RequestTokens::get);

@@ -46,6 +46,7 @@ use crate::notify::{Event, EventKind, Notifier};
 use crate::providers::classify::Verdict;
 use crate::providers::wire::Peek;
 use crate::providers::{Format, Provider, Registry};
+use crate::refresh::Refresher;
 use crate::state::Clock;
 use crate::store::{Mark, Store, StoreError};
 use crate::upstream::Upstream;
@@ -105,6 +106,21 @@ pub struct Parts {
     pub settings: Settings,
     /// Where marks and rotations are told to the webhooks.
     pub notifier: Notifier,
+    /// Refreshes an OAuth credential whose token a provider rejected (none: it is marked
+    /// invalid at once).
+    pub refresher: Option<Refresher>,
+}
+
+/// What a rejected OAuth token came to, for the credential that held it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenRenewal {
+    /// Refreshed: it holds a new token, is not marked, and may be tried again.
+    Renewed,
+    /// The refresh was refused: it is `expired` already, and is not marked again.
+    Expired,
+    /// Not refreshed (no refresh service, automatic refresh off, no refresh flow or token, or
+    /// a failure worth retrying later): marked invalid as any rejected credential.
+    Not,
 }
 
 /// The request path; clones share it.
@@ -119,6 +135,7 @@ struct Shared {
     clock: Clock,
     settings: Settings,
     notifier: Notifier,
+    refresher: Option<Refresher>,
     classify: Classify,
 }
 
@@ -176,6 +193,7 @@ impl RequestPath {
             clock: parts.clock,
             settings: parts.settings,
             notifier: parts.notifier,
+            refresher: parts.refresher,
             classify,
         }))
     }
@@ -201,6 +219,25 @@ impl RequestPath {
         match tokio::spawn(exchange).await {
             Ok(result) => result,
             Err(e) => Err(PathError::Task(e.to_string())),
+        }
+    }
+
+    /// A provider answered 401 to `used`, the token of `credential`: have the refresh service
+    /// renew it (see [`TokenRenewal`]).
+    async fn renew_rejected(
+        &self,
+        credential: &CredentialId,
+        provider: &ProviderName,
+        used: &crate::crypto::Secret,
+    ) -> TokenRenewal {
+        let Some(refresher) = &self.0.refresher else {
+            return TokenRenewal::Not;
+        };
+        use crate::refresh::Renewed;
+        match refresher.renew_rejected(credential, provider, used).await {
+            Renewed::Yes => TokenRenewal::Renewed,
+            Renewed::Expired => TokenRenewal::Expired,
+            Renewed::No => TokenRenewal::Not,
         }
     }
 

@@ -259,6 +259,7 @@ impl Harness {
             }),
             settings: Settings::from_config(config),
             notifier: crate::notify::Notifier::none(),
+            refresher: None,
         };
         let path = RequestPath::classifying_with(parts, test_classify);
         for key in keys {

@@ -709,6 +709,13 @@ impl Store {
         )
         .execute(&mut *tx)
         .await?;
+        if secret_changed {
+            // A refresh under way started from the tokens just replaced: its result must not
+            // overwrite them (it finds its claim gone and stores nothing).
+            sqlx::query!("DELETE FROM refresh_claims WHERE credential_id = ?", id)
+                .execute(&mut *tx)
+                .await?;
+        }
         audit::record(
             &mut tx,
             AuditEntry {

@@ -276,6 +276,10 @@ impl Store {
         )
         .execute(&mut *conn)
         .await?;
+        // As for a `PUT` of new tokens: a refresh under way must not overwrite them.
+        sqlx::query!("DELETE FROM refresh_claims WHERE credential_id = ?", id)
+            .execute(&mut *conn)
+            .await?;
         Ok(())
     }
 }

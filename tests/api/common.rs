@@ -44,6 +44,14 @@ impl Home {
         p
     }
 
+    /// The refresh worker is off unless the test's config names `refresh:`: credentials that
+    /// other tests add with a refresh token alone would otherwise be refreshed against the
+    /// real token endpoints, which no test may reach.
+    fn refresh_off(&self) -> Option<(&'static str, &'static str)> {
+        let yaml = std::fs::read_to_string(self.config_path()).unwrap_or_default();
+        (!yaml.contains("refresh:")).then_some(("CLIPROXY__AUTH__REFRESH__ENABLED", "false"))
+    }
+
     pub fn auth_log(&self) -> String {
         std::fs::read_to_string(self.path().join("logs/auth.log")).unwrap_or_default()
     }
@@ -81,7 +89,11 @@ impl Home {
         env: &[(&str, &str)],
         clock: Clock,
     ) -> Result<Application, StartError> {
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let env = env
+            .iter()
+            .copied()
+            .chain(self.refresh_off())
+            .map(|(k, v)| (k.to_string(), v.to_string()));
         let loaded = Config::load_with_env(&self.config_path(), true, env).expect("config");
         Application::build_with_clock(loaded, clock).await
     }
@@ -93,6 +105,7 @@ impl Home {
             .arg(self.config_path())
             .current_dir(self.path())
             .env_remove("CLIPROXY_CONFIG")
+            .envs(self.refresh_off())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -132,7 +145,8 @@ impl Home {
             .arg(self.config_path())
             .args(args)
             .current_dir(self.path())
-            .env_remove("CLIPROXY_CONFIG");
+            .env_remove("CLIPROXY_CONFIG")
+            .envs(self.refresh_off());
         for (k, v) in env {
             cmd.env(k, v);
         }

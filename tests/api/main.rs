@@ -22,6 +22,7 @@ mod persistence;
 mod provider_mock;
 mod proxy;
 mod raw;
+mod refresh;
 mod resets;
 mod scale;
 #[cfg(feature = "sdk-tests")]

@@ -18,19 +18,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const KEY: &str = "notify-client-key";
-const SECRET_VAR: &str = "NOTIFY_TEST_WEBHOOK_SECRET";
-const SECRET: &str = "whsec-notify-test-0123456789";
+pub(crate) const SECRET_VAR: &str = "NOTIFY_TEST_WEBHOOK_SECRET";
+pub(crate) const SECRET: &str = "whsec-notify-test-0123456789";
 
 /// What a receiver got: the signature header, the event header, and the body's bytes.
 #[derive(Clone, Debug)]
-struct Received {
-    signature: String,
-    event: String,
-    body: Bytes,
+pub(crate) struct Received {
+    pub(crate) signature: String,
+    pub(crate) event: String,
+    pub(crate) body: Bytes,
 }
 
 impl Received {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap()
     }
 }
@@ -47,13 +47,13 @@ struct Inbox {
 }
 
 /// A webhook receiver on port 0.
-struct Receiver {
-    url: String,
+pub(crate) struct Receiver {
+    pub(crate) url: String,
     inbox: Arc<Inbox>,
 }
 
 impl Receiver {
-    async fn start() -> Receiver {
+    pub(crate) async fn start() -> Receiver {
         let inbox = Arc::new(Inbox::default());
         let app = axum::Router::new()
             .fallback(receive)
@@ -62,7 +62,7 @@ impl Receiver {
         Receiver { url, inbox }
     }
 
-    fn got(&self) -> Vec<Received> {
+    pub(crate) fn got(&self) -> Vec<Received> {
         self.inbox.got.lock().unwrap().clone()
     }
 
@@ -106,7 +106,7 @@ async fn receive(State(inbox): State<Arc<Inbox>>, headers: HeaderMap, body: Byte
 }
 
 /// The signature a receiver computes from the body it got and the shared secret.
-fn expected_signature(body: &[u8]) -> String {
+pub(crate) fn expected_signature(body: &[u8]) -> String {
     let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(SECRET.as_bytes()).unwrap();
     mac.update(body);
     let hex: String = mac
@@ -119,7 +119,7 @@ fn expected_signature(body: &[u8]) -> String {
 }
 
 /// A webhook entry of the config.
-fn webhook(url: &str, events: &[&str]) -> String {
+pub(crate) fn webhook(url: &str, events: &[&str]) -> String {
     format!(
         "      - {{url: \"{url}\", events: [{}], secret_env: {SECRET_VAR}}}\n",
         events.join(", ")
