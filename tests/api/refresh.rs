@@ -716,3 +716,50 @@ async fn manual_refresh_errors_are_clear() {
     assert!(mock.tokens.grants().is_empty());
     app.stop().await;
 }
+
+/// A 401 reported on a lease of an OAuth credential refreshes it instead of marking it
+/// invalid; the next lease hands out the new token.
+#[tokio::test]
+async fn a_401_reported_on_a_lease_refreshes_the_credential() {
+    let now = Utc::now();
+    let mock = Mock::start(Arc::new(AtomicI64::new(now.timestamp()))).await;
+    let home = Home::new(&format!(
+        "api_keys: [\"{KEY}\"]\nauth:\n  refresh:\n    check_interval: 1h\n{}",
+        mock.yaml()
+    ));
+    let file = json!({"type": "oauth", "access_token": "kiro-at-revoked", "refresh_token": "kiro-rt-lease",
+        "expires_at": rfc(now + chrono::TimeDelta::hours(2)), "client_id": "kiro-client-stored",
+        "client_secret": "kiro-client-secret-stored", "region": "us-east-1"});
+    home.auth_file("kiro.json", file.to_string());
+    let app = home.start().await;
+    eventually(WAIT, || async {
+        status(&app).await["last_check"].is_string().then_some(())
+    })
+    .await;
+    assert!(mock.tokens.grants().is_empty(), "not due at start");
+    let lease = app
+        .post_as(KEY, "/v1/credentials/lease", &json!({"provider": "kiro"}))
+        .await;
+    assert_eq!(lease.status, 201, "{}", lease.text);
+    let lease = lease.json();
+    assert_eq!(lease["token"], "kiro-at-revoked");
+    let id = lease["lease_id"].as_str().unwrap();
+    let r = app
+        .post_as(
+            KEY,
+            &format!("/v1/credentials/lease/{id}/report"),
+            &json!({"error_status": 401}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(mock.tokens.refresh_tokens_sent(), ["kiro-rt-lease"]);
+    let cred = only(&app, "kiro").await;
+    assert_eq!(cred["status"], "active", "{cred}");
+    let lease = app
+        .post_as(KEY, "/v1/credentials/lease", &json!({"provider": "kiro"}))
+        .await;
+    assert_eq!(lease.json()["token"], "kiro-at-new-1", "{}", lease.text);
+    let recent = status(&app).await["recent"].clone();
+    assert_eq!(recent[0]["trigger"], "request", "{recent}");
+    app.stop().await;
+}
