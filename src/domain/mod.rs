@@ -4,6 +4,7 @@
 //! ([`Usage`]).
 
 mod ids;
+pub mod login;
 pub mod refresh;
 pub mod status;
 mod usage;

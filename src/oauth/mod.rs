@@ -14,6 +14,7 @@ pub mod kiro;
 
 use crate::config::Config;
 use crate::domain::ProviderName;
+use crate::domain::login::{DeviceAuthorization, LoginRequest, Poll, PollMaterial};
 use crate::domain::refresh::{FlowError, RefreshMaterial, Refreshed};
 use crate::providers::Registry;
 use chrono::{DateTime, Utc};
@@ -24,7 +25,7 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 
 /// The provider-specific part of an OAuth login and refresh. Copilot, Kiro and the RFC 6749
 /// grant are its first implementations; an embedding program registers its own with
-/// [`Flows::register`]. (The login half, device flows, is to come: the trait stays open for it.)
+/// [`Flows::register`].
 pub trait OauthFlow: Send + Sync {
     /// Exchange the stored material for a new access token. One call: no retry loop inside
     /// (the worker retries `Transient` errors with backoff).
@@ -33,6 +34,37 @@ pub trait OauthFlow: Send + Sync {
         material: &'a RefreshMaterial,
         now: DateTime<Utc>,
     ) -> BoxFuture<'a, Result<Refreshed, FlowError>>;
+
+    /// Whether this flow logs in with a device flow ([`OauthFlow::start_login`]).
+    fn has_login(&self) -> bool {
+        false
+    }
+
+    /// Start a device-flow login: whatever the provider needs first (kiro registers a
+    /// client), then the device authorization. `Rejected` when the request cannot be served
+    /// (a bad start URL or region), `Transient` when the provider could not be reached.
+    fn start_login<'a>(
+        &'a self,
+        request: &'a LoginRequest,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<DeviceAuthorization, FlowError>> {
+        let _ = (request, now);
+        Box::pin(async {
+            Err(FlowError::Unrefreshable(
+                "this provider has no login flow".into(),
+            ))
+        })
+    }
+
+    /// Poll the token endpoint once for the login `material` belongs to.
+    fn poll_login<'a>(
+        &'a self,
+        material: PollMaterial<'a>,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Poll> {
+        let _ = (material, now);
+        Box::pin(async { Poll::Failed("this provider has no login flow".into()) })
+    }
 }
 
 /// The flows by provider name.
