@@ -353,6 +353,16 @@ impl Application {
                 "settled {dead} reservation(s) left by a stopped process at their reserved {dead_tokens} tokens"
             ));
         }
+        // So are the refresh claims of a stopped server: its refreshes ended with it, and the
+        // credentials they held are free to refresh now rather than when the claims expire.
+        let claims = state
+            .store
+            .drop_dead_refresh_claims()
+            .await
+            .map_err(|e| StartError::Runtime(e.to_string()))?;
+        if claims > 0 {
+            tracing::info!(claims, "dropped the refresh claims of a stopped process");
+        }
         // A quota boundary passed while the server was down is applied now, once, before
         // any request is served.
         crate::jobs::resets::run(&state, state.now()).await;
@@ -417,6 +427,8 @@ impl Application {
         )
         .await;
         sweeper.abort();
+        // Refreshes start no more and store what they got; then the jobs' last check ends.
+        self.state.refresher.close(crate::refresh::STOP_GRACE).await;
         jobs.stop().await;
         self.state.notifier.stop(crate::notify::STOP_GRACE).await;
         self.state.store.close().await;

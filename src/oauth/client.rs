@@ -93,6 +93,8 @@ pub struct Answer {
     pub retry_after: Option<Duration>,
     /// The body, or `None` when it was longer than [`MAX_ANSWER`] or broke off.
     pub body: Option<Vec<u8>>,
+    /// `x-ratelimit-remaining: 0`: GitHub's way of saying a 403 is a rate limit.
+    pub rate_limited: bool,
 }
 
 /// Send `request` and read its answer. Only a failure to get an answer is an error here
@@ -113,6 +115,10 @@ pub async fn send(request: reqwest::RequestBuilder, secrets: &[&str]) -> Result<
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
+    let rate_limited = response
+        .headers()
+        .get("x-ratelimit-remaining")
+        .is_some_and(|v| v.as_bytes().trim_ascii() == b"0");
     // A body announced as too long is not read at all.
     let mut body = (response.content_length().unwrap_or(0) <= MAX_ANSWER as u64).then(Vec::new);
     while let Some(buf) = body.as_mut() {
@@ -128,6 +134,7 @@ pub async fn send(request: reqwest::RequestBuilder, secrets: &[&str]) -> Result<
         status,
         retry_after,
         body,
+        rate_limited,
     })
 }
 
@@ -207,9 +214,14 @@ pub fn failure(answer: &Answer, secrets: &[&str], forbidden_is_final: bool) -> F
         .error
         .as_deref()
         .is_some_and(|e| FINAL_ERRORS.contains(&e));
+    // GitHub answers its rate limits with 403 too: with a wait, `x-ratelimit-remaining: 0`, or
+    // words saying so. Those pass; a 403 for anything else (no Copilot seat) is final.
+    let rate_limit = answer.rate_limited
+        || answer.retry_after.is_some()
+        || reason.to_ascii_lowercase().contains("rate limit");
     let rejected = status == StatusCode::UNAUTHORIZED
         || (status == StatusCode::BAD_REQUEST && final_error)
-        || (status == StatusCode::FORBIDDEN && forbidden_is_final);
+        || (status == StatusCode::FORBIDDEN && forbidden_is_final && !rate_limit);
     if rejected {
         FlowError::Rejected(scrub(&reason, secrets))
     } else {
@@ -319,7 +331,44 @@ mod tests {
             status: StatusCode::from_u16(status).unwrap(),
             retry_after: None,
             body: Some(body.as_bytes().to_vec()),
+            rate_limited: false,
         }
+    }
+
+    #[test]
+    fn githubs_rate_limit_403s_are_worth_retrying() {
+        let no_seat = answer(403, r#"{"message":"No Copilot seat"}"#);
+        assert!(matches!(
+            failure(&no_seat, &[], true),
+            FlowError::Rejected(_)
+        ));
+        let worded = answer(
+            403,
+            r#"{"message":"API rate limit exceeded for user ID 1."}"#,
+        );
+        assert!(matches!(
+            failure(&worded, &[], true),
+            FlowError::Transient { .. }
+        ));
+        let headed = Answer {
+            rate_limited: true,
+            ..answer(403, r#"{"message":"forbidden"}"#)
+        };
+        assert!(matches!(
+            failure(&headed, &[], true),
+            FlowError::Transient { .. }
+        ));
+        let waits = Answer {
+            retry_after: Some(Duration::from_secs(60)),
+            ..answer(403, "")
+        };
+        assert!(matches!(
+            failure(&waits, &[], true),
+            FlowError::Transient {
+                retry_after: Some(_),
+                ..
+            }
+        ));
     }
 
     #[tokio::test]

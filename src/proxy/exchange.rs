@@ -156,12 +156,13 @@ async fn read_failure(
     let (mut mark, mut then) = after_failure(&verdict, overloaded, path.now());
     if status == StatusCode::UNAUTHORIZED && matches!(verdict, Verdict::Invalid(_)) {
         let name = &call.provider.name;
-        match path.renew_rejected(held.credential(), name, &token).await {
+        let rejected = crate::refresh::Rejected::Token(&token);
+        match path.renew_rejected(held.credential(), name, rejected).await {
             TokenRenewal::Renewed => {
                 mark = None;
                 then = Then::TryAgain(held.credential().clone());
             }
-            TokenRenewal::Expired => mark = None,
+            TokenRenewal::Unmarked => mark = None,
             TokenRenewal::Not => {}
         }
     }

@@ -146,7 +146,7 @@ impl RequestPath {
         lease_id: &ReservationId,
         input: ReportInput,
     ) -> Result<Reported, PathError> {
-        let Some((credential_id, provider)) = self.0.store.lease(lease_id).await? else {
+        let Some((credential_id, provider, token_at)) = self.0.store.lease(lease_id).await? else {
             return Err(PathError::LeaseNotFound);
         };
         if input.error_body.is_some() && input.error_status.is_none() {
@@ -178,15 +178,14 @@ impl RequestPath {
             // a 401 on an OAuth credential refreshes it instead (the application renews its
             // lease for the new token).
             let mut mark = mark_for(&verdict, now);
-            if status == StatusCode::UNAUTHORIZED
-                && matches!(verdict, Verdict::Invalid(_))
-                && let Ok(Ok(current)) = self.0.store.open_token(held.credential()).await
-                && self
-                    .renew_rejected(held.credential(), &provider, &current)
-                    .await
-                    != super::TokenRenewal::Not
-            {
-                mark = None;
+            if status == StatusCode::UNAUTHORIZED && matches!(verdict, Verdict::Invalid(_)) {
+                let rejected = crate::refresh::Rejected::HeldAt(token_at);
+                let renewal = self
+                    .renew_rejected(held.credential(), &provider, rejected)
+                    .await;
+                if renewal != super::TokenRenewal::Not {
+                    mark = None;
+                }
             }
             held.release(mark, " by a lease report").await?;
             return Ok(Reported::Released);

@@ -116,10 +116,12 @@ pub struct Parts {
 enum TokenRenewal {
     /// Refreshed: it holds a new token, is not marked, and may be tried again.
     Renewed,
-    /// The refresh was refused: it is `expired` already, and is not marked again.
-    Expired,
-    /// Not refreshed (no refresh service, automatic refresh off, no refresh flow or token, or
-    /// a failure worth retrying later): marked invalid as any rejected credential.
+    /// Not marked, and not tried again by this request: the refresh was refused (it is
+    /// `expired` already), or is still under way.
+    Unmarked,
+    /// Not refreshed (no refresh service, automatic refresh off, no refresh flow or token, a
+    /// failure worth retrying later, or refreshed a moment ago and rejected again): marked
+    /// invalid as any rejected credential.
     Not,
 }
 
@@ -222,21 +224,24 @@ impl RequestPath {
         }
     }
 
-    /// A provider answered 401 to `used`, the token of `credential`: have the refresh service
-    /// renew it (see [`TokenRenewal`]).
+    /// A provider answered 401 to `rejected`, a token of `credential`: have the refresh
+    /// service renew it (see [`TokenRenewal`]).
     async fn renew_rejected(
         &self,
         credential: &CredentialId,
         provider: &ProviderName,
-        used: &crate::crypto::Secret,
+        rejected: crate::refresh::Rejected<'_>,
     ) -> TokenRenewal {
         let Some(refresher) = &self.0.refresher else {
             return TokenRenewal::Not;
         };
         use crate::refresh::Renewed;
-        match refresher.renew_rejected(credential, provider, used).await {
+        match refresher
+            .renew_rejected(credential, provider, rejected)
+            .await
+        {
             Renewed::Yes => TokenRenewal::Renewed,
-            Renewed::Expired => TokenRenewal::Expired,
+            Renewed::Expired | Renewed::Pending => TokenRenewal::Unmarked,
             Renewed::No => TokenRenewal::Not,
         }
     }

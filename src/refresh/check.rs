@@ -121,6 +121,8 @@ async fn refresh_all(
     futures_util::stream::iter(due)
         .map(|c| async move {
             let outcome = match c.rejected {
+                // The server is stopping: what is left waits for the next start.
+                _ if this.closing() => Outcome::Elsewhere,
                 Some(reason) => Outcome::Failed {
                     reason: format!(
                         "its refresh was refused earlier ({reason}); replace its tokens"
@@ -148,15 +150,23 @@ impl Refresher {
             .await?;
         let outcomes = refresh_all(self, scan.due, RefreshTrigger::Schedule).await;
         record(self, RefreshTrigger::Schedule, now, scan.checked, &outcomes).await?;
-        let before = now - chrono::TimeDelta::days(HISTORY_DAYS);
-        let pruned = store.prune_refresh_history(before).await?;
-        if pruned > 0 {
-            tracing::info!(
-                pruned,
-                "refresh history older than {HISTORY_DAYS} days deleted"
-            );
-        }
+        self.prune(now).await;
         Ok(())
+    }
+
+    /// Delete history older than [`HISTORY_DAYS`] before `now`.
+    async fn prune(&self, now: DateTime<Utc>) {
+        let before = now - chrono::TimeDelta::days(HISTORY_DAYS);
+        match self.0.store.prune_refresh_history(before).await {
+            Ok(0) => {}
+            Ok(pruned) => {
+                tracing::info!(
+                    pruned,
+                    "refresh history older than {HISTORY_DAYS} days deleted"
+                )
+            }
+            Err(e) => tracing::error!(error = %e, "cannot prune the refresh history"),
+        }
     }
 
     /// Refresh the provider's refreshable credentials (or the one asked for) now, whatever
@@ -182,6 +192,10 @@ impl Refresher {
         let outcomes = refresh_all(self, candidates, RefreshTrigger::Manual).await;
         if let Err(e) = record(self, RefreshTrigger::Manual, now, checked, &outcomes).await {
             tracing::error!(error = %e, "cannot record a refresh in the history");
+        }
+        // With the worker off, manual checks are the only ones: they prune too.
+        if !self.0.settings.enabled {
+            self.prune(now).await;
         }
         Ok(outcomes
             .into_iter()

@@ -39,9 +39,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// How long a claim on a credential lasts: longer than every try of one refresh with its
-/// backoff (each call is bounded by the flows' own timeout), so a claim only ever expires
-/// when its process died.
+/// How long a claim on a credential lasts from each try of a refresh (it is taken afresh
+/// before every try): far longer than one try with its backoff (each call is bounded by the
+/// flows' own timeout), so a claim only expires when its process died.
 const CLAIM_TTL: Duration = Duration::from_secs(15 * 60);
 
 /// The settings the service reads (`auth.refresh`).
@@ -92,14 +92,45 @@ pub enum Renewed {
     Yes,
     /// The provider refused the refresh for good: the credential is `expired` already.
     Expired,
+    /// The refresh is still under way after [`REJECTED_PATIENCE`]: the request moves on
+    /// without marking the credential; the refresh goes on in its own task.
+    Pending,
     /// It could not be refreshed: the refresh failed in a way worth retrying (the worker will,
-    /// at its next check), or the credential has no refresh flow, or automatic refresh is off.
-    /// The request path marks the credential as it would without a refresh.
+    /// at its next check), the credential has no refresh flow, automatic refresh is off, or it
+    /// was refreshed within [`REJECTED_GAP`] and its new token is rejected too. The request
+    /// path marks the credential as it would without a refresh.
     No,
 }
 
+/// Which token a provider rejected.
+#[derive(Debug, Clone, Copy)]
+pub enum Rejected<'a> {
+    /// This token (a proxied request knows the one it sent).
+    Token(&'a Secret),
+    /// The token the credential held at this time (a lease knows when it handed its token
+    /// out, at its grant or last renewal).
+    HeldAt(DateTime<Utc>),
+}
+
+/// A rejected token refreshes its credential at most once in this long: a provider that
+/// rejects every token, or a client that reports 401 on every lease, costs the token endpoint
+/// one call a minute per credential, not one per request.
+pub const REJECTED_GAP: Duration = Duration::from_secs(60);
+/// How long a request whose token was rejected waits for the refresh before it moves on (it
+/// holds its reservation meanwhile).
+pub const REJECTED_PATIENCE: Duration = Duration::from_secs(10);
+
 /// What the application reads as now (the state's clock; tests set it).
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// Removes a flight's entry when its task ends.
+struct Landed<'a>(&'a Refresher, &'a CredentialId);
+
+impl Drop for Landed<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.0.flights).remove(self.1);
+    }
+}
 
 /// What the service is built from.
 pub struct Parts {
@@ -127,6 +158,20 @@ struct Inner {
     /// The refreshes under way in this process, by credential: a caller that finds one waits
     /// for it instead of starting another.
     flights: Mutex<HashMap<CredentialId, Flight>>,
+    /// When this process last started, and last completed, a refresh of each credential (for
+    /// the bounds on refreshes a rejected token makes).
+    started: Mutex<HashMap<CredentialId, DateTime<Utc>>>,
+    refreshed: Mutex<HashMap<CredentialId, DateTime<Utc>>>,
+    /// Set when the server stops: checks start no more refreshes, and refreshes no more tries.
+    closing: std::sync::atomic::AtomicBool,
+}
+
+/// How long a stopping server waits for refreshes under way to store what they got.
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// Lock a map, whatever a panicking holder left (its entries stay valid).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Refresher {
@@ -139,7 +184,26 @@ impl Refresher {
             clock: parts.clock,
             settings: parts.settings,
             flights: Mutex::new(HashMap::new()),
+            started: Mutex::new(HashMap::new()),
+            refreshed: Mutex::new(HashMap::new()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    fn closing(&self) -> bool {
+        self.0.closing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The server is stopping: start no more refreshes, try no more, and wait (up to `grace`)
+    /// for those under way to store what they got.
+    pub async fn close(&self, grace: Duration) {
+        self.0
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + grace;
+        while !lock(&self.0.flights).is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn settings(&self) -> &Settings {
@@ -161,7 +225,7 @@ impl Refresher {
         tries: u32,
     ) -> Outcome {
         let flight = {
-            let mut flights = self.0.flights.lock().unwrap_or_else(|p| p.into_inner());
+            let mut flights = lock(&self.0.flights);
             match flights.get(id) {
                 Some(flight) => flight.clone(),
                 None => {
@@ -183,14 +247,16 @@ impl Refresher {
         trigger: RefreshTrigger,
         tries: u32,
     ) -> Flight {
+        lock(&self.0.started).insert(id.clone(), self.now());
         let this = self.clone();
         let task = tokio::spawn(async move {
+            // Takes the entry out of the flights however the task ends (a panic included),
+            // so a later caller starts afresh rather than reading a dead flight forever.
+            let _landed = Landed(&this, &id);
             let outcome = one::refresh(&this, &id, &provider, trigger, tries).await;
-            this.0
-                .flights
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            if outcome.ok() {
+                lock(&this.0.refreshed).insert(id.clone(), this.now());
+            }
             outcome
         });
         async move {
@@ -203,17 +269,22 @@ impl Refresher {
         .shared()
     }
 
-    /// A provider answered 401 to a proxied request (or a lease report) made with `used`, the
+    /// A provider answered 401 to a proxied request (or a lease report) with `rejected`, a
     /// token of OAuth credential `id`: refresh it, unless another refresh already replaced
-    /// that token, in which case the credential is ready as it is. One call to the token
-    /// endpoint at most (the client is waiting); the refresh is recorded as a check of its own.
+    /// that token (the credential is ready as it is). Joins a refresh under way; starts one
+    /// (one call to the token endpoint: the client is waiting) only if none started in the
+    /// last [`REJECTED_GAP`]; waits at most [`REJECTED_PATIENCE`]. A refresh it starts is
+    /// recorded as a check of its own.
     pub async fn renew_rejected(
         &self,
         id: &CredentialId,
         provider: &ProviderName,
-        used: &Secret,
+        rejected: Rejected<'_>,
     ) -> Renewed {
-        if !self.0.settings.enabled || self.0.flows.get(provider.as_str()).is_none() {
+        if !self.0.settings.enabled
+            || self.closing()
+            || self.0.flows.get(provider.as_str()).is_none()
+        {
             return Renewed::No;
         }
         match self.0.store.refresh_candidates(provider, Some(id)).await {
@@ -226,18 +297,47 @@ impl Refresher {
                 return Renewed::No;
             }
         }
-        if let Ok(Ok(current)) = self.0.store.open_token(id).await
-            && !current.ct_eq(used.expose())
-        {
+        let replaced = match rejected {
+            Rejected::Token(used) => matches!(
+                self.0.store.open_token(id).await,
+                Ok(Ok(current)) if !current.ct_eq(used.expose())
+            ),
+            Rejected::HeldAt(at) => lock(&self.0.refreshed).get(id).is_some_and(|t| *t > at),
+        };
+        if replaced {
             return Renewed::Yes;
         }
         let now = self.now();
-        let outcome = self.refresh(id, provider, RefreshTrigger::Request, 1).await;
-        check::record_single(self, id, provider, RefreshTrigger::Request, &outcome, now).await;
-        match outcome {
-            Outcome::Refreshed { .. } => Renewed::Yes,
-            Outcome::Failed { rejected: true, .. } => Renewed::Expired,
-            Outcome::Failed { .. } | Outcome::Elsewhere => Renewed::No,
+        let gap = chrono::TimeDelta::from_std(REJECTED_GAP).unwrap_or_default();
+        let in_flight = lock(&self.0.flights).contains_key(id);
+        let started_lately = lock(&self.0.started)
+            .get(id)
+            .is_some_and(|t| now.signed_duration_since(*t) < gap);
+        if !in_flight && started_lately {
+            return Renewed::No;
+        }
+        // A refresh joined is recorded by whoever started it.
+        let record = !in_flight;
+        let this = self.clone();
+        let (id2, provider2) = (id.clone(), provider.clone());
+        // Its own task: the request's patience running out does not stop the refresh, nor
+        // its record.
+        let refresh = tokio::spawn(async move {
+            let outcome = this
+                .refresh(&id2, &provider2, RefreshTrigger::Request, 1)
+                .await;
+            if record {
+                let trigger = RefreshTrigger::Request;
+                check::record_single(&this, &id2, &provider2, trigger, &outcome, now).await;
+            }
+            outcome
+        });
+        match tokio::time::timeout(REJECTED_PATIENCE, refresh).await {
+            Err(_) => Renewed::Pending,
+            Ok(Err(_)) => Renewed::No,
+            Ok(Ok(Outcome::Refreshed { .. })) => Renewed::Yes,
+            Ok(Ok(Outcome::Failed { rejected: true, .. })) => Renewed::Expired,
+            Ok(Ok(Outcome::Failed { .. } | Outcome::Elsewhere)) => Renewed::No,
         }
     }
 }

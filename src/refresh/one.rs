@@ -34,6 +34,10 @@ pub(super) async fn refresh(
     }
     let material = match inner.store.refresh_material(id).await {
         Ok(m) => m,
+        Err(crate::store::StoreError::NotFound) => {
+            release(this, id).await;
+            return deleted();
+        }
         Err(e) => {
             release(this, id).await;
             return store_failure(id, "reading it", &e);
@@ -43,11 +47,21 @@ pub(super) async fn refresh(
     let mut tried = 0;
     let result = loop {
         tried += 1;
+        // The claim is taken afresh before every try after the first: a refresh with long
+        // retries outlasts no claim, and one whose claim was taken over stops here, before
+        // it sends a refresh token the other may have rotated.
+        if tried > 1 {
+            match inner.store.claim_refresh(id, this.now(), CLAIM_TTL).await {
+                Ok(true) => {}
+                Ok(false) => return Outcome::Elsewhere,
+                Err(e) => return store_failure(id, "claiming it", &e),
+            }
+        }
         match flow.refresh(&material, this.now()).await {
             Err(FlowError::Transient {
                 reason,
                 retry_after,
-            }) if tried < tries.max(1) => {
+            }) if tried < tries.max(1) && !this.closing() => {
                 let pause = retry_after
                     .unwrap_or(wait)
                     .min(crate::config::MAX_RETRY_BACKOFF);
@@ -93,6 +107,7 @@ async fn stored(
         attempt += 1;
         match inner.store.store_refreshed(id, refreshed, this.now()).await {
             Ok(written) => break Ok(written),
+            Err(crate::store::StoreError::NotFound) => return deleted(),
             Err(e) if attempt < STORE_TRIES => {
                 tracing::warn!(credential = %id, error = %e, "cannot store a refreshed token; trying again");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -132,9 +147,10 @@ async fn stored(
             "its tokens were replaced while it was refreshed; the refreshed ones were dropped"
                 .to_string()
         }
+        // The claim is kept (it expires on its own): released, another refresh could start
+        // from the refresh token this one may have rotated away.
         Err(e) => {
             tracing::error!(credential = %id, error = %e, "cannot store a refreshed token");
-            release(this, id).await;
             "the new token could not be stored".to_string()
         }
     };
@@ -155,6 +171,7 @@ async fn rejected(
 ) -> Outcome {
     let inner = &this.0;
     match inner.store.reject_refresh(id, &reason, this.now()).await {
+        Err(crate::store::StoreError::NotFound) => return deleted(),
         Ok(true) => {
             inner.auth_log.record(&format!(
                 "credential {id} ({provider}) marked expired: refresh refused: {reason}"
@@ -209,6 +226,14 @@ fn failed(
 async fn release(this: &Refresher, id: &CredentialId) {
     if let Err(e) = this.0.store.release_refresh_claim(id).await {
         tracing::warn!(credential = %id, error = %e, "cannot release a refresh claim; it expires on its own");
+    }
+}
+
+/// The credential was deleted while it was refreshed: nothing to store, nobody to tell.
+fn deleted() -> Outcome {
+    Outcome::Failed {
+        reason: "the credential was deleted".into(),
+        rejected: false,
     }
 }
 

@@ -709,9 +709,11 @@ impl Store {
         )
         .execute(&mut *tx)
         .await?;
-        if secret_changed {
-            // A refresh under way started from the tokens just replaced: its result must not
-            // overwrite them (it finds its claim gone and stores nothing).
+        if refresh.is_some() {
+            // A refresh under way started from the refresh token just replaced: its result
+            // must not overwrite it (it finds its claim gone and stores nothing). A new access
+            // token alone leaves it be: the refresh's tokens are newer, and its rotated
+            // refresh token is the only one that still works.
             sqlx::query!("DELETE FROM refresh_claims WHERE credential_id = ?", id)
                 .execute(&mut *tx)
                 .await?;

@@ -236,7 +236,8 @@ impl Store {
 
     /// Update a credential in place from a changed import entry: its secrets and settings
     /// (its limit: [`set_limit`]), never `used` or `reserved`. A changed secret clears an
-    /// `invalid` or `expired` mark, and the `refresh_after` of the tokens it replaces.
+    /// `invalid` or `expired` mark, and the `refresh_after` of the tokens it replaces. A
+    /// credential refreshed since keeps its tokens: only its settings change.
     async fn update_from_import(
         &self,
         conn: &mut SqliteConnection,
@@ -252,12 +253,21 @@ impl Store {
         let kind = new.kind.as_str();
         let expires_at = new.expires_at.map(|t| t.timestamp());
         sqlx::query!(
-            "UPDATE credentials SET kind = ?1, label = ?2, token_sealed = ?3,
-                 refresh_token_sealed = ?4, client_secret_sealed = ?5, token_preview = ?6,
-                 extra = ?7, priority = ?8, disabled = ?9, expires_at = ?10, import_digest = ?11,
-                 source = ?12, updated_at = ?13, refresh_after = NULL,
-                 state = CASE WHEN state IN ('invalid', 'expired') THEN 'active' ELSE state END,
-                 state_reason = CASE WHEN state IN ('invalid', 'expired') THEN NULL ELSE state_reason END
+            // Once refreshed, the credential's tokens are newer than the file's (which still
+            // holds the refresh token it was imported with: that is how the file matched it,
+            // and a rotating provider no longer takes it), so only the settings change.
+            "UPDATE credentials SET kind = ?1, label = ?2,
+                 token_sealed = CASE WHEN last_refresh_at IS NULL THEN ?3 ELSE token_sealed END,
+                 refresh_token_sealed = CASE WHEN last_refresh_at IS NULL THEN ?4 ELSE refresh_token_sealed END,
+                 client_secret_sealed = CASE WHEN last_refresh_at IS NULL THEN ?5 ELSE client_secret_sealed END,
+                 token_preview = CASE WHEN last_refresh_at IS NULL THEN ?6 ELSE token_preview END,
+                 extra = CASE WHEN last_refresh_at IS NULL THEN ?7 ELSE extra END,
+                 priority = ?8, disabled = ?9,
+                 expires_at = CASE WHEN last_refresh_at IS NULL THEN ?10 ELSE expires_at END,
+                 import_digest = ?11, source = ?12, updated_at = ?13,
+                 refresh_after = CASE WHEN last_refresh_at IS NULL THEN NULL ELSE refresh_after END,
+                 state = CASE WHEN last_refresh_at IS NULL AND state IN ('invalid', 'expired') THEN 'active' ELSE state END,
+                 state_reason = CASE WHEN last_refresh_at IS NULL AND state IN ('invalid', 'expired') THEN NULL ELSE state_reason END
              WHERE id = ?14",
             kind,
             new.label,
@@ -276,10 +286,15 @@ impl Store {
         )
         .execute(&mut *conn)
         .await?;
-        // As for a `PUT` of new tokens: a refresh under way must not overwrite them.
-        sqlx::query!("DELETE FROM refresh_claims WHERE credential_id = ?", id)
-            .execute(&mut *conn)
-            .await?;
+        // As for a `PUT` of a new refresh token: a refresh under way must not overwrite it
+        // (when the file's tokens were written, above).
+        sqlx::query!(
+            "DELETE FROM refresh_claims WHERE credential_id = ?1
+                 AND EXISTS (SELECT 1 FROM credentials WHERE id = ?1 AND last_refresh_at IS NULL)",
+            id
+        )
+        .execute(&mut *conn)
+        .await?;
         Ok(())
     }
 }

@@ -313,6 +313,17 @@ impl Store {
         self.claim_as(&self.instance, id, now, ttl).await
     }
 
+    /// Drop every refresh claim not this process's: called by a server at start, when those
+    /// are a stopped server's (a second server on the database is refused). The number dropped.
+    #[tracing::instrument(skip_all)]
+    pub async fn drop_dead_refresh_claims(&self) -> Result<u64> {
+        let instance: &str = &self.instance;
+        let done = sqlx::query!("DELETE FROM refresh_claims WHERE owner <> ?", instance)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     /// [`Store::claim_refresh`] for `owner`. A claim touches nothing the ledger's mirror holds,
     /// so it needs no gate: it only waits, as any write does, for SQLite's write lock.
     async fn claim_as(

@@ -255,11 +255,15 @@ impl Store {
         hot.token_expires_at(id.as_str())
     }
 
-    /// A live lease: its credential and provider, if it exists and is a lease.
+    /// A live lease: its credential, its provider, and when it last handed out the
+    /// credential's token (its grant or last renewal), if it exists and is a lease.
     #[tracing::instrument(level = "debug", skip_all, fields(lease = id.as_str()))]
-    pub async fn lease(&self, id: &ReservationId) -> Result<Option<(CredentialId, ProviderName)>> {
+    pub async fn lease(
+        &self,
+        id: &ReservationId,
+    ) -> Result<Option<(CredentialId, ProviderName, DateTime<Utc>)>> {
         Ok(sqlx::query!(
-            "SELECT credential_id, provider FROM reservations WHERE id = ? AND kind = 'lease'",
+            "SELECT credential_id, provider, created_at FROM reservations WHERE id = ? AND kind = 'lease'",
             id.as_str()
         )
         .fetch_optional(&self.reader)
@@ -268,6 +272,7 @@ impl Store {
             (
                 CredentialId::from(r.credential_id),
                 ProviderName::from(r.provider),
+                crate::domain::from_unix(r.created_at),
             )
         }))
     }

@@ -23,6 +23,7 @@ mod provider_mock;
 mod proxy;
 mod raw;
 mod refresh;
+mod refresh_bounds;
 mod resets;
 mod scale;
 #[cfg(feature = "sdk-tests")]

@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const KEY: &str = "refresh-client-key";
-const WAIT: Duration = Duration::from_secs(60);
+pub(crate) const KEY: &str = "refresh-client-key";
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
 
 /// How the mock answers the refresh grants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
+pub(crate) enum Mode {
     /// Issue a new access token and rotate the refresh token; an old refresh token is
     /// `invalid_grant`, as with a real rotating server.
     Rotate,
@@ -29,15 +29,15 @@ enum Mode {
     ServerError,
 }
 
-struct Tokens {
+pub(crate) struct Tokens {
     mode: Mutex<Mode>,
     /// The body of every refresh grant (Kiro's JSON, or the RFC 6749 form as an object).
-    grants: Mutex<Vec<Value>>,
+    pub(crate) grants: Mutex<Vec<Value>>,
     registers: AtomicUsize,
     /// The `authorization` header of every Copilot token exchange.
     exchanges: Mutex<Vec<String>>,
     /// Answer each grant after this long.
-    delay: Mutex<Duration>,
+    pub(crate) delay: Mutex<Duration>,
     issued: AtomicUsize,
     /// The refresh tokens presented so far (each is good once).
     used_refresh: Mutex<std::collections::HashSet<String>>,
@@ -48,11 +48,11 @@ struct Tokens {
 }
 
 impl Tokens {
-    fn grants(&self) -> Vec<Value> {
+    pub(crate) fn grants(&self) -> Vec<Value> {
         self.grants.lock().unwrap().clone()
     }
 
-    fn refresh_tokens_sent(&self) -> Vec<String> {
+    pub(crate) fn refresh_tokens_sent(&self) -> Vec<String> {
         self.grants()
             .iter()
             .map(|g| {
@@ -66,13 +66,13 @@ impl Tokens {
     }
 }
 
-struct Mock {
-    base: String,
-    tokens: Arc<Tokens>,
+pub(crate) struct Mock {
+    pub(crate) base: String,
+    pub(crate) tokens: Arc<Tokens>,
 }
 
 impl Mock {
-    async fn start(clock: Arc<AtomicI64>) -> Mock {
+    pub(crate) async fn start(clock: Arc<AtomicI64>) -> Mock {
         let tokens = Arc::new(Tokens {
             mode: Mutex::new(Mode::Rotate),
             grants: Mutex::default(),
@@ -94,12 +94,12 @@ impl Mock {
         Mock { base, tokens }
     }
 
-    fn mode(&self, mode: Mode) {
+    pub(crate) fn mode(&self, mode: Mode) {
         *self.tokens.mode.lock().unwrap() = mode;
     }
 
     /// The config lines naming the mock for every token endpoint and the `myoauth` provider.
-    fn yaml(&self) -> String {
+    pub(crate) fn yaml(&self) -> String {
         let b = &self.base;
         format!(
             "oauth:\n  kiro: {{oidc_base_url: \"{b}\", region: us-east-1}}\n  copilot: {{github_base_url: \"{b}\", api_base_url: \"{b}\"}}\n\
@@ -246,12 +246,12 @@ async fn chat(State(t): State<Arc<Tokens>>, headers: HeaderMap) -> (StatusCode, 
     )
 }
 
-fn rfc(t: DateTime<Utc>) -> String {
+pub(crate) fn rfc(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// A `myoauth` credential file whose token expires at `expires_at`.
-fn myoauth_file(home: &Home, expires_at: DateTime<Utc>) {
+pub(crate) fn myoauth_file(home: &Home, expires_at: DateTime<Utc>) {
     let file = json!({"provider": "myoauth", "type": "oauth", "access_token": "my-at-old",
         "refresh_token": "my-rt-first", "expires_at": rfc(expires_at), "label": "mine"});
     home.auth_file("myoauth.json", file.to_string());
@@ -262,19 +262,19 @@ fn clock_at(t: &Arc<AtomicI64>) -> cliproxyapi::state::Clock {
     Arc::new(move || DateTime::from_timestamp(t.load(Ordering::SeqCst), 0).unwrap())
 }
 
-async fn status(api: &impl Api) -> Value {
+pub(crate) async fn status(api: &impl Api) -> Value {
     let r = api.get("/v0/management/auths/refresh/status").await;
     assert_eq!(r.status, 200, "{}", r.text);
     r.json()
 }
 
-async fn only(api: &impl Api, provider: &str) -> Value {
+pub(crate) async fn only(api: &impl Api, provider: &str) -> Value {
     let r = api.get(&format!("/v0/management/auths/{provider}")).await;
     assert_eq!(r.status, 200, "{}", r.text);
     r.json()["auths"][0].clone()
 }
 
-async fn chat_as_client(api: &impl Api) -> crate::common::Resp {
+pub(crate) async fn chat_as_client(api: &impl Api) -> crate::common::Resp {
     let body = json!({"model": "my-model", "messages": [{"role": "user", "content": "hi"}]});
     api.post_as(KEY, "/v1/chat/completions", &body).await
 }
