@@ -2,6 +2,8 @@
 # The request-path benchmark: see bench/README.md. Prints one table.
 # `bench/run.sh scale` runs only the 100,000-credential part (management writes under load,
 # the default list); BIN=path runs another build of the server there (to compare two builds).
+# `bench/run.sh webhooks` runs only the webhook part (issue 13: receivers down or slow beside
+# proxied requests that each send an event).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-all}
@@ -19,7 +21,9 @@ trap cleanup EXIT
 
 wait_port() { for _ in $(seq 1 "${2:-500}"); do (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0; sleep 0.01; done; echo "nothing listens on $1" >&2; return 1; }
 
-target/release/examples/mock_upstream "$MOCK" & pids+=($!)
+# The mock answers this credential's requests 529 (overloaded): see webhooks_bench.
+OVERLOADED_KEY=sk-bench-overloaded-abcdefghijklmnopqrstuvwxyz
+MOCK_OVERLOADED_KEY=$OVERLOADED_KEY target/release/examples/mock_upstream "$MOCK" & pids+=($!)
 wait_port "$MOCK"
 
 if [ "$MODE" = all ]; then
@@ -60,6 +64,7 @@ auth_dir: auths
 logging: { level: warn, dir: logs }
 providers:
   openai: { base_url: "http://$MOCK/v1" }
+${SRV_EXTRA_YAML:-}
 YAML
     local t0; t0=$(date +%s.%N)
     "$BIN" --config "$1/config.yaml" >"$1/server.log" 2>&1 & SRV=$!
@@ -82,18 +87,23 @@ PY
 
 to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; printf "%.3f", v}'; }
 
-run_wrk() { # $1 url, $2 connections -> "rps p50 p99"
+wrk_stats() { # $1 url, $2 connections -> "rps p50 p99 non-2xx socket-errors requests"
     # A one-second warm-up first: wrk's first run against a fresh target reports stray
     # latencies of 50-200 ms (seen with nginx too) that no steady state has.
     wrk -t 1 -c "$2" -d 1s -s bench/post.lua "$1" >/dev/null
     local out; out=$(wrk -t "$([ "$2" -gt 1 ] && echo 2 || echo 1)" -c "$2" -d "$DURATION" --latency -s bench/post.lua "$1")
     if [ -n "${WRK_LOG:-}" ]; then printf '== %s, %s connections\n%s\n' "$1" "$2" "$out" >> "$WRK_LOG"; fi
-    local rps p50 p99
+    local rps p50 p99 bad errs n
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     p50=$(echo "$out" | awk '$1=="50%" {print $2}' | to_ms)
     p99=$(echo "$out" | awk '$1=="99%" {print $2}' | to_ms)
-    echo "$rps $p50 $p99"
+    bad=$(echo "$out" | awk '/Non-2xx/ {n+=$NF} END {print n+0}')
+    errs=$(echo "$out" | awk '/Socket errors/ {gsub(",", ""); n+=$4+$6+$8+$10} END {print n+0}')
+    n=$(echo "$out" | awk '/requests in/ {print $1}')
+    echo "$rps $p50 $p99 $bad $errs $n"
 }
+
+run_wrk() { wrk_stats "$@" | cut -d' ' -f1-3; } # $1 url, $2 connections -> "rps p50 p99"
 
 stream_times() { # $1 base url -> "ttfb_ms ttlb_ms" (medians of 200)
     local body='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello."}]}'
@@ -273,6 +283,152 @@ PY
     echo "| memory (VmRSS): after start / after the load runs / after the lists | $start_rss / $load_rss / $list_rss MB | |"
     kill "$SRV"; wait "$SRV" 2>/dev/null || true
 }
+
+# Issue 13: a webhook receiver that is down, or answers after 10 s, beside proxied requests.
+# Each request makes an event: with `priority` selection the mock's overloaded credential
+# (OVERLOADED_KEY, priority 1) is tried first, answers 529 (an overload marks nothing, so it
+# stays first), and the request moves on to a good credential (priority 2): one
+# `credential.rotated` event per request. Three configs, each on a fresh server and database:
+# no webhook; a webhook to a port nothing listens on; one to a receiver that answers after
+# 10 s. ROUNDS (3) rounds, the order rotated each round; wrk at 16 connections for DURATION.
+webhooks_bench() {
+    local rounds=${ROUNDS:-3} conn=16 warmup=${WARMUP:-3s}
+    local url="http://127.0.0.1:$SRV_PORT/v1/chat/completions"
+    local down=127.0.0.1:18398 slow=127.0.0.1:18399 results="$work/hooks.txt"
+    if (exec 3<>"/dev/tcp/${down%:*}/${down#*:}") 2>/dev/null; then
+        echo "something listens on $down, which must be down" >&2; return 1
+    fi
+    export BENCH_WEBHOOK_SECRET=bench-webhook-secret
+    cat > "$work/slow_receiver.py" <<'PY'
+# A webhook receiver that answers 204 ten seconds after each event; one line per event received.
+import http.server, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+log = open(sys.argv[2], "a", buffering=1)
+class Slow(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(min(int(self.headers.get("content-length") or 0), 1 << 16))
+        log.write(f"{self.headers.get('x-cliproxy-event')}\n")
+        time.sleep(10)
+        self.send_response(204)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer((host, int(port)), Slow)
+server.daemon_threads = True
+server.serve_forever()
+PY
+    python3 "$work/slow_receiver.py" "$slow" "$work/slow-hits.txt" 2>/dev/null & pids+=($!)
+    wait_port "$slow"
+    touch "$work/slow-hits.txt"
+    mock_count() { curl -s "http://$MOCK/stats" | python3 -c "import json, sys; print(json.load(sys.stdin)['$1'])"; }
+    rotations() { grep -c "rotated to" "$1/logs/auth.log" || true; }
+    hook_yaml() { # $1 receiver host:port
+        printf '    timeout: %s\n    webhooks:\n      - url: "http://%s/hook"\n        events: [credential.rotated, credential.exhausted, credential.invalid, credential.cooldown]\n        secret_env: BENCH_WEBHOOK_SECRET\n' \
+            "${HOOK_TIMEOUT:-5s}" "$1"
+    }
+    echo
+    echo "Webhooks: wrk at $conn connections for $DURATION after $warmup of warm-up, $rounds rounds; every request tries an overloaded credential, then a good one; server $BIN"
+    echo "load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo
+    printf '| %5s | %-28s | %10s | %8s | %8s | %7s | %13s | %-25s | %s\n' round config requests/s "p50 ms" "p99 ms" non-2xx "socket errors" "rotations / overloads" "receiver got |"
+    printf '| %5s | %-28s | %10s | %8s | %8s | %7s | %13s | %-25s | %s\n' --- --- --- --- --- --- --- --- "--- |"
+    local configs=(none down slow)
+    for round in $(seq 1 "$rounds"); do
+        local order=()
+        for i in 0 1 2; do order+=("${configs[$(( (i + round - 1) % 3 ))]}"); done
+        for cfg in "${order[@]}"; do
+            local home="$work/hooks-$round-$cfg" name
+            mkdir -p "$home"
+            SRV_EXTRA_YAML="auth:
+  selection_strategy: priority"
+            case $cfg in
+                none) name="no webhook" ;;
+                down) name="webhook down (refused)"; SRV_EXTRA_YAML+=$'\n  notifications:\n'"$(hook_yaml "$down")" ;;
+                slow) name="webhook answering after 10 s"; SRV_EXTRA_YAML+=$'\n  notifications:\n'"$(hook_yaml "$slow")" ;;
+            esac
+            local over0 hits0; over0=$(mock_count overloaded); hits0=$(wc -l < "$work/slow-hits.txt")
+            start_server "$home"
+            python3 - "$SRV_PORT" "$OVERLOADED_KEY" <<'PY'
+import json, sys, urllib.request
+port, overloaded = sys.argv[1], sys.argv[2]
+body = json.dumps([
+    {"provider": "openai", "token": overloaded, "priority": 1, "label": "overloaded"},
+    {"provider": "openai", "token": "sk-bench-000000-abcdefghijklmnopqrstuvwxyz", "priority": 2, "label": "good"},
+]).encode()
+req = urllib.request.Request(f"http://127.0.0.1:{port}/v0/management/auths/import", data=body, method="POST")
+report = json.load(urllib.request.urlopen(req))
+assert not report["errors"], report["errors"]
+PY
+            # Before measuring: each request must answer 200 and rotate once (a line in the
+            # auth log per request), or the run would not be sending the events it claims to.
+            python3 - "$SRV_PORT" "$home/logs/auth.log" <<'PY'
+import sys, time, urllib.request
+port, log = sys.argv[1], sys.argv[2]
+body = open("bench/post.lua").read().split("wrk.body = '")[1].split("'")[0].encode()
+for _ in range(20):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                 headers={"content-type": "application/json"})
+    assert urllib.request.urlopen(req).status == 200
+count = lambda: sum("rotated to" in l for l in open(log))
+for _ in range(100):
+    if count() >= 20:
+        break
+    time.sleep(0.05)
+assert count() == 20, f"{count()} 'rotated to' lines in the auth log after 20 requests, not 20"
+PY
+            wrk -t 2 -c "$conn" -d "$warmup" -s bench/post.lua "$url" >/dev/null
+            local rps p50 p99 bad errs n
+            read -r rps p50 p99 bad errs n < <(wrk_stats "$url" "$conn")
+            # Let the auth log catch up with the last answers before counting.
+            local rot over
+            for _ in $(seq 1 50); do
+                over=$(( $(mock_count overloaded) - over0 )); rot=$(rotations "$home")
+                [ "$rot" -ge "$over" ] && break
+                sleep 0.1
+            done
+            kill "$SRV"; wait "$SRV" 2>/dev/null || true
+            local got="" warn
+            warn=$(grep -c -i "webhook" "$home/server.log" || true)
+            case $cfg in
+                none) got="" ;;
+                down) got="(refused; $warn log lines)" ;;
+                slow) got="$(( $(wc -l < "$work/slow-hits.txt") - hits0 )) POSTs ($warn log lines)" ;;
+            esac
+            printf '| %5s | %-28s | %10s | %8s | %8s | %7s | %13s | %-25s | %s |\n' "$round" "$name" "$rps" "$p50" "$p99" "$bad" "$errs" "$rot / $over" "$got"
+            echo "$cfg $rps $p50 $p99 $bad $errs" >> "$results"
+        done
+    done
+    echo
+    echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    python3 - "$results" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    cfg, rps, p50, p99, bad, errs = line.split()
+    rows.setdefault(cfg, []).append((float(rps), float(p50), float(p99), int(bad), int(errs)))
+names = {"none": "no webhook", "down": "webhook down (refused)", "slow": "webhook answering after 10 s"}
+med = lambda cfg, i: statistics.median(r[i] for r in rows[cfg])
+base = [r[1] for r in rows["none"]]
+b50 = statistics.median(base)
+print()
+print("| config | median requests/s | median p50 ms | median p99 ms | p50 vs no webhook | non-2xx + socket errors (all rounds) |")
+print("| --- | --- | --- | --- | --- | --- |")
+for cfg in ("none", "down", "slow"):
+    p50 = med(cfg, 1)
+    diff = "" if cfg == "none" else f"{p50 - b50:+.3f} ms ({(p50 / b50 - 1) * 100:+.1f} %)"
+    bad = sum(r[3] + r[4] for r in rows[cfg])
+    print(f"| {names[cfg]} | {med(cfg, 0):,.0f} | {p50:.3f} | {med(cfg, 2):.3f} | {diff} | {bad} |")
+print()
+spread = max(base) - min(base)
+print(f"A/A noise: no webhook's own p50 across its {len(base)} rounds: {min(base):.3f} to {max(base):.3f} ms, "
+      f"a spread of {spread:.3f} ms ({spread / b50 * 100:.1f} % of its median)")
+PY
+}
+
+if [ "$MODE" = webhooks ]; then
+    webhooks_bench
+    exit 0
+fi
 
 if [ "$MODE" = scale ]; then
     scale_bench
