@@ -1,12 +1,18 @@
-//! Copilot's token exchange: the stored GitHub token (the credential's refresh token) buys a
+//! Copilot's login and token exchange. The login is GitHub's device flow (RFC 8628) at
+//! `oauth.copilot.github_base_url` with `oauth.copilot.client_id` and `scope`: its GitHub token
+//! becomes the credential's refresh token, with no access token until the first exchange.
+//! The token exchange: the stored GitHub token (the credential's refresh token) buys a
 //! short-lived Copilot token at `{oauth.copilot.api_base_url}/copilot_internal/v2/token`,
 //! answered by `{token, expires_at (unix s), refresh_in (s)}`. The worker exchanges it again
 //! `refresh_in - 60 s` later, as the editors do. A 401 or 403 (a revoked GitHub token, no
 //! Copilot seat) is final, with the message GitHub gave.
 
 use super::client::{self, Http};
+use super::device::{self, Fields};
 use super::{BoxFuture, OauthFlow};
 use crate::config::CopilotOAuthConfig;
+use crate::domain::OauthExtra;
+use crate::domain::login::{DeviceAuthorization, LoginRequest, LoginTokens, Poll, PollMaterial};
 use crate::domain::refresh::{FlowError, RefreshMaterial, Refreshed};
 use chrono::{DateTime, TimeDelta, Utc};
 
@@ -27,20 +33,120 @@ const SOONEST: TimeDelta = TimeDelta::seconds(30);
 /// 25 minutes).
 const DEFAULT_LIFETIME: i64 = 25 * 60;
 
+/// GitHub's device authorization answer (RFC 8628's names).
+const FIELDS: Fields = Fields {
+    device_code: "device_code",
+    user_code: "user_code",
+    verification_uri: "verification_uri",
+    verification_uri_complete: "verification_uri_complete",
+    expires_in: "expires_in",
+    interval: "interval",
+};
+
 #[derive(Debug)]
 pub struct CopilotFlow {
     http: Http,
     url: String,
+    /// `{github_base_url}/login/device/code`.
+    device_url: String,
+    /// `{github_base_url}/login/oauth/access_token`.
+    poll_url: String,
+    client_id: String,
+    scope: String,
 }
 
 impl CopilotFlow {
     pub fn new(http: Http, config: &CopilotOAuthConfig) -> CopilotFlow {
+        let github = config.github_base_url.trim_end_matches('/');
         CopilotFlow {
             http,
             url: format!(
                 "{}/copilot_internal/v2/token",
                 config.api_base_url.trim_end_matches('/')
             ),
+            device_url: format!("{github}/login/device/code"),
+            poll_url: format!("{github}/login/oauth/access_token"),
+            client_id: config.client_id.clone(),
+            scope: config.scope.clone(),
+        }
+    }
+
+    /// `POST /login/device/code` with the client id and scope.
+    async fn start(&self, request: &LoginRequest) -> Result<DeviceAuthorization, FlowError> {
+        if *request != LoginRequest::default() {
+            return Err(FlowError::Rejected(
+                "a copilot login takes no method, start URL or region".into(),
+            ));
+        }
+        let form = [
+            ("client_id", self.client_id.as_str()),
+            ("scope", self.scope.as_str()),
+        ];
+        let request = self
+            .http
+            .client()?
+            .post(&self.device_url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(form_body(&form));
+        let answer = client::send(request, &[]).await?;
+        if let Some(failure) = device::start_failure(&answer, &[]) {
+            return Err(failure);
+        }
+        let codes = device::read_codes(&client::json_object(&answer, &[])?, &FIELDS, &[])?;
+        Ok(DeviceAuthorization {
+            device_code: codes.device_code,
+            user_code: codes.user_code,
+            verification_uri: codes.verification_uri,
+            verification_uri_complete: codes.verification_uri_complete,
+            expires_in: codes.expires_in,
+            interval: codes.interval,
+            client: None,
+            extra: OauthExtra::default(),
+        })
+    }
+
+    /// `POST /login/oauth/access_token` with the device code.
+    async fn poll(&self, material: PollMaterial<'_>) -> Poll {
+        let device_code = material.device_code.expose();
+        let secrets = [device_code];
+        let form = [
+            ("client_id", self.client_id.as_str()),
+            ("device_code", device_code),
+            ("grant_type", device::GRANT_TYPE),
+        ];
+        let client = match self.http.client() {
+            Ok(c) => c,
+            Err(e) => return Poll::Retry(e.reason().to_string()),
+        };
+        let request = client
+            .post(&self.poll_url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(form_body(&form));
+        let map = match device::poll_answer(
+            client::send(request, &secrets).await,
+            "interval",
+            &secrets,
+        ) {
+            Ok(map) => map,
+            Err(poll) => return poll,
+        };
+        match client::optional_token(&map, "access_token", &secrets) {
+            Ok(Some(github_token)) => Poll::Success(LoginTokens {
+                access_token: None,
+                refresh_token: github_token,
+                expires_at: None,
+            }),
+            // A 2xx without a token is taken as pending, as ericc-ch/copilot-api does.
+            Ok(None) => Poll::Pending,
+            Err(e) => Poll::Failed(e.reason().to_string()),
         }
     }
 
@@ -81,6 +187,13 @@ impl CopilotFlow {
     }
 }
 
+/// `pairs` as an `application/x-www-form-urlencoded` body.
+fn form_body(pairs: &[(&str, &str)]) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}
+
 /// `now + refresh_in - 60 s`, never later than `expires_at - 60 s`, never earlier than
 /// `now + 30 s`.
 fn refresh_after(now: DateTime<Utc>, refresh_in: i64, expires_at: DateTime<Utc>) -> DateTime<Utc> {
@@ -96,6 +209,26 @@ impl OauthFlow for CopilotFlow {
         now: DateTime<Utc>,
     ) -> BoxFuture<'a, Result<Refreshed, FlowError>> {
         Box::pin(self.run(material, now))
+    }
+
+    fn has_login(&self) -> bool {
+        true
+    }
+
+    fn start_login<'a>(
+        &'a self,
+        request: &'a LoginRequest,
+        _now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<DeviceAuthorization, FlowError>> {
+        Box::pin(self.start(request))
+    }
+
+    fn poll_login<'a>(
+        &'a self,
+        material: PollMaterial<'a>,
+        _now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Poll> {
+        Box::pin(self.poll(material))
     }
 }
 

@@ -1,4 +1,11 @@
-//! Kiro's refresh: the AWS SSO OIDC refresh grant (JSON, camelCase) at
+//! Kiro's login and refresh. The login is AWS SSO OIDC's device flow, with Builder ID (the
+//! config's `start_url` and `region`) or Identity Center (the organisation's start URL and
+//! region): a client is registered (`POST /client/register`, the same registration the
+//! refresh makes), then `POST /device_authorization`, then `POST /token` with the device code
+//! until the user approves; the client comes back with the authorization and is stored with
+//! the credential, which every refresh needs.
+//!
+//! The refresh: the AWS SSO OIDC refresh grant (JSON, camelCase) at
 //! `oauth.kiro.oidc_base_url` with `{region}` the credential's region. It needs the registered
 //! OIDC client: when the stored one is missing or its secret expires within 5 minutes, the
 //! client is registered again first (`POST /client/register`) and the new one comes back in
@@ -7,10 +14,13 @@
 //! token call.
 
 use super::client::{self, Answer, ErrorBody, Http};
+use super::device::{self, Fields};
 use super::{BoxFuture, OauthFlow};
 use crate::config::KiroOAuthConfig;
 use crate::crypto::Secret;
+use crate::domain::login::{DeviceAuthorization, LoginRequest, LoginTokens, Poll, PollMaterial};
 use crate::domain::refresh::{FlowError, NewClient, RefreshMaterial, Refreshed};
+use crate::domain::{AuthMethod, OauthExtra};
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::json;
 
@@ -27,6 +37,15 @@ const GRANT_TYPES: &[&str] = &[
     "urn:ietf:params:oauth:grant-type:device_code",
     "refresh_token",
 ];
+/// AWS SSO OIDC's device authorization answer (camelCase).
+const FIELDS: Fields = Fields {
+    device_code: "deviceCode",
+    user_code: "userCode",
+    verification_uri: "verificationUri",
+    verification_uri_complete: "verificationUriComplete",
+    expires_in: "expiresIn",
+    interval: "interval",
+};
 /// A client whose secret expires within this is registered again before it is used.
 const SECRET_MARGIN: TimeDelta = TimeDelta::minutes(5);
 /// The longest client id taken from an answer.
@@ -37,8 +56,10 @@ pub struct KiroFlow {
     http: Http,
     /// `oidc_base_url`, with `{region}` still in it.
     base_url: String,
-    /// The region of a credential that names none.
+    /// The region of a credential that names none, and of a Builder ID login.
     region: String,
+    /// Builder ID's start URL.
+    start_url: String,
 }
 
 /// A region goes into a host name: nothing but `^[a-z0-9-]{1,32}$`.
@@ -61,6 +82,155 @@ impl KiroFlow {
             http,
             base_url: config.oidc_base_url.trim_end_matches('/').to_string(),
             region: config.region.clone(),
+            start_url: config.start_url.clone(),
+        }
+    }
+
+    /// The method, start URL and region a login asks for, or `Rejected` without a call:
+    /// Builder ID takes the config's (and nothing from the request); Identity Center needs
+    /// an https start URL and takes a region of `^[a-z0-9-]{1,32}$` (the config's when none).
+    fn target(&self, request: &LoginRequest) -> Result<(AuthMethod, String, String), FlowError> {
+        let method = request.method.unwrap_or(AuthMethod::BuilderId);
+        let (start_url, region) = match method {
+            AuthMethod::BuilderId => {
+                if request.start_url.is_some() || request.region.is_some() {
+                    return Err(FlowError::Rejected(
+                        "a Builder ID login takes no start URL or region (Identity Center does: method `idc`)".into(),
+                    ));
+                }
+                (self.start_url.clone(), self.region.clone())
+            }
+            AuthMethod::Idc => {
+                let start_url = request
+                    .start_url
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .ok_or_else(|| {
+                        FlowError::Rejected("an Identity Center login needs its start URL".into())
+                    })?;
+                if !(start_url.starts_with("https://") && device::web_url(start_url)) {
+                    return Err(FlowError::Rejected(
+                        "the start URL is not an https:// URL (of at most 2 KiB)".into(),
+                    ));
+                }
+                let region = request.region.as_deref().unwrap_or(&self.region);
+                (start_url.to_string(), region.to_string())
+            }
+        };
+        if !valid_region(&region) {
+            return Err(FlowError::Rejected(client::scrub(
+                &format!("`{region}` is not an AWS region"),
+                &[],
+            )));
+        }
+        Ok((method, start_url, region))
+    }
+
+    /// Register a client, then `POST /device_authorization` with it.
+    async fn start(
+        &self,
+        request: &LoginRequest,
+        now: DateTime<Utc>,
+    ) -> Result<DeviceAuthorization, FlowError> {
+        let (method, start_url, region) = self.target(request)?;
+        let base = self.base_url.replace("{region}", &region);
+        let new = self.register(&base, now, &[]).await?;
+        let secret = new.client_secret.expose();
+        let secrets = [secret];
+        let body = json!({
+            "clientId": new.client_id,
+            "clientSecret": secret,
+            "startUrl": start_url,
+        });
+        let request = self
+            .http
+            .client()?
+            .post(format!("{base}/device_authorization"))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(body.to_string());
+        let answer = client::send(request, &secrets).await?;
+        if let Some(failure) = device::start_failure(&answer, &secrets) {
+            let reason = format!("device authorization: {}", failure.reason());
+            return Err(match failure {
+                FlowError::Transient { retry_after, .. } => {
+                    client::transient(&reason, &secrets, retry_after)
+                }
+                _ => FlowError::Rejected(client::scrub(&reason, &secrets)),
+            });
+        }
+        let codes =
+            device::read_codes(&client::json_object(&answer, &secrets)?, &FIELDS, &secrets)?;
+        let extra = OauthExtra {
+            client_id: Some(new.client_id.clone()),
+            client_secret_expires_at: new.client_secret_expires_at,
+            region: Some(region),
+            start_url: Some(start_url),
+            auth_method: Some(method),
+        };
+        Ok(DeviceAuthorization {
+            device_code: codes.device_code,
+            user_code: codes.user_code,
+            verification_uri: codes.verification_uri,
+            verification_uri_complete: codes.verification_uri_complete,
+            expires_in: codes.expires_in,
+            interval: codes.interval,
+            client: Some(new),
+            extra,
+        })
+    }
+
+    /// `POST /token` with the device grant and the login's client.
+    async fn poll(&self, material: PollMaterial<'_>, now: DateTime<Utc>) -> Poll {
+        let Some(new) = material.client else {
+            return Poll::Failed("the login has no registered client".into());
+        };
+        let region = material.extra.region.as_deref().unwrap_or(&self.region);
+        if !valid_region(region) {
+            return Poll::Failed(client::scrub(
+                &format!("`{region}` is not an AWS region"),
+                &[],
+            ));
+        }
+        let base = self.base_url.replace("{region}", region);
+        let device_code = material.device_code.expose();
+        let client_secret = new.client_secret.expose();
+        let secrets = [device_code, client_secret];
+        let body = json!({
+            "clientId": new.client_id,
+            "clientSecret": client_secret,
+            "grantType": device::GRANT_TYPE,
+            "deviceCode": device_code,
+        });
+        let http = match self.http.client() {
+            Ok(c) => c,
+            Err(e) => return Poll::Retry(e.reason().to_string()),
+        };
+        let request = http
+            .post(format!("{base}/token"))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(body.to_string());
+        let answer = client::send(request, &secrets).await;
+        let map = match device::poll_answer(answer, "interval", &secrets) {
+            Ok(map) => map,
+            Err(poll) => return poll,
+        };
+        let tokens = (|| {
+            let access_token = client::token(&map, "accessToken", &secrets)?;
+            let refresh_token = client::token(&map, "refreshToken", &secrets)?;
+            let lifetime = client::seconds(&map, "expiresIn", &secrets)?
+                .unwrap_or(client::DEFAULT_LIFETIME.num_seconds());
+            Ok::<_, FlowError>(LoginTokens {
+                access_token: Some(access_token),
+                refresh_token,
+                expires_at: Some(client::expiry_in(now, lifetime)),
+            })
+        })();
+        match tokens {
+            Ok(tokens) => Poll::Success(tokens),
+            Err(e) => Poll::Failed(e.reason().to_string()),
         }
     }
 
@@ -252,6 +422,26 @@ impl OauthFlow for KiroFlow {
         now: DateTime<Utc>,
     ) -> BoxFuture<'a, Result<Refreshed, FlowError>> {
         Box::pin(self.run(material, now))
+    }
+
+    fn has_login(&self) -> bool {
+        true
+    }
+
+    fn start_login<'a>(
+        &'a self,
+        request: &'a LoginRequest,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<DeviceAuthorization, FlowError>> {
+        Box::pin(self.start(request, now))
+    }
+
+    fn poll_login<'a>(
+        &'a self,
+        material: PollMaterial<'a>,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Poll> {
+        Box::pin(self.poll(material, now))
     }
 }
 
