@@ -996,6 +996,19 @@ mod tests {
     }
 
     #[test]
+    fn the_copilot_login_scope() {
+        let l = load("port: 1234\n", &[]).unwrap();
+        assert_eq!(l.config.oauth.copilot.scope, "read:user");
+        let l = load(
+            "oauth:\n  copilot: { scope: \"read:user user:email\" }\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(l.config.oauth.copilot.scope, "read:user user:email");
+        assert_eq!(l.config.oauth.copilot.client_id, "Iv1.b507a08c87ecfe98");
+    }
+
+    #[test]
     fn defaults_and_env_overrides() {
         let l = load(
             "port: 1234\n",
