@@ -112,11 +112,13 @@ fn clamp(seconds: i64, min: Duration, max: Duration) -> Duration {
     Duration::from_secs(secs.unsigned_abs())
 }
 
-/// At most [`MAX_USER_CODE`] characters, none of them a control character, not blank.
+/// At most [`MAX_USER_CODE`] printable ASCII characters (spaces included), not blank: the
+/// page shows it large for the user to type, so nothing invisible or reordering (a bidi
+/// control, a control character) may hide in it.
 fn user_code_ok(code: &str) -> bool {
     !code.trim().is_empty()
-        && code.chars().count() <= MAX_USER_CODE
-        && !code.chars().any(char::is_control)
+        && code.len() <= MAX_USER_CODE
+        && code.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
 }
 
 /// An http:// or https:// URL with a host, of at most [`MAX_URI`] bytes.
@@ -138,9 +140,11 @@ fn retryable(status: StatusCode) -> bool {
 /// rate limit or a server error, else `Rejected` with the provider's words (the request or
 /// the config is refused; asking again will not help).
 pub fn start_failure(answer: &Answer, secrets: &[&str]) -> Option<FlowError> {
-    let error = client::json_object(answer, secrets)
-        .ok()
-        .is_some_and(|m| m.get("error").is_some_and(|e| !e.is_null()));
+    let error = client::json_object(answer, secrets).ok().is_some_and(|m| {
+        m.get("error")
+            .and_then(Value::as_str)
+            .is_some_and(|e| !e.is_empty())
+    });
     if answer.status.is_success() && !error {
         return None;
     }
@@ -187,10 +191,11 @@ pub fn poll_answer(
         _ => {}
     }
     if retryable(status) {
-        return Err(match client::failure(&answer, secrets, false) {
-            FlowError::Transient { reason, .. } => Poll::Retry(reason),
-            other => Poll::Retry(other.reason().to_string()),
-        });
+        return Err(Poll::Retry(
+            client::failure(&answer, secrets, false)
+                .reason()
+                .to_string(),
+        ));
     }
     if error.is_some() || !status.is_success() {
         return Err(Poll::Failed(
@@ -282,6 +287,8 @@ mod tests {
             ("user_code", json!("")),
             ("user_code", json!("   ")),
             ("user_code", json!("AB\nCD")),
+            ("user_code", json!("AB\u{202e}CD")),
+            ("user_code", json!("ÉCOLE")),
             ("user_code", json!("X".repeat(MAX_USER_CODE + 1))),
             ("verification_uri", json!("javascript:alert(1)")),
             ("verification_uri", json!("ftp://x.example/")),
@@ -302,7 +309,7 @@ mod tests {
         }
         // The longest user code and link are taken; a blank complete link is none.
         let mut m = map(good);
-        m.insert("user_code".into(), json!("É".repeat(MAX_USER_CODE)));
+        m.insert("user_code".into(), json!(format!("{}Z", "X Y".repeat(21))));
         let uri = format!("http://x.example/{}", "a".repeat(MAX_URI - 17));
         m.insert("verification_uri_complete".into(), json!(uri));
         let codes = read_codes(&m, &SNAKE, &[]).unwrap();
