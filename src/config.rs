@@ -421,6 +421,8 @@ pub struct CopilotOAuthConfig {
     pub github_base_url: String,
     pub api_base_url: String,
     pub client_id: String,
+    /// The scope the device flow asks GitHub for.
+    pub scope: String,
 }
 
 impl Default for CopilotOAuthConfig {
@@ -429,6 +431,7 @@ impl Default for CopilotOAuthConfig {
             github_base_url: "https://github.com".into(),
             api_base_url: "https://api.github.com".into(),
             client_id: "Iv1.b507a08c87ecfe98".into(),
+            scope: "read:user".into(),
         }
     }
 }
@@ -990,6 +993,19 @@ mod tests {
             true,
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+    }
+
+    #[test]
+    fn the_copilot_login_scope() {
+        let l = load("port: 1234\n", &[]).unwrap();
+        assert_eq!(l.config.oauth.copilot.scope, "read:user");
+        let l = load(
+            "oauth:\n  copilot: { scope: \"read:user user:email\" }\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(l.config.oauth.copilot.scope, "read:user user:email");
+        assert_eq!(l.config.oauth.copilot.client_id, "Iv1.b507a08c87ecfe98");
     }
 
     #[test]

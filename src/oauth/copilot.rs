@@ -1,12 +1,18 @@
-//! Copilot's token exchange: the stored GitHub token (the credential's refresh token) buys a
+//! Copilot's login and token exchange. The login is GitHub's device flow (RFC 8628) at
+//! `oauth.copilot.github_base_url` with `oauth.copilot.client_id` and `scope`: its GitHub token
+//! becomes the credential's refresh token, with no access token until the first exchange.
+//! The token exchange: the stored GitHub token (the credential's refresh token) buys a
 //! short-lived Copilot token at `{oauth.copilot.api_base_url}/copilot_internal/v2/token`,
 //! answered by `{token, expires_at (unix s), refresh_in (s)}`. The worker exchanges it again
 //! `refresh_in - 60 s` later, as the editors do. A 401 or 403 (a revoked GitHub token, no
 //! Copilot seat) is final, with the message GitHub gave.
 
 use super::client::{self, Http};
+use super::device::{self, Fields};
 use super::{BoxFuture, OauthFlow};
 use crate::config::CopilotOAuthConfig;
+use crate::domain::OauthExtra;
+use crate::domain::login::{DeviceAuthorization, LoginRequest, LoginTokens, Poll, PollMaterial};
 use crate::domain::refresh::{FlowError, RefreshMaterial, Refreshed};
 use chrono::{DateTime, TimeDelta, Utc};
 
@@ -27,20 +33,120 @@ const SOONEST: TimeDelta = TimeDelta::seconds(30);
 /// 25 minutes).
 const DEFAULT_LIFETIME: i64 = 25 * 60;
 
+/// GitHub's device authorization answer (RFC 8628's names).
+const FIELDS: Fields = Fields {
+    device_code: "device_code",
+    user_code: "user_code",
+    verification_uri: "verification_uri",
+    verification_uri_complete: "verification_uri_complete",
+    expires_in: "expires_in",
+    interval: "interval",
+};
+
 #[derive(Debug)]
 pub struct CopilotFlow {
     http: Http,
     url: String,
+    /// `{github_base_url}/login/device/code`.
+    device_url: String,
+    /// `{github_base_url}/login/oauth/access_token`.
+    poll_url: String,
+    client_id: String,
+    scope: String,
 }
 
 impl CopilotFlow {
     pub fn new(http: Http, config: &CopilotOAuthConfig) -> CopilotFlow {
+        let github = config.github_base_url.trim_end_matches('/');
         CopilotFlow {
             http,
             url: format!(
                 "{}/copilot_internal/v2/token",
                 config.api_base_url.trim_end_matches('/')
             ),
+            device_url: format!("{github}/login/device/code"),
+            poll_url: format!("{github}/login/oauth/access_token"),
+            client_id: config.client_id.clone(),
+            scope: config.scope.clone(),
+        }
+    }
+
+    /// `POST /login/device/code` with the client id and scope.
+    async fn start(&self, request: &LoginRequest) -> Result<DeviceAuthorization, FlowError> {
+        if *request != LoginRequest::default() {
+            return Err(FlowError::Rejected(
+                "a copilot login takes no method, start URL or region".into(),
+            ));
+        }
+        let form = [
+            ("client_id", self.client_id.as_str()),
+            ("scope", self.scope.as_str()),
+        ];
+        let request = self
+            .http
+            .client()?
+            .post(&self.device_url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(form_body(&form));
+        let answer = client::send(request, &[]).await?;
+        if let Some(failure) = device::start_failure(&answer, &[]) {
+            return Err(failure);
+        }
+        let codes = device::read_codes(&client::json_object(&answer, &[])?, &FIELDS, &[])?;
+        Ok(DeviceAuthorization {
+            device_code: codes.device_code,
+            user_code: codes.user_code,
+            verification_uri: codes.verification_uri,
+            verification_uri_complete: codes.verification_uri_complete,
+            expires_in: codes.expires_in,
+            interval: codes.interval,
+            client: None,
+            extra: OauthExtra::default(),
+        })
+    }
+
+    /// `POST /login/oauth/access_token` with the device code.
+    async fn poll(&self, material: PollMaterial<'_>) -> Poll {
+        let device_code = material.device_code.expose();
+        let secrets = [device_code];
+        let form = [
+            ("client_id", self.client_id.as_str()),
+            ("device_code", device_code),
+            ("grant_type", device::GRANT_TYPE),
+        ];
+        let client = match self.http.client() {
+            Ok(c) => c,
+            Err(e) => return Poll::Retry(e.reason().to_string()),
+        };
+        let request = client
+            .post(&self.poll_url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(form_body(&form));
+        let map = match device::poll_answer(
+            client::send(request, &secrets).await,
+            "interval",
+            &secrets,
+        ) {
+            Ok(map) => map,
+            Err(poll) => return poll,
+        };
+        match client::optional_token(&map, "access_token", &secrets) {
+            Ok(Some(github_token)) => Poll::Success(LoginTokens {
+                access_token: None,
+                refresh_token: github_token,
+                expires_at: None,
+            }),
+            // A 2xx without a token is taken as pending, as ericc-ch/copilot-api does.
+            Ok(None) => Poll::Pending,
+            Err(e) => Poll::Failed(e.reason().to_string()),
         }
     }
 
@@ -81,6 +187,13 @@ impl CopilotFlow {
     }
 }
 
+/// `pairs` as an `application/x-www-form-urlencoded` body.
+fn form_body(pairs: &[(&str, &str)]) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}
+
 /// `now + refresh_in - 60 s`, never later than `expires_at - 60 s`, never earlier than
 /// `now + 30 s`.
 fn refresh_after(now: DateTime<Utc>, refresh_in: i64, expires_at: DateTime<Utc>) -> DateTime<Utc> {
@@ -96,6 +209,26 @@ impl OauthFlow for CopilotFlow {
         now: DateTime<Utc>,
     ) -> BoxFuture<'a, Result<Refreshed, FlowError>> {
         Box::pin(self.run(material, now))
+    }
+
+    fn has_login(&self) -> bool {
+        true
+    }
+
+    fn start_login<'a>(
+        &'a self,
+        request: &'a LoginRequest,
+        _now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<DeviceAuthorization, FlowError>> {
+        Box::pin(self.start(request))
+    }
+
+    fn poll_login<'a>(
+        &'a self,
+        material: PollMaterial<'a>,
+        _now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Poll> {
+        Box::pin(self.poll(material))
     }
 }
 
@@ -225,5 +358,268 @@ mod tests {
             FlowError::Unrefreshable("the credential has no GitHub token".into())
         );
         assert!(mock.requests().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod login_tests {
+    use super::super::testing::{self, Mock, json};
+    use super::*;
+    use crate::crypto::Secret;
+    use crate::domain::AuthMethod;
+    use serde_json::json as j;
+    use std::time::Duration;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    fn flow(base: &str) -> CopilotFlow {
+        CopilotFlow::new(
+            Http::new(),
+            &CopilotOAuthConfig {
+                github_base_url: format!("{base}/"),
+                client_id: "Iv1.test".into(),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn github_codes() -> testing::Scripted {
+        json(
+            200,
+            j!({"device_code": "dc-github-secret", "user_code": "ABCD-1234",
+                "verification_uri": "https://github.com/login/device",
+                "expires_in": 900, "interval": 5}),
+        )
+    }
+
+    #[tokio::test]
+    async fn start_asks_github_for_a_device_code() {
+        let (mock, base) = Mock::start(vec![github_codes()]).await;
+        let flow = flow(&base);
+        assert!(flow.has_login());
+        let got = flow
+            .start_login(&LoginRequest::default(), now())
+            .await
+            .unwrap();
+        assert_eq!(got.device_code.expose(), "dc-github-secret");
+        assert_eq!(got.user_code, "ABCD-1234");
+        assert_eq!(got.verification_uri, "https://github.com/login/device");
+        assert_eq!(got.verification_uri_complete, None);
+        assert_eq!(got.expires_in, Duration::from_secs(900));
+        assert_eq!(got.interval, Duration::from_secs(5));
+        assert!(got.client.is_none() && got.extra.is_empty());
+        testing::assert_no_secret(&got, &["dc-github-secret"]);
+        let sent = mock.requests();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].method, "POST");
+        assert_eq!(sent[0].path, "/login/device/code");
+        assert_eq!(sent[0].header("accept"), "application/json");
+        assert_eq!(
+            sent[0].header("content-type"),
+            "application/x-www-form-urlencoded"
+        );
+        let form = sent[0].form();
+        let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(pairs, [("client_id", "Iv1.test"), ("scope", "read:user")]);
+    }
+
+    #[tokio::test]
+    async fn start_refuses_a_kiro_request_without_a_call() {
+        let (mock, base) = Mock::start(vec![]).await;
+        let request = LoginRequest {
+            method: Some(AuthMethod::Idc),
+            start_url: Some("https://x.awsapps.com/start".into()),
+            region: None,
+        };
+        let e = flow(&base).start_login(&request, now()).await.unwrap_err();
+        assert!(matches!(e, FlowError::Rejected(_)), "{e:?}");
+        assert!(mock.requests().is_empty());
+    }
+
+    #[tokio::test]
+    async fn start_failures() {
+        let (_mock, base) = Mock::start(vec![
+            // GitHub answers some errors with 200.
+            json(
+                200,
+                j!({"error": "device_flow_disabled", "error_description": "Device flow is disabled"}),
+            ),
+            json(
+                400,
+                j!({"error": "unauthorized_client", "error_description": "no"}),
+            ),
+            (503, vec![("retry-after", "9".into())], vec![]),
+            (429, vec![], vec![]),
+            (200, vec![], b"garbage".to_vec()),
+            testing::huge(1 << 20),
+            json(
+                200,
+                j!({"device_code": "dc", "user_code": "A", "verification_uri": "javascript:alert(1)"}),
+            ),
+            json(
+                200,
+                j!({"device_code": "dc", "user_code": "ABCD", "verification_uri": "http://127.0.0.1/device",
+                    "verification_uri_complete": "https://github.com/login/device?code=ABCD",
+                    "expires_in": 1e300, "interval": -3}),
+            ),
+        ])
+        .await;
+        let flow = flow(&base);
+        let next = async || flow.start_login(&LoginRequest::default(), now()).await;
+        assert_eq!(
+            next().await.unwrap_err(),
+            FlowError::Rejected("device_flow_disabled: Device flow is disabled (HTTP 200)".into())
+        );
+        assert_eq!(
+            next().await.unwrap_err(),
+            FlowError::Rejected("unauthorized_client: no (HTTP 400)".into())
+        );
+        assert_eq!(
+            next().await.unwrap_err(),
+            FlowError::Transient {
+                reason: "the token endpoint answered 503".into(),
+                retry_after: Some(Duration::from_secs(9))
+            }
+        );
+        assert!(matches!(
+            next().await.unwrap_err(),
+            FlowError::Transient { .. }
+        ));
+        for _ in 0..3 {
+            let e = next().await.unwrap_err();
+            assert!(
+                matches!(&e, FlowError::Transient { reason, .. } if reason.starts_with("answer unreadable")),
+                "{e:?}"
+            );
+        }
+        let got = next().await.unwrap();
+        assert_eq!(got.expires_in, device::MAX_EXPIRES_IN);
+        assert_eq!(got.interval, device::MIN_INTERVAL);
+        assert_eq!(
+            got.verification_uri_complete.as_deref(),
+            Some("https://github.com/login/device?code=ABCD")
+        );
+    }
+
+    #[tokio::test]
+    async fn polls_until_github_answers_a_token() {
+        let token_answer = |body| json(200, body);
+        let (mock, base) = Mock::start(vec![
+            token_answer(j!({"error": "authorization_pending",
+                             "error_description": "The authorization request is still pending."})),
+            json(400, j!({"error": "authorization_pending"})),
+            token_answer(j!({"error": "slow_down", "interval": 10})),
+            token_answer(j!({"error": "slow_down"})),
+            token_answer(j!({"error": "slow_down", "interval": u64::MAX})),
+            // A 2xx without a token is pending (ericc-ch).
+            token_answer(j!({})),
+            token_answer(j!({"access_token": null, "token_type": "bearer"})),
+            token_answer(j!({"error": "access_denied"})),
+            token_answer(j!({"error": "expired_token"})),
+            token_answer(j!({"error": "incorrect_device_code",
+                             "error_description": "dc-github-secret is not a device code"})),
+            token_answer(j!({"error": "incorrect_client_credentials"})),
+            token_answer(j!({"error": "unsupported_grant_type"})),
+            token_answer(j!({"error": "device_flow_disabled"})),
+            token_answer(j!({"error": "something_new"})),
+            json(500, j!({"error": "server_error"})),
+            (429, vec![("retry-after", "60".into())], vec![]),
+            (200, vec![], b"<html>".to_vec()),
+            testing::huge(10 << 20),
+            token_answer(j!({"access_token": "a b"})),
+            token_answer(
+                j!({"access_token": "gho_new", "token_type": "bearer", "scope": "read:user"}),
+            ),
+        ])
+        .await;
+        let flow = flow(&base);
+        let device_code = Secret::new("dc-github-secret");
+        let extra = OauthExtra::default();
+        let next = async || {
+            let material = PollMaterial {
+                device_code: &device_code,
+                client: None,
+                extra: &extra,
+            };
+            flow.poll_login(material, now()).await
+        };
+        assert!(matches!(next().await, Poll::Pending));
+        assert!(matches!(next().await, Poll::Pending));
+        assert!(matches!(next().await, Poll::SlowDown(Some(d)) if d == Duration::from_secs(10)));
+        assert!(matches!(next().await, Poll::SlowDown(None)));
+        assert!(matches!(
+            next().await,
+            Poll::SlowDown(Some(device::MAX_INTERVAL))
+        ));
+        assert!(matches!(next().await, Poll::Pending));
+        assert!(matches!(next().await, Poll::Pending));
+        assert!(matches!(next().await, Poll::Denied));
+        assert!(matches!(next().await, Poll::Expired));
+        for expected in [
+            "incorrect_device_code: *** is not a device code (HTTP 200)",
+            "incorrect_client_credentials (HTTP 200)",
+            "unsupported_grant_type (HTTP 200)",
+            "device_flow_disabled (HTTP 200)",
+            "something_new (HTTP 200)",
+        ] {
+            assert!(
+                matches!(next().await, Poll::Failed(m) if m == expected),
+                "{expected}"
+            );
+        }
+        assert!(matches!(next().await, Poll::Retry(m) if m == "server_error (HTTP 500)"));
+        assert!(matches!(next().await, Poll::Retry(_)));
+        for _ in 0..2 {
+            assert!(matches!(next().await, Poll::Retry(m) if m.starts_with("answer unreadable")));
+        }
+        assert!(matches!(next().await, Poll::Failed(m) if m.starts_with("answer unreadable")));
+        let Poll::Success(tokens) = next().await else {
+            panic!("no success")
+        };
+        assert_eq!(tokens.refresh_token.expose(), "gho_new");
+        assert!(tokens.access_token.is_none() && tokens.expires_at.is_none());
+        testing::assert_no_secret(&tokens, &["gho_new"]);
+
+        let sent = mock.requests();
+        assert_eq!(sent.len(), 20);
+        assert!(sent.iter().all(|r| r.path == "/login/oauth/access_token"));
+        assert_eq!(sent[0].method, "POST");
+        assert_eq!(sent[0].header("accept"), "application/json");
+        let form = sent[0].form();
+        let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            pairs,
+            [
+                ("client_id", "Iv1.test"),
+                ("device_code", "dc-github-secret"),
+                ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_github_is_retried() {
+        // A port nothing listens on.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let flow = flow(&base);
+        let device_code = Secret::new("dc-github-secret");
+        let extra = OauthExtra::default();
+        let material = PollMaterial {
+            device_code: &device_code,
+            client: None,
+            extra: &extra,
+        };
+        assert!(matches!(
+            flow.poll_login(material, now()).await,
+            Poll::Retry(m) if m.starts_with("the token endpoint is unreachable") && !m.contains("dc-github")
+        ));
+        assert!(matches!(
+            flow.start_login(&LoginRequest::default(), now()).await,
+            Err(FlowError::Transient { .. })
+        ));
     }
 }
