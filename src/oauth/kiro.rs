@@ -144,6 +144,7 @@ impl KiroFlow {
             refresh_token: rotated,
             client: registered,
             refresh_after: None,
+            api_base: None,
         })
     }
 

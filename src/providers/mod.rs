@@ -5,6 +5,7 @@
 //! [`tap`]), what an error answer means ([`classify`]).
 
 pub mod classify;
+pub mod copilot;
 pub mod exchange;
 pub mod json;
 pub mod tap;
@@ -13,6 +14,7 @@ pub mod wire;
 use crate::crypto::Secret;
 use crate::domain::ProviderName;
 use crate::upstream::Target;
+use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -111,6 +113,38 @@ pub struct Provider {
     base: Option<reqwest::Url>,
     /// The targets of the paths every request of this provider's format goes to, built once.
     fixed: Vec<(&'static str, Target)>,
+    /// copilot (as an OpenAI-format provider): what its calls carry beyond the format's.
+    pub copilot: Option<Arc<CopilotSetup>>,
+    /// Whether the config's block named a `base_url` (which then wins over a credential's).
+    base_configured: bool,
+}
+
+/// What a copilot call carries beyond the OpenAI format's, set up once
+/// (`oauth.copilot.headers`, `oauth.copilot.allowed_api_hosts`): see [`copilot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopilotSetup {
+    /// The editor headers every call carries, merged and checked at load.
+    pub headers: copilot::HeaderList,
+    /// The allowlist a credential's stored API base must still pass to be followed; `None`
+    /// when `providers.copilot.base_url` is set, which wins.
+    pub follow_api_base: Option<copilot::ApiHosts>,
+}
+
+impl CopilotSetup {
+    /// Add the configured headers, a fresh `x-request-id`, and the vision flag when the body
+    /// sends an image.
+    pub fn add_headers(&self, headers: &mut HeaderMap, vision: bool) {
+        for (name, value) in &self.headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        headers.insert("x-request-id", copilot::request_id());
+        if vision {
+            headers.insert(
+                "copilot-vision-request",
+                axum::http::HeaderValue::from_static("true"),
+            );
+        }
+    }
 }
 
 /// Paths that do not depend on the request, per format.
@@ -129,6 +163,22 @@ impl Provider {
             return Some(Cow::Borrowed(t));
         }
         Target::new(self.url(path)?).map(Cow::Owned)
+    }
+
+    /// Where a request for `path` goes with a credential whose stored API base is `api_base`
+    /// (copilot): under that base when the provider follows credentials' bases and the base
+    /// still passes the allowlist, else `None` (the provider's own target).
+    pub fn target_under(&self, api_base: &str, path: &str) -> Option<Target> {
+        let hosts = self.copilot.as_ref()?.follow_api_base.as_ref()?;
+        let base = hosts.check(api_base).ok()?;
+        Target::new(reqwest::Url::parse(&format!("{base}{path}")).ok()?)
+    }
+
+    /// Whether calls may go to a credential's own API base ([`Provider::target_under`]).
+    pub fn follows_api_base(&self) -> bool {
+        self.copilot
+            .as_ref()
+            .is_some_and(|c| c.follow_api_base.is_some())
     }
 
     /// The URL of `path` (with its query, if any) under the base URL; `None` when they do not
@@ -258,6 +308,8 @@ impl Registry {
                     refresh_grant: None,
                     base: None,
                     fixed: Vec::new(),
+                    copilot: None,
+                    base_configured: false,
                 },
             );
         }
@@ -272,12 +324,15 @@ impl Registry {
                 refresh_grant: None,
                 base: None,
                 fixed: Vec::new(),
+                copilot: None,
+                base_configured: false,
             });
             if let Some(format) = block.format {
                 entry.format = format;
             }
             if let Some(url) = &block.base_url {
                 entry.base_url = url.trim_end_matches('/').to_string();
+                entry.base_configured = true;
             }
             if let Some(models) = &block.models {
                 entry.models = models.clone();
@@ -309,7 +364,26 @@ impl Registry {
                 (name, Arc::new(p))
             })
             .collect();
-        Registry { providers }
+        let mut registry = Registry { providers };
+        registry.configure_copilot(
+            copilot::merge_headers(&BTreeMap::new()).unwrap_or_default(),
+            copilot::ApiHosts::default(),
+        );
+        registry
+    }
+
+    /// Set copilot's headers and API-base allowlist (`oauth.copilot`; the defaults until
+    /// then). Nothing changes when copilot is not an OpenAI-format provider.
+    pub fn configure_copilot(&mut self, headers: copilot::HeaderList, hosts: copilot::ApiHosts) {
+        if let Some(p) = self.providers.get_mut("copilot")
+            && p.format == Format::Openai
+        {
+            let setup = CopilotSetup {
+                headers,
+                follow_api_base: (!p.base_configured).then_some(hosts),
+            };
+            Arc::make_mut(p).copilot = Some(Arc::new(setup));
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Provider>> {
