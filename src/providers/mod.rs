@@ -174,6 +174,22 @@ impl Provider {
         Target::new(reqwest::Url::parse(&format!("{base}{path}")).ok()?)
     }
 
+    /// The base URL a lease holder calls with a credential whose stored API base is
+    /// `api_base`: that base when [`Provider::target_under`] would follow it, else the
+    /// provider's own.
+    pub fn base_url_with(&self, api_base: Option<&str>) -> String {
+        api_base
+            .and_then(|b| {
+                self.copilot
+                    .as_ref()?
+                    .follow_api_base
+                    .as_ref()?
+                    .check(b)
+                    .ok()
+            })
+            .unwrap_or_else(|| self.base_url.clone())
+    }
+
     /// Whether calls may go to a credential's own API base ([`Provider::target_under`]).
     pub fn follows_api_base(&self) -> bool {
         self.copilot
@@ -533,6 +549,83 @@ mod tests {
         assert_eq!(r.get("openai").unwrap().stream_usage, StreamUsage::Never);
         assert_eq!(r.get("mistral").unwrap().stream_usage, StreamUsage::Ask);
         assert_eq!(r.get("groq").unwrap().stream_usage, StreamUsage::Never);
+    }
+
+    #[test]
+    fn copilot_follows_a_credentials_api_base_unless_the_config_names_one() {
+        let r = Registry::from_config(&BTreeMap::new());
+        let copilot = r.get("copilot").unwrap();
+        assert!(copilot.follows_api_base());
+        assert!(r.get("openai").unwrap().copilot.is_none());
+        let t = copilot
+            .target_under(
+                "https://api.business.githubcopilot.com",
+                "/chat/completions",
+            )
+            .unwrap();
+        let own = Target::new(
+            reqwest::Url::parse("https://api.business.githubcopilot.com/chat/completions").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(t, own);
+        // A stored base the allowlist no longer allows is not followed.
+        assert!(
+            copilot
+                .target_under("https://evil.example", "/chat/completions")
+                .is_none()
+        );
+        assert_eq!(
+            copilot.base_url_with(Some("https://api.business.githubcopilot.com")),
+            "https://api.business.githubcopilot.com"
+        );
+        assert_eq!(
+            copilot.base_url_with(Some("https://evil.example")),
+            "https://api.githubcopilot.com"
+        );
+        assert_eq!(copilot.base_url_with(None), "https://api.githubcopilot.com");
+        let mut narrowed = r.clone();
+        narrowed.configure_copilot(Vec::new(), copilot::ApiHosts::new(&[]).unwrap());
+        let c = narrowed.get("copilot").unwrap();
+        assert!(
+            c.target_under(
+                "https://api.business.githubcopilot.com",
+                "/chat/completions"
+            )
+            .is_none()
+        );
+        // `providers.copilot.base_url` wins.
+        let mut blocks = BTreeMap::new();
+        blocks.insert(
+            "copilot".to_string(),
+            ProviderConfig {
+                base_url: Some("http://127.0.0.1:9/".into()),
+                ..Default::default()
+            },
+        );
+        let r = Registry::from_config(&blocks);
+        let copilot = r.get("copilot").unwrap();
+        assert!(!copilot.follows_api_base());
+        assert!(copilot.copilot.is_some(), "the headers still go on");
+        assert!(
+            copilot
+                .target_under("https://api.githubcopilot.com", "/chat/completions")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn copilot_calls_carry_the_editor_headers_a_request_id_and_the_vision_flag() {
+        let r = Registry::from_config(&BTreeMap::new());
+        let setup = r.get("copilot").unwrap().copilot.clone().unwrap();
+        let mut h = HeaderMap::new();
+        setup.add_headers(&mut h, false);
+        for (name, value) in copilot::DEFAULT_HEADERS {
+            assert_eq!(h[*name], *value, "{name}");
+        }
+        assert!(h.contains_key("x-request-id"));
+        assert!(!h.contains_key("copilot-vision-request"));
+        setup.add_headers(&mut h, true);
+        assert_eq!(h["copilot-vision-request"], "true");
     }
 
     #[test]

@@ -210,9 +210,30 @@ async fn only_allowed_https_api_endpoints_are_stored() {
         stored().await.as_deref(),
         Some("https://api.individual.githubcopilot.com")
     );
+    // A lease names the base its holder is to call.
+    let lease = || async {
+        let r = app
+            .post_as(
+                KEY,
+                "/v1/credentials/lease",
+                &json!({"provider": "copilot"}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        let v = r.json();
+        let path = format!(
+            "/v1/credentials/lease/{}/report",
+            v["lease_id"].as_str().unwrap()
+        );
+        let done = app.post_as(KEY, &path, &json!({"tokens_used": 1})).await;
+        assert!(done.status < 300, "{}", done.text);
+        v["base_url"].as_str().unwrap().to_string()
+    };
+    assert_eq!(lease().await, "https://api.individual.githubcopilot.com");
     mock.answer_api("https://evil.example");
     refresh().await;
     assert_eq!(stored().await, None, "the stale one is removed");
+    assert_eq!(lease().await, "https://api.githubcopilot.com");
     assert_eq!(mock.seen.issued.load(Ordering::SeqCst), 7);
     app.stop().await;
 }
