@@ -141,7 +141,10 @@ async fn open(config: Loaded, clock: Clock) -> Result<Opened, StartError> {
         tracing::error!(credential = %id, %reason, "credential unusable");
         auth_log.record(&format!("credential {id} is unusable: {reason}"));
     }
-    let registry = Arc::new(Registry::from_config(&config.config.providers));
+    let mut registry = Registry::from_config(&config.config.providers);
+    let copilot = &config.config.oauth.copilot;
+    registry.configure_copilot(copilot.header_list(), copilot.api_hosts());
+    let registry = Arc::new(registry);
     let upstream = crate::upstream::Upstream::new(config.config.proxy.request_timeout.0)
         .map_err(StartError::Runtime)?;
     // The guards keep digests and the store its cipher; the keys in clear are not needed any

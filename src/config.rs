@@ -423,6 +423,28 @@ pub struct CopilotOAuthConfig {
     pub client_id: String,
     /// The scope the device flow asks GitHub for.
     pub scope: String,
+    /// Headers merged over Copilot's defaults (`providers::copilot::DEFAULT_HEADERS`) on every
+    /// chat call; the editor ones go on the token exchange too. `""` removes a default.
+    pub headers: BTreeMap<String, String>,
+    /// The hosts whose `endpoints.api` (from the token answer) is followed: names or `*.`
+    /// suffix patterns; https only, whatever is listed.
+    pub allowed_api_hosts: Vec<String>,
+}
+
+impl CopilotOAuthConfig {
+    /// The merged header list (checked at load, so only a config that skipped validation
+    /// gets the defaults alone).
+    pub fn header_list(&self) -> providers::copilot::HeaderList {
+        providers::copilot::merge_headers(&self.headers)
+            .or_else(|_| providers::copilot::merge_headers(&BTreeMap::new()))
+            .unwrap_or_default()
+    }
+
+    /// The allowlist (checked at load; an unchecked bad one allows nothing).
+    pub fn api_hosts(&self) -> providers::copilot::ApiHosts {
+        providers::copilot::ApiHosts::new(&self.allowed_api_hosts)
+            .unwrap_or_else(|_| providers::copilot::ApiHosts::new(&[]).unwrap_or_default())
+    }
 }
 
 impl Default for CopilotOAuthConfig {
@@ -432,6 +454,11 @@ impl Default for CopilotOAuthConfig {
             api_base_url: "https://api.github.com".into(),
             client_id: "Iv1.b507a08c87ecfe98".into(),
             scope: "read:user".into(),
+            headers: BTreeMap::new(),
+            allowed_api_hosts: providers::copilot::DEFAULT_API_HOSTS
+                .iter()
+                .map(|h| h.to_string())
+                .collect(),
         }
     }
 }
@@ -743,6 +770,10 @@ impl Config {
             "oauth.copilot.api_base_url",
             &self.oauth.copilot.api_base_url,
         )?;
+        providers::copilot::merge_headers(&self.oauth.copilot.headers)
+            .map_err(|e| err(format!("`oauth.copilot.headers`: {e}")))?;
+        providers::copilot::ApiHosts::new(&self.oauth.copilot.allowed_api_hosts)
+            .map_err(|e| err(format!("`oauth.copilot.allowed_api_hosts`: {e}")))?;
         check_url("oauth.kiro.oidc_base_url", &self.oauth.kiro.oidc_base_url)?;
         check_url("oauth.kiro.start_url", &self.oauth.kiro.start_url)?;
         check_log_level(&self.logging.level)?;
@@ -1363,6 +1394,55 @@ mod tests {
             assert!(!e.contains("s3cr3t"), "{yaml}: {e}");
         }
         load("auth:\n  notifications:\n    timeout: 60s\n", &[]).unwrap();
+    }
+
+    #[test]
+    fn copilot_headers_and_api_hosts_are_checked() {
+        let l = load(
+            "oauth:\n  copilot:\n    headers: {Editor-Version: vscode/2.0, openai-intent: \"\"}\n    allowed_api_hosts: [\"*.githubcopilot.com\"]\n",
+            &[],
+        )
+        .unwrap();
+        let copilot = &l.config.oauth.copilot;
+        let headers = copilot.header_list();
+        assert!(
+            headers
+                .iter()
+                .any(|(n, v)| n == "editor-version" && v == "vscode/2.0")
+        );
+        assert!(!headers.iter().any(|(n, _)| n == "openai-intent"));
+        assert!(
+            copilot
+                .api_hosts()
+                .check("https://api.x.githubcopilot.com")
+                .is_ok()
+        );
+        let defaults = load("", &[]).unwrap().config.oauth.copilot;
+        assert_eq!(defaults.header_list().len(), 6);
+        assert!(
+            defaults
+                .api_hosts()
+                .check("https://api.githubcopilot.com")
+                .is_ok()
+        );
+        for (yaml, key) in [
+            ("headers: {authorization: x}", "oauth.copilot.headers"),
+            ("headers: {Host: x}", "oauth.copilot.headers"),
+            ("headers: {\"a b\": x}", "oauth.copilot.headers"),
+            (
+                "allowed_api_hosts: [\"a/b\"]",
+                "oauth.copilot.allowed_api_hosts",
+            ),
+            (
+                "allowed_api_hosts: [\"\"]",
+                "oauth.copilot.allowed_api_hosts",
+            ),
+        ] {
+            let e = load(&format!("oauth:\n  copilot:\n    {yaml}\n"), &[])
+                .unwrap_err()
+                .0;
+            assert!(e.contains(key), "{yaml}: {e}");
+        }
     }
 
     #[test]

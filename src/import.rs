@@ -232,6 +232,8 @@ impl CredentialInput {
             region: self.region,
             start_url: self.start_url,
             auth_method: self.auth_method,
+            // Never from a file: only a token answer the allowlist allowed sets it.
+            api_base: None,
         };
         if provider != "kiro" {
             if !extra.is_empty() || self.client_secret.is_some() {

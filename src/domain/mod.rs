@@ -63,6 +63,9 @@ pub struct OauthExtra {
     pub start_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_method: Option<AuthMethod>,
+    /// copilot: the API base its last token answer named, when the allowlist allowed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_base: Option<String>,
 }
 
 impl OauthExtra {

@@ -46,6 +46,10 @@ pub struct Refreshed {
     pub client: Option<NewClient>,
     /// When to refresh again even though the token has not expired (copilot's `refresh_in`).
     pub refresh_after: Option<DateTime<Utc>>,
+    /// copilot: the API base the token answer named (`endpoints.api`), already checked
+    /// against `oauth.copilot.allowed_api_hosts`. Stored in the credential's `extra` as
+    /// `api_base`; `None` removes a stale one.
+    pub api_base: Option<String>,
 }
 
 /// Why a refresh did not succeed.

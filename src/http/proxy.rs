@@ -258,7 +258,7 @@ fn lease_answer(lease: &Lease) -> axum::Json<serde_json::Value> {
         "credential_id": lease.credential_id,
         "provider": lease.provider.name,
         "token": lease.token.expose(),
-        "base_url": lease.provider.base_url,
+        "base_url": lease.base_url,
         "expires_at": crate::domain::rfc3339(lease.expires_at),
         "token_expires_at": lease.token_expires_at.map(crate::domain::rfc3339),
     }))

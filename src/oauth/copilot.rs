@@ -5,7 +5,10 @@
 //! short-lived Copilot token at `{oauth.copilot.api_base_url}/copilot_internal/v2/token`,
 //! answered by `{token, expires_at (unix s), refresh_in (s)}`. The worker exchanges it again
 //! `refresh_in - 60 s` later, as the editors do. A 401 or 403 (a revoked GitHub token, no
-//! Copilot seat) is final, with the message GitHub gave.
+//! Copilot seat) is final, with the message GitHub gave. The answer's `endpoints.api` comes
+//! back as the credential's API base only when `oauth.copilot.allowed_api_hosts` allows it
+//! (https, an allowed host: [`ApiHosts::check`]); a refused one is logged by host and
+//! dropped, so the chat calls go to the default host.
 
 use super::client::{self, Http};
 use super::device::{self, Fields};
@@ -14,16 +17,8 @@ use crate::config::CopilotOAuthConfig;
 use crate::domain::OauthExtra;
 use crate::domain::login::{DeviceAuthorization, LoginRequest, LoginTokens, Poll, PollMaterial};
 use crate::domain::refresh::{FlowError, RefreshMaterial, Refreshed};
+use crate::providers::copilot::{self as headers, ApiHosts, HeaderList};
 use chrono::{DateTime, TimeDelta, Utc};
-
-/// The editor the exchange presents itself as; the endpoint is private and expects one.
-const HEADERS: &[(&str, &str)] = &[
-    ("accept", "application/json"),
-    ("editor-version", "vscode/1.99.3"),
-    ("editor-plugin-version", "copilot-chat/0.26.7"),
-    ("user-agent", "GitHubCopilotChat/0.26.7"),
-    ("x-github-api-version", "2025-04-01"),
-];
 
 /// How much before `refresh_in` (and before expiry) the token is exchanged again.
 const MARGIN: TimeDelta = TimeDelta::seconds(60);
@@ -53,6 +48,10 @@ pub struct CopilotFlow {
     poll_url: String,
     client_id: String,
     scope: String,
+    /// The editor the exchange presents itself as (the endpoint is private and expects one):
+    /// the editor headers of `oauth.copilot.headers`, built once.
+    headers: HeaderList,
+    api_hosts: ApiHosts,
 }
 
 impl CopilotFlow {
@@ -68,6 +67,8 @@ impl CopilotFlow {
             poll_url: format!("{github}/login/oauth/access_token"),
             client_id: config.client_id.clone(),
             scope: config.scope.clone(),
+            headers: headers::exchange_headers(&config.header_list()),
+            api_hosts: config.api_hosts(),
         }
     }
 
@@ -158,12 +159,17 @@ impl CopilotFlow {
         let github_token = super::refresh_token(material, "GitHub token")?;
         let access = material.access_token.as_ref().map(|s| s.expose());
         let secrets: Vec<&str> = [Some(github_token), access].into_iter().flatten().collect();
-        let mut request = self.http.client()?.get(&self.url).header(
-            reqwest::header::AUTHORIZATION,
-            format!("token {github_token}"),
-        );
-        for (name, value) in HEADERS {
-            request = request.header(*name, *value);
+        let mut request = self
+            .http
+            .client()?
+            .get(&self.url)
+            .header(
+                reqwest::header::AUTHORIZATION,
+                format!("token {github_token}"),
+            )
+            .header(reqwest::header::ACCEPT, "application/json");
+        for (name, value) in &self.headers {
+            request = request.header(name, value);
         }
         let answer = client::send(request, &secrets).await?;
         if !answer.status.is_success() {
@@ -177,13 +183,46 @@ impl CopilotFlow {
         };
         let refresh_after = client::seconds(&map, "refresh_in", &secrets)?
             .map(|secs| refresh_after(now, secs, expires_at));
+        let api_base = self.api_base(&map, material);
         Ok(Refreshed {
             access_token: token,
             expires_at,
             refresh_token: None,
             client: None,
             refresh_after,
+            api_base,
         })
+    }
+
+    /// The answer's `endpoints.api` when the allowlist allows it; a refused one is logged by
+    /// its host only.
+    fn api_base(
+        &self,
+        map: &serde_json::Map<String, serde_json::Value>,
+        material: &RefreshMaterial,
+    ) -> Option<String> {
+        let api = map.get("endpoints")?.get("api")?.as_str()?;
+        if api.len() > MAX_API_URL {
+            tracing::warn!(credential = %material.credential_id, "endpoints.api refused: too long");
+            return None;
+        }
+        match self.api_hosts.check(api) {
+            Ok(base) => Some(base),
+            Err(why) => {
+                let host = ApiHosts::host_of(api);
+                let why = if why.starts_with("host") {
+                    "host not allowed"
+                } else {
+                    why.as_str()
+                };
+                tracing::warn!(
+                    credential = %material.credential_id,
+                    %host,
+                    "endpoints.api not followed: {why}"
+                );
+                None
+            }
+        }
     }
 }
 
@@ -193,6 +232,8 @@ fn form_body(pairs: &[(&str, &str)]) -> String {
         .extend_pairs(pairs)
         .finish()
 }
+/// The longest `endpoints.api` read (a base URL; anything longer is not one).
+const MAX_API_URL: usize = 2048;
 
 /// `now + refresh_in - 60 s`, never later than `expires_at - 60 s`, never earlier than
 /// `now + 30 s`.
@@ -276,11 +317,67 @@ mod tests {
         assert_eq!(sent.method, "GET");
         assert_eq!(sent.path, "/copilot_internal/v2/token");
         assert_eq!(sent.header("authorization"), "token gho_github");
-        for (name, value) in HEADERS {
-            assert_eq!(sent.header(name), *value, "{name}");
+        assert_eq!(sent.header("accept"), "application/json");
+        for (name, value) in headers::DEFAULT_HEADERS {
+            if headers::EXCHANGE_HEADERS.contains(name) {
+                assert_eq!(sent.header(name), *value, "{name}");
+            } else {
+                assert_eq!(sent.header(name), "", "{name} is for the chat calls only");
+            }
         }
+        assert_eq!(
+            got.api_base.as_deref(),
+            Some("https://api.githubcopilot.com")
+        );
         let got = flow.refresh(&material, now()).await.unwrap();
         assert_eq!(got.refresh_after, None);
+        assert_eq!(got.api_base, None);
+    }
+
+    #[tokio::test]
+    async fn only_allowed_api_endpoints_are_followed() {
+        let answer = |api: &str| {
+            json(
+                200,
+                j!({"token": "t", "expires_at": now().timestamp() + 1800,
+                    "endpoints": {"api": api}}),
+            )
+        };
+        let (mock, base) = Mock::start(vec![
+            answer("https://evil.example"),
+            answer("http://api.githubcopilot.com"),
+            answer("https://api.githubcopilot.com.evil.com/x"),
+            answer("https://api.business.githubcopilot.com/"),
+            json(200, j!({"token": "t", "endpoints": {"api": 7}})),
+        ])
+        .await;
+        let mut config = CopilotOAuthConfig {
+            api_base_url: base.clone(),
+            ..Default::default()
+        };
+        config
+            .headers
+            .insert("editor-version".into(), "vscode/9.9".into());
+        config.headers.insert("user-agent".into(), "".into());
+        let flow = CopilotFlow::new(Http::new(), &config);
+        let material = testing::material("copilot", Some("gho_github"));
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            got.push(flow.refresh(&material, now()).await.unwrap().api_base);
+        }
+        assert_eq!(
+            got,
+            [
+                None,
+                None,
+                None,
+                Some("https://api.business.githubcopilot.com".into()),
+                None
+            ]
+        );
+        let sent = &mock.requests()[0];
+        assert_eq!(sent.header("editor-version"), "vscode/9.9");
+        assert_eq!(sent.header("user-agent"), "", "\"\" removes a default");
     }
 
     #[test]

@@ -231,6 +231,7 @@ mod tests {
             status: StatusCode::from_u16(status).unwrap(),
             retry_after: None,
             body: Some(body.to_vec()),
+            rate_limited: false,
         })
     }
 
@@ -384,6 +385,7 @@ mod tests {
             status: StatusCode::OK,
             retry_after: None,
             body: None,
+            rate_limited: false,
         };
         assert!(matches!(
             poll_answer(Ok(huge), "interval", &[]),

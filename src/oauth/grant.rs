@@ -73,6 +73,7 @@ impl GrantFlow {
             refresh_token: rotated,
             client: None,
             refresh_after: None,
+            api_base: None,
         })
     }
 }

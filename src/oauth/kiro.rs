@@ -168,6 +168,7 @@ impl KiroFlow {
             region: Some(region),
             start_url: Some(start_url),
             auth_method: Some(method),
+            api_base: None,
         };
         Ok(DeviceAuthorization {
             device_code: codes.device_code,
@@ -314,6 +315,7 @@ impl KiroFlow {
             refresh_token: rotated,
             client: registered,
             refresh_after: None,
+            api_base: None,
         })
     }
 
@@ -787,6 +789,7 @@ mod login_tests {
                     region: Some("us-east-1".into()),
                     start_url: Some("https://view.awsapps.com/start".into()),
                     auth_method: Some(AuthMethod::BuilderId),
+                    api_base: None,
                 }
             );
             testing::assert_no_secret(&got, &["dc-aws-secret", "cs-login-secret"]);

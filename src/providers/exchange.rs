@@ -94,6 +94,8 @@ pub struct Prepared {
     /// The stream was asked for its usage on the client's behalf, so the usage-only chunk is
     /// hidden from the client ([`stream_tap`]).
     pub hide_usage_chunk: bool,
+    /// copilot: the body sends an image (`copilot-vision-request`).
+    pub vision: bool,
 }
 
 /// Prepare the body `raw` (read into `peek`) for `provider`. An OpenAI-format stream is asked
@@ -119,10 +121,12 @@ pub fn prepare(
     };
     let tokens = wire::reservation(provider.format, peek, body.len(), default_reservation)
         .map_err(BodyError::Invalid)?;
+    let vision = provider.copilot.is_some() && super::copilot::has_image(&body);
     Ok(Prepared {
         body,
         tokens,
         hide_usage_chunk,
+        vision,
     })
 }
 

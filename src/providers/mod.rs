@@ -5,6 +5,7 @@
 //! [`tap`]), what an error answer means ([`classify`]).
 
 pub mod classify;
+pub mod copilot;
 pub mod exchange;
 pub mod json;
 pub mod tap;
@@ -13,6 +14,7 @@ pub mod wire;
 use crate::crypto::Secret;
 use crate::domain::ProviderName;
 use crate::upstream::Target;
+use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -111,6 +113,38 @@ pub struct Provider {
     base: Option<reqwest::Url>,
     /// The targets of the paths every request of this provider's format goes to, built once.
     fixed: Vec<(&'static str, Target)>,
+    /// copilot (as an OpenAI-format provider): what its calls carry beyond the format's.
+    pub copilot: Option<Arc<CopilotSetup>>,
+    /// Whether the config's block named a `base_url` (which then wins over a credential's).
+    base_configured: bool,
+}
+
+/// What a copilot call carries beyond the OpenAI format's, set up once
+/// (`oauth.copilot.headers`, `oauth.copilot.allowed_api_hosts`): see [`copilot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopilotSetup {
+    /// The editor headers every call carries, merged and checked at load.
+    pub headers: copilot::HeaderList,
+    /// The allowlist a credential's stored API base must still pass to be followed; `None`
+    /// when `providers.copilot.base_url` is set, which wins.
+    pub follow_api_base: Option<copilot::ApiHosts>,
+}
+
+impl CopilotSetup {
+    /// Add the configured headers, a fresh `x-request-id`, and the vision flag when the body
+    /// sends an image.
+    pub fn add_headers(&self, headers: &mut HeaderMap, vision: bool) {
+        for (name, value) in &self.headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        headers.insert("x-request-id", copilot::request_id());
+        if vision {
+            headers.insert(
+                "copilot-vision-request",
+                axum::http::HeaderValue::from_static("true"),
+            );
+        }
+    }
 }
 
 /// Paths that do not depend on the request, per format.
@@ -129,6 +163,38 @@ impl Provider {
             return Some(Cow::Borrowed(t));
         }
         Target::new(self.url(path)?).map(Cow::Owned)
+    }
+
+    /// Where a request for `path` goes with a credential whose stored API base is `api_base`
+    /// (copilot): under that base when the provider follows credentials' bases and the base
+    /// still passes the allowlist, else `None` (the provider's own target).
+    pub fn target_under(&self, api_base: &str, path: &str) -> Option<Target> {
+        let hosts = self.copilot.as_ref()?.follow_api_base.as_ref()?;
+        let base = hosts.check(api_base).ok()?;
+        Target::new(reqwest::Url::parse(&format!("{base}{path}")).ok()?)
+    }
+
+    /// The base URL a lease holder calls with a credential whose stored API base is
+    /// `api_base`: that base when [`Provider::target_under`] would follow it, else the
+    /// provider's own.
+    pub fn base_url_with(&self, api_base: Option<&str>) -> String {
+        api_base
+            .and_then(|b| {
+                self.copilot
+                    .as_ref()?
+                    .follow_api_base
+                    .as_ref()?
+                    .check(b)
+                    .ok()
+            })
+            .unwrap_or_else(|| self.base_url.clone())
+    }
+
+    /// Whether calls may go to a credential's own API base ([`Provider::target_under`]).
+    pub fn follows_api_base(&self) -> bool {
+        self.copilot
+            .as_ref()
+            .is_some_and(|c| c.follow_api_base.is_some())
     }
 
     /// The URL of `path` (with its query, if any) under the base URL; `None` when they do not
@@ -258,6 +324,8 @@ impl Registry {
                     refresh_grant: None,
                     base: None,
                     fixed: Vec::new(),
+                    copilot: None,
+                    base_configured: false,
                 },
             );
         }
@@ -272,12 +340,15 @@ impl Registry {
                 refresh_grant: None,
                 base: None,
                 fixed: Vec::new(),
+                copilot: None,
+                base_configured: false,
             });
             if let Some(format) = block.format {
                 entry.format = format;
             }
             if let Some(url) = &block.base_url {
                 entry.base_url = url.trim_end_matches('/').to_string();
+                entry.base_configured = true;
             }
             if let Some(models) = &block.models {
                 entry.models = models.clone();
@@ -309,7 +380,26 @@ impl Registry {
                 (name, Arc::new(p))
             })
             .collect();
-        Registry { providers }
+        let mut registry = Registry { providers };
+        registry.configure_copilot(
+            copilot::merge_headers(&BTreeMap::new()).unwrap_or_default(),
+            copilot::ApiHosts::default(),
+        );
+        registry
+    }
+
+    /// Set copilot's headers and API-base allowlist (`oauth.copilot`; the defaults until
+    /// then). Nothing changes when copilot is not an OpenAI-format provider.
+    pub fn configure_copilot(&mut self, headers: copilot::HeaderList, hosts: copilot::ApiHosts) {
+        if let Some(p) = self.providers.get_mut("copilot")
+            && p.format == Format::Openai
+        {
+            let setup = CopilotSetup {
+                headers,
+                follow_api_base: (!p.base_configured).then_some(hosts),
+            };
+            Arc::make_mut(p).copilot = Some(Arc::new(setup));
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Provider>> {
@@ -459,6 +549,83 @@ mod tests {
         assert_eq!(r.get("openai").unwrap().stream_usage, StreamUsage::Never);
         assert_eq!(r.get("mistral").unwrap().stream_usage, StreamUsage::Ask);
         assert_eq!(r.get("groq").unwrap().stream_usage, StreamUsage::Never);
+    }
+
+    #[test]
+    fn copilot_follows_a_credentials_api_base_unless_the_config_names_one() {
+        let r = Registry::from_config(&BTreeMap::new());
+        let copilot = r.get("copilot").unwrap();
+        assert!(copilot.follows_api_base());
+        assert!(r.get("openai").unwrap().copilot.is_none());
+        let t = copilot
+            .target_under(
+                "https://api.business.githubcopilot.com",
+                "/chat/completions",
+            )
+            .unwrap();
+        let own = Target::new(
+            reqwest::Url::parse("https://api.business.githubcopilot.com/chat/completions").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(t, own);
+        // A stored base the allowlist no longer allows is not followed.
+        assert!(
+            copilot
+                .target_under("https://evil.example", "/chat/completions")
+                .is_none()
+        );
+        assert_eq!(
+            copilot.base_url_with(Some("https://api.business.githubcopilot.com")),
+            "https://api.business.githubcopilot.com"
+        );
+        assert_eq!(
+            copilot.base_url_with(Some("https://evil.example")),
+            "https://api.githubcopilot.com"
+        );
+        assert_eq!(copilot.base_url_with(None), "https://api.githubcopilot.com");
+        let mut narrowed = r.clone();
+        narrowed.configure_copilot(Vec::new(), copilot::ApiHosts::new(&[]).unwrap());
+        let c = narrowed.get("copilot").unwrap();
+        assert!(
+            c.target_under(
+                "https://api.business.githubcopilot.com",
+                "/chat/completions"
+            )
+            .is_none()
+        );
+        // `providers.copilot.base_url` wins.
+        let mut blocks = BTreeMap::new();
+        blocks.insert(
+            "copilot".to_string(),
+            ProviderConfig {
+                base_url: Some("http://127.0.0.1:9/".into()),
+                ..Default::default()
+            },
+        );
+        let r = Registry::from_config(&blocks);
+        let copilot = r.get("copilot").unwrap();
+        assert!(!copilot.follows_api_base());
+        assert!(copilot.copilot.is_some(), "the headers still go on");
+        assert!(
+            copilot
+                .target_under("https://api.githubcopilot.com", "/chat/completions")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn copilot_calls_carry_the_editor_headers_a_request_id_and_the_vision_flag() {
+        let r = Registry::from_config(&BTreeMap::new());
+        let setup = r.get("copilot").unwrap().copilot.clone().unwrap();
+        let mut h = HeaderMap::new();
+        setup.add_headers(&mut h, false);
+        for (name, value) in copilot::DEFAULT_HEADERS {
+            assert_eq!(h[*name], *value, "{name}");
+        }
+        assert!(h.contains_key("x-request-id"));
+        assert!(!h.contains_key("copilot-vision-request"));
+        setup.add_headers(&mut h, true);
+        assert_eq!(h["copilot-vision-request"], "true");
     }
 
     #[test]

@@ -100,14 +100,28 @@ async fn attempt(
     granted: Granted,
 ) -> Result<Option<(Held, Answer, Arc<Secret>)>, PathError> {
     let Granted { held, token } = granted;
-    let headers = match format::headers(call.provider.format, &call.pass_headers, token.expose()) {
-        Ok(headers) => headers,
-        Err(reason) => {
-            held.give_back(Some(crate::store::Mark::Invalid(reason)), "")
-                .await;
-            return Ok(None);
+    let mut headers =
+        match format::headers(call.provider.format, &call.pass_headers, token.expose()) {
+            Ok(headers) => headers,
+            Err(reason) => {
+                held.give_back(Some(crate::store::Mark::Invalid(reason)), "")
+                    .await;
+                return Ok(None);
+            }
+        };
+    let own_target;
+    let mut target = target;
+    if let Some(copilot) = &call.provider.copilot {
+        copilot.add_headers(&mut headers, prepared.vision);
+        // The API base the credential's token answer named, unless the config names one.
+        if call.provider.follows_api_base()
+            && let Some(base) = path.0.store.api_base(held.credential())
+            && let Some(t) = call.provider.target_under(&base, &call.path)
+        {
+            own_target = t;
+            target = &own_target;
         }
-    };
+    }
     match path
         .0
         .upstream

@@ -37,6 +37,9 @@ pub struct Lease {
     pub credential_id: CredentialId,
     pub provider: Arc<Provider>,
     pub token: Arc<Secret>,
+    /// Where the holder sends its calls: the provider's base URL, or (copilot) the API base
+    /// the credential's token answer named, when followed.
+    pub base_url: String,
     pub expires_at: DateTime<Utc>,
     /// The access token's own expiry (`None` for an API key).
     pub token_expires_at: Option<DateTime<Utc>>,
@@ -91,11 +94,13 @@ impl RequestPath {
         };
         let (id, credential_id) = held.keep();
         let token_expires_at = self.0.store.token_expires_at(&credential_id);
+        let base_url = self.base_url_for(&provider, &credential_id);
         Ok(Lease {
             id,
             credential_id,
             provider,
             token,
+            base_url,
             expires_at,
             token_expires_at,
         })
@@ -129,14 +134,25 @@ impl RequestPath {
             Ok(token) => token,
             Err(_) => return Err(PathError::LeaseCredentialUnusable("invalid")),
         };
+        let base_url = self.base_url_for(&provider, &renewed.credential_id);
         Ok(Lease {
             id: lease_id.clone(),
             credential_id: renewed.credential_id,
             provider,
             token,
+            base_url,
             expires_at: renewed.expires_at,
             token_expires_at: renewed.token_expires_at,
         })
+    }
+
+    /// The base URL a lease of `credential` names ([`Provider::base_url_with`]); the mirror is
+    /// asked only for a provider that follows credentials' API bases.
+    fn base_url_for(&self, provider: &Provider, credential: &CredentialId) -> String {
+        if !provider.follows_api_base() {
+            return provider.base_url.clone();
+        }
+        provider.base_url_with(self.0.store.api_base(credential).as_deref())
     }
 
     /// Settle or release lease `lease_id` by its holder's report.

@@ -428,12 +428,14 @@ impl Store {
             .client
             .as_ref()
             .map(|c| self.sealer.seal(id, Field::ClientSecret, &c.client_secret));
-        // The client's id and its secret's expiry join the other extra fields, kept as they
-        // are (read as a JSON object, so a field this version does not know is not lost).
-        let extra = match &refreshed.client {
-            Some(client) => {
-                let mut extra: serde_json::Map<String, serde_json::Value> =
-                    serde_json::from_str(&current.extra).unwrap_or_default();
+        // The client's id and its secret's expiry, and copilot's API base, join the other
+        // extra fields, kept as they are (read as a JSON object, so a field this version does
+        // not know is not lost). An API base the answer no longer names is removed.
+        let stale_base = current.extra.contains("\"api_base\"");
+        let extra = if refreshed.client.is_some() || refreshed.api_base.is_some() || stale_base {
+            let mut extra: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(&current.extra).unwrap_or_default();
+            if let Some(client) = &refreshed.client {
                 extra.insert("client_id".into(), json!(client.client_id));
                 match client.client_secret_expires_at {
                     Some(at) => {
@@ -443,9 +445,18 @@ impl Store {
                         extra.remove("client_secret_expires_at");
                     }
                 }
-                Some(serde_json::Value::Object(extra).to_string())
             }
-            None => None,
+            match &refreshed.api_base {
+                Some(base) => {
+                    extra.insert("api_base".into(), json!(base));
+                }
+                None => {
+                    extra.remove("api_base");
+                }
+            }
+            Some(serde_json::Value::Object(extra).to_string())
+        } else {
+            None
         };
         let expires_at = refreshed.expires_at.timestamp();
         let refresh_after = refreshed.refresh_after.map(|t| t.timestamp());
@@ -481,6 +492,7 @@ impl Store {
             ("client", refreshed.client.is_some()),
             ("expires_at", true),
             ("refresh_after", refreshed.refresh_after.is_some()),
+            ("api_base", refreshed.api_base.is_some() || stale_base),
         ]
         .into_iter()
         .filter_map(|(name, set)| set.then_some(name))
@@ -821,6 +833,7 @@ mod tests {
             refresh_token: None,
             client: None,
             refresh_after: None,
+            api_base: None,
         }
     }
 
@@ -828,6 +841,65 @@ mod tests {
     async fn refresh(store: &Store, id: &CredentialId, r: &Refreshed, now: DateTime<Utc>) {
         assert!(store.claim_refresh(id, now, MINUTE).await.unwrap());
         assert!(store.store_refreshed(id, r, now).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn copilots_api_base_is_stored_replaced_and_removed_with_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(&dir).await;
+        let id = add(&store, &oauth("copilot", None, Some("gho_x"), None)).await;
+        let other = add(&store, &oauth("kiro", Some("k"), Some("r"), Some(100))).await;
+        assert_eq!(store.api_base(&id), None);
+        let with = |base: Option<&str>| Refreshed {
+            api_base: base.map(str::to_string),
+            ..refreshed("tid=1", 3600)
+        };
+        refresh(
+            &store,
+            &id,
+            &with(Some("https://api.business.githubcopilot.com")),
+            at(10),
+        )
+        .await;
+        assert_eq!(
+            store.api_base(&id).as_deref(),
+            Some("https://api.business.githubcopilot.com")
+        );
+        let m = store.refresh_material(&id).await.unwrap();
+        assert_eq!(
+            m.extra.api_base.as_deref(),
+            Some("https://api.business.githubcopilot.com")
+        );
+        // A whole load of the mirror reads the same.
+        store.load_hot().await.unwrap();
+        assert_eq!(
+            store.api_base(&id).as_deref(),
+            Some("https://api.business.githubcopilot.com")
+        );
+        refresh(
+            &store,
+            &id,
+            &with(Some("https://api.githubcopilot.com")),
+            at(20),
+        )
+        .await;
+        assert_eq!(
+            store.api_base(&id).as_deref(),
+            Some("https://api.githubcopilot.com")
+        );
+        // An answer that names none (or none allowed) removes the stale one.
+        refresh(&store, &id, &with(None), at(30)).await;
+        assert_eq!(store.api_base(&id), None);
+        let m = store.refresh_material(&id).await.unwrap();
+        assert!(m.extra.is_empty(), "{:?}", m.extra);
+        // Another provider's extra, were it to hold one, is not read by the mirror.
+        set_sql(
+            &store,
+            "UPDATE credentials SET extra = '{\"api_base\":\"https://x.example\"}' WHERE id = ?",
+            &other,
+        )
+        .await;
+        assert_eq!(store.api_base(&other), None);
     }
 
     #[tokio::test]
@@ -1037,6 +1109,7 @@ mod tests {
                 client_secret_expires_at: Some(at(90_000)),
             }),
             refresh_after: None,
+            api_base: None,
         };
         refresh(&store, &id, &r, now).await;
 

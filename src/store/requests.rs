@@ -317,6 +317,17 @@ impl Store {
         })
     }
 
+    /// A copilot credential's API base (`extra.api_base`, as its last token answer named it
+    /// and the allowlist allowed), from the mirror; `None` when it has none.
+    pub fn api_base(&self, id: &CredentialId) -> Option<Arc<str>> {
+        self.hot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .api_bases
+            .get(id.as_str())
+            .cloned()
+    }
+
     /// Per credential: `used`, and the usage history of its current period (for checks).
     #[tracing::instrument(skip_all)]
     pub async fn usage_totals(&self) -> Result<Vec<(String, u64, u64)>> {

@@ -7,6 +7,7 @@ mod answers;
 mod attempts;
 mod bad_input;
 mod common;
+mod copilot;
 mod crash;
 mod default_limits;
 mod guard;

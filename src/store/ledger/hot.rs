@@ -146,6 +146,9 @@ pub(in crate::store) struct Hot {
     /// or follows a write (`mirror.rs`), and kept while the stored value is unchanged.
     /// Shared, not copied: a request holds the `Arc` while it sends the token.
     pub(in crate::store) tokens: HashMap<String, (Vec<u8>, Arc<Secret>)>,
+    /// copilot credentials' API bases (`extra.api_base`), for those that have one: the
+    /// request path sends their calls there unless the config names a base URL.
+    pub(in crate::store) api_bases: HashMap<String, Arc<str>>,
     /// Leases that went with their credential when it was deleted, with their expiry, so a
     /// renewal can say why (`deleted`) rather than not knowing the lease. Kept while this
     /// server runs, at most [`GONE_LEASES`] of them.

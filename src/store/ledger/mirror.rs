@@ -65,6 +65,8 @@ struct MirrorRow {
     used: i64,
     period_start: i64,
     oauth: bool,
+    /// copilot's `extra.api_base` (read for copilot rows only).
+    api_base: Option<String>,
 }
 
 /// A reservation as the mirror reads it.
@@ -88,7 +90,9 @@ macro_rules! credential_rows {
                       c.token_sealed,
                       (c.refresh_token_sealed IS NOT NULL) AS "has_refresh_token!: bool",
                       q.limit_tokens, q.used, q.period_start,
-                      (c.kind = 'oauth') AS "oauth!: bool"
+                      (c.kind = 'oauth') AS "oauth!: bool",
+                      CASE WHEN c.provider = 'copilot'
+                           THEN json_extract(c.extra, '$.api_base') END AS "api_base?: String"
                FROM credentials c JOIN quotas q ON q.credential_id = c.id "# + $rest
             $(, $arg)*
         )
@@ -339,6 +343,9 @@ fn build(
         {
             hot.tokens.insert(r.id.clone(), t);
         }
+        if let Some(base) = r.api_base.take() {
+            hot.api_bases.insert(r.id.clone(), base.into());
+        }
         hot.lists
             .entry(r.provider)
             .or_default()
@@ -579,6 +586,10 @@ impl Hot {
             match rows.remove(id) {
                 Some(mut r) => {
                     self.creds.insert(id.clone(), HotCred::from_row(&r));
+                    match r.api_base.take() {
+                        Some(base) => self.api_bases.insert(id.clone(), base.into()),
+                        None => self.api_bases.remove(id),
+                    };
                     match r.token_sealed.take() {
                         Some(sealed)
                             if self.tokens.get(id).is_some_and(|(was, _)| *was == sealed) => {}
@@ -598,6 +609,7 @@ impl Hot {
                 None => {
                     self.creds.remove(id);
                     self.tokens.remove(id);
+                    self.api_bases.remove(id);
                 }
             }
         }
@@ -734,6 +746,12 @@ fn compare(held: &Hot, whole: &Hot) -> Option<String> {
             .map(|(id, (s, _))| (id.clone(), s.clone()))
             .collect()
     };
+    if held.api_bases != whole.api_bases {
+        return Some(format!(
+            "API bases: {:?} held, {:?} loaded",
+            held.api_bases, whole.api_bases
+        ));
+    }
     if sealed(&held.tokens) != sealed(&whole.tokens) {
         return Some(format!(
             "opened tokens: {:?} held, {:?} loaded",
