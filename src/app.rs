@@ -8,6 +8,7 @@ use crate::events::AuthLog;
 use crate::http::{Guards, HttpState};
 use crate::import;
 use crate::jobs::Jobs;
+use crate::login::Logins;
 use crate::notify::{Notifier, Webhook};
 use crate::oauth::Flows;
 use crate::providers::Registry;
@@ -93,12 +94,12 @@ fn open_error(e: StoreError, encryption: &crate::config::EncryptionConfig) -> St
 /// left in clear, mark credentials whose secrets do not open. The guards' settings are checked
 /// too (a bad `management.secret_key` fails every command, as it would fail the server).
 pub async fn open_state(config: Loaded, clock: Clock) -> Result<Arc<AppState>, StartError> {
-    Ok(open(config, clock).await?.app)
+    Ok(open(config, clock, Flows::default()).await?.app)
 }
 
 /// [`open_state`], with the guards the HTTP edge puts in front of the routes and the
-/// request path.
-async fn open(config: Loaded, clock: Clock) -> Result<Opened, StartError> {
+/// request path. `extra_flows` are registered over the config's (an embedding program's own).
+async fn open(config: Loaded, clock: Clock, extra_flows: Flows) -> Result<Opened, StartError> {
     let DatabaseLocation::File(path) = &config.database;
     let encryption_config = &config.config.auth.encryption;
     let encryption = encryption_from_config(encryption_config)?;
@@ -167,9 +168,12 @@ async fn open(config: Loaded, clock: Clock) -> Result<Opened, StartError> {
     settings.api_keys.clear();
     settings.management.secret_key.take();
     settings.auth.encryption.key.take();
+    // One set of flows, shared by the refresher and the logins.
+    let mut flows = Flows::from_config(&config.config, &registry);
+    flows.merge(extra_flows);
     let refresher = Refresher::new(crate::refresh::Parts {
         store: store.clone(),
-        flows: Flows::from_config(&config.config, &registry),
+        flows: flows.clone(),
         auth_log: auth_log.clone(),
         notifier: notifier.clone(),
         clock: clock.clone(),
@@ -185,6 +189,14 @@ async fn open(config: Loaded, clock: Clock) -> Result<Opened, StartError> {
         notifier: notifier.clone(),
         refresher: Some(refresher.clone()),
     });
+    let logins = Logins::new(crate::login::Parts {
+        store: store.clone(),
+        flows,
+        registry: registry.clone(),
+        refresher: refresher.clone(),
+        auth_log: auth_log.clone(),
+        clock: clock.clone(),
+    });
     let app = Arc::new(AppState {
         config: Arc::new(config),
         store,
@@ -192,6 +204,7 @@ async fn open(config: Loaded, clock: Clock) -> Result<Opened, StartError> {
         auth_log,
         notifier,
         refresher,
+        logins,
         clock,
     });
     Ok(Opened { app, guards, path })
@@ -336,6 +349,16 @@ impl Application {
     }
 
     pub async fn build_with_clock(config: Loaded, clock: Clock) -> Result<Application, StartError> {
+        Self::build_with_flows(config, clock, Flows::default()).await
+    }
+
+    /// [`Application::build_with_clock`], with `flows` registered over the config's: an
+    /// embedding program's own login and refresh flows (or a test's).
+    pub async fn build_with_flows(
+        config: Loaded,
+        clock: Clock,
+        flows: Flows,
+    ) -> Result<Application, StartError> {
         let addr = SocketAddr::new(config.config.host, config.config.port);
         let DatabaseLocation::File(database) = &config.database;
         let lock = lock_database(database, Holder::Server)?;
@@ -343,7 +366,7 @@ impl Application {
             app: state,
             guards,
             path,
-        } = open(config, clock).await?;
+        } = open(config, clock, flows).await?;
         // Only a server settles what a stopped one left: a CLI command may run beside a live
         // server, whose reservations are not dead.
         let (dead, dead_tokens) = state
@@ -419,6 +442,10 @@ impl Application {
             path: self.path.clone(),
         });
         let sweeper = tokio::spawn(sweep_leases(self.state.clone()));
+        // The logins a stopped server left pending are polled again (or expire now).
+        if let Err(e) = self.state.logins.resume().await {
+            tracing::error!(error = %e, "cannot resume the pending logins");
+        }
         let jobs = Jobs::start(self.state.clone())
             .await
             .map_err(|e| std::io::Error::other(format!("cannot start the job scheduler: {e}")))?;
@@ -430,6 +457,9 @@ impl Application {
         )
         .await;
         sweeper.abort();
+        // Pollers stop (a login approved meanwhile stores its credential first); the pending
+        // sessions resume at the next start.
+        self.state.logins.stop(crate::login::STOP_GRACE).await;
         // Refreshes start no more and store what they got; then the jobs' last check ends.
         self.state.refresher.close(crate::refresh::STOP_GRACE).await;
         jobs.stop().await;

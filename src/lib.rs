@@ -5,18 +5,21 @@
 //! README.md is the outside (commands, config keys, routes, JSON shapes); bench/README.md the
 //! measurements. The modules depend on each other without cycles
 //! (`python3 scripts/module-cycles.py` checks it): `http` and `cli` at the top, then `app`,
-//! `jobs` (which only `app` uses) and `state`, the request path (`proxy`), `store` and
-//! `import`, and below them `oauth`, `notify`, `providers`, `domain`, `quota`, `crypto`, `files`.
+//! `jobs` (which only `app` uses) and `state`, the login service (`login`), the request path
+//! (`proxy`), `store` and `import`, and below them `oauth`, `notify`, `providers`, `domain`, `quota`, `crypto`, `files`.
 //!
 //! # Layout
 //! - [`cli`]: the command line (`serve`, `import`, `hash-secret`, `gen-key`, `rotate-key`), exit codes.
 //! - [`app`]: building the application from a config and serving it; tests use the same path.
 //! - [`jobs`]: the background jobs ([`jobs::resets`]: quota resets; [`jobs::refresh`]: the
-//!   token refresh worker's check), plain functions of the state and `now` that
+//!   token refresh worker's check; [`jobs::logins`]: the cleanup of ended logins), plain functions of the state and `now` that
 //!   tokio-cron-scheduler runs inside `serve`.
 //! - [`refresh`]: the token refresh service: one refresh per credential at a time (shared in
 //!   the process, claimed in the database), what a refresh's result does, checks and their
 //!   history, the status; over the providers' flows in `oauth`.
+//! - [`login`]: device-flow logins (RFC 8628): the sessions (their device codes sealed in the
+//!   store), one background poller per pending session, the credential stored on approval,
+//!   resuming after a restart, the cleanup of ended sessions; over the flows in `oauth`.
 //! - [`state`]: what the application shares (config, store, registry, auth log, clock).
 //! - [`config`]: the typed config, loaded from YAML and `CLIPROXY__*` variables, validated.
 //! - [`http`]: the HTTP edge; it owns every response and makes no business decision.
@@ -28,6 +31,8 @@
 //!     who is calling, the management and client-key guards, the ban endpoints.
 //!   - [`http::management`], [`http::view`]: the management API and its JSON views.
 //!   - [`http::proxy`]: the provider-shaped routes and the lease API, over [`proxy`].
+//!   - [`http::oauth`]: the device-flow routes (`/v0/oauth/{provider}/start`, `/status`),
+//!     over [`login`].
 //! - [`proxy`]: the request path as a service ([`proxy::RequestPath`]): forward, lease, report.
 //!   - `attempts`: the one attempt loop; `exchange`: forwarding in stages (prepare, attempt,
 //!     deliver); `lease`: leases and reports; `settle`: a reservation from grant to
@@ -68,6 +73,7 @@ pub mod files; // owner-only files and folders
 pub mod http; // axum routers and handlers
 pub mod import; // credential files and bodies into new credentials
 pub mod jobs; // background jobs on tokio-cron-scheduler: quota resets
+pub mod login; // device-flow logins: sessions, background polling, the credential stored
 pub mod notify; // webhook notifications of credential events, off the request path
 pub mod oauth; // the provider-specific part of an OAuth refresh: copilot, kiro, the RFC 6749 grant
 pub mod providers; // which providers exist, and what differs by format

@@ -6,6 +6,7 @@
 use crate::config::Loaded;
 use crate::events::AuthLog;
 use crate::import::{self, Batch};
+use crate::login::Logins;
 use crate::notify::Notifier;
 use crate::providers::Registry;
 use crate::refresh::Refresher;
@@ -28,6 +29,8 @@ pub struct AppState {
     pub notifier: Notifier,
     /// The token refresh service (the worker's checks, manual refreshes, the status).
     pub refresher: Refresher,
+    /// The device-flow logins (their sessions and background polling).
+    pub logins: Logins,
     /// What the application reads as now; tests set it.
     pub clock: Clock,
 }

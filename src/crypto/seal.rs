@@ -14,6 +14,8 @@ pub enum Field {
     Token,
     RefreshToken,
     ClientSecret,
+    /// A device-flow login's device code, bound to its session id.
+    DeviceCode,
     /// A key behind [`Fingerprinter`], stored in the `fingerprint_keys` table.
     FingerprintKey,
     /// The marker in `meta` that tells, at start, whether the configured key is this
@@ -27,6 +29,7 @@ impl Field {
             Field::Token => "token",
             Field::RefreshToken => "refresh_token",
             Field::ClientSecret => "client_secret",
+            Field::DeviceCode => "device_code",
             Field::FingerprintKey => "fingerprint_key",
             Field::KeyCheck => "key_check",
         }

@@ -8,6 +8,7 @@ pub mod extract;
 pub mod guard;
 pub mod listener;
 pub mod management;
+pub mod oauth;
 pub mod proxy;
 pub mod refresh;
 pub mod view;
@@ -105,8 +106,19 @@ pub fn router(state: HttpState) -> Router {
     let management = management
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .layer(axum::Extension(body::BodyClass::Management));
+    // The device flows, behind the same rules as the management API (they store credentials).
+    let oauth = Router::new()
+        .route("/{provider}/start", post(oauth::start))
+        .route("/{provider}/status", get(oauth::status))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::management_guard,
+        ))
+        .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
+        .layer(axum::Extension(body::BodyClass::Management));
     Router::new()
         .nest("/v0/management", management)
+        .nest("/v0/oauth", oauth)
         .merge(v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -10,7 +10,10 @@
 //! - [`refresh`]: the token refresh worker's check, when the server starts and every
 //!   `auth.refresh.check_interval` after, while `auth.refresh.enabled`. It takes turns with
 //!   itself, not with the resets: a slow token endpoint does not hold a reset back.
+//! - [`logins`]: the cleanup of device-flow logins (expired pending ones, ended ones an hour
+//!   old), every minute at second 30.
 
+pub mod logins;
 pub mod refresh;
 pub mod resets;
 
@@ -21,6 +24,8 @@ use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 
 /// Every minute, at second 0.
 const EVERY_MINUTE: &str = "0 * * * * *";
+/// Every minute, at second 30 (away from the resets).
+const EVERY_MINUTE_AT_30: &str = "30 * * * * *";
 
 /// The running scheduler. [`Jobs::stop`] stops it and waits for a run in progress, so no job
 /// writes after the store closes.
@@ -31,6 +36,8 @@ pub struct Jobs {
     closed: Arc<tokio::sync::Mutex<bool>>,
     /// The same for the refresh checks.
     refresh_closed: Arc<tokio::sync::Mutex<bool>>,
+    /// The same for the cleanup of logins.
+    logins_closed: Arc<tokio::sync::Mutex<bool>>,
 }
 
 impl Jobs {
@@ -73,11 +80,16 @@ impl Jobs {
             let (state, closed) = (state.clone(), refresh_closed.clone());
             tokio::spawn(async move { refresh_run(&state, &closed).await });
         }
+        let logins_closed = Arc::new(tokio::sync::Mutex::new(false));
+        scheduler
+            .add(logins_job(EVERY_MINUTE_AT_30, &state, &logins_closed)?)
+            .await?;
         scheduler.start().await?;
         Ok(Jobs {
             scheduler,
             closed,
             refresh_closed,
+            logins_closed,
         })
     }
 
@@ -88,6 +100,7 @@ impl Jobs {
         }
         *self.closed.lock().await = true;
         *self.refresh_closed.lock().await = true;
+        *self.logins_closed.lock().await = true;
     }
 }
 
@@ -113,6 +126,24 @@ fn refresh_job(
     Job::new_repeated_async(interval, move |_, _| {
         let (state, closed) = (state.clone(), closed.clone());
         Box::pin(async move { refresh_run(&state, &closed).await })
+    })
+}
+
+/// The cleanup of logins at the times of `cron`, with the application's clock.
+fn logins_job(
+    cron: &str,
+    state: &Arc<AppState>,
+    closed: &Arc<tokio::sync::Mutex<bool>>,
+) -> Result<Job, JobSchedulerError> {
+    let (state, closed) = (state.clone(), closed.clone());
+    Job::new_async(cron, move |_, _| {
+        let (state, closed) = (state.clone(), closed.clone());
+        Box::pin(async move {
+            let closed = closed.lock().await;
+            if !*closed {
+                logins::run(&state, state.now()).await;
+            }
+        })
     })
 }
 

@@ -120,6 +120,12 @@ impl Flows {
         self.flows.insert(provider, flow);
     }
 
+    /// Add every flow of `other`, replacing those of the same providers (an embedding
+    /// program's or a test's flows over the config's).
+    pub fn merge(&mut self, other: Flows) {
+        self.flows.extend(other.flows);
+    }
+
     pub fn get(&self, provider: &str) -> Option<Arc<dyn OauthFlow>> {
         self.flows.get(provider).cloned()
     }

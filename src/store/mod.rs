@@ -12,6 +12,7 @@ mod credentials;
 mod defaults;
 mod import;
 mod ledger;
+mod logins;
 mod quota;
 mod refresh;
 mod requests;
@@ -22,6 +23,10 @@ mod secrets;
 pub use credentials::{CredentialPatch, Cursor, DEFAULT_PAGE, ListFilter, MAX_PAGE, Page};
 // The import's report types, where the store's callers have always found them.
 pub use crate::import::{ImportMode, ImportReport, Notice};
+pub use logins::{
+    InsertLoginError, LoginEnd, LoginSecrets, LoginSession, LoginStatus, MAX_LOGIN_MESSAGE,
+    new_login_id,
+};
 pub use quota::{QuotaPatch, QuotaTotal};
 pub use refresh::{
     MAX_REASON, MAX_RECENT, MAX_SCAN, RefreshCandidate, RefreshHistory, RefreshOutcome, RefreshRun,

@@ -763,8 +763,9 @@ impl Store {
     /// In one transaction: re-seal every credential's secrets under `to`, recompute every
     /// credential's fingerprint under a new random fingerprint key, re-seal the older keys
     /// (kept for the tombstones and import digests made under them, which cannot be recomputed;
-    /// dropped when there are none), and seal the key check under `to`. Fails, changing
-    /// nothing, if any secret does not open under the current key.
+    /// dropped when there are none), seal the key check under `to`, and delete the pending
+    /// logins (their device codes are sealed under the old key). Fails, changing nothing, if
+    /// any secret does not open under the current key.
     async fn rekey_locked(&self, to: &Encryption) -> Result<usize> {
         let to = to.for_database(self.sealer.database());
         let fresh = Fingerprinter::new(Fingerprinter::random_key());
@@ -828,6 +829,16 @@ impl Store {
         .await?;
         if let Some(marker) = to.seal_key_check() {
             set_meta(&mut tx, "key_check", &marker).await?;
+        }
+        // Pending device-flow logins hold device codes sealed under the old key, and a running
+        // server's poller would seal nothing new under the new one: rotating the key ends them
+        // (README, "OAuth device flows"). Ended ones hold no secret.
+        let logins = sqlx::query!("DELETE FROM oauth_sessions WHERE status = 'pending'")
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if logins > 0 {
+            tracing::info!(logins, "rotating the key ended the pending logins");
         }
         tx.commit().await?;
         Ok(rows.len())

@@ -3,6 +3,7 @@
 
 use cliproxyapi::app::{Application, StartError};
 use cliproxyapi::config::Config;
+use cliproxyapi::oauth::Flows;
 use cliproxyapi::state::Clock;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -63,7 +64,21 @@ impl Home {
 
     /// Build with `CLIPROXY__*` overrides and a clock of the test's.
     pub async fn start_with(&self, env: &[(&str, &str)], clock: Clock) -> TestApp {
-        let app = self.build(env, clock).await.expect("application builds");
+        self.start_with_flows(env, clock, Flows::default()).await
+    }
+
+    /// [`Home::start_with`], with the test's own login and refresh flows registered over the
+    /// config's (`Application::build_with_flows`).
+    pub async fn start_with_flows(
+        &self,
+        env: &[(&str, &str)],
+        clock: Clock,
+        flows: Flows,
+    ) -> TestApp {
+        let app = self
+            .build_with_flows(env, clock, flows)
+            .await
+            .expect("application builds");
         let base = format!("http://{}", app.local_addr());
         let state = app.state();
         let guards = app.guards();
@@ -89,13 +104,22 @@ impl Home {
         env: &[(&str, &str)],
         clock: Clock,
     ) -> Result<Application, StartError> {
+        self.build_with_flows(env, clock, Flows::default()).await
+    }
+
+    async fn build_with_flows(
+        &self,
+        env: &[(&str, &str)],
+        clock: Clock,
+        flows: Flows,
+    ) -> Result<Application, StartError> {
         let env = env
             .iter()
             .copied()
             .chain(self.refresh_off())
             .map(|(k, v)| (k.to_string(), v.to_string()));
         let loaded = Config::load_with_env(&self.config_path(), true, env).expect("config");
-        Application::build_with_clock(loaded, clock).await
+        Application::build_with_flows(loaded, clock, flows).await
     }
 
     /// Start the real binary on this home and wait until it listens.

@@ -14,6 +14,7 @@ mod guard;
 mod imports;
 mod leases;
 mod limits;
+mod logins;
 mod management;
 mod mock;
 mod notify;

@@ -1,0 +1,307 @@
+//! The device-flow login service ([`Logins`], README "OAuth device flows"): it starts a login
+//! through the provider's [`crate::oauth::OauthFlow`], stores the session (its device code
+//! sealed), polls the provider's token endpoint in the background (one task per pending
+//! session, [`poll`]) following RFC 8628, stores the credential when the user approves, and
+//! answers the status the page asks for.
+//!
+//! - At most [`MAX_PENDING`] sessions are pending at once.
+//! - Sessions survive a restart: [`Logins::resume`] at start polls the pending ones again from
+//!   their stored next poll, and ends those past their time `expired`.
+//! - Ended sessions are kept [`FINISHED_KEPT`] (so a page can still read how its login ended),
+//!   then deleted by [`Logins::cleanup`], which the jobs run every minute.
+//! - The auth log gets a line when a login starts and when it ends; never a code or a token
+//!   (not the user code either).
+
+mod poll;
+
+use crate::domain::ProviderName;
+use crate::domain::login::{DeviceAuthorization, LoginRequest};
+use crate::domain::refresh::FlowError;
+use crate::events::AuthLog;
+use crate::oauth::{Flows, OauthFlow};
+use crate::providers::Registry;
+use crate::refresh::Refresher;
+use crate::store::{
+    InsertLoginError, LoginEnd, LoginSession, LoginStatus, MAX_LOGIN_MESSAGE, Store, StoreError,
+};
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// The most sessions pending at once: each is a task polling a provider.
+pub const MAX_PENDING: u64 = 100;
+/// The shortest and longest wait between polls, whatever the provider says.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+pub const MAX_INTERVAL: Duration = Duration::from_secs(60);
+/// The longest a session's codes are taken to be good for, whatever the provider says.
+pub const MAX_EXPIRES_IN: Duration = Duration::from_secs(60 * 60);
+/// How long an ended session is kept before the cleanup deletes it.
+pub const FINISHED_KEPT: Duration = Duration::from_secs(60 * 60);
+/// How long a stopping server waits for pollers in the middle of a poll (one whose user just
+/// approved stores its credential) before it stops them.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// What the application reads as now (the state's clock; tests set it).
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// Why a login did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("Unknown provider `{0}`")]
+    UnknownProvider(String),
+    #[error("Provider `{0}` has no device-flow login")]
+    NoLoginFlow(String),
+    #[error("{MAX_PENDING} logins are pending already; finish or wait for one of them")]
+    TooMany,
+    /// The flow refused the request (a bad start URL or region), with its reason.
+    #[error("The login was refused: {0}")]
+    Refused(String),
+    /// The provider could not be reached.
+    #[error("The provider could not be reached: {0}")]
+    Unreachable(String),
+    #[error("The server is stopping")]
+    Stopping,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the service is built from.
+pub struct Parts {
+    pub store: Store,
+    /// The same flows the refresher has.
+    pub flows: Flows,
+    pub registry: Arc<Registry>,
+    pub refresher: Refresher,
+    pub auth_log: Arc<AuthLog>,
+    pub clock: Clock,
+}
+
+/// The login service; clones share it.
+#[derive(Clone)]
+pub struct Logins(Arc<Inner>);
+
+struct Inner {
+    store: Store,
+    flows: Flows,
+    registry: Arc<Registry>,
+    refresher: Refresher,
+    auth_log: Arc<AuthLog>,
+    clock: Clock,
+    /// The poller of each pending session this process polls, by session id.
+    pollers: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Set when the server stops: pollers stop at their next wait, none start.
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Lock a map, whatever a panicking holder left (its entries stay valid).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An interval within [`MIN_INTERVAL`]..=[`MAX_INTERVAL`].
+pub fn bound_interval(interval: Duration) -> Duration {
+    interval.clamp(MIN_INTERVAL, MAX_INTERVAL)
+}
+
+fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    now + chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
+}
+
+impl Logins {
+    pub fn new(parts: Parts) -> Logins {
+        Logins(Arc::new(Inner {
+            store: parts.store,
+            flows: parts.flows,
+            registry: parts.registry,
+            refresher: parts.refresher,
+            auth_log: parts.auth_log,
+            clock: parts.clock,
+            pollers: Mutex::new(HashMap::new()),
+            stop: tokio::sync::watch::channel(false).0,
+        }))
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        (self.0.clock)()
+    }
+
+    fn stopping(&self) -> bool {
+        *self.0.stop.borrow()
+    }
+
+    /// The flow that logs in for `provider`.
+    fn login_flow(&self, provider: &str) -> Result<Arc<dyn OauthFlow>, LoginError> {
+        if !self.0.registry.contains(provider) {
+            return Err(LoginError::UnknownProvider(provider.to_string()));
+        }
+        self.0
+            .flows
+            .get(provider)
+            .filter(|f| f.has_login())
+            .ok_or_else(|| LoginError::NoLoginFlow(provider.to_string()))
+    }
+
+    /// Start a login for `provider`: the flow's device authorization, the session stored, its
+    /// poller started. The session as stored (its first poll one interval from now).
+    pub async fn start(
+        &self,
+        provider: &str,
+        request: &LoginRequest,
+    ) -> Result<LoginSession, LoginError> {
+        let flow = self.login_flow(provider)?;
+        if self.stopping() {
+            return Err(LoginError::Stopping);
+        }
+        // Checked before the provider is asked too, so a full server sends nothing.
+        if self.0.store.count_pending_logins().await? >= MAX_PENDING {
+            return Err(LoginError::TooMany);
+        }
+        let mut auth: DeviceAuthorization =
+            flow.start_login(request, self.now())
+                .await
+                .map_err(|e| match e {
+                    FlowError::Transient { reason, .. } => LoginError::Unreachable(reason),
+                    FlowError::Rejected(r) | FlowError::Unrefreshable(r) => LoginError::Refused(r),
+                })?;
+        auth.interval = bound_interval(auth.interval);
+        auth.expires_in = auth.expires_in.clamp(MIN_INTERVAL, MAX_EXPIRES_IN);
+        let provider = ProviderName::from(provider);
+        let now = self.now();
+        let session = self
+            .0
+            .store
+            .insert_login(&provider, &auth, MAX_PENDING, now)
+            .await
+            .map_err(|e| match e {
+                InsertLoginError::TooMany(_) => LoginError::TooMany,
+                InsertLoginError::Store(e) => LoginError::Store(e),
+            })?;
+        drop(auth);
+        self.0
+            .auth_log
+            .record(&format!("login {} started for {provider}", session.id));
+        self.spawn(&session, flow, after(now, session.interval));
+        Ok(session)
+    }
+
+    /// The session `id` of `provider`; `None` when there is none (or it is another
+    /// provider's).
+    pub async fn status(
+        &self,
+        provider: &str,
+        id: &str,
+    ) -> Result<Option<LoginSession>, StoreError> {
+        Ok(self
+            .0
+            .store
+            .login(id)
+            .await?
+            .filter(|s| s.provider.as_str() == provider))
+    }
+
+    /// At start: end the pending sessions past their time `expired`, and poll the others again
+    /// from their stored next poll. Returns how many pollers it started.
+    pub async fn resume(&self) -> Result<usize, StoreError> {
+        self.cleanup(self.now()).await?;
+        let mut started = 0;
+        for session in self.0.store.pending_logins().await? {
+            match self.login_flow(session.provider.as_str()) {
+                Ok(flow) => {
+                    let due = session.next_poll_at;
+                    self.spawn(&session, flow, due);
+                    started += 1;
+                }
+                Err(e) => {
+                    let end = LoginEnd::Failed(LoginStatus::Error, e.to_string());
+                    self.end(&session.id, &session.provider, &end).await;
+                }
+            }
+        }
+        if started > 0 {
+            self.0
+                .auth_log
+                .record(&format!("resumed polling {started} pending login(s)"));
+        }
+        Ok(started)
+    }
+
+    /// Housekeeping at `now`: pending sessions past their time end `expired`; sessions ended
+    /// more than [`FINISHED_KEPT`] ago are deleted.
+    pub async fn cleanup(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let kept = chrono::TimeDelta::from_std(FINISHED_KEPT).unwrap_or_default();
+        let (expired, deleted) = self.0.store.prune_logins(now, now - kept).await?;
+        if expired > 0 {
+            self.0.auth_log.record(&format!(
+                "{expired} pending login(s) expired before they were approved"
+            ));
+        }
+        if deleted > 0 {
+            tracing::debug!(deleted, "deleted ended logins");
+        }
+        Ok(())
+    }
+
+    /// The server is stopping: pollers stop at their next wait (a stopped one resumes at the
+    /// next start); those in the middle of a poll get `grace` to finish it, then are stopped.
+    pub async fn stop(&self, grace: Duration) {
+        self.0.stop.send_replace(true);
+        let handles: Vec<JoinHandle<()>> = lock(&self.0.pollers).drain().map(|(_, h)| h).collect();
+        let deadline = tokio::time::Instant::now() + grace;
+        for mut handle in handles {
+            if tokio::time::timeout_at(deadline, &mut handle)
+                .await
+                .is_err()
+            {
+                handle.abort();
+            }
+        }
+    }
+
+    /// Start the poller of `session`, its first poll at `due`.
+    fn spawn(&self, session: &LoginSession, flow: Arc<dyn OauthFlow>, due: DateTime<Utc>) {
+        if self.stopping() {
+            return;
+        }
+        let this = self.clone();
+        let stop = self.0.stop.subscribe();
+        let id = session.id.clone();
+        let task = tokio::spawn(poll::run(this, session.clone(), flow, due, stop));
+        let mut pollers = lock(&self.0.pollers);
+        // A poller that ended before this line is not kept.
+        if !task.is_finished() {
+            pollers.insert(id, task);
+        }
+    }
+
+    /// A poller is done: forget its handle.
+    fn landed(&self, id: &str) {
+        lock(&self.0.pollers).remove(id);
+    }
+
+    /// End session `id` with `end`, and say so in the auth log.
+    async fn end(&self, id: &str, provider: &ProviderName, end: &LoginEnd) {
+        match self.0.store.finish_login(id, end, self.now()).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::error!(session = id, error = %e, "cannot record the end of a login");
+                return;
+            }
+        }
+        let line = match end {
+            LoginEnd::Success(cred) => {
+                format!("login {id} for {provider} succeeded: credential {cred} stored")
+            }
+            LoginEnd::Failed(status, message) => {
+                let message: String = message.chars().take(MAX_LOGIN_MESSAGE).collect();
+                format!(
+                    "login {id} for {provider} ended {}: {message}",
+                    status.as_str()
+                )
+            }
+        };
+        self.0.auth_log.record(&line);
+    }
+}

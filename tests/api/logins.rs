@@ -1,0 +1,549 @@
+//! Device-flow logins (issue 14) through HTTP: start, the background polling with its RFC 8628
+//! answers (pending, slow_down, denied, expired, other errors, approval), the credential
+//! stored and sealed, the status route and its errors, the limit on pending logins, and a
+//! restart while a login is pending. The provider is a fake flow the test drives, registered
+//! over copilot's with `Application::build_with_flows`.
+
+use crate::common::{Api, Home, TestApp, eventually};
+use chrono::{DateTime, Utc};
+use cliproxyapi::crypto::{EncryptionKey, Secret};
+use cliproxyapi::domain::ProviderName;
+use cliproxyapi::domain::login::{
+    DeviceAuthorization, LoginRequest, LoginTokens, Poll, PollMaterial,
+};
+use cliproxyapi::domain::refresh::{FlowError, RefreshMaterial, Refreshed};
+use cliproxyapi::oauth::{BoxFuture, Flows, OauthFlow};
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the fake answers to a poll.
+#[derive(Debug, Clone)]
+enum Step {
+    Pending,
+    SlowDown(Option<u64>),
+    Denied,
+    Expired,
+    Failed(&'static str),
+    Retry,
+    Success,
+}
+
+/// A provider the test drives: each start hands out a numbered device code; each poll takes
+/// the next scripted answer, else the standing one.
+struct Fake {
+    interval: u64,
+    tag: String,
+    script: Mutex<VecDeque<Step>>,
+    standing: Mutex<Step>,
+    start_error: Mutex<Option<FlowError>>,
+    starts: AtomicUsize,
+    /// When each poll came, with the device code it presented.
+    polls: Mutex<Vec<(Instant, String)>>,
+    refreshes: AtomicUsize,
+}
+
+impl Fake {
+    fn new(interval: u64, tag: &str) -> Arc<Fake> {
+        Arc::new(Fake {
+            interval,
+            tag: tag.to_string(),
+            script: Mutex::new(VecDeque::new()),
+            standing: Mutex::new(Step::Pending),
+            start_error: Mutex::new(None),
+            starts: AtomicUsize::new(0),
+            polls: Mutex::new(Vec::new()),
+            refreshes: AtomicUsize::new(0),
+        })
+    }
+
+    fn answer(&self, step: Step) {
+        *self.standing.lock().unwrap() = step;
+    }
+
+    fn then(&self, steps: &[Step]) {
+        self.script.lock().unwrap().extend(steps.iter().cloned());
+    }
+
+    fn polls(&self) -> Vec<(Instant, String)> {
+        self.polls.lock().unwrap().clone()
+    }
+
+    fn device_code(&self, n: usize) -> String {
+        format!("device-code-{}-{n}", self.tag)
+    }
+
+    fn refresh_token(&self) -> String {
+        format!("gho-refresh-token-{}", self.tag)
+    }
+
+    fn access_token(&self) -> String {
+        format!("copilot-access-token-{}", self.tag)
+    }
+
+    fn flows(self: &Arc<Self>) -> Flows {
+        let mut flows = Flows::default();
+        flows.register(ProviderName::from("copilot"), self.clone());
+        flows
+    }
+}
+
+impl OauthFlow for Fake {
+    fn refresh<'a>(
+        &'a self,
+        material: &'a RefreshMaterial,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<Refreshed, FlowError>> {
+        Box::pin(async move {
+            self.refreshes.fetch_add(1, Ordering::SeqCst);
+            assert_eq!(
+                material
+                    .refresh_token
+                    .as_ref()
+                    .map(|t| t.expose().to_string()),
+                Some(self.refresh_token())
+            );
+            Ok(Refreshed {
+                access_token: Secret::new(self.access_token()),
+                expires_at: now + chrono::TimeDelta::hours(1),
+                refresh_token: None,
+                client: None,
+                refresh_after: None,
+            })
+        })
+    }
+
+    fn has_login(&self) -> bool {
+        true
+    }
+
+    fn start_login<'a>(
+        &'a self,
+        request: &'a LoginRequest,
+        _: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<DeviceAuthorization, FlowError>> {
+        Box::pin(async move {
+            assert_eq!(*request, LoginRequest::default());
+            if let Some(e) = self.start_error.lock().unwrap().clone() {
+                return Err(e);
+            }
+            let n = self.starts.fetch_add(1, Ordering::SeqCst);
+            Ok(DeviceAuthorization {
+                device_code: Secret::new(self.device_code(n)),
+                user_code: format!("WDJB-{n:04}"),
+                verification_uri: "https://github.example/login/device".into(),
+                verification_uri_complete: None,
+                expires_in: Duration::from_secs(900),
+                interval: Duration::from_secs(self.interval),
+                client: None,
+                extra: Default::default(),
+            })
+        })
+    }
+
+    fn poll_login<'a>(
+        &'a self,
+        material: PollMaterial<'a>,
+        _: DateTime<Utc>,
+    ) -> BoxFuture<'a, Poll> {
+        Box::pin(async move {
+            self.polls
+                .lock()
+                .unwrap()
+                .push((Instant::now(), material.device_code.expose().to_string()));
+            let step = self
+                .script
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or_else(|| self.standing.lock().unwrap().clone());
+            match step {
+                Step::Pending => Poll::Pending,
+                Step::SlowDown(i) => Poll::SlowDown(i.map(Duration::from_secs)),
+                Step::Denied => Poll::Denied,
+                Step::Expired => Poll::Expired,
+                Step::Failed(m) => Poll::Failed(m.into()),
+                Step::Retry => Poll::Retry("the provider answered 503".into()),
+                Step::Success => Poll::Success(LoginTokens {
+                    access_token: None,
+                    refresh_token: Secret::new(self.refresh_token()),
+                    expires_at: None,
+                }),
+            }
+        })
+    }
+}
+
+async fn start(home: &Home, fake: &Arc<Fake>) -> TestApp {
+    home.start_with_flows(&[], Arc::new(Utc::now), fake.flows())
+        .await
+}
+
+/// `POST /v0/oauth/copilot/start` that must succeed; its answer.
+async fn login(app: &TestApp) -> Value {
+    let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.json()
+}
+
+async fn status(app: &TestApp, session: &str) -> Value {
+    let r = app
+        .get(&format!("/v0/oauth/copilot/status?session={session}"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.json()
+}
+
+/// Poll the status until it is no longer `pending`.
+async fn ended(app: &TestApp, session: &str) -> Value {
+    eventually(Duration::from_secs(30), || async {
+        let s = status(app, session).await;
+        (s["status"] != "pending").then_some(s)
+    })
+    .await
+}
+
+/// Every file of `data/`, raw.
+fn raw_data(home: &Home) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(home.path().join("data")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            all.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    all
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn slow_down_then_approval_stores_a_sealed_credential() {
+    let key = EncryptionKey::generate_base64();
+    let home = Home::new(&format!(
+        "auth:\n  encryption:\n    enabled: true\n    key: \"{key}\"\n"
+    ));
+    let fake = Fake::new(1, "approve");
+    fake.then(&[Step::SlowDown(None)]);
+    fake.answer(Step::Success);
+    let app = start(&home, &fake).await;
+
+    let started = login(&app).await;
+    let session = started["session"].as_str().unwrap().to_string();
+    assert!(session.starts_with("oas_"), "{started}");
+    assert_eq!(started["user_code"], "WDJB-0000");
+    assert_eq!(
+        started["verification_uri"],
+        "https://github.example/login/device"
+    );
+    assert_eq!(started["verification_uri_complete"], Value::Null);
+    assert_eq!(started["interval"], 1);
+    let expires_in = started["expires_in"].as_i64().unwrap();
+    assert!((898..=900).contains(&expires_in), "{started}");
+
+    // Pending, with the code for the page, before the first poll is due.
+    let s = status(&app, &session).await;
+    assert_eq!(s["status"], "pending", "{s}");
+    assert_eq!(s["user_code"], "WDJB-0000");
+    assert_eq!(s["interval"], 1);
+    assert!(
+        s.get("credential_id").is_none() && s.get("message").is_none(),
+        "{s}"
+    );
+
+    // slow_down raised the interval by 5 s, for the status too.
+    eventually(Duration::from_secs(10), || async {
+        (status(&app, &session).await["interval"] == 6).then_some(())
+    })
+    .await;
+    let s = ended(&app, &session).await;
+    assert_eq!(s["status"], "success", "{s}");
+    let cred = s["credential_id"].as_str().unwrap().to_string();
+    let polls = fake.polls();
+    assert_eq!(polls.len(), 2, "{polls:?}");
+    assert!(polls.iter().all(|(_, code)| *code == fake.device_code(0)));
+    let gap = polls[1].0 - polls[0].0;
+    assert!(
+        gap >= Duration::from_secs(6),
+        "polls {gap:?} apart after slow_down"
+    );
+
+    // An OAuth credential of copilot, refreshed once at once so it is usable now.
+    assert_eq!(fake.refreshes.load(Ordering::SeqCst), 1);
+    let r = app.get("/v0/management/auths/copilot").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let auths = r.json()["auths"].as_array().unwrap().clone();
+    assert_eq!(auths.len(), 1, "{auths:?}");
+    let a = &auths[0];
+    assert_eq!(a["id"], cred.as_str());
+    assert_eq!(a["type"], "oauth");
+    assert_eq!(a["source"], "oauth:copilot");
+    assert_eq!(a["status"], "active", "{a}");
+    let material = app
+        .state
+        .store
+        .refresh_material(&cred.as_str().into())
+        .await
+        .unwrap();
+    assert_eq!(
+        material.refresh_token.unwrap().expose(),
+        fake.refresh_token()
+    );
+    assert_eq!(material.access_token.unwrap().expose(), fake.access_token());
+
+    // The auth log tells of the start and the end, and of no code or token.
+    let log = home.auth_log();
+    assert!(
+        log.contains(&format!("login {session} started for copilot")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "login {session} for copilot succeeded: credential {cred}"
+        )),
+        "{log}"
+    );
+    for secret in [
+        fake.device_code(0),
+        fake.refresh_token(),
+        fake.access_token(),
+        "WDJB-0000".to_string(),
+    ] {
+        assert!(!log.contains(&secret), "{secret} in the auth log");
+    }
+    app.stop().await;
+    // Sealed on disk: no device code nor token in clear in any file of data/.
+    let raw = raw_data(&home);
+    for secret in [
+        fake.device_code(0),
+        fake.refresh_token(),
+        fake.access_token(),
+    ] {
+        assert!(!contains(&raw, &secret), "{secret} in clear on disk");
+    }
+}
+
+#[tokio::test]
+async fn denied_expired_and_other_errors_end_their_sessions() {
+    let home = Home::new("");
+    let fake = Fake::new(1, "ends");
+    let app = start(&home, &fake).await;
+    for (steps, status, message) in [
+        (
+            vec![Step::Pending, Step::Retry, Step::Denied],
+            "denied",
+            "the user denied the login",
+        ),
+        (
+            vec![Step::Expired],
+            "expired",
+            "the code expired before the login was approved",
+        ),
+        (
+            vec![Step::Failed(
+                "incorrect_device_code: the device code is wrong",
+            )],
+            "error",
+            "incorrect_device_code: the device code is wrong",
+        ),
+    ] {
+        fake.then(&steps);
+        let polls_before = fake.polls().len();
+        let session = login(&app).await["session"].as_str().unwrap().to_string();
+        let s = ended(&app, &session).await;
+        assert_eq!(s["status"], status, "{s}");
+        assert_eq!(s["message"], message, "{s}");
+        assert!(s.get("credential_id").is_none(), "{s}");
+        // Ended: no poll after the last answer.
+        assert_eq!(fake.polls().len() - polls_before, steps.len());
+        let log = home.auth_log();
+        assert!(
+            log.contains(&format!(
+                "login {session} for copilot ended {status}: {message}"
+            )),
+            "{log}"
+        );
+    }
+    assert!(app.auths().await.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn status_and_start_errors() {
+    let home = Home::new("");
+    let fake = Fake::new(60, "errors");
+    let app = start(&home, &fake).await;
+    let session = login(&app).await["session"].as_str().unwrap().to_string();
+
+    for (path, code, want) in [
+        (
+            "/v0/oauth/copilot/status?session=oas_none",
+            404,
+            "session_not_found",
+        ),
+        // Another provider's session is not found under this one.
+        (
+            &*format!("/v0/oauth/kiro/status?session={session}"),
+            404,
+            "session_not_found",
+        ),
+        ("/v0/oauth/copilot/status", 400, "invalid_query"),
+        (
+            "/v0/oauth/copilot/status?session=x&other=1",
+            400,
+            "invalid_query",
+        ),
+        ("/v0/oauth/nope/status?session=x", 404, "unknown_provider"),
+    ] {
+        let r = app.get(path).await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (code, want.to_string()),
+            "{path}: {}",
+            r.text
+        );
+    }
+    for (provider, body, code, want) in [
+        ("nope", None, 404, "unknown_provider"),
+        // A provider without a device-flow login.
+        ("openai", None, 404, "no_login_flow"),
+        (
+            "copilot",
+            Some("{\"method\": \"idc\"}"),
+            400,
+            "invalid_body",
+        ),
+        ("copilot", Some("{\"other\": 1}"), 400, "invalid_body"),
+        ("copilot", Some("[1]"), 400, "invalid_body"),
+        ("copilot", Some("{not json"), 400, "invalid_body"),
+        (
+            "kiro",
+            Some(
+                "{\"method\": \"idc\", \"start_url\": \"http://x.example\", \"region\": \"us-east-1\"}",
+            ),
+            400,
+            "invalid_body",
+        ),
+        (
+            "kiro",
+            Some(
+                "{\"method\": \"idc\", \"start_url\": \"https://x.example\", \"region\": \"Us_East\"}",
+            ),
+            400,
+            "invalid_body",
+        ),
+    ] {
+        let r = app
+            .call("POST", &format!("/v0/oauth/{provider}/start"), body)
+            .await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (code, want.to_string()),
+            "{provider} {body:?}: {}",
+            r.text
+        );
+    }
+    // What the flow says of a start.
+    *fake.start_error.lock().unwrap() = Some(FlowError::Rejected("unknown start URL".into()));
+    let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (400, "login_refused".to_string()),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("unknown start URL"), "{}", r.text);
+    *fake.start_error.lock().unwrap() = Some(FlowError::Transient {
+        reason: "connection refused".into(),
+        retry_after: None,
+    });
+    let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (502, "provider_unreachable".to_string()),
+        "{}",
+        r.text
+    );
+    // An empty object is no body.
+    *fake.start_error.lock().unwrap() = None;
+    let r = app
+        .call("POST", "/v0/oauth/copilot/start", Some("{}"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_routes_are_behind_the_management_guard() {
+    let home = Home::new("management:\n  secret_key: the-management-key\n");
+    let fake = Fake::new(60, "guard");
+    let app = start(&home, &fake).await;
+    let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    let r = app.get("/v0/oauth/copilot/status?session=oas_x").await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    let auth = [("authorization", "Bearer the-management-key")];
+    let r = app
+        .call_with("POST", "/v0/oauth/copilot/start", None, &auth)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(fake.starts.load(Ordering::SeqCst), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_101st_pending_login_is_refused() {
+    let home = Home::new("");
+    let fake = Fake::new(60, "limit");
+    let app = start(&home, &fake).await;
+    for _ in 0..100 {
+        login(&app).await;
+    }
+    let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (429, "too_many_logins".to_string()),
+        "{}",
+        r.text
+    );
+    // Refused before the provider was asked.
+    assert_eq!(fake.starts.load(Ordering::SeqCst), 100);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_while_pending_resumes_polling_and_completes() {
+    let home = Home::new("");
+    let fake = Fake::new(1, "restart");
+    let app = start(&home, &fake).await;
+    let session = login(&app).await["session"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(10), || async {
+        (!fake.polls().is_empty()).then_some(())
+    })
+    .await;
+    app.stop().await;
+    let polls_at_stop = fake.polls().len();
+
+    // The user approves while the server is down; the next server polls again and stores it.
+    fake.answer(Step::Success);
+    let app = start(&home, &fake).await;
+    let s = ended(&app, &session).await;
+    assert_eq!(s["status"], "success", "{s}");
+    let polls = fake.polls();
+    assert!(polls.len() > polls_at_stop);
+    assert!(polls.iter().all(|(_, code)| *code == fake.device_code(0)));
+    let auths = app.auths().await;
+    assert_eq!(auths.len(), 1);
+    assert_eq!(auths[0]["id"], s["credential_id"]);
+    assert!(
+        home.auth_log()
+            .contains("resumed polling 1 pending login(s)")
+    );
+    app.stop().await;
+}
