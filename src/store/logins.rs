@@ -573,6 +573,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rotating_the_key_deletes_the_pending_logins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), Encryption::with_key(&key())).await;
+        let p = ProviderName::from("kiro");
+        let pending = store
+            .insert_login(&p, &auth(true), 100, t(0))
+            .await
+            .unwrap();
+        let ended = store
+            .insert_login(&p, &auth(true), 100, t(0))
+            .await
+            .unwrap();
+        let end = LoginEnd::Failed(LoginStatus::Denied, "no".into());
+        assert!(store.finish_login(&ended.id, &end, t(1)).await.unwrap());
+        store.rekey(&Encryption::with_key(&key())).await.unwrap();
+        assert!(store.login(&pending.id).await.unwrap().is_none());
+        let kept = store.login(&ended.id).await.unwrap().unwrap();
+        assert_eq!(kept.status, LoginStatus::Denied);
+        store.close().await;
+    }
+
+    #[tokio::test]
     async fn sealed_values_that_do_not_open_are_a_crypto_error() {
         let dir = tempfile::tempdir().unwrap();
         let store1 = store(dir.path(), Encryption::off()).await;

@@ -547,3 +547,72 @@ async fn a_restart_while_pending_resumes_polling_and_completes() {
     );
     app.stop().await;
 }
+
+/// A clock the test moves: the real time plus an offset.
+fn movable_clock() -> (Arc<std::sync::atomic::AtomicI64>, cliproxyapi::state::Clock) {
+    let offset = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let o = offset.clone();
+    let clock: cliproxyapi::state::Clock =
+        Arc::new(move || Utc::now() + chrono::TimeDelta::seconds(o.load(Ordering::SeqCst)));
+    (offset, clock)
+}
+
+#[tokio::test]
+async fn a_login_past_its_time_expires_and_ended_ones_are_deleted_after_an_hour() {
+    let home = Home::new("");
+    let fake = Fake::new(1, "time");
+    let (offset, clock) = movable_clock();
+    let app = home.start_with_flows(&[], clock, fake.flows()).await;
+    let session = login(&app).await["session"].as_str().unwrap().to_string();
+    // The provider never ends it; its code's 900 s do.
+    offset.store(901, Ordering::SeqCst);
+    let s = ended(&app, &session).await;
+    assert_eq!(s["status"], "expired", "{s}");
+    assert_eq!(
+        s["message"],
+        "the code expired before the login was approved"
+    );
+    assert!(fake.polls().is_empty(), "polled past its time");
+
+    // The cleanup keeps it an hour, then deletes it.
+    let now = app.state.now();
+    cliproxyapi::jobs::logins::run(&app.state, now + chrono::TimeDelta::minutes(59)).await;
+    status(&app, &session).await;
+    cliproxyapi::jobs::logins::run(&app.state, now + chrono::TimeDelta::minutes(61)).await;
+    let r = app
+        .get(&format!("/v0/oauth/copilot/status?session={session}"))
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_login_whose_device_code_no_longer_opens_ends_in_error() {
+    let home = Home::new("");
+    let fake = Fake::new(1, "rekeyed");
+    let app = start(&home, &fake).await;
+    let session = login(&app).await["session"].as_str().unwrap().to_string();
+    app.stop().await;
+    let polls_at_stop = fake.polls().len();
+    // Encryption turned on while the login was pending: its code, stored in clear, is refused.
+    let key = EncryptionKey::generate_base64();
+    std::fs::write(
+        home.config_path(),
+        format!("host: 127.0.0.1\nport: 0\nauth:\n  encryption:\n    enabled: true\n    key: \"{key}\"\n"),
+    )
+    .unwrap();
+    fake.answer(Step::Success);
+    let app = start(&home, &fake).await;
+    let s = ended(&app, &session).await;
+    assert_eq!(s["status"], "error", "{s}");
+    assert!(
+        s["message"]
+            .as_str()
+            .unwrap()
+            .contains("start the login again"),
+        "{s}"
+    );
+    assert_eq!(fake.polls().len(), polls_at_stop, "polled without its code");
+    assert!(app.auths().await.is_empty());
+    app.stop().await;
+}
