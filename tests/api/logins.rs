@@ -7,11 +7,12 @@
 use crate::common::{Api, Home, TestApp, eventually};
 use chrono::{DateTime, Utc};
 use cliproxyapi::crypto::{EncryptionKey, Secret};
-use cliproxyapi::domain::ProviderName;
 use cliproxyapi::domain::login::{
     DeviceAuthorization, LoginRequest, LoginTokens, Poll, PollMaterial,
 };
+use cliproxyapi::domain::refresh::NewClient;
 use cliproxyapi::domain::refresh::{FlowError, RefreshMaterial, Refreshed};
+use cliproxyapi::domain::{AuthMethod, OauthExtra, ProviderName};
 use cliproxyapi::oauth::{BoxFuture, Flows, OauthFlow};
 use serde_json::Value;
 use std::collections::VecDeque;
@@ -43,6 +44,10 @@ struct Fake {
     /// When each poll came, with the device code it presented.
     polls: Mutex<Vec<(Instant, String)>>,
     refreshes: AtomicUsize,
+    /// Like kiro: a client registered per login, an access token with the refresh token, and
+    /// the start request recorded (else like copilot: a start takes no body).
+    kiro: bool,
+    requests: Mutex<Vec<LoginRequest>>,
 }
 
 impl Fake {
@@ -56,7 +61,23 @@ impl Fake {
             starts: AtomicUsize::new(0),
             polls: Mutex::new(Vec::new()),
             refreshes: AtomicUsize::new(0),
+            kiro: false,
+            requests: Mutex::new(Vec::new()),
         })
+    }
+
+    fn kiro(interval: u64, tag: &str) -> Arc<Fake> {
+        let mut fake = Arc::try_unwrap(Fake::new(interval, tag)).ok().unwrap();
+        fake.kiro = true;
+        Arc::new(fake)
+    }
+
+    fn provider(&self) -> &'static str {
+        if self.kiro { "kiro" } else { "copilot" }
+    }
+
+    fn client_secret(&self) -> String {
+        format!("client-secret-{}", self.tag)
     }
 
     fn answer(&self, step: Step) {
@@ -85,7 +106,7 @@ impl Fake {
 
     fn flows(self: &Arc<Self>) -> Flows {
         let mut flows = Flows::default();
-        flows.register(ProviderName::from("copilot"), self.clone());
+        flows.register(ProviderName::from(self.provider()), self.clone());
         flows
     }
 }
@@ -122,10 +143,14 @@ impl OauthFlow for Fake {
     fn start_login<'a>(
         &'a self,
         request: &'a LoginRequest,
-        _: DateTime<Utc>,
+        now: DateTime<Utc>,
     ) -> BoxFuture<'a, Result<DeviceAuthorization, FlowError>> {
         Box::pin(async move {
-            assert_eq!(*request, LoginRequest::default());
+            if self.kiro {
+                self.requests.lock().unwrap().push(request.clone());
+            } else {
+                assert_eq!(*request, LoginRequest::default());
+            }
             if let Some(e) = self.start_error.lock().unwrap().clone() {
                 return Err(e);
             }
@@ -137,8 +162,17 @@ impl OauthFlow for Fake {
                 verification_uri_complete: None,
                 expires_in: Duration::from_secs(900),
                 interval: Duration::from_secs(self.interval),
-                client: None,
-                extra: Default::default(),
+                client: self.kiro.then(|| NewClient {
+                    client_id: format!("client-id-{}", self.tag),
+                    client_secret: Secret::new(self.client_secret()),
+                    client_secret_expires_at: Some(now + chrono::TimeDelta::days(90)),
+                }),
+                extra: OauthExtra {
+                    region: request.region.clone(),
+                    start_url: request.start_url.clone(),
+                    auth_method: request.method,
+                    ..Default::default()
+                },
             })
         })
     }
@@ -146,9 +180,14 @@ impl OauthFlow for Fake {
     fn poll_login<'a>(
         &'a self,
         material: PollMaterial<'a>,
-        _: DateTime<Utc>,
+        now: DateTime<Utc>,
     ) -> BoxFuture<'a, Poll> {
         Box::pin(async move {
+            if self.kiro {
+                let client = material.client.expect("kiro polls with its client");
+                assert_eq!(client.client_secret.expose(), self.client_secret());
+                assert_eq!(client.client_id, format!("client-id-{}", self.tag));
+            }
             self.polls
                 .lock()
                 .unwrap()
@@ -167,9 +206,9 @@ impl OauthFlow for Fake {
                 Step::Failed(m) => Poll::Failed(m.into()),
                 Step::Retry => Poll::Retry("the provider answered 503".into()),
                 Step::Success => Poll::Success(LoginTokens {
-                    access_token: None,
+                    access_token: self.kiro.then(|| Secret::new(self.access_token())),
                     refresh_token: Secret::new(self.refresh_token()),
-                    expires_at: None,
+                    expires_at: self.kiro.then(|| now + chrono::TimeDelta::hours(1)),
                 }),
             }
         })
@@ -615,4 +654,78 @@ async fn a_login_whose_device_code_no_longer_opens_ends_in_error() {
     assert_eq!(fake.polls().len(), polls_at_stop, "polled without its code");
     assert!(app.auths().await.is_empty());
     app.stop().await;
+}
+
+#[tokio::test]
+async fn a_kiro_like_login_stores_its_client_and_a_second_login_updates_it() {
+    let key = EncryptionKey::generate_base64();
+    let home = Home::new(&format!(
+        "auth:\n  encryption:\n    enabled: true\n    key: \"{key}\"\n"
+    ));
+    let fake = Fake::kiro(1, "kiro");
+    fake.answer(Step::Success);
+    let app = start(&home, &fake).await;
+    let body = r#"{"method": "idc", "start_url": "https://my-org.awsapps.com/start", "region": "eu-west-1"}"#;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = app.call("POST", "/v0/oauth/kiro/start", Some(body)).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let session = r.json()["session"].as_str().unwrap().to_string();
+        let r = app
+            .get(&format!("/v0/oauth/kiro/status?session={session}"))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let s = eventually(Duration::from_secs(30), || async {
+            let r = app
+                .get(&format!("/v0/oauth/kiro/status?session={session}"))
+                .await;
+            let s = r.json();
+            (s["status"] != "pending").then_some(s)
+        })
+        .await;
+        assert_eq!(s["status"], "success", "{s}");
+        ids.push(s["credential_id"].as_str().unwrap().to_string());
+    }
+    // The same user again: the same credential, its tokens replaced.
+    assert_eq!(ids[0], ids[1]);
+    let requests = fake.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[0].method, Some(AuthMethod::Idc));
+    assert_eq!(requests[0].region.as_deref(), Some("eu-west-1"));
+    assert_eq!(
+        requests[0].start_url.as_deref(),
+        Some("https://my-org.awsapps.com/start")
+    );
+    // An access token came with the login: no refresh needed.
+    assert_eq!(fake.refreshes.load(Ordering::SeqCst), 0);
+    let auths = app.auths().await;
+    assert_eq!(auths.len(), 1);
+    assert_eq!(auths[0]["provider"], "kiro");
+    assert_eq!(auths[0]["status"], "active", "{}", auths[0]);
+    let material = app
+        .state
+        .store
+        .refresh_material(&ids[0].as_str().into())
+        .await
+        .unwrap();
+    assert_eq!(
+        material.client_secret.unwrap().expose(),
+        fake.client_secret()
+    );
+    assert_eq!(material.access_token.unwrap().expose(), fake.access_token());
+    assert_eq!(material.extra.client_id.as_deref(), Some("client-id-kiro"));
+    assert_eq!(material.extra.region.as_deref(), Some("eu-west-1"));
+    assert_eq!(material.extra.auth_method, Some(AuthMethod::Idc));
+    assert!(material.extra.client_secret_expires_at.is_some());
+    app.stop().await;
+    let raw = raw_data(&home);
+    for secret in [
+        fake.device_code(0),
+        fake.device_code(1),
+        fake.client_secret(),
+        fake.refresh_token(),
+        fake.access_token(),
+    ] {
+        assert!(!contains(&raw, &secret), "{secret} in clear on disk");
+    }
 }
