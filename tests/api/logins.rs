@@ -729,3 +729,23 @@ async fn a_kiro_like_login_stores_its_client_and_a_second_login_updates_it() {
         assert!(!contains(&raw, &secret), "{secret} in clear on disk");
     }
 }
+
+#[tokio::test]
+async fn slow_down_with_the_providers_interval_is_taken_within_bounds() {
+    let home = Home::new("");
+    let fake = Fake::new(1, "github-interval");
+    // GitHub's slow_down names the new interval; one past 60 s is held to 60 s.
+    fake.then(&[Step::SlowDown(Some(2)), Step::SlowDown(Some(120))]);
+    let app = start(&home, &fake).await;
+    let session = login(&app).await["session"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(15), || async {
+        (status(&app, &session).await["interval"] == 60).then_some(())
+    })
+    .await;
+    let polls = fake.polls();
+    assert_eq!(polls.len(), 2, "{polls:?}");
+    let gap = polls[1].0 - polls[0].0;
+    assert!(gap >= Duration::from_secs(2), "polls {gap:?} apart");
+    assert_eq!(status(&app, &session).await["status"], "pending");
+    app.stop().await;
+}
