@@ -44,7 +44,7 @@ impl From<LoginError> for ApiError {
 }
 
 /// The start body: nothing (copilot, or kiro's Builder ID), or kiro's method with, for
-/// Identity Center, its start URL and region.
+/// Identity Center, its start URL and region (the configured one when it names none).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StartBody {
@@ -88,8 +88,8 @@ fn login_request(body: StartBody) -> AppResult<LoginRequest> {
         ));
     }
     match body.method {
-        Some(AuthMethod::Idc) if body.start_url.is_none() || body.region.is_none() => Err(bad(
-            "the `idc` method needs `start_url` and `region` (the organisation's Identity Center)",
+        Some(AuthMethod::Idc) if body.start_url.is_none() => Err(bad(
+            "the `idc` method needs `start_url` (the organisation's Identity Center), and takes its `region`",
         )),
         Some(AuthMethod::BuilderId) | None if body.start_url.is_some() || body.region.is_some() => {
             Err(bad(
@@ -205,8 +205,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(idc.region.as_deref(), Some("eu-west-1"));
+        let idc = body(json!({"method": "idc", "start_url": "https://my.awsapps.com/start"}));
+        assert_eq!(idc.unwrap().region, None);
         for bad in [
             json!({"method": "idc"}),
+            json!({"method": "idc", "region": "us-east-1"}),
             json!({"method": "idc", "start_url": "http://x.example/start", "region": "us-east-1"}),
             json!({"method": "idc", "start_url": "https://u:p@x.example/", "region": "us-east-1"}),
             json!({"method": "idc", "start_url": "https://x.example/", "region": "US-EAST-1"}),

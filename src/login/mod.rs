@@ -32,11 +32,9 @@ use tokio::task::JoinHandle;
 
 /// The most sessions pending at once: each is a task polling a provider.
 pub const MAX_PENDING: u64 = 100;
-/// The shortest and longest wait between polls, whatever the provider says.
-pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
-pub const MAX_INTERVAL: Duration = Duration::from_secs(60);
-/// The longest a session's codes are taken to be good for, whatever the provider says.
-pub const MAX_EXPIRES_IN: Duration = Duration::from_secs(60 * 60);
+// The bounds the flows apply to a device authorization, applied again here to whatever flow
+// an embedding program registers: the wait between polls, how long the codes are good for.
+pub use crate::oauth::device::{MAX_EXPIRES_IN, MAX_INTERVAL, MIN_EXPIRES_IN, MIN_INTERVAL};
 /// How long an ended session is kept before the cleanup deletes it.
 pub const FINISHED_KEPT: Duration = Duration::from_secs(60 * 60);
 /// How long a stopping server waits for pollers in the middle of a poll (one whose user just
@@ -166,7 +164,7 @@ impl Logins {
                     FlowError::Rejected(r) | FlowError::Unrefreshable(r) => LoginError::Refused(r),
                 })?;
         auth.interval = bound_interval(auth.interval);
-        auth.expires_in = auth.expires_in.clamp(MIN_INTERVAL, MAX_EXPIRES_IN);
+        auth.expires_in = auth.expires_in.clamp(MIN_EXPIRES_IN, MAX_EXPIRES_IN);
         let provider = ProviderName::from(provider);
         let now = self.now();
         let session = self

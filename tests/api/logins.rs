@@ -132,6 +132,7 @@ impl OauthFlow for Fake {
                 refresh_token: None,
                 client: None,
                 refresh_after: None,
+                api_base: None,
             })
         })
     }
