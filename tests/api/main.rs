@@ -15,6 +15,7 @@ mod imports;
 mod leases;
 mod limits;
 mod logins;
+mod logins_e2e;
 mod management;
 mod mock;
 mod notify;
