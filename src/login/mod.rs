@@ -103,8 +103,12 @@ pub fn bound_interval(interval: Duration) -> Duration {
     interval.clamp(MIN_INTERVAL, MAX_INTERVAL)
 }
 
+/// `now + d`, saturating (the waits are bounded; nothing here may panic).
 fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
-    now + chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
+    chrono::TimeDelta::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 impl Logins {
@@ -229,7 +233,8 @@ impl Logins {
     /// more than [`FINISHED_KEPT`] ago are deleted.
     pub async fn cleanup(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
         let kept = chrono::TimeDelta::from_std(FINISHED_KEPT).unwrap_or_default();
-        let (expired, deleted) = self.0.store.prune_logins(now, now - kept).await?;
+        let before = now.checked_sub_signed(kept).unwrap_or(now);
+        let (expired, deleted) = self.0.store.prune_logins(now, before).await?;
         if expired > 0 {
             self.0.auth_log.record(&format!(
                 "{expired} pending login(s) expired before they were approved"
