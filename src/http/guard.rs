@@ -208,6 +208,17 @@ pub async fn recovery_guard(State(state): State<HttpState>, req: Request, next: 
     guard_management(state, req, next, true).await
 }
 
+/// The OAuth pages' guard: the management rules but the key, which the page asks for and
+/// sends with every JSON call (see [`ManagementAuth::check_page`]).
+pub async fn page_guard(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    let (app, management) = (&state.app, &state.guards.management);
+    let caller = Caller::of_request(&req, &app.config.config.server.trusted_proxies);
+    match management.check_page(&caller, app.now()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
 /// Client keys for `/v1/*`.
 pub async fn client_guard(State(state): State<HttpState>, req: Request, next: Next) -> Response {
     let (app, clients) = (&state.app, &state.guards.clients);

@@ -9,6 +9,7 @@ pub mod guard;
 pub mod listener;
 pub mod management;
 pub mod oauth;
+pub mod pages;
 pub mod proxy;
 pub mod refresh;
 pub mod view;
@@ -119,6 +120,7 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .nest("/v0/management", management)
         .nest("/v0/oauth", oauth)
+        .merge(pages::router(state.clone()))
         .merge(v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -21,6 +21,7 @@ mod mock;
 mod notify;
 mod numbers;
 mod operations;
+mod pages;
 mod persistence;
 mod provider_mock;
 mod proxy;

@@ -173,6 +173,34 @@ impl ManagementAuth {
         )
     }
 
+    /// Whether a management key is configured (the OAuth pages ask for it only then).
+    pub fn key_configured(&self) -> bool {
+        self.phc.is_some()
+    }
+
+    /// The rules of [`check`](Self::check) that do not need the key, for the OAuth pages'
+    /// static shell and assets (README, "OAuth pages"): a browser cannot send the key when it
+    /// opens a page, so the page loads without it, asks for it, and sends it with each JSON
+    /// call, which goes through `check`. The shell holds no data. Who may not manage at all
+    /// (a remote client without `allow_remote`, a banned address) does not get it either.
+    pub fn check_page(&self, caller: &Caller, now: DateTime<Utc>) -> Result<(), ApiError> {
+        let loopback = caller.is_loopback();
+        let client = caller.client_or_refuse()?;
+        if !loopback && (self.phc.is_none() || !self.allow_remote) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "remote_management_disabled",
+                "The management pages answer remote clients only with a management key and management.allow_remote",
+            ));
+        }
+        if self.phc.is_some()
+            && let Some(until) = self.bans.banned_until(BanKey::of(client), now)
+        {
+            return Err(self.bans.refusal(until, now));
+        }
+        Ok(())
+    }
+
     /// Decide on one call from `caller` presenting `presented` at `now`. `recovery` marks the
     /// ban endpoints, which the operator at the console may reach while banned.
     pub async fn check(
@@ -363,6 +391,43 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static(xff));
         Caller::resolve(Some(peer.parse().unwrap()), &h, &trusted)
+    }
+
+    /// The pages' shell: the address rules without a key; a banned address does not get it.
+    #[tokio::test]
+    async fn a_page_needs_no_key_but_the_address_rules_hold() {
+        let now = Utc::now();
+        let code = |r: Result<(), ApiError>| r.err().map(|e| e.code);
+        let open = ManagementAuth::from_config(&ManagementConfig::default())
+            .await
+            .unwrap();
+        assert!(!open.key_configured());
+        assert_eq!(code(open.check_page(&remote("127.0.0.1"), now)), None);
+        assert_eq!(code(open.check_page(&remote("::1"), now)), None);
+        assert_eq!(
+            code(open.check_page(&remote("192.0.2.9"), now)),
+            Some("remote_management_disabled")
+        );
+        let local_only = keyed(false).await;
+        assert!(local_only.key_configured());
+        assert_eq!(code(local_only.check_page(&remote("127.0.0.1"), now)), None);
+        assert_eq!(
+            code(local_only.check_page(&remote("192.0.2.9"), now)),
+            Some("remote_management_disabled")
+        );
+        let auth = keyed(true).await.with_limits(1, PATIENT);
+        let caller = remote("192.0.2.9");
+        assert_eq!(code(auth.check_page(&caller, now)), None);
+        for i in 0..5 {
+            let wrong = format!("wrong-{i}");
+            let answer = auth.check(&caller, Some(&wrong), false, now).await;
+            assert_eq!(code(answer), Some("invalid_management_key"));
+        }
+        assert_eq!(
+            code(auth.check_page(&caller, now)),
+            Some("too_many_attempts")
+        );
+        assert_eq!(code(auth.check_page(&remote("192.0.2.200"), now)), None);
     }
 
     #[tokio::test]
