@@ -4,6 +4,14 @@
 # and then the soak on its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The OAuth pages' test (tests/api/pages.rs) drives headless Chromium through chromedriver.
+for tool in chromium chromedriver; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "scripts/test.sh: $tool is not on the PATH; the OAuth pages' browser test needs it." >&2
+        echo "  Debian/Ubuntu: sudo apt-get install -y chromium chromium-driver" >&2
+        exit 1
+    fi
+done
 venv=target/sdk-venv
 if ! "$venv/bin/python" -c 'import openai, anthropic, google.genai' 2>/dev/null \
     || ! cmp -s tests/sdk/requirements.txt "$venv/requirements.txt"; then
