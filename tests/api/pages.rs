@@ -408,6 +408,19 @@ async fn pages_load_in_chromium_without_console_errors() {
     browser.shown("#region").await;
     browser.screenshot("kiro-start").await;
     browser.assert_no_console_errors().await;
+    // The harness does see console errors: a probe is reported.
+    browser
+        .client
+        .execute("console.error('console-probe');", vec![])
+        .await
+        .unwrap();
+    let seen = browser.console().await;
+    assert!(
+        seen.iter()
+            .any(|m| m["level"] == "SEVERE"
+                && m["message"].as_str().unwrap().contains("console-probe")),
+        "{seen:?}"
+    );
 
     browser.close().await;
     app.stop().await;
