@@ -473,6 +473,28 @@ async fn the_page_asks_for_the_management_key() {
     app.stop().await;
 }
 
+/// Wait until `css` is shown; a flow that ends first (the start refused, the JSON routes
+/// missing) fails the test with what the page says.
+async fn before_the_end(browser: &Browser, css: &str) {
+    let shown = eventually(WAIT, || async {
+        if browser.is_shown(css).await {
+            return Some(Ok(()));
+        }
+        if browser.is_shown("#result").await {
+            return Some(Err(browser.text("#result").await));
+        }
+        None
+    })
+    .await;
+    shown.unwrap_or_else(|page| panic!("the flow ended before {css} was shown: {page}"))
+}
+
+/// The user code, once shown.
+async fn code(browser: &Browser) -> String {
+    before_the_end(browser, "#flow").await;
+    browser.text("#user-code").await
+}
+
 /// Wait for the end state, then keep it as a screenshot.
 async fn result(browser: &Browser, name: &str) -> String {
     browser.shown("#result").await;
@@ -502,13 +524,12 @@ async fn copilot_flow_from_start_to_success() {
     browser.click("#key-save").await;
     browser.click("#start").await;
     // The start call answered 401: the page asks again, and starts once it has the key.
-    browser.shown("#key-form").await;
+    before_the_end(&browser, "#key-form").await;
     assert!(browser.text("#key-message").await.contains("refused"));
     browser.type_into("#key", MANAGEMENT_KEY).await;
     browser.click("#key-save").await;
 
-    browser.shown("#user-code").await;
-    assert_eq!(browser.text("#user-code").await, "PAGE-1234");
+    assert_eq!(code(&browser).await, "PAGE-1234");
     let link = browser.find("#verify-link").await;
     assert_eq!(
         link.attr("href").await.unwrap().as_deref(),
@@ -568,8 +589,7 @@ async fn kiro_builder_id_flow_from_start_to_success() {
 
     browser.open(&format!("{}/v0/oauth/kiro", app.base)).await;
     browser.click("#start").await;
-    browser.shown("#user-code").await;
-    assert_eq!(browser.text("#user-code").await, "KIRO-5678");
+    assert_eq!(code(&browser).await, "KIRO-5678");
     let complete = browser.shown("#verify-complete-link").await;
     assert_eq!(
         complete.attr("href").await.unwrap().as_deref(),
@@ -621,7 +641,7 @@ async fn a_denied_flow_shows_its_reason_and_a_retry() {
     assert!(!browser.is_shown("#success-detail").await);
     mock.answer(PENDING);
     browser.click("#retry").await;
-    browser.shown("#user-code").await;
+    assert_eq!(code(&browser).await, "PAGE-1234");
     assert!(!browser.is_shown("#result").await);
     browser.assert_no_console_errors().await;
 
