@@ -83,7 +83,10 @@ pub(super) async fn run(
         let poll = flow.poll_login(secrets.material(), now).await;
         match poll {
             Poll::Pending => {}
-            Poll::SlowDown(Some(new)) => interval = bound_interval(new),
+            // The provider's new interval, but never less than RFC 8628's 5 s more.
+            Poll::SlowDown(Some(new)) => {
+                interval = bound_interval(new.max(interval + SLOW_DOWN_STEP))
+            }
             Poll::SlowDown(None) => interval = bound_interval(interval + SLOW_DOWN_STEP),
             Poll::Denied => {
                 let end = LoginEnd::Failed(LoginStatus::Denied, "the user denied the login".into());
