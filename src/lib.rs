@@ -8,6 +8,11 @@
 //! `jobs` (which only `app` uses) and `state`, the login service (`login`), the request path
 //! (`proxy`), `store` and `import`, and below them `oauth`, `notify`, `providers`, `domain`, `quota`, `crypto`, `files`.
 //!
+//! The crate is also a library for a program that embeds the server: DEV.md shows how
+//! (`Application::build_with_flows`, `serve`) with a login and refresh flow of its own for a
+//! provider of its config ([`oauth::OauthFlow`], registered with [`oauth::Flows::register`]
+//! as copilot's and kiro's are), backed by `examples/custom_flow/`.
+//!
 //! # Layout
 //! - [`cli`]: the command line (`serve`, `import`, `hash-secret`, `gen-key`, `rotate-key`), exit codes.
 //! - [`app`]: building the application from a config and serving it; tests use the same path.
@@ -56,9 +61,10 @@
 //! - [`selection`]: the selection strategies as plain functions.
 //! - [`crypto`]: [`crypto::Secret`], sealing (`seal`), fingerprints, password hashes, previews.
 //! - [`events`]: the auth event log (`logs/auth.log`).
-//! - [`oauth`]: the provider-specific part of refreshing an OAuth credential, behind
+//! - [`oauth`]: the provider-specific part of an OAuth login and refresh, behind
 //!   [`oauth::OauthFlow`]: copilot's token exchange, kiro's AWS SSO OIDC grant, the RFC 6749
-//!   refresh grant; [`oauth::Flows`] holds them by provider; [`oauth::client`], what they share.
+//!   refresh grant, and an embedding program's own (DEV.md); [`oauth::Flows`] holds them by
+//!   provider; [`oauth::client`] and [`oauth::device`], what they share.
 //! - [`notify`]: webhook notifications of credential events: a bounded queue and a delivery
 //!   task per webhook, signed bodies ([`notify::queue`]: the queue that drops its oldest).
 //! - [`files`]: owner-only files and folders for secrets, and the warning for shared ones.

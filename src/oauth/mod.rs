@@ -4,7 +4,7 @@
 //! The refresh worker decides when and how often; a flow makes one call (or kiro's few) and
 //! answers. [`Flows`] holds them by provider name: copilot's token exchange ([`copilot`]),
 //! kiro's AWS SSO OIDC grant ([`kiro`]), the RFC 6749 refresh grant of any provider whose
-//! config names a `token_url` ([`grant`]), and whatever an embedding program registers.
+//! config names a `token_url` ([`grant`]), and whatever an embedding program registers (DEV.md).
 //! Copilot and kiro also log in with a device flow (RFC 8628): [`OauthFlow::start_login`] and
 //! [`OauthFlow::poll_login`], with the bounds and the poll outcomes they share in [`device`].
 //! [`client`] is what they share: the HTTP client, the error body, the bounds on an answer.

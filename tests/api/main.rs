@@ -9,6 +9,7 @@ mod bad_input;
 mod common;
 mod copilot;
 mod crash;
+mod custom_flow;
 mod default_limits;
 mod guard;
 mod imports;

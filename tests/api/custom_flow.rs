@@ -1,0 +1,209 @@
+//! The example custom flow of DEV.md (issue 14, acceptance 5): examples/custom_flow/flow.rs,
+//! included here as it is, registered with `Flows::register` and built with
+//! `Application::build_with_flows` as examples/custom_flow/main.rs does, against a local mock
+//! of the made-up provider Acme (its device and token endpoints, and its chat API): a login
+//! through `/v0/oauth/acme/*`, a refresh through the management route, then a chat
+//! completion with the refreshed token.
+
+#[path = "../../examples/custom_flow/flow.rs"]
+mod flow;
+
+use crate::common::{Api, Home, eventually};
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use cliproxyapi::crypto::EncryptionKey;
+use cliproxyapi::domain::ProviderName;
+use cliproxyapi::oauth::Flows;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const KEY: &str = "custom-flow-client-key";
+const WAIT: Duration = Duration::from_secs(30);
+const DEVICE_CODE: &str = "acme-device-code-0123456789";
+
+/// What the mock of Acme saw.
+#[derive(Default)]
+struct Acme {
+    /// Every form posted to `/device/code` and `/token`, in order.
+    forms: Mutex<Vec<HashMap<String, String>>>,
+    /// The `authorization` header of every chat call.
+    chats: Mutex<Vec<String>>,
+}
+
+fn form(body: &str) -> HashMap<String, String> {
+    serde_urlencoded::from_str(body).unwrap_or_default()
+}
+
+fn oauth_error(error: &str) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({"error": error}))).into_response()
+}
+
+async fn device_code(State(acme): State<Arc<Acme>>, body: String) -> Json<Value> {
+    acme.forms.lock().unwrap().push(form(&body));
+    Json(json!({
+        "device_code": DEVICE_CODE, "user_code": "ACME-1234",
+        "verification_uri": "https://acme.example/device", "expires_in": 600, "interval": 1
+    }))
+}
+
+/// The device-code poll (pending once, then the tokens) and the refresh grant (the first
+/// refresh token buys a new access token and a rotated refresh token; any other is refused).
+async fn token(State(acme): State<Arc<Acme>>, body: String) -> Response {
+    let form = form(&body);
+    let polls = {
+        let mut forms = acme.forms.lock().unwrap();
+        forms.push(form.clone());
+        forms
+            .iter()
+            .filter(|f| f.get("device_code").is_some())
+            .count()
+    };
+    let tokens = |access: &str, refresh: &str| {
+        Json(
+            json!({"access_token": access, "token_type": "Bearer", "expires_in": 3600,
+                    "refresh_token": refresh}),
+        )
+        .into_response()
+    };
+    match form.get("grant_type").map(String::as_str) {
+        Some("urn:ietf:params:oauth:grant-type:device_code") if polls == 1 => {
+            oauth_error("authorization_pending")
+        }
+        Some("urn:ietf:params:oauth:grant-type:device_code") => {
+            tokens("acme-access-1", "acme-refresh-1")
+        }
+        Some("refresh_token") if form["refresh_token"] == "acme-refresh-1" => {
+            tokens("acme-access-2", "acme-refresh-2")
+        }
+        _ => oauth_error("invalid_grant"),
+    }
+}
+
+async fn chat(State(acme): State<Arc<Acme>>, headers: HeaderMap) -> Json<Value> {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    acme.chats.lock().unwrap().push(auth.to_string());
+    Json(json!({
+        "id": "c1", "object": "chat.completion", "model": "acme-1",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    }))
+}
+
+/// Every file of `data/`, raw.
+fn raw_data(home: &Home) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(home.path().join("data")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            all.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    all
+}
+
+#[tokio::test]
+async fn the_example_flow_logs_in_refreshes_and_serves() {
+    let acme = Arc::new(Acme::default());
+    let b = crate::common::serve(
+        axum::Router::new()
+            .route("/auth/device/code", post(device_code))
+            .route("/auth/token", post(token))
+            .route("/v1/chat/completions", post(chat))
+            .with_state(acme.clone()),
+    )
+    .await;
+    let key = EncryptionKey::generate_base64();
+    let home = Home::new(&format!(
+        "api_keys: [\"{KEY}\"]\nauth:\n  refresh:\n    check_interval: 1h\n  encryption:\n    enabled: true\n    key: \"{key}\"\n\
+         providers:\n  acme:\n    format: openai\n    base_url: \"{b}/v1\"\n    models: [\"acme-*\"]\n"
+    ));
+    // As examples/custom_flow/main.rs registers it, with ACME_AUTH_URL the mock.
+    let mut flows = Flows::default();
+    flows.register(
+        ProviderName::from("acme"),
+        Arc::new(flow::AcmeFlow::new(&format!("{b}/auth/"), "acme-client")),
+    );
+    let app = home
+        .start_with_flows(&[], Arc::new(chrono::Utc::now), flows)
+        .await;
+
+    // The login: the code shown, one authorization_pending, then approval.
+    let r = app.call("POST", "/v0/oauth/acme/start", None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let started = r.json();
+    assert_eq!(started["user_code"], "ACME-1234");
+    assert_eq!(started["verification_uri"], "https://acme.example/device");
+    assert_eq!(started["interval"], 1);
+    let r = app
+        .call("POST", "/v0/oauth/acme/start", Some(r#"{"method": "idc"}"#))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    let session = started["session"].as_str().unwrap();
+    let path = format!("/v0/oauth/acme/status?session={session}");
+    let status = eventually(WAIT, || async {
+        let s = app.get(&path).await.json();
+        (s["status"] != "pending").then_some(s)
+    })
+    .await;
+    assert_eq!(status["status"], "success", "{status}");
+    let forms = acme.forms.lock().unwrap().clone();
+    assert_eq!(forms.len(), 3, "{forms:?}");
+    assert_eq!(forms[0]["client_id"], "acme-client");
+    for poll in &forms[1..] {
+        assert_eq!(poll["device_code"], DEVICE_CODE);
+        assert_eq!(poll["client_id"], "acme-client");
+    }
+    let auths = app.auths().await;
+    assert_eq!(auths.len(), 1, "{auths:?}");
+    assert_eq!(auths[0]["id"], status["credential_id"]);
+    assert_eq!(auths[0]["provider"], "acme");
+    assert_eq!(auths[0]["status"], "active", "{}", auths[0]);
+
+    // The refresh, through the flow: Acme sees the login's refresh token and rotates it.
+    let r = app.post("/v0/management/auths/acme/refresh", "").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let refreshed = r.json();
+    assert_eq!(refreshed["refreshed"], 1, "{refreshed}");
+    assert_eq!(refreshed["results"][0]["id"], status["credential_id"]);
+    let grant = acme.forms.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(grant["grant_type"], "refresh_token");
+    assert_eq!(grant["refresh_token"], "acme-refresh-1");
+
+    // A chat completion through the proxy carries the refreshed access token.
+    let body = json!({"model": "acme-1", "messages": [{"role": "user", "content": "hi"}]});
+    let r = app.post_as(KEY, "/v1/chat/completions", &body).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        acme.chats.lock().unwrap().clone(),
+        vec!["Bearer acme-access-2".to_string()]
+    );
+
+    // The rotated refresh token is the one the next refresh presents.
+    let r = app.post("/v0/management/auths/acme/refresh", "").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let grant = acme.forms.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(grant["refresh_token"], "acme-refresh-2");
+
+    app.stop().await;
+    let raw = raw_data(&home);
+    for secret in [
+        DEVICE_CODE,
+        "acme-access-1",
+        "acme-refresh-1",
+        "acme-access-2",
+        "acme-refresh-2",
+    ] {
+        assert!(
+            !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret} in clear on disk"
+        );
+    }
+}
