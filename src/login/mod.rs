@@ -38,8 +38,13 @@ pub use crate::oauth::device::{MAX_EXPIRES_IN, MAX_INTERVAL, MIN_EXPIRES_IN, MIN
 /// How long an ended session is kept before the cleanup deletes it.
 pub const FINISHED_KEPT: Duration = Duration::from_secs(60 * 60);
 /// How long a stopping server waits for pollers in the middle of a poll (one whose user just
-/// approved stores its credential) before it stops them.
-pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// approved stores its credential, and waits for its first refresh) before it stops them:
+/// longer than that wait ([`FIRST_REFRESH_PATIENCE`]), so an approved login is recorded as
+/// such before the server stops.
+pub const STOP_GRACE: Duration = Duration::from_secs(15);
+/// How long a login waits for the first refresh of a credential stored without an access
+/// token (copilot) before it reports success; the refresh goes on in its own task.
+pub const FIRST_REFRESH_PATIENCE: Duration = Duration::from_secs(10);
 
 /// What the application reads as now (the state's clock; tests set it).
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -267,15 +272,17 @@ impl Logins {
         if self.stopping() {
             return;
         }
+        // Under the lock from the check to the insert: a session never gets a second poller,
+        // and a poller that ends at once removes its entry (`landed` waits for the lock)
+        // only after it was inserted.
+        let mut pollers = lock(&self.0.pollers);
+        if pollers.get(&session.id).is_some_and(|t| !t.is_finished()) {
+            return;
+        }
         let this = self.clone();
         let stop = self.0.stop.subscribe();
-        let id = session.id.clone();
         let task = tokio::spawn(poll::run(this, session.clone(), flow, due, stop));
-        let mut pollers = lock(&self.0.pollers);
-        // A poller that ended before this line is not kept.
-        if !task.is_finished() {
-            pollers.insert(id, task);
-        }
+        pollers.insert(session.id.clone(), task);
     }
 
     /// A poller is done: forget its handle.

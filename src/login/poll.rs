@@ -192,13 +192,31 @@ async fn store_credential(
         Err(e) => return cannot_store(&e),
     };
     if new.token.is_none() {
-        let outcome = this
+        let refresh = this
             .0
             .refresher
-            .refresh(&id, provider, RefreshTrigger::Manual, 1)
-            .await;
-        if let Outcome::Failed { reason, .. } = &outcome {
-            tracing::warn!(credential = %id, %reason, "the first refresh of a new login's credential failed; the refresh worker tries again");
+            .refresh(&id, provider, RefreshTrigger::Manual, 1);
+        match tokio::time::timeout(super::FIRST_REFRESH_PATIENCE, refresh).await {
+            // Refused for good (no Copilot seat, a revoked token): the login did not give a
+            // usable credential, and the page must say so.
+            Ok(Outcome::Failed {
+                reason,
+                rejected: true,
+            }) => {
+                return LoginEnd::Failed(
+                    LoginStatus::Error,
+                    format!(
+                        "the login was approved and credential {id} stored, but the provider refused its token: {reason}"
+                    ),
+                );
+            }
+            Ok(Outcome::Failed { reason, .. }) => {
+                tracing::warn!(credential = %id, %reason, "the first refresh of a new login's credential failed; the refresh worker tries again");
+            }
+            Err(_) => {
+                tracing::warn!(credential = %id, "the first refresh of a new login's credential is slow; it goes on in the background");
+            }
+            Ok(_) => {}
         }
     }
     LoginEnd::Success(id)

@@ -48,6 +48,8 @@ struct Fake {
     /// the start request recorded (else like copilot: a start takes no body).
     kiro: bool,
     requests: Mutex<Vec<LoginRequest>>,
+    /// Refuse every refresh for good (as GitHub does a token without a Copilot seat).
+    refuse_refresh: std::sync::atomic::AtomicBool,
 }
 
 impl Fake {
@@ -63,6 +65,7 @@ impl Fake {
             refreshes: AtomicUsize::new(0),
             kiro: false,
             requests: Mutex::new(Vec::new()),
+            refuse_refresh: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -119,6 +122,9 @@ impl OauthFlow for Fake {
     ) -> BoxFuture<'a, Result<Refreshed, FlowError>> {
         Box::pin(async move {
             self.refreshes.fetch_add(1, Ordering::SeqCst);
+            if self.refuse_refresh.load(Ordering::SeqCst) {
+                return Err(FlowError::Rejected("No Copilot seat (HTTP 403)".into()));
+            }
             assert_eq!(
                 material
                     .refresh_token
@@ -748,5 +754,25 @@ async fn slow_down_with_the_providers_interval_is_taken_within_bounds() {
     let gap = polls[1].0 - polls[0].0;
     assert!(gap >= Duration::from_secs(2), "polls {gap:?} apart");
     assert_eq!(status(&app, &session).await["status"], "pending");
+    app.stop().await;
+}
+
+/// An approved login whose first token exchange is refused for good (no Copilot seat) ends
+/// `error` with the provider's reason, not a success that cannot serve.
+#[tokio::test]
+async fn an_approved_login_whose_token_is_refused_ends_in_error() {
+    let home = Home::new("");
+    let fake = Fake::new(1, "noseat");
+    fake.refuse_refresh.store(true, Ordering::SeqCst);
+    let app = start(&home, &fake).await;
+    fake.then(&[Step::Success]);
+    let session = login(&app).await["session"].as_str().unwrap().to_string();
+    let s = ended(&app, &session).await;
+    assert_eq!(s["status"], "error", "{s}");
+    let message = s["message"].as_str().unwrap();
+    assert!(message.contains("No Copilot seat"), "{s}");
+    let auths = app.auths().await;
+    assert_eq!(auths.len(), 1);
+    assert_eq!(auths[0]["status"], "expired", "{}", auths[0]);
     app.stop().await;
 }
