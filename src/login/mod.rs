@@ -235,7 +235,8 @@ impl Logins {
     }
 
     /// Housekeeping at `now`: pending sessions past their time end `expired`; sessions ended
-    /// more than [`FINISHED_KEPT`] ago are deleted.
+    /// more than [`FINISHED_KEPT`] ago are deleted; a pending session nobody polls gets its
+    /// poller.
     pub async fn cleanup(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
         let kept = chrono::TimeDelta::from_std(FINISHED_KEPT).unwrap_or_default();
         let before = now.checked_sub_signed(kept).unwrap_or(now);
@@ -247,6 +248,13 @@ impl Logins {
         }
         if deleted > 0 {
             tracing::debug!(deleted, "deleted ended logins");
+        }
+        // A pending session without a poller (its start was cancelled between storing it and
+        // spawning the poller) gets one; `spawn` leaves a polled session alone.
+        for session in self.0.store.pending_logins().await? {
+            if let Ok(flow) = self.login_flow(session.provider.as_str()) {
+                self.spawn(&session, flow, session.next_poll_at);
+            }
         }
         Ok(())
     }
