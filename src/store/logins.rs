@@ -382,6 +382,10 @@ impl Store {
         .await?
         .rows_affected();
         tx.commit().await?;
+        if n == 1 {
+            // The session's sealed secrets were cleared: no old copy stays in the WAL.
+            self.forget_old_secrets().await;
+        }
         Ok(n == 1)
     }
 
@@ -415,6 +419,9 @@ impl Store {
         .await?
         .rows_affected();
         tx.commit().await?;
+        if expired > 0 {
+            self.forget_old_secrets().await;
+        }
         Ok((expired, deleted))
     }
 }
@@ -595,7 +602,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sealed_values_that_do_not_open_are_a_crypto_error() {
+    async fn a_pending_logins_secrets_are_sealed_when_encryption_is_turned_on() {
         let dir = tempfile::tempdir().unwrap();
         let store1 = store(dir.path(), Encryption::off()).await;
         let p = ProviderName::from("copilot");
@@ -603,16 +610,22 @@ mod tests {
             .insert_login(&p, &auth(false), 100, t(0))
             .await
             .unwrap();
+        let before = store1.login_secrets(&s.id).await.unwrap().unwrap();
+        let code = before.material().device_code.expose().to_string();
         store1.close().await;
         drop(store1);
-        // Encryption turned on: the device code stored in clear is refused.
+        // Encryption turned on: the device code stored in clear is sealed at the start, and
+        // opens as before.
         let store2 = store(dir.path(), Encryption::with_key(&key())).await;
-        match store2.login_secrets(&s.id).await {
-            Err(StoreError::Crypto(e)) => {
-                assert!(e.to_string().contains("device_code"), "{e}");
-            }
-            other => panic!("{other:?}"),
-        }
+        let after = store2.login_secrets(&s.id).await.unwrap().unwrap();
+        assert_eq!(after.material().device_code.expose(), code);
+        let raw: Vec<u8> =
+            sqlx::query_scalar("SELECT device_code_sealed FROM oauth_sessions WHERE id = ?")
+                .bind(&s.id)
+                .fetch_one(&store2.reader)
+                .await
+                .unwrap();
+        assert!(!raw.windows(code.len()).any(|w| w == code.as_bytes()));
         store2.close().await;
     }
 }

@@ -364,6 +364,42 @@ pub(super) async fn prepare(writer: &SqlitePool, encryption: &Encryption) -> Res
 /// Seal under `sealer` every stored value in clear (credential secrets and fingerprint keys),
 /// as turning encryption on does. A value that does not open stays as it is, for
 /// `mark_unopenable` to report. Returns how many credentials changed.
+/// The device codes and client secrets of pending logins, sealed like the credentials' (each
+/// bound to its session id), so a login under way when encryption is turned on goes on.
+async fn seal_logins_in_clear(conn: &mut SqliteConnection, sealer: &Sealer) -> Result<usize> {
+    let rows = sqlx::query!(
+        "SELECT id, device_code_sealed, client_secret_sealed FROM oauth_sessions
+         WHERE device_code_sealed IS NOT NULL OR client_secret_sealed IS NOT NULL"
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut changed = 0;
+    for row in rows {
+        let id = row.id;
+        let reseal = |field: Field, value: Option<Vec<u8>>| -> Result<Option<Vec<u8>>> {
+            match value {
+                Some(v) if form_of(&v) == Form::Plain => {
+                    let secret = sealer.open_plain(&id, field, &v)?;
+                    Ok(Some(sealer.seal(&id, field, &secret)))
+                }
+                other => Ok(other),
+            }
+        };
+        let device = reseal(Field::DeviceCode, row.device_code_sealed)?;
+        let client = reseal(Field::ClientSecret, row.client_secret_sealed)?;
+        sqlx::query!(
+            "UPDATE oauth_sessions SET device_code_sealed = ?, client_secret_sealed = ? WHERE id = ?",
+            device,
+            client,
+            id
+        )
+        .execute(&mut *conn)
+        .await?;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
 async fn seal_values_in_clear(conn: &mut SqliteConnection, sealer: &Sealer) -> Result<usize> {
     let mut changed = 0;
     for row in sealed_rows(conn).await? {
@@ -383,6 +419,7 @@ async fn seal_values_in_clear(conn: &mut SqliteConnection, sealer: &Sealer) -> R
             changed += 1;
         }
     }
+    seal_logins_in_clear(conn, sealer).await?;
     for (generation, key) in fingerprint_keys(conn).await? {
         if form_of(&key) != Form::Plain {
             continue;

@@ -633,33 +633,34 @@ async fn a_login_past_its_time_expires_and_ended_ones_are_deleted_after_an_hour(
 }
 
 #[tokio::test]
-async fn a_login_whose_device_code_no_longer_opens_ends_in_error() {
+async fn a_login_pending_when_encryption_is_turned_on_is_sealed_and_goes_on() {
     let home = Home::new("");
-    let fake = Fake::new(1, "rekeyed");
+    let fake = Fake::new(1, "turnon");
     let app = start(&home, &fake).await;
     let session = login(&app).await["session"].as_str().unwrap().to_string();
     app.stop().await;
-    let polls_at_stop = fake.polls().len();
-    // Encryption turned on while the login was pending: its code, stored in clear, is refused.
+    // Encryption turned on while the login was pending: its code, stored in clear, is sealed
+    // at the start like every secret, and polling goes on with it.
     let key = EncryptionKey::generate_base64();
     std::fs::write(
         home.config_path(),
         format!("host: 127.0.0.1\nport: 0\nauth:\n  encryption:\n    enabled: true\n    key: \"{key}\"\n"),
     )
     .unwrap();
-    fake.answer(Step::Success);
     let app = start(&home, &fake).await;
+    let code = fake.device_code(0);
+    for entry in std::fs::read_dir(home.path().join("data")).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(
+            !bytes.windows(code.len()).any(|w| w == code.as_bytes()),
+            "the device code in clear on disk"
+        );
+    }
+    fake.answer(Step::Success);
     let s = ended(&app, &session).await;
-    assert_eq!(s["status"], "error", "{s}");
-    assert!(
-        s["message"]
-            .as_str()
-            .unwrap()
-            .contains("start the login again"),
-        "{s}"
-    );
-    assert_eq!(fake.polls().len(), polls_at_stop, "polled without its code");
-    assert!(app.auths().await.is_empty());
+    assert_eq!(s["status"], "success", "{s}");
+    assert!(fake.polls().iter().all(|(_, c)| *c == code));
+    assert_eq!(app.auths().await.len(), 1);
     app.stop().await;
 }
 
