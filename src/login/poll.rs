@@ -46,6 +46,10 @@ pub(super) async fn run(
     let _landed = Landed(&this, &session.id);
     let (id, provider) = (session.id.as_str(), &session.provider);
     let mut interval = bound_interval(session.interval);
+    // After polls that failed in a way worth retrying (a timeout, a 429, a 5xx): the wait
+    // before the next, doubled each time up to the longest interval (RFC 8628 §3.5 asks for
+    // an exponential backoff); reset by any answer.
+    let mut backoff: Option<Duration> = None;
     loop {
         let wait = (due - this.now()).to_std().unwrap_or(Duration::ZERO);
         tokio::select! {
@@ -81,6 +85,12 @@ pub(super) async fn run(
             }
         };
         let poll = flow.poll_login(secrets.material(), now).await;
+        let retried = matches!(poll, Poll::Retry(_));
+        backoff = retried.then(|| {
+            backoff
+                .map_or(interval, |b| b.saturating_mul(2))
+                .min(crate::oauth::device::MAX_INTERVAL)
+        });
         match poll {
             Poll::Pending => {}
             // The provider's new interval, but never less than RFC 8628's 5 s more.
@@ -113,7 +123,7 @@ pub(super) async fn run(
             }
         }
         let now = this.now();
-        due = super::after(now, interval);
+        due = super::after(now, backoff.unwrap_or(interval));
         match this.0.store.set_login_poll(id, interval, due, now).await {
             Ok(true) => {}
             Ok(false) => return,

@@ -383,8 +383,10 @@ impl Store {
         .rows_affected();
         tx.commit().await?;
         if n == 1 {
-            // The session's sealed secrets were cleared: no old copy stays in the WAL.
-            self.forget_old_secrets().await;
+            // The session's sealed secrets were cleared: no old copy stays in the WAL. In the
+            // background: the login's end is not held up by a checkpoint.
+            let store = self.clone();
+            tokio::spawn(async move { store.forget_old_secrets().await });
         }
         Ok(n == 1)
     }
@@ -420,7 +422,8 @@ impl Store {
         .rows_affected();
         tx.commit().await?;
         if expired > 0 {
-            self.forget_old_secrets().await;
+            let store = self.clone();
+            tokio::spawn(async move { store.forget_old_secrets().await });
         }
         Ok((expired, deleted))
     }

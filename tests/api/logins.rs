@@ -777,3 +777,24 @@ async fn an_approved_login_whose_token_is_refused_ends_in_error() {
     assert_eq!(auths[0]["status"], "expired", "{}", auths[0]);
     app.stop().await;
 }
+
+/// Polls that fail in a way worth retrying (a timeout, a 429, a 5xx) back off: each wait
+/// twice the last (RFC 8628 §3.5), and an answer resets it.
+#[tokio::test]
+async fn failed_polls_back_off() {
+    let home = Home::new("");
+    let fake = Fake::new(1, "backoff");
+    let app = start(&home, &fake).await;
+    fake.then(&[Step::Retry, Step::Retry, Step::Retry, Step::Denied]);
+    let session = login(&app).await["session"].as_str().unwrap().to_string();
+    let s = ended(&app, &session).await;
+    assert_eq!(s["status"], "denied", "{s}");
+    let polls = fake.polls();
+    assert_eq!(polls.len(), 4);
+    let gaps: Vec<Duration> = polls.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    // 1 s (the interval), then 2 s, then 4 s; a little less for the clock's rounding.
+    for (gap, at_least) in gaps.iter().zip([900, 1900, 3900]) {
+        assert!(*gap >= Duration::from_millis(at_least), "{gaps:?}");
+    }
+    app.stop().await;
+}
