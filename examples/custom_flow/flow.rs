@@ -11,7 +11,6 @@
 
 use chrono::{DateTime, Utc};
 use cliproxyapi::crypto::Secret;
-use cliproxyapi::domain::OauthExtra;
 use cliproxyapi::domain::login::{
     DeviceAuthorization, LoginRequest, LoginTokens, Poll, PollMaterial,
 };
@@ -21,14 +20,7 @@ use cliproxyapi::oauth::device::{self, Fields};
 use cliproxyapi::oauth::{BoxFuture, OauthFlow};
 
 /// Acme's device authorization answer uses RFC 8628's field names.
-const FIELDS: Fields = Fields {
-    device_code: "device_code",
-    user_code: "user_code",
-    verification_uri: "verification_uri",
-    verification_uri_complete: "verification_uri_complete",
-    expires_in: "expires_in",
-    interval: "interval",
-};
+const FIELDS: Fields = device::RFC8628_FIELDS;
 
 /// Acme's device flow and refresh grant for one public client.
 pub struct AcmeFlow {
@@ -90,17 +82,7 @@ impl AcmeFlow {
         if let Some(failure) = device::start_failure(&answer, &[]) {
             return Err(failure);
         }
-        let codes = device::read_codes(&client::json_object(&answer, &[])?, &FIELDS, &[])?;
-        Ok(DeviceAuthorization {
-            device_code: codes.device_code,
-            user_code: codes.user_code,
-            verification_uri: codes.verification_uri,
-            verification_uri_complete: codes.verification_uri_complete,
-            expires_in: codes.expires_in,
-            interval: codes.interval,
-            client: None,
-            extra: OauthExtra::default(),
-        })
+        device::read_codes(&client::json_object(&answer, &[])?, &FIELDS, &[])
     }
 
     /// Step 2, repeated by the server at the interval: has the user approved yet?

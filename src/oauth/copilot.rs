@@ -14,7 +14,6 @@ use super::client::{self, Http};
 use super::device::{self, Fields};
 use super::{BoxFuture, OauthFlow};
 use crate::config::CopilotOAuthConfig;
-use crate::domain::OauthExtra;
 use crate::domain::login::{DeviceAuthorization, LoginRequest, LoginTokens, Poll, PollMaterial};
 use crate::domain::refresh::{FlowError, RefreshMaterial, Refreshed};
 use crate::providers::copilot::{self as headers, ApiHosts, HeaderList};
@@ -29,14 +28,7 @@ const SOONEST: TimeDelta = TimeDelta::seconds(30);
 const DEFAULT_LIFETIME: i64 = 25 * 60;
 
 /// GitHub's device authorization answer (RFC 8628's names).
-const FIELDS: Fields = Fields {
-    device_code: "device_code",
-    user_code: "user_code",
-    verification_uri: "verification_uri",
-    verification_uri_complete: "verification_uri_complete",
-    expires_in: "expires_in",
-    interval: "interval",
-};
+const FIELDS: Fields = device::RFC8628_FIELDS;
 
 #[derive(Debug)]
 pub struct CopilotFlow {
@@ -97,17 +89,7 @@ impl CopilotFlow {
         if let Some(failure) = device::start_failure(&answer, &[]) {
             return Err(failure);
         }
-        let codes = device::read_codes(&client::json_object(&answer, &[])?, &FIELDS, &[])?;
-        Ok(DeviceAuthorization {
-            device_code: codes.device_code,
-            user_code: codes.user_code,
-            verification_uri: codes.verification_uri,
-            verification_uri_complete: codes.verification_uri_complete,
-            expires_in: codes.expires_in,
-            interval: codes.interval,
-            client: None,
-            extra: OauthExtra::default(),
-        })
+        device::read_codes(&client::json_object(&answer, &[])?, &FIELDS, &[])
     }
 
     /// `POST /login/oauth/access_token` with the device code.
@@ -464,6 +446,7 @@ mod login_tests {
     use super::*;
     use crate::crypto::Secret;
     use crate::domain::AuthMethod;
+    use crate::domain::OauthExtra;
     use serde_json::json as j;
     use std::time::Duration;
 

@@ -7,7 +7,8 @@
 
 use super::client::{self, Answer};
 use crate::crypto::Secret;
-use crate::domain::login::{DEFAULT_INTERVAL, Poll};
+use crate::domain::OauthExtra;
+use crate::domain::login::{DEFAULT_INTERVAL, DeviceAuthorization, Poll};
 use crate::domain::refresh::FlowError;
 use reqwest::StatusCode;
 use serde_json::{Map, Value};
@@ -42,24 +43,24 @@ pub struct Fields {
     pub interval: &'static str,
 }
 
-/// A device authorization answer, read and bounded.
-#[derive(Debug)]
-pub struct Codes {
-    pub device_code: Secret,
-    pub user_code: String,
-    pub verification_uri: String,
-    pub verification_uri_complete: Option<String>,
-    pub expires_in: Duration,
-    pub interval: Duration,
-}
+/// RFC 8628's own names (GitHub's and most providers').
+pub const RFC8628_FIELDS: Fields = Fields {
+    device_code: "device_code",
+    user_code: "user_code",
+    verification_uri: "verification_uri",
+    verification_uri_complete: "verification_uri_complete",
+    expires_in: "expires_in",
+    interval: "interval",
+};
 
-/// Read a device authorization answer's `map`; anything out of bounds is `Transient`
-/// "answer unreadable" (the provider's answer is wrong, not the request).
+/// Read a device authorization answer's `map`, bounded, into the authorization a flow
+/// answers (no client, no extra fields: a flow with either sets them); anything out of bounds
+/// is `Transient` "answer unreadable" (the provider's answer is wrong, not the request).
 pub fn read_codes(
     map: &Map<String, Value>,
     fields: &Fields,
     secrets: &[&str],
-) -> Result<Codes, FlowError> {
+) -> Result<DeviceAuthorization, FlowError> {
     let bad = |field: &str, what: &str| client::unreadable(&format!("`{field}` {what}"), secrets);
     let device_code = match map.get(fields.device_code).and_then(Value::as_str) {
         Some(c)
@@ -96,13 +97,15 @@ pub fn read_codes(
         });
     let interval = client::seconds(map, fields.interval, secrets)?
         .map_or(DEFAULT_INTERVAL, |s| clamp(s, MIN_INTERVAL, MAX_INTERVAL));
-    Ok(Codes {
+    Ok(DeviceAuthorization {
         device_code,
         user_code,
         verification_uri,
         verification_uri_complete,
         expires_in,
         interval,
+        client: None,
+        extra: OauthExtra::default(),
     })
 }
 
@@ -213,14 +216,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const SNAKE: Fields = Fields {
-        device_code: "device_code",
-        user_code: "user_code",
-        verification_uri: "verification_uri",
-        verification_uri_complete: "verification_uri_complete",
-        expires_in: "expires_in",
-        interval: "interval",
-    };
+    const SNAKE: Fields = RFC8628_FIELDS;
 
     fn map(v: Value) -> Map<String, Value> {
         serde_json::from_value(v).unwrap()

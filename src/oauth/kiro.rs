@@ -162,6 +162,7 @@ impl KiroFlow {
         }
         let codes =
             device::read_codes(&client::json_object(&answer, &secrets)?, &FIELDS, &secrets)?;
+        let mut authorization = codes;
         let extra = OauthExtra {
             client_id: Some(new.client_id.clone()),
             client_secret_expires_at: new.client_secret_expires_at,
@@ -170,16 +171,9 @@ impl KiroFlow {
             auth_method: Some(method),
             api_base: None,
         };
-        Ok(DeviceAuthorization {
-            device_code: codes.device_code,
-            user_code: codes.user_code,
-            verification_uri: codes.verification_uri,
-            verification_uri_complete: codes.verification_uri_complete,
-            expires_in: codes.expires_in,
-            interval: codes.interval,
-            client: Some(new),
-            extra,
-        })
+        authorization.client = Some(new);
+        authorization.extra = extra;
+        Ok(authorization)
     }
 
     /// `POST /token` with the device grant and the login's client.
