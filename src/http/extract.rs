@@ -47,19 +47,24 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
             ));
         }
         let mut de = serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(&mut de)
-            .map(Json)
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                let message = if path == "." || path.is_empty() {
-                    format!("Invalid body: {inner}")
-                } else {
-                    format!("Invalid body: {path}: {inner}")
-                };
-                ApiError::bad_request("invalid_body", message)
-            })
+        deserialize_body(&mut de).map(Json)
     }
+}
+
+/// Deserialize a body with `de`; a failure is 400 `invalid_body` naming the field at fault.
+pub(super) fn deserialize_body<'de, T: serde::Deserialize<'de>>(
+    de: &mut serde_json::Deserializer<serde_json::de::SliceRead<'de>>,
+) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = if path == "." || path.is_empty() {
+            format!("Invalid body: {inner}")
+        } else {
+            format!("Invalid body: {path}: {inner}")
+        };
+        ApiError::bad_request("invalid_body", message)
+    })
 }
 
 /// A JSON body of any shape (the bulk import takes an object or an array), as a

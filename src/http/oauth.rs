@@ -120,16 +120,7 @@ pub async fn start(
         ));
     } else {
         let mut de = serde_json::Deserializer::from_slice(&bytes);
-        let body = serde_path_to_error::deserialize::<_, StartBody>(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let message = if path == "." || path.is_empty() {
-                format!("Invalid body: {inner}")
-            } else {
-                format!("Invalid body: {path}: {inner}")
-            };
-            ApiError::bad_request("invalid_body", message)
-        })?;
+        let body: StartBody = super::extract::deserialize_body(&mut de)?;
         // One JSON object and nothing after it.
         de.end()
             .map_err(|e| ApiError::bad_request("invalid_body", format!("Invalid body: {e}")))?;
