@@ -46,7 +46,7 @@ impl Jobs {
         let scheduler = JobScheduler::new().await?;
         let closed = Arc::new(tokio::sync::Mutex::new(false));
         scheduler
-            .add(reset_job(EVERY_MINUTE, &state, &closed)?)
+            .add(cron_job(EVERY_MINUTE, Work::Resets, &state, &closed)?)
             .await?;
         let mut crons: Vec<&str> = Vec::new();
         for (provider, schedule) in &state.config.config.auth.quota.reset_schedule {
@@ -59,7 +59,7 @@ impl Jobs {
             crons.push(text);
             // The config's parser accepted it; should the scheduler's refuse it, the minute's
             // run still applies the reset, up to a minute late.
-            match reset_job(text, &state, &closed) {
+            match cron_job(text, Work::Resets, &state, &closed) {
                 Ok(job) => {
                     scheduler.add(job).await?;
                 }
@@ -82,7 +82,12 @@ impl Jobs {
         }
         let logins_closed = Arc::new(tokio::sync::Mutex::new(false));
         scheduler
-            .add(logins_job(EVERY_MINUTE_AT_30, &state, &logins_closed)?)
+            .add(cron_job(
+                EVERY_MINUTE_AT_30,
+                Work::Logins,
+                &state,
+                &logins_closed,
+            )?)
             .await?;
         scheduler.start().await?;
         Ok(Jobs {
@@ -129,27 +134,29 @@ fn refresh_job(
     })
 }
 
-/// The cleanup of logins at the times of `cron`, with the application's clock.
-fn logins_job(
-    cron: &str,
-    state: &Arc<AppState>,
-    closed: &Arc<tokio::sync::Mutex<bool>>,
-) -> Result<Job, JobSchedulerError> {
-    let (state, closed) = (state.clone(), closed.clone());
-    Job::new_async(cron, move |_, _| {
-        let (state, closed) = (state.clone(), closed.clone());
-        Box::pin(async move {
-            let closed = closed.lock().await;
-            if !*closed {
-                logins::run(&state, state.now()).await;
-            }
-        })
-    })
+/// What a job at cron times runs.
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    Resets,
+    Logins,
 }
 
-/// A job that runs the resets at the times of `cron`, with the application's clock.
-fn reset_job(
+impl Work {
+    async fn run(self, state: &AppState) {
+        match self {
+            Work::Resets => {
+                resets::run(state, state.now()).await;
+            }
+            Work::Logins => logins::run(state, state.now()).await,
+        }
+    }
+}
+
+/// A job that runs `work` at the times of `cron`, with the application's clock, unless the
+/// jobs are closed (`closed` is held while it runs, so runs of one kind take turns).
+fn cron_job(
     cron: &str,
+    work: Work,
     state: &Arc<AppState>,
     closed: &Arc<tokio::sync::Mutex<bool>>,
 ) -> Result<Job, JobSchedulerError> {
@@ -159,7 +166,7 @@ fn reset_job(
         Box::pin(async move {
             let closed = closed.lock().await;
             if !*closed {
-                resets::run(&state, state.now()).await;
+                work.run(&state).await;
             }
         })
     })
