@@ -73,7 +73,7 @@ impl AcmeFlow {
     async fn start(&self, request: &LoginRequest) -> Result<DeviceAuthorization, FlowError> {
         // The start body's fields are Kiro's; Acme takes none.
         if *request != LoginRequest::default() {
-            return Err(FlowError::Rejected(
+            return Err(FlowError::Unrefreshable(
                 "an acme login takes no method, start URL or region".into(),
             ));
         }

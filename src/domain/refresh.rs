@@ -52,7 +52,7 @@ pub struct Refreshed {
     pub api_base: Option<String>,
 }
 
-/// Why a refresh did not succeed.
+/// Why a refresh (or the start of a login) did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FlowError {
     /// The provider refused the grant for good (`invalid_grant`, a 401, a client that cannot
@@ -65,8 +65,9 @@ pub enum FlowError {
         reason: String,
         retry_after: Option<Duration>,
     },
-    /// The credential lacks what its flow needs (no refresh token, no client): nothing was
-    /// sent. Like `Rejected` it needs new tokens, but it says so without asking the provider.
+    /// The credential lacks what its flow needs (no refresh token, no client), or a login's
+    /// request is not one the flow takes: nothing was sent. Like `Rejected` it needs new
+    /// tokens, but it says so without asking the provider.
     Unrefreshable(String),
 }
 

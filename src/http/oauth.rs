@@ -31,7 +31,10 @@ impl From<LoginError> for ApiError {
             LoginError::TooMany => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_logins", message)
             }
-            LoginError::Refused(_) => ApiError::bad_request("login_refused", message),
+            LoginError::Invalid(_) => ApiError::bad_request("invalid_login_request", message),
+            LoginError::Refused(_) => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "login_refused", message)
+            }
             LoginError::Unreachable(_) => {
                 ApiError::new(StatusCode::BAD_GATEWAY, "provider_unreachable", message)
             }

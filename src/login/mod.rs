@@ -26,6 +26,7 @@ use crate::store::{
 };
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -58,8 +59,12 @@ pub enum LoginError {
     NoLoginFlow(String),
     #[error("{MAX_PENDING} logins are pending already; finish or wait for one of them")]
     TooMany,
-    /// The flow refused the request (a bad start URL or region), with its reason.
-    #[error("The login was refused: {0}")]
+    /// The flow cannot serve the request as made (a start URL or region it does not take):
+    /// nothing was sent to the provider.
+    #[error("The login cannot start: {0}")]
+    Invalid(String),
+    /// The provider refused to start the login, in its words.
+    #[error("The provider refused to start the login: {0}")]
     Refused(String),
     /// The provider could not be reached.
     #[error("The provider could not be reached: {0}")]
@@ -96,6 +101,20 @@ struct Inner {
     pollers: Mutex<HashMap<String, JoinHandle<()>>>,
     /// Set when the server stops: pollers stop at their next wait, none start.
     stop: tokio::sync::watch::Sender<bool>,
+    /// Starts between their check of the pending count and their session stored (the
+    /// provider's device authorization in between): each holds a slot, so concurrent starts
+    /// past [`MAX_PENDING`] are refused before any reaches the provider.
+    starting: AtomicU64,
+}
+
+/// A start's slot in [`Inner::starting`], given back when the start ends (stored, refused or
+/// cancelled).
+struct Slot<'a>(&'a AtomicU64);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Lock a map, whatever a panicking holder left (its entries stay valid).
@@ -127,6 +146,7 @@ impl Logins {
             clock: parts.clock,
             pollers: Mutex::new(HashMap::new()),
             stop: tokio::sync::watch::channel(false).0,
+            starting: AtomicU64::new(0),
         }))
     }
 
@@ -161,16 +181,17 @@ impl Logins {
         if self.stopping() {
             return Err(LoginError::Stopping);
         }
-        // Checked before the provider is asked too, so a full server sends nothing.
-        if self.0.store.count_pending_logins().await? >= MAX_PENDING {
-            return Err(LoginError::TooMany);
-        }
+        // A slot first, then the count: the pending sessions and the starts under way
+        // together stay within the limit before the provider is asked (the insert checks the
+        // stored count again, for servers sharing the database).
+        let _slot = self.slot().await?;
         let mut auth: DeviceAuthorization =
             flow.start_login(request, self.now())
                 .await
                 .map_err(|e| match e {
                     FlowError::Transient { reason, .. } => LoginError::Unreachable(reason),
-                    FlowError::Rejected(r) | FlowError::Unrefreshable(r) => LoginError::Refused(r),
+                    FlowError::Rejected(r) => LoginError::Refused(r),
+                    FlowError::Unrefreshable(r) => LoginError::Invalid(r),
                 })?;
         auth.interval = bound_interval(auth.interval);
         auth.expires_in = auth.expires_in.clamp(MIN_EXPIRES_IN, MAX_EXPIRES_IN);
@@ -191,6 +212,19 @@ impl Logins {
             .record(&format!("login {} started for {provider}", session.id));
         self.spawn(&session, flow, after(now, session.interval));
         Ok(session)
+    }
+
+    /// A slot for one start, or `TooMany` when the pending sessions and the starts under way
+    /// fill [`MAX_PENDING`].
+    async fn slot(&self) -> Result<Slot<'_>, LoginError> {
+        let starting = &self.0.starting;
+        let slot = Slot(starting);
+        let under_way = starting.fetch_add(1, Ordering::AcqRel) + 1;
+        let pending = self.0.store.count_pending_logins().await?;
+        if pending.saturating_add(under_way) > MAX_PENDING {
+            return Err(LoginError::TooMany);
+        }
+        Ok(slot)
     }
 
     /// The session `id` of `provider`; `None` when there is none (or it is another

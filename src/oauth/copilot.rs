@@ -67,7 +67,7 @@ impl CopilotFlow {
     /// `POST /login/device/code` with the client id and scope.
     async fn start(&self, request: &LoginRequest) -> Result<DeviceAuthorization, FlowError> {
         if *request != LoginRequest::default() {
-            return Err(FlowError::Rejected(
+            return Err(FlowError::Unrefreshable(
                 "a copilot login takes no method, start URL or region".into(),
             ));
         }
@@ -514,7 +514,7 @@ mod login_tests {
             region: None,
         };
         let e = flow(&base).start_login(&request, now()).await.unwrap_err();
-        assert!(matches!(e, FlowError::Rejected(_)), "{e:?}");
+        assert!(matches!(e, FlowError::Unrefreshable(_)), "{e:?}");
         assert!(mock.requests().is_empty());
     }
 

@@ -86,7 +86,7 @@ impl KiroFlow {
         }
     }
 
-    /// The method, start URL and region a login asks for, or `Rejected` without a call:
+    /// The method, start URL and region a login asks for, or `Unrefreshable` without a call:
     /// Builder ID takes the config's (and nothing from the request); Identity Center needs
     /// an https start URL and takes a region of `^[a-z0-9-]{1,32}$` (the config's when none).
     fn target(&self, request: &LoginRequest) -> Result<(AuthMethod, String, String), FlowError> {
@@ -94,7 +94,7 @@ impl KiroFlow {
         let (start_url, region) = match method {
             AuthMethod::BuilderId => {
                 if request.start_url.is_some() || request.region.is_some() {
-                    return Err(FlowError::Rejected(
+                    return Err(FlowError::Unrefreshable(
                         "a Builder ID login takes no start URL or region (Identity Center does: method `idc`)".into(),
                     ));
                 }
@@ -107,10 +107,12 @@ impl KiroFlow {
                     .map(str::trim)
                     .filter(|u| !u.is_empty())
                     .ok_or_else(|| {
-                        FlowError::Rejected("an Identity Center login needs its start URL".into())
+                        FlowError::Unrefreshable(
+                            "an Identity Center login needs its start URL".into(),
+                        )
                     })?;
                 if !(start_url.starts_with("https://") && device::web_url(start_url)) {
-                    return Err(FlowError::Rejected(
+                    return Err(FlowError::Unrefreshable(
                         "the start URL is not an https:// URL (of at most 2 KiB)".into(),
                     ));
                 }
@@ -119,7 +121,7 @@ impl KiroFlow {
             }
         };
         if !valid_region(&region) {
-            return Err(FlowError::Rejected(client::scrub(
+            return Err(FlowError::Unrefreshable(client::scrub(
                 &format!("`{region}` is not an AWS region"),
                 &[],
             )));
@@ -860,7 +862,10 @@ mod login_tests {
         ];
         for request in &requests {
             let e = flow.start_login(request, now()).await.unwrap_err();
-            assert!(matches!(e, FlowError::Rejected(_)), "{request:?}: {e:?}");
+            assert!(
+                matches!(e, FlowError::Unrefreshable(_)),
+                "{request:?}: {e:?}"
+            );
         }
         assert!(mock.requests().is_empty());
     }

@@ -44,8 +44,10 @@ pub trait OauthFlow: Send + Sync {
     }
 
     /// Start a device-flow login: whatever the provider needs first (kiro registers a
-    /// client), then the device authorization. `Rejected` when the request cannot be served
-    /// (a bad start URL or region), `Transient` when the provider could not be reached.
+    /// client), then the device authorization. `Unrefreshable` when the request cannot be
+    /// served as made, without a call (a start URL or region the flow does not take: 400 to
+    /// the caller); `Rejected` when the provider refused (502 with its reason); `Transient`
+    /// when it could not be reached.
     fn start_login<'a>(
         &'a self,
         request: &'a LoginRequest,

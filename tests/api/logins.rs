@@ -50,6 +50,8 @@ struct Fake {
     requests: Mutex<Vec<LoginRequest>>,
     /// Refuse every refresh for good (as GitHub does a token without a Copilot seat).
     refuse_refresh: std::sync::atomic::AtomicBool,
+    /// How long a start takes at the provider.
+    start_delay: Mutex<Duration>,
 }
 
 impl Fake {
@@ -66,6 +68,7 @@ impl Fake {
             kiro: false,
             requests: Mutex::new(Vec::new()),
             refuse_refresh: std::sync::atomic::AtomicBool::new(false),
+            start_delay: Mutex::new(Duration::ZERO),
         })
     }
 
@@ -162,6 +165,8 @@ impl OauthFlow for Fake {
                 return Err(e);
             }
             let n = self.starts.fetch_add(1, Ordering::SeqCst);
+            let delay = *self.start_delay.lock().unwrap();
+            tokio::time::sleep(delay).await;
             Ok(DeviceAuthorization {
                 device_code: Secret::new(self.device_code(n)),
                 user_code: format!("WDJB-{n:04}"),
@@ -496,11 +501,24 @@ async fn status_and_start_errors() {
         );
     }
     // What the flow says of a start.
-    *fake.start_error.lock().unwrap() = Some(FlowError::Rejected("unknown start URL".into()));
+    // The provider refusing (its words) is its answer, passed on as 502; a request the flow
+    // cannot serve (nothing sent) is the caller's, 400.
+    *fake.start_error.lock().unwrap() = Some(FlowError::Rejected(
+        "device_flow_disabled: Device flow is disabled (HTTP 200)".into(),
+    ));
     let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
     assert_eq!(
         (r.status, r.error_code()),
-        (400, "login_refused".to_string()),
+        (502, "login_refused".to_string()),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("device_flow_disabled"), "{}", r.text);
+    *fake.start_error.lock().unwrap() = Some(FlowError::Unrefreshable("unknown start URL".into()));
+    let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (400, "invalid_login_request".to_string()),
         "{}",
         r.text
     );
@@ -560,6 +578,44 @@ async fn the_101st_pending_login_is_refused() {
     );
     // Refused before the provider was asked.
     assert_eq!(fake.starts.load(Ordering::SeqCst), 100);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_starts_past_the_limit_never_reach_the_provider() {
+    let home = Home::new("");
+    let fake = Fake::new(5, "race");
+    let app = start(&home, &fake).await;
+    for _ in 0..60 {
+        login(&app).await;
+    }
+    // 80 starts at once, each held at the provider a while: the 40 slots left go to 40 of
+    // them, the rest are refused without a call.
+    *fake.start_delay.lock().unwrap() = Duration::from_millis(300);
+    let calls = (0..80).map(|_| app.call("POST", "/v0/oauth/copilot/start", None));
+    let answers = futures_util::future::join_all(calls).await;
+    let mut by_status = std::collections::BTreeMap::<u16, usize>::new();
+    for r in &answers {
+        *by_status.entry(r.status).or_default() += 1;
+        if r.status != 200 {
+            assert_eq!(r.error_code(), "too_many_logins", "{}", r.text);
+        }
+    }
+    assert_eq!(by_status, [(200, 40), (429, 40)].into(), "{by_status:?}");
+    assert_eq!(fake.starts.load(Ordering::SeqCst), 100);
+    // The refused starts gave their slots back (and held no session): with one login ended,
+    // exactly one more starts.
+    *fake.start_delay.lock().unwrap() = Duration::ZERO;
+    let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    fake.then(&[Step::Denied]);
+    eventually(Duration::from_secs(30), || async {
+        let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
+    assert_eq!(r.status, 429, "{}", r.text);
     app.stop().await;
 }
 
