@@ -25,6 +25,7 @@
 //! wiped when dropped.
 
 pub mod ban_table;
+mod browser;
 mod client;
 mod management;
 
@@ -182,6 +183,9 @@ async fn guard_management(
     recovery: bool,
 ) -> Response {
     let (app, management) = (&state.app, &state.guards.management);
+    if let Err(e) = browser::check(req.headers(), !management.key_configured()) {
+        return e.into_response();
+    }
     let caller = Caller::of_request(&req, &app.config.config.server.trusted_proxies);
     let decision = management
         .check(&caller, presented_key(req.headers()), recovery, app.now())
@@ -222,6 +226,13 @@ pub async fn page_guard(State(state): State<HttpState>, req: Request, next: Next
 /// Client keys for `/v1/*`.
 pub async fn client_guard(State(state): State<HttpState>, req: Request, next: Next) -> Response {
     let (app, clients) = (&state.app, &state.guards.clients);
+    // Only where the loopback rule stands in for a key: a key is a header no other site's
+    // page can make a browser send.
+    if !clients.has_keys()
+        && let Err(e) = browser::check(req.headers(), true)
+    {
+        return e.into_response();
+    }
     let caller = Caller::of_request(&req, &app.config.config.server.trusted_proxies);
     let decision = {
         let presented = client_key(&req);

@@ -6,6 +6,7 @@
 mod answers;
 mod attempts;
 mod bad_input;
+mod browsers;
 mod common;
 mod copilot;
 mod crash;
