@@ -174,6 +174,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How long a completed refresh is remembered: a lease (at most a day long) reporting a 401
+/// asks whether its token was replaced since it was handed out.
+const REFRESHED_KEPT: Duration = Duration::from_secs(86_400);
+/// The size past which [`remember`] forgets the entries older than their use.
+const PRUNE_PAST: usize = 1024;
+
+/// Record `at` for `id`; past [`PRUNE_PAST`] entries, forget those older than `kept` (so
+/// credentials deleted long ago, or refreshed once, do not stay for the life of the process).
+fn remember(
+    map: &Mutex<HashMap<CredentialId, DateTime<Utc>>>,
+    id: CredentialId,
+    at: DateTime<Utc>,
+    kept: Duration,
+) {
+    let mut map = lock(map);
+    if map.len() >= PRUNE_PAST {
+        let kept = chrono::TimeDelta::from_std(kept).unwrap_or(chrono::TimeDelta::MAX);
+        map.retain(|_, t| at.signed_duration_since(*t) < kept);
+    }
+    map.insert(id, at);
+}
+
 impl Refresher {
     pub fn new(parts: Parts) -> Refresher {
         Refresher(Arc::new(Inner {
@@ -247,7 +269,7 @@ impl Refresher {
         trigger: RefreshTrigger,
         tries: u32,
     ) -> Flight {
-        lock(&self.0.started).insert(id.clone(), self.now());
+        remember(&self.0.started, id.clone(), self.now(), REJECTED_GAP);
         let this = self.clone();
         let task = tokio::spawn(async move {
             // Takes the entry out of the flights however the task ends (a panic included),
@@ -255,7 +277,7 @@ impl Refresher {
             let _landed = Landed(&this, &id);
             let outcome = one::refresh(&this, &id, &provider, trigger, tries).await;
             if outcome.ok() {
-                lock(&this.0.refreshed).insert(id.clone(), this.now());
+                remember(&this.0.refreshed, id.clone(), this.now(), REFRESHED_KEPT);
             }
             outcome
         });
@@ -339,5 +361,48 @@ impl Refresher {
             Ok(Ok(Outcome::Failed { rejected: true, .. })) => Renewed::Expired,
             Ok(Ok(Outcome::Failed { .. } | Outcome::Elsewhere)) => Renewed::No,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembered_times_are_forgotten_past_their_use_once_there_are_many() {
+        let map = Mutex::new(HashMap::new());
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let kept = Duration::from_secs(60);
+        for n in 0..PRUNE_PAST {
+            remember(
+                &map,
+                CredentialId::from(format!("old-{n}").as_str()),
+                t0,
+                kept,
+            );
+        }
+        assert_eq!(lock(&map).len(), PRUNE_PAST);
+        // Within their use: kept, however many.
+        let soon = t0 + chrono::TimeDelta::seconds(59);
+        remember(&map, CredentialId::from("new-0"), soon, kept);
+        assert_eq!(lock(&map).len(), PRUNE_PAST + 1);
+        // Past it: the old ones go, the recent one stays.
+        let later = t0 + chrono::TimeDelta::seconds(60);
+        remember(&map, CredentialId::from("new-1"), later, kept);
+        let map = lock(&map);
+        assert_eq!(map.len(), 2, "{:?}", map.keys().collect::<Vec<_>>());
+        assert!(map.contains_key(&CredentialId::from("new-0")));
+        // The largest wait still bounds (no overflow).
+        drop(map);
+        let m = Mutex::new(HashMap::new());
+        for n in 0..=PRUNE_PAST {
+            remember(
+                &m,
+                CredentialId::from(format!("{n}").as_str()),
+                t0,
+                Duration::MAX,
+            );
+        }
+        assert_eq!(lock(&m).len(), PRUNE_PAST + 1);
     }
 }
