@@ -6,6 +6,7 @@ use cliproxyapi::config::Config;
 use cliproxyapi::oauth::Flows;
 use cliproxyapi::state::Clock;
 use serde_json::Value;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -124,16 +125,28 @@ impl Home {
 
     /// Start the real binary on this home and wait until it listens.
     pub fn spawn_binary(&self) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cliproxyapi"))
-            .arg("--config")
-            .arg(self.config_path())
+        let config = self.config_path();
+        self.spawn_program(
+            Path::new(env!("CARGO_BIN_EXE_cliproxyapi")),
+            &[OsStr::new("--config"), config.as_os_str()],
+            &[],
+        )
+    }
+
+    /// Start `program ARGS` (the binary, or a program embedding the server) on this home,
+    /// with `env` over the test's environment, and wait until it prints its `address=` line.
+    /// The program is killed when the [`Binary`] is dropped.
+    pub fn spawn_program(&self, program: &Path, args: &[&OsStr], env: &[(&str, &str)]) -> Binary {
+        let mut child = Command::new(program)
+            .args(args)
             .current_dir(self.path())
             .env_remove("CLIPROXY_CONFIG")
             .envs(self.refresh_off())
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("binary starts");
+            .unwrap_or_else(|e| panic!("{} starts: {e}", program.display()));
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -147,14 +160,17 @@ impl Home {
                 }
             }
         });
+        // Killed on the way out when it never listens, as on drop.
+        let mut binary = Binary {
+            child,
+            base: String::new(),
+            client: reqwest::Client::new(),
+        };
         let addr = rx
             .recv_timeout(Duration::from_secs(30))
-            .expect("the binary prints its address");
-        Binary {
-            child,
-            base: format!("http://{addr}"),
-            client: reqwest::Client::new(),
-        }
+            .unwrap_or_else(|_| panic!("{} prints its address", program.display()));
+        binary.base = format!("http://{addr}");
+        binary
     }
 
     /// Run `cliproxyapi ARGS` on this home to completion.

@@ -3,7 +3,8 @@
 //! `Application::build_with_flows` as examples/custom_flow/main.rs does, against a local mock
 //! of the made-up provider Acme (its device and token endpoints, and its chat API): a login
 //! through `/v0/oauth/acme/*`, a refresh through the management route, then a chat
-//! completion with the refreshed token.
+//! completion with the refreshed token; and the same against the example program itself,
+//! run as its own process.
 
 #[path = "../../examples/custom_flow/flow.rs"]
 mod flow;
@@ -19,6 +20,8 @@ use cliproxyapi::domain::ProviderName;
 use cliproxyapi::oauth::Flows;
 use serde_json::{Value, json};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -109,47 +112,44 @@ fn raw_data(home: &Home) -> Vec<u8> {
     all
 }
 
-#[tokio::test]
-async fn the_example_flow_logs_in_refreshes_and_serves() {
-    let acme = Arc::new(Acme::default());
-    let b = crate::common::serve(
+/// The mock of Acme on a free port: its device and token endpoints under `/auth/`, its chat
+/// API under `/v1/`.
+async fn acme_mock(acme: &Arc<Acme>) -> String {
+    crate::common::serve(
         axum::Router::new()
             .route("/auth/device/code", post(device_code))
             .route("/auth/token", post(token))
             .route("/v1/chat/completions", post(chat))
             .with_state(acme.clone()),
     )
-    .await;
+    .await
+}
+
+/// The config naming Acme at the mock `b`, with a client key and encryption on.
+fn acme_home(b: &str) -> Home {
     let key = EncryptionKey::generate_base64();
-    let home = Home::new(&format!(
+    Home::new(&format!(
         "api_keys: [\"{KEY}\"]\nauth:\n  refresh:\n    check_interval: 1h\n  encryption:\n    enabled: true\n    key: \"{key}\"\n\
          providers:\n  acme:\n    format: openai\n    base_url: \"{b}/v1\"\n    models: [\"acme-*\"]\n"
-    ));
-    // As examples/custom_flow/main.rs registers it, with ACME_AUTH_URL the mock.
-    let mut flows = Flows::default();
-    flows.register(
-        ProviderName::from("acme"),
-        Arc::new(flow::AcmeFlow::new(&format!("{b}/auth/"), "acme-client")),
-    );
-    let app = home
-        .start_with_flows(&[], Arc::new(chrono::Utc::now), flows)
-        .await;
+    ))
+}
 
+/// Over HTTP to `server`, with the flow's client id `acme-client`: the login (the code shown,
+/// one authorization_pending, then approval), a refresh through the management route (Acme
+/// sees the login's refresh token and rotates it), then a chat completion through the proxy
+/// carrying the refreshed access token.
+async fn login_refresh_chat(server: &impl Api, acme: &Acme) {
     // The login: the code shown, one authorization_pending, then approval.
-    let r = app.call("POST", "/v0/oauth/acme/start", None).await;
+    let r = server.call("POST", "/v0/oauth/acme/start", None).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let started = r.json();
     assert_eq!(started["user_code"], "ACME-1234");
     assert_eq!(started["verification_uri"], "https://acme.example/device");
     assert_eq!(started["interval"], 1);
-    let r = app
-        .call("POST", "/v0/oauth/acme/start", Some(r#"{"method": "idc"}"#))
-        .await;
-    assert_eq!(r.status, 400, "{}", r.text);
     let session = started["session"].as_str().unwrap();
     let path = format!("/v0/oauth/acme/status?session={session}");
     let status = eventually(WAIT, || async {
-        let s = app.get(&path).await.json();
+        let s = server.get(&path).await.json();
         (s["status"] != "pending").then_some(s)
     })
     .await;
@@ -161,14 +161,14 @@ async fn the_example_flow_logs_in_refreshes_and_serves() {
         assert_eq!(poll["device_code"], DEVICE_CODE);
         assert_eq!(poll["client_id"], "acme-client");
     }
-    let auths = app.auths().await;
+    let auths = server.auths().await;
     assert_eq!(auths.len(), 1, "{auths:?}");
     assert_eq!(auths[0]["id"], status["credential_id"]);
     assert_eq!(auths[0]["provider"], "acme");
     assert_eq!(auths[0]["status"], "active", "{}", auths[0]);
 
     // The refresh, through the flow: Acme sees the login's refresh token and rotates it.
-    let r = app.post("/v0/management/auths/acme/refresh", "").await;
+    let r = server.post("/v0/management/auths/acme/refresh", "").await;
     assert_eq!(r.status, 200, "{}", r.text);
     let refreshed = r.json();
     assert_eq!(refreshed["refreshed"], 1, "{refreshed}");
@@ -179,12 +179,46 @@ async fn the_example_flow_logs_in_refreshes_and_serves() {
 
     // A chat completion through the proxy carries the refreshed access token.
     let body = json!({"model": "acme-1", "messages": [{"role": "user", "content": "hi"}]});
-    let r = app.post_as(KEY, "/v1/chat/completions", &body).await;
+    let r = server.post_as(KEY, "/v1/chat/completions", &body).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(
         acme.chats.lock().unwrap().clone(),
         vec!["Bearer acme-access-2".to_string()]
     );
+}
+
+/// No secret of the chain in clear in `data/`.
+fn assert_sealed(home: &Home, secrets: &[&str]) {
+    let raw = raw_data(home);
+    for secret in secrets {
+        assert!(
+            !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret} in clear on disk"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_example_flow_logs_in_refreshes_and_serves() {
+    let acme = Arc::new(Acme::default());
+    let b = acme_mock(&acme).await;
+    let home = acme_home(&b);
+    // As examples/custom_flow/main.rs registers it, with ACME_AUTH_URL the mock.
+    let mut flows = Flows::default();
+    flows.register(
+        ProviderName::from("acme"),
+        Arc::new(flow::AcmeFlow::new(&format!("{b}/auth/"), "acme-client")),
+    );
+    let app = home
+        .start_with_flows(&[], Arc::new(chrono::Utc::now), flows)
+        .await;
+
+    login_refresh_chat(&app, &acme).await;
+    // The flow takes no login options.
+    let r = app
+        .call("POST", "/v0/oauth/acme/start", Some(r#"{"method": "idc"}"#))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
 
     // The rotated refresh token is the one the next refresh presents.
     let r = app.post("/v0/management/auths/acme/refresh", "").await;
@@ -193,17 +227,97 @@ async fn the_example_flow_logs_in_refreshes_and_serves() {
     assert_eq!(grant["refresh_token"], "acme-refresh-2");
 
     app.stop().await;
-    let raw = raw_data(&home);
-    for secret in [
-        DEVICE_CODE,
-        "acme-access-1",
-        "acme-refresh-1",
-        "acme-access-2",
-        "acme-refresh-2",
-    ] {
-        assert!(
-            !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
-            "{secret} in clear on disk"
-        );
+    assert_sealed(
+        &home,
+        &[
+            DEVICE_CODE,
+            "acme-access-1",
+            "acme-refresh-1",
+            "acme-access-2",
+            "acme-refresh-2",
+        ],
+    );
+}
+
+/// The example program as `cargo test` builds it: `<target>/<profile>/examples/custom_flow`,
+/// beside the `deps/` folder holding this test binary. When it is missing (only `--test api`
+/// was built), it is built into that same target folder and profile.
+fn example_program() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary is in <target>/<profile>/deps");
+    let program = profile_dir.join("examples").join("custom_flow");
+    if program.is_file() {
+        return program;
     }
+    let target_dir = profile_dir.parent().expect("<target>");
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev",
+        Some(other) => other,
+    };
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .args(["build", "--example", "custom_flow", "--profile", profile])
+        .arg("--manifest-path")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir);
+    if let Some(offline) = std::env::var_os("SQLX_OFFLINE") {
+        cargo.env("SQLX_OFFLINE", offline);
+    }
+    let status = cargo
+        .status()
+        .unwrap_or_else(|e| panic!("cargo does not run ({e}) to build examples/custom_flow"));
+    assert!(
+        status.success(),
+        "`cargo build --example custom_flow` failed ({status}); build it and run again"
+    );
+    assert!(
+        program.is_file(),
+        "`cargo build --example custom_flow` built no {}",
+        program.display()
+    );
+    program
+}
+
+/// The example program itself (examples/custom_flow/main.rs), run as its own process on a
+/// config file, with Acme's settings from its environment: the same chain over HTTP.
+#[tokio::test]
+async fn the_example_program_logs_in_refreshes_and_serves() {
+    let program = example_program();
+    let acme = Arc::new(Acme::default());
+    let b = acme_mock(&acme).await;
+    let home = acme_home(&b);
+    let config = home.config_path();
+    let auth_url = format!("{b}/auth/");
+    let server = home.spawn_program(
+        &program,
+        &[config.as_os_str()],
+        &[
+            ("ACME_AUTH_URL", auth_url.as_str()),
+            ("ACME_CLIENT_ID", "acme-client"),
+        ],
+    );
+
+    login_refresh_chat(&server, &acme).await;
+
+    // Dropping the handle kills the program: its port no longer answers.
+    let base = server.base.clone();
+    drop(server);
+    assert!(
+        reqwest::get(format!("{base}/health")).await.is_err(),
+        "the example program still answers after its handle was dropped"
+    );
+    assert_sealed(
+        &home,
+        &[
+            DEVICE_CODE,
+            "acme-access-1",
+            "acme-refresh-1",
+            "acme-access-2",
+            "acme-refresh-2",
+        ],
+    );
 }

@@ -1,7 +1,9 @@
 //! Device-flow logins end to end (issue 14, acceptance 1 and 2 through the login routes):
 //! the real copilot and kiro flows against local mocks of GitHub and the Copilot token
 //! exchange, and of AWS SSO OIDC: start, the code shown, a `slow_down`, approval, the
-//! credential stored sealed, status `success`, and the credential then serving.
+//! credential stored sealed, status `success`, and the credential then serving. And kiro's
+//! login, refresh and lease in one chain: a refresh whose stored client's secret is about to
+//! expire registers a new client first, and the lease hands out the fresh token.
 
 use crate::common::{Api, Home, eventually};
 use axum::Json;
@@ -17,6 +19,13 @@ use std::time::{Duration, Instant};
 
 const KEY: &str = "logins-client-key";
 const WAIT: Duration = Duration::from_secs(30);
+/// The client the kiro mock registers unless a test scripts others.
+const KIRO_CLIENT: (&str, &str) = ("kiro-client-id-e2e", "kiro-client-secret-e2e");
+/// The kiro mock's refresh grant: the only client it answers (with the refresh token its
+/// device grant hands out), and the tokens it answers with.
+const KIRO_RENEWED_CLIENT: (&str, &str) = ("kiro-client-id-renewed", "kiro-secret-renewed");
+const KIRO_REFRESHED_ACCESS: &str = "kiro-access-token-refreshed";
+const KIRO_ROTATED_REFRESH: &str = "kiro-refresh-token-rotated";
 
 #[derive(Default)]
 struct Seen {
@@ -26,6 +35,13 @@ struct Seen {
     chats: Mutex<Vec<String>>,
     /// What the kiro mock's token endpoint answers, in order, then a token.
     kiro_errors: Mutex<Vec<&'static str>>,
+    /// The clients the kiro mock registers, in order (id, secret, seconds until the secret
+    /// expires), then [`KIRO_CLIENT`] for 90 days.
+    kiro_clients: Mutex<Vec<(&'static str, &'static str, i64)>>,
+    /// How many clients the kiro mock registered.
+    kiro_registrations: AtomicUsize,
+    /// The body of every refresh grant the kiro mock's token endpoint saw.
+    kiro_refreshes: Mutex<Vec<Value>>,
 }
 
 fn auth_header(headers: &HeaderMap) -> String {
@@ -170,11 +186,20 @@ async fn copilot_login_against_mocks_then_a_chat_with_the_exchanged_token() {
 }
 
 /// AWS SSO OIDC: register, device authorization, token (errors first, in order).
-async fn kiro_register() -> Json<Value> {
+async fn kiro_register(State(s): State<Arc<Seen>>) -> Json<Value> {
+    s.kiro_registrations.fetch_add(1, Ordering::SeqCst);
+    let (id, secret, lifetime) = {
+        let mut clients = s.kiro_clients.lock().unwrap();
+        if clients.is_empty() {
+            (KIRO_CLIENT.0, KIRO_CLIENT.1, 90 * 86400)
+        } else {
+            clients.remove(0)
+        }
+    };
     let now = chrono::Utc::now().timestamp();
     Json(json!({
-        "clientId": "kiro-client-id-e2e", "clientSecret": "kiro-client-secret-e2e",
-        "clientIdIssuedAt": now, "clientSecretExpiresAt": now + 90 * 86400
+        "clientId": id, "clientSecret": secret,
+        "clientIdIssuedAt": now, "clientSecretExpiresAt": now + lifetime
     }))
 }
 
@@ -188,17 +213,39 @@ async fn kiro_device() -> Json<Value> {
 }
 
 async fn kiro_token(State(s): State<Arc<Seen>>, body: String) -> axum::response::Response {
+    let refused = |status: StatusCode, error: &str| {
+        (
+            status,
+            Json(json!({"error": error, "error_description": format!("{error} from the mock")})),
+        )
+            .into_response()
+    };
+    let grant: Value = serde_json::from_str(&body).unwrap_or_default();
+    if grant["grantType"] == "refresh_token" {
+        // The refresh grant, JSON camelCase as AWS takes it: only the renewed client with the
+        // login's refresh token gets new tokens.
+        s.kiro_refreshes.lock().unwrap().push(grant.clone());
+        if grant["clientId"] != KIRO_RENEWED_CLIENT.0
+            || grant["clientSecret"] != KIRO_RENEWED_CLIENT.1
+        {
+            return refused(StatusCode::UNAUTHORIZED, "invalid_client");
+        }
+        if grant["refreshToken"] != "kiro-refresh-token-e2e" {
+            return refused(StatusCode::BAD_REQUEST, "invalid_grant");
+        }
+        return Json(json!({
+            "accessToken": KIRO_REFRESHED_ACCESS, "tokenType": "Bearer", "expiresIn": 7200,
+            "refreshToken": KIRO_ROTATED_REFRESH
+        }))
+        .into_response();
+    }
     s.polls.lock().unwrap().push((Instant::now(), body));
     let next = {
         let mut errors = s.kiro_errors.lock().unwrap();
         (!errors.is_empty()).then(|| errors.remove(0))
     };
     match next {
-        Some(error) => (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": error, "error_description": format!("{error} from the mock")})),
-        )
-            .into_response(),
+        Some(error) => refused(StatusCode::BAD_REQUEST, error),
         None => Json(json!({
             "accessToken": "kiro-access-token-e2e", "tokenType": "Bearer", "expiresIn": 3600,
             "refreshToken": "kiro-refresh-token-e2e"
@@ -207,17 +254,22 @@ async fn kiro_token(State(s): State<Arc<Seen>>, body: String) -> axum::response:
     }
 }
 
-#[tokio::test]
-async fn kiro_logins_against_a_mock_oidc() {
-    let seen = Arc::new(Seen::default());
-    let b = crate::common::serve(
+/// The kiro mock OIDC on a free port, `{region}` in its paths.
+async fn kiro_mock(seen: &Arc<Seen>) -> String {
+    crate::common::serve(
         axum::Router::new()
             .route("/{region}/client/register", post(kiro_register))
             .route("/{region}/device_authorization", post(kiro_device))
             .route("/{region}/token", post(kiro_token))
             .with_state(seen.clone()),
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn kiro_logins_against_a_mock_oidc() {
+    let seen = Arc::new(Seen::default());
+    let b = kiro_mock(&seen).await;
     let key = EncryptionKey::generate_base64();
     let home = Home::new(&format!(
         "auth:\n{}oauth:\n  kiro:\n    oidc_base_url: \"{b}/{{region}}\"\n",
@@ -297,6 +349,113 @@ async fn kiro_logins_against_a_mock_oidc() {
         "kiro-client-secret-e2e",
         "kiro-access-token-e2e",
         "kiro-refresh-token-e2e",
+    ] {
+        assert!(!contains(&raw, secret), "{secret} in clear on disk");
+    }
+}
+
+/// A kiro login, then a manual refresh: the stored client's secret expires within 5 minutes,
+/// so the refresh registers a new client first and presents it with the login's refresh
+/// token; the new client is stored with the new tokens, and a lease hands out the fresh
+/// access token with its expiry.
+#[tokio::test]
+async fn kiro_refresh_registers_a_new_client_for_an_expiring_one_and_a_lease_gets_the_fresh_token()
+{
+    let seen = Arc::new(Seen::default());
+    *seen.kiro_clients.lock().unwrap() = vec![
+        ("kiro-client-id-short", "kiro-secret-short", 120),
+        (KIRO_RENEWED_CLIENT.0, KIRO_RENEWED_CLIENT.1, 90 * 86400),
+    ];
+    let b = kiro_mock(&seen).await;
+    let key = EncryptionKey::generate_base64();
+    let home = Home::new(&format!(
+        "api_keys: [\"{KEY}\"]\nauth:\n{}oauth:\n  kiro:\n    oidc_base_url: \"{b}/{{region}}\"\n",
+        enc(&key)
+    ));
+    let app = home.start().await;
+
+    // The login, with the short-lived client.
+    let r = app.call("POST", "/v0/oauth/kiro/start", None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let session = r.json()["session"].as_str().unwrap().to_string();
+    let path = format!("/v0/oauth/kiro/status?session={session}");
+    let s = eventually(WAIT, || async {
+        let s = app.get(&path).await.json();
+        (s["status"] != "pending").then_some(s)
+    })
+    .await;
+    assert_eq!(s["status"], "success", "{s}");
+    let id = s["credential_id"].as_str().unwrap().to_string();
+    assert_eq!(seen.kiro_registrations.load(Ordering::SeqCst), 1);
+    let m = app
+        .state
+        .store
+        .refresh_material(&id.as_str().into())
+        .await
+        .unwrap();
+    assert_eq!(m.extra.client_id.as_deref(), Some("kiro-client-id-short"));
+    assert_eq!(m.client_secret.unwrap().expose(), "kiro-secret-short");
+
+    // The refresh: a second registration, then one refresh grant, with the new client.
+    let r = app.post("/v0/management/auths/kiro/refresh", "").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let refreshed = r.json();
+    assert_eq!(refreshed["refreshed"], 1, "{refreshed}");
+    assert_eq!(refreshed["results"][0]["id"], id.as_str(), "{refreshed}");
+    assert_eq!(seen.kiro_registrations.load(Ordering::SeqCst), 2);
+    let grants = seen.kiro_refreshes.lock().unwrap().clone();
+    assert_eq!(
+        grants,
+        vec![json!({
+            "clientId": KIRO_RENEWED_CLIENT.0, "clientSecret": KIRO_RENEWED_CLIENT.1,
+            "grantType": "refresh_token", "refreshToken": "kiro-refresh-token-e2e"
+        })]
+    );
+
+    // The store holds the new client with the new tokens.
+    let m = app
+        .state
+        .store
+        .refresh_material(&id.as_str().into())
+        .await
+        .unwrap();
+    assert_eq!(m.access_token.unwrap().expose(), KIRO_REFRESHED_ACCESS);
+    assert_eq!(m.refresh_token.unwrap().expose(), KIRO_ROTATED_REFRESH);
+    assert_eq!(m.client_secret.unwrap().expose(), KIRO_RENEWED_CLIENT.1);
+    assert_eq!(m.extra.client_id.as_deref(), Some(KIRO_RENEWED_CLIENT.0));
+    let secret_expiry = m
+        .extra
+        .client_secret_expires_at
+        .expect("the new client's expiry");
+    assert!(
+        secret_expiry > chrono::Utc::now() + chrono::TimeDelta::days(89),
+        "{secret_expiry}"
+    );
+    let expires_at = m.expires_at.expect("the fresh token's expiry");
+
+    // A lease hands out the fresh access token and its expiry.
+    let body = json!({"provider": "kiro", "estimated_tokens": 10});
+    let r = app.post_as(KEY, "/v1/credentials/lease", &body).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let lease = r.json();
+    assert_eq!(lease["credential_id"], id.as_str(), "{lease}");
+    assert_eq!(lease["token"], KIRO_REFRESHED_ACCESS, "{lease}");
+    assert_eq!(
+        lease["token_expires_at"],
+        cliproxyapi::domain::rfc3339(expires_at),
+        "{lease}"
+    );
+
+    app.stop().await;
+    let raw = raw_data(&home);
+    for secret in [
+        "kiro-device-code-e2e",
+        "kiro-secret-short",
+        "kiro-access-token-e2e",
+        "kiro-refresh-token-e2e",
+        KIRO_RENEWED_CLIENT.1,
+        KIRO_REFRESHED_ACCESS,
+        KIRO_ROTATED_REFRESH,
     ] {
         assert!(!contains(&raw, secret), "{secret} in clear on disk");
     }
