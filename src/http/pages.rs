@@ -1,4 +1,4 @@
-//! The OAuth pages (README, "OAuth pages"; issue 14): `GET /v0/oauth/copilot` and
+//! The OAuth pages (README, "OAuth pages"): `GET /v0/oauth/copilot` and
 //! `GET /v0/oauth/kiro`, and the script and style they share under `/v0/oauth/assets/`.
 //!
 //! They are static: HTML, CSS and JavaScript embedded in the binary from `pages/`, nothing

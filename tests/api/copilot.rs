@@ -1,4 +1,4 @@
-//! Proxying Copilot with the exchanged token (issue 14, acceptance 1; README, "Token
+//! Proxying Copilot with the exchanged token (README, "Token
 //! refresh"): against a local mock of the Copilot token exchange and of Copilot's chat API,
 //! a chat completion carries the exchanged token and the configured editor headers, and the
 //! token answer's `endpoints.api` is stored only when it is https on an allowed host.

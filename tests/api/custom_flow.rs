@@ -1,4 +1,4 @@
-//! The example custom flow of DEV.md (issue 14, acceptance 5): examples/custom_flow/flow.rs,
+//! The example custom flow of DEV.md: examples/custom_flow/flow.rs,
 //! included here as it is, registered with `Flows::register` and built with
 //! `Application::build_with_flows` as examples/custom_flow/main.rs does, against a local mock
 //! of the made-up provider Acme (its device and token endpoints, and its chat API): a login

@@ -1,4 +1,4 @@
-//! Device-flow logins (issue 14) through HTTP: start, the background polling with its RFC 8628
+//! Device-flow logins through HTTP: start, the background polling with its RFC 8628
 //! answers (pending, slow_down, denied, expired, other errors, approval), the credential
 //! stored and sealed, the status route and its errors, the limit on pending logins, and a
 //! restart while a login is pending. The provider is a fake flow the test drives, registered

@@ -1,4 +1,4 @@
-//! Device-flow logins end to end (issue 14, acceptance 1 and 2 through the login routes):
+//! Device-flow logins end to end (through the login routes):
 //! the real copilot and kiro flows against local mocks of GitHub and the Copilot token
 //! exchange, and of AWS SSO OIDC: start, the code shown, a `slow_down`, approval, the
 //! credential stored sealed, status `success`, and the credential then serving. And kiro's

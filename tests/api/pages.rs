@@ -1,4 +1,4 @@
-//! The OAuth pages in a real browser (issue 14, acceptance 4; README, "OAuth pages"): headless
+//! The OAuth pages in a real browser (README, "OAuth pages"): headless
 //! Chromium, driven through chromedriver over WebDriver, opens `/v0/oauth/copilot` and
 //! `/v0/oauth/kiro` on the real server, whose GitHub, Copilot and AWS SSO OIDC endpoints are a
 //! local mock. Each end state is kept as a screenshot under `target/page-screenshots/`.
