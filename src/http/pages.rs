@@ -22,12 +22,56 @@ use axum::http::{HeaderValue, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
-const COPILOT_HTML: &str = include_str!("pages/copilot.html");
-const KIRO_HTML: &str = include_str!("pages/kiro.html");
+/// The page both flows share; `{{NAME}}` marks what each fills in ([`Page`]).
+const PAGE_HTML: &str = include_str!("pages/page.html");
 const PAGE_JS: &str = include_str!("pages/page.js");
 const PAGE_CSS: &str = include_str!("pages/page.css");
+
+/// What one provider's page says in the shared shell.
+struct Page {
+    provider: &'static str,
+    heading: &'static str,
+    lead: &'static str,
+    /// Where the user enters the code ("on GitHub").
+    enter_where: &'static str,
+    /// What the user chooses before the start (Kiro: Builder ID or Identity Center).
+    choices: &'static str,
+}
+
+const COPILOT: Page = Page {
+    provider: "copilot",
+    heading: "GitHub Copilot",
+    lead: "Log in with the GitHub account that has Copilot. The server keeps the GitHub \
+           token and exchanges it for Copilot tokens as they expire.",
+    enter_where: "on GitHub",
+    choices: "",
+};
+
+const KIRO: Page = Page {
+    provider: "kiro",
+    heading: "Kiro",
+    lead: "Log in with AWS Builder ID or your organisation's IAM Identity Center. The server \
+           keeps the tokens and refreshes them as they expire.",
+    enter_where: "at AWS",
+    choices: include_str!("pages/kiro-choices.html"),
+};
+
+impl Page {
+    /// The shell filled in (its texts are ours, written as HTML).
+    fn render(&self) -> String {
+        PAGE_HTML
+            .replace("{{PROVIDER}}", self.provider)
+            .replace("{{HEADING}}", self.heading)
+            .replace("{{LEAD}}", self.lead)
+            .replace("{{WHERE}}", self.enter_where)
+            .replace("{{CHOICES}}", self.choices)
+    }
+}
+
+static COPILOT_HTML: LazyLock<String> = LazyLock::new(|| COPILOT.render());
+static KIRO_HTML: LazyLock<String> = LazyLock::new(|| KIRO.render());
 
 /// Where the page says whether it asks for the key; replaced in each answer.
 const KEY_MARK: &str = "data-key=\"ask\"";
@@ -51,11 +95,11 @@ pub fn router(state: HttpState) -> Router<HttpState> {
 }
 
 async fn copilot(State(guards): State<Arc<Guards>>) -> Response {
-    html(&guards, COPILOT_HTML)
+    html(&guards, &COPILOT_HTML)
 }
 
 async fn kiro(State(guards): State<Arc<Guards>>) -> Response {
-    html(&guards, KIRO_HTML)
+    html(&guards, &KIRO_HTML)
 }
 
 async fn script() -> Response {
@@ -66,7 +110,7 @@ async fn style() -> Response {
     asset("text/css; charset=utf-8", PAGE_CSS)
 }
 
-fn html(guards: &Guards, page: &'static str) -> Response {
+fn html(guards: &Guards, page: &str) -> Response {
     let ask = if guards.management.key_configured() {
         "data-key=\"required\""
     } else {
@@ -97,7 +141,11 @@ mod tests {
 
     #[test]
     fn each_page_has_the_key_mark_once_and_no_inline_code() {
-        for page in [COPILOT_HTML, KIRO_HTML] {
+        for (page, provider) in [(&*COPILOT_HTML, "copilot"), (&*KIRO_HTML, "kiro")] {
+            // Every mark filled in, the provider's own.
+            assert!(!page.contains("{{"), "{page}");
+            assert!(page.contains(&format!("data-provider=\"{provider}\"")));
+            assert!(page.contains(&format!("href=\"/v0/management/auths/{provider}\"")));
             assert_eq!(page.matches(KEY_MARK).count(), 1);
             assert!(page.contains("<meta name=\"viewport\""));
             assert!(page.contains("src=\"/v0/oauth/assets/page.js\""));
@@ -115,6 +163,8 @@ mod tests {
                 assert!(!page[at + 3 + name.len()..].starts_with('='), "on{name}=");
             }
         }
+        assert!(KIRO_HTML.contains("<fieldset id=\"method\">"));
+        assert!(!COPILOT_HTML.contains("<fieldset"));
         for banned in ["url(", "@import", "http"] {
             assert!(!PAGE_CSS.contains(banned), "{banned}");
         }
