@@ -257,13 +257,9 @@ impl OauthFlow for CopilotFlow {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{self, Mock, json};
+    use super::super::testing::{self, Mock, json, now};
     use super::*;
     use serde_json::json as j;
-
-    fn now() -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
-    }
 
     fn flow(base: &str) -> CopilotFlow {
         CopilotFlow::new(
@@ -442,17 +438,13 @@ mod tests {
 
 #[cfg(test)]
 mod login_tests {
-    use super::super::testing::{self, Mock, json};
+    use super::super::testing::{self, Mock, json, now};
     use super::*;
     use crate::crypto::Secret;
     use crate::domain::AuthMethod;
     use crate::domain::OauthExtra;
     use serde_json::json as j;
     use std::time::Duration;
-
-    fn now() -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
-    }
 
     fn flow(base: &str) -> CopilotFlow {
         CopilotFlow::new(

@@ -90,7 +90,7 @@ impl OauthFlow for GrantFlow {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{self, Mock, json};
+    use super::super::testing::{self, Mock, json, now};
     use super::*;
     use crate::crypto::Secret;
     use chrono::TimeDelta;
@@ -107,10 +107,6 @@ mod tests {
                 scope: scope.map(str::to_string),
             },
         )
-    }
-
-    fn now() -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
     }
 
     #[tokio::test]

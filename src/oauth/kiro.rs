@@ -445,15 +445,11 @@ impl OauthFlow for KiroFlow {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{self, Mock, json};
+    use super::super::testing::{self, Mock, json, now};
     use super::*;
     use serde_json::json as j;
 
-    fn now() -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
-    }
-
-    fn flow(base: &str) -> KiroFlow {
+    pub(super) fn flow(base: &str) -> KiroFlow {
         KiroFlow::new(
             Http::new(),
             &KiroOAuthConfig {
@@ -705,24 +701,11 @@ mod tests {
 
 #[cfg(test)]
 mod login_tests {
-    use super::super::testing::{self, Mock, json};
+    use super::super::testing::{self, Mock, json, now};
+    use super::tests::flow;
     use super::*;
     use serde_json::json as j;
     use std::time::Duration;
-
-    fn now() -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
-    }
-
-    fn flow(base: &str) -> KiroFlow {
-        KiroFlow::new(
-            Http::new(),
-            &KiroOAuthConfig {
-                oidc_base_url: format!("{base}/{{region}}/"),
-                ..Default::default()
-            },
-        )
-    }
 
     fn registered() -> testing::Scripted {
         json(

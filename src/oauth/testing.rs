@@ -37,6 +37,11 @@ impl Received {
     }
 }
 
+/// The fixed now of the flows' tests.
+pub fn now() -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+}
+
 /// A scripted answer: status, extra headers, body.
 pub type Scripted = (u16, Vec<(&'static str, String)>, Vec<u8>);
 
