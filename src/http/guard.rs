@@ -183,10 +183,10 @@ async fn guard_management(
     recovery: bool,
 ) -> Response {
     let (app, management) = (&state.app, &state.guards.management);
-    if let Err(e) = browser::check(req.headers(), !management.key_configured()) {
+    let caller = Caller::of_request(&req, &app.config.config.server.trusted_proxies);
+    if let Err(e) = browser::check(&req, &caller, !management.key_configured()) {
         return e.into_response();
     }
-    let caller = Caller::of_request(&req, &app.config.config.server.trusted_proxies);
     let decision = management
         .check(&caller, presented_key(req.headers()), recovery, app.now())
         .await;
@@ -217,6 +217,9 @@ pub async fn recovery_guard(State(state): State<HttpState>, req: Request, next: 
 pub async fn page_guard(State(state): State<HttpState>, req: Request, next: Next) -> Response {
     let (app, management) = (&state.app, &state.guards.management);
     let caller = Caller::of_request(&req, &app.config.config.server.trusted_proxies);
+    if let Err(e) = browser::check_page(&req, &caller, !management.key_configured()) {
+        return e.into_response();
+    }
     match management.check_page(&caller, app.now()) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
@@ -226,14 +229,14 @@ pub async fn page_guard(State(state): State<HttpState>, req: Request, next: Next
 /// Client keys for `/v1/*`.
 pub async fn client_guard(State(state): State<HttpState>, req: Request, next: Next) -> Response {
     let (app, clients) = (&state.app, &state.guards.clients);
+    let caller = Caller::of_request(&req, &app.config.config.server.trusted_proxies);
     // Only where the loopback rule stands in for a key: a key is a header no other site's
     // page can make a browser send.
     if !clients.has_keys()
-        && let Err(e) = browser::check(req.headers(), true)
+        && let Err(e) = browser::check(&req, &caller, true)
     {
         return e.into_response();
     }
-    let caller = Caller::of_request(&req, &app.config.config.server.trusted_proxies);
     let decision = {
         let presented = client_key(&req);
         let presented = presented.as_ref().map(PresentedKey::as_bytes);

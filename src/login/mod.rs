@@ -105,15 +105,27 @@ struct Inner {
     /// provider's device authorization in between): each holds a slot, so concurrent starts
     /// past [`MAX_PENDING`] are refused before any reaches the provider.
     starting: AtomicU64,
+    /// Held while a start counts the pending sessions and takes its slot, and while one
+    /// stores its session and gives its slot back: a count never sees a start both stored and
+    /// under way.
+    counting: tokio::sync::Mutex<()>,
 }
 
-/// A start's slot in [`Inner::starting`], given back when the start ends (stored, refused or
-/// cancelled).
-struct Slot<'a>(&'a AtomicU64);
+/// A start's slot in [`Inner::starting`], given back when its session is stored, or when the
+/// start ends otherwise (refused, failed, cancelled).
+struct Slot<'a>(Option<&'a AtomicU64>);
+
+impl Slot<'_> {
+    fn give_back(&mut self) {
+        if let Some(starting) = self.0.take() {
+            starting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.give_back();
     }
 }
 
@@ -147,6 +159,7 @@ impl Logins {
             pollers: Mutex::new(HashMap::new()),
             stop: tokio::sync::watch::channel(false).0,
             starting: AtomicU64::new(0),
+            counting: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -181,10 +194,10 @@ impl Logins {
         if self.stopping() {
             return Err(LoginError::Stopping);
         }
-        // A slot first, then the count: the pending sessions and the starts under way
-        // together stay within the limit before the provider is asked (the insert checks the
-        // stored count again, for servers sharing the database).
-        let _slot = self.slot().await?;
+        // A slot before the provider is asked: the pending sessions and the starts under way
+        // together stay within the limit (the insert checks the stored count again, for
+        // servers sharing the database).
+        let mut slot = self.slot().await?;
         let mut auth: DeviceAuthorization =
             flow.start_login(request, self.now())
                 .await
@@ -197,6 +210,7 @@ impl Logins {
         auth.expires_in = auth.expires_in.clamp(MIN_EXPIRES_IN, MAX_EXPIRES_IN);
         let provider = ProviderName::from(provider);
         let now = self.now();
+        let counting = self.0.counting.lock().await;
         let session = self
             .0
             .store
@@ -206,6 +220,9 @@ impl Logins {
                 InsertLoginError::TooMany(_) => LoginError::TooMany,
                 InsertLoginError::Store(e) => LoginError::Store(e),
             })?;
+        // Stored: counted as pending from now on, no longer as under way.
+        slot.give_back();
+        drop(counting);
         drop(auth);
         self.0
             .auth_log
@@ -217,14 +234,14 @@ impl Logins {
     /// A slot for one start, or `TooMany` when the pending sessions and the starts under way
     /// fill [`MAX_PENDING`].
     async fn slot(&self) -> Result<Slot<'_>, LoginError> {
-        let starting = &self.0.starting;
-        let slot = Slot(starting);
-        let under_way = starting.fetch_add(1, Ordering::AcqRel) + 1;
+        let _counting = self.0.counting.lock().await;
         let pending = self.0.store.count_pending_logins().await?;
-        if pending.saturating_add(under_way) > MAX_PENDING {
+        let starting = &self.0.starting;
+        if pending.saturating_add(starting.load(Ordering::Acquire)) >= MAX_PENDING {
             return Err(LoginError::TooMany);
         }
-        Ok(slot)
+        starting.fetch_add(1, Ordering::AcqRel);
+        Ok(Slot(Some(starting)))
     }
 
     /// The session `id` of `provider`; `None` when there is none (or it is another

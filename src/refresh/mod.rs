@@ -160,8 +160,8 @@ struct Inner {
     flights: Mutex<HashMap<CredentialId, Flight>>,
     /// When this process last started, and last completed, a refresh of each credential (for
     /// the bounds on refreshes a rejected token makes).
-    started: Mutex<HashMap<CredentialId, DateTime<Utc>>>,
-    refreshed: Mutex<HashMap<CredentialId, DateTime<Utc>>>,
+    started: Mutex<Times>,
+    refreshed: Mutex<Times>,
     /// Set when the server stops: checks start no more refreshes, and refreshes no more tries.
     closing: std::sync::atomic::AtomicBool,
 }
@@ -177,23 +177,34 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// How long a completed refresh is remembered: a lease (at most a day long) reporting a 401
 /// asks whether its token was replaced since it was handed out.
 const REFRESHED_KEPT: Duration = Duration::from_secs(86_400);
-/// The size past which [`remember`] forgets the entries older than their use.
+/// The size past which [`Times::remember`] first forgets the entries older than their use.
 const PRUNE_PAST: usize = 1024;
 
-/// Record `at` for `id`; past [`PRUNE_PAST`] entries, forget those older than `kept` (so
-/// credentials deleted long ago, or refreshed once, do not stay for the life of the process).
-fn remember(
-    map: &Mutex<HashMap<CredentialId, DateTime<Utc>>>,
-    id: CredentialId,
-    at: DateTime<Utc>,
-    kept: Duration,
-) {
-    let mut map = lock(map);
-    if map.len() >= PRUNE_PAST {
-        let kept = chrono::TimeDelta::from_std(kept).unwrap_or(chrono::TimeDelta::MAX);
-        map.retain(|_, t| at.signed_duration_since(*t) < kept);
+/// A time per credential, forgotten once past its use: so credentials deleted long ago, or
+/// refreshed once, do not stay for the life of the process.
+#[derive(Default)]
+struct Times {
+    at: HashMap<CredentialId, DateTime<Utc>>,
+    /// The size at which the next prune runs: [`PRUNE_PAST`], or twice what the last one
+    /// kept (so a map of many times all in use is not scanned at every insert).
+    prune_at: usize,
+}
+
+impl Times {
+    fn get(&self, id: &CredentialId) -> Option<DateTime<Utc>> {
+        self.at.get(id).copied()
     }
-    map.insert(id, at);
+
+    /// Record `at` for `id`, first forgetting the times older than `kept` when the map has
+    /// grown to its next prune.
+    fn remember(&mut self, id: CredentialId, at: DateTime<Utc>, kept: Duration) {
+        if self.at.len() >= self.prune_at.max(PRUNE_PAST) {
+            let kept = chrono::TimeDelta::from_std(kept).unwrap_or(chrono::TimeDelta::MAX);
+            self.at.retain(|_, t| at.signed_duration_since(*t) < kept);
+            self.prune_at = self.at.len().saturating_mul(2);
+        }
+        self.at.insert(id, at);
+    }
 }
 
 impl Refresher {
@@ -206,8 +217,8 @@ impl Refresher {
             clock: parts.clock,
             settings: parts.settings,
             flights: Mutex::new(HashMap::new()),
-            started: Mutex::new(HashMap::new()),
-            refreshed: Mutex::new(HashMap::new()),
+            started: Mutex::new(Times::default()),
+            refreshed: Mutex::new(Times::default()),
             closing: std::sync::atomic::AtomicBool::new(false),
         }))
     }
@@ -269,7 +280,7 @@ impl Refresher {
         trigger: RefreshTrigger,
         tries: u32,
     ) -> Flight {
-        remember(&self.0.started, id.clone(), self.now(), REJECTED_GAP);
+        lock(&self.0.started).remember(id.clone(), self.now(), REJECTED_GAP);
         let this = self.clone();
         let task = tokio::spawn(async move {
             // Takes the entry out of the flights however the task ends (a panic included),
@@ -277,7 +288,7 @@ impl Refresher {
             let _landed = Landed(&this, &id);
             let outcome = one::refresh(&this, &id, &provider, trigger, tries).await;
             if outcome.ok() {
-                remember(&this.0.refreshed, id.clone(), this.now(), REFRESHED_KEPT);
+                lock(&this.0.refreshed).remember(id.clone(), this.now(), REFRESHED_KEPT);
             }
             outcome
         });
@@ -324,7 +335,7 @@ impl Refresher {
                 self.0.store.open_token(id).await,
                 Ok(Ok(current)) if !current.ct_eq(used.expose())
             ),
-            Rejected::HeldAt(at) => lock(&self.0.refreshed).get(id).is_some_and(|t| *t > at),
+            Rejected::HeldAt(at) => lock(&self.0.refreshed).get(id).is_some_and(|t| t > at),
         };
         if replaced {
             return Renewed::Yes;
@@ -334,7 +345,7 @@ impl Refresher {
         let in_flight = lock(&self.0.flights).contains_key(id);
         let started_lately = lock(&self.0.started)
             .get(id)
-            .is_some_and(|t| now.signed_duration_since(*t) < gap);
+            .is_some_and(|t| now.signed_duration_since(t) < gap);
         if !in_flight && started_lately {
             return Renewed::No;
         }
@@ -370,39 +381,35 @@ mod tests {
 
     #[test]
     fn remembered_times_are_forgotten_past_their_use_once_there_are_many() {
-        let map = Mutex::new(HashMap::new());
+        let mut times = Times::default();
         let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let at = |s: i64| t0 + chrono::TimeDelta::seconds(s);
+        let id = |s: String| CredentialId::from(s.as_str());
         let kept = Duration::from_secs(60);
         for n in 0..PRUNE_PAST {
-            remember(
-                &map,
-                CredentialId::from(format!("old-{n}").as_str()),
-                t0,
-                kept,
-            );
+            times.remember(id(format!("old-{n}")), t0, kept);
         }
-        assert_eq!(lock(&map).len(), PRUNE_PAST);
-        // Within their use: kept, however many.
-        let soon = t0 + chrono::TimeDelta::seconds(59);
-        remember(&map, CredentialId::from("new-0"), soon, kept);
-        assert_eq!(lock(&map).len(), PRUNE_PAST + 1);
-        // Past it: the old ones go, the recent one stays.
-        let later = t0 + chrono::TimeDelta::seconds(60);
-        remember(&map, CredentialId::from("new-1"), later, kept);
-        let map = lock(&map);
-        assert_eq!(map.len(), 2, "{:?}", map.keys().collect::<Vec<_>>());
-        assert!(map.contains_key(&CredentialId::from("new-0")));
+        assert_eq!(times.at.len(), PRUNE_PAST);
+        // Within their use: all kept, and the next prune waits for twice as many.
+        times.remember(id("a".into()), at(59), kept);
+        assert_eq!(times.at.len(), PRUNE_PAST + 1);
+        times.remember(id("b".into()), at(60), kept);
+        assert_eq!(times.at.len(), PRUNE_PAST + 2);
+        for n in times.at.len()..2 * PRUNE_PAST {
+            times.remember(id(format!("more-{n}")), at(60), kept);
+        }
+        // Past it for the first ones: they go (at the prune the doubled size ran), the recent
+        // ones stay.
+        times.remember(id("c".into()), at(61), kept);
+        assert_eq!(times.at.len(), PRUNE_PAST + 1);
+        assert!(!times.at.keys().any(|k| k.to_string().starts_with("old-")));
+        assert_eq!(times.get(&id("a".into())), Some(at(59)));
+        assert_eq!(times.get(&id("c".into())), Some(at(61)));
         // The largest wait still bounds (no overflow).
-        drop(map);
-        let m = Mutex::new(HashMap::new());
+        let mut forever = Times::default();
         for n in 0..=PRUNE_PAST {
-            remember(
-                &m,
-                CredentialId::from(format!("{n}").as_str()),
-                t0,
-                Duration::MAX,
-            );
+            forever.remember(id(format!("{n}")), t0, Duration::MAX);
         }
-        assert_eq!(lock(&m).len(), PRUNE_PAST + 1);
+        assert_eq!(forever.at.len(), PRUNE_PAST + 1);
     }
 }

@@ -102,6 +102,124 @@ async fn pages_elsewhere_cannot_manage_through_the_loopback_rule() {
     }
     let r = app.post("/v0/management/auths", &add).await;
     assert_eq!(r.status, 201, "{}", r.text);
+
+    // The pages open from a link elsewhere, but not under another site's name.
+    let (status, _) = send(
+        &app,
+        "GET",
+        "/v0/oauth/kiro",
+        &[("sec-fetch-site", "cross-site")],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let got = send(
+        &app,
+        "GET",
+        "/v0/oauth/kiro",
+        &[("host", "rebound.evil.example")],
+        "",
+    )
+    .await;
+    assert_eq!(got, (403, "host_not_allowed".to_string()));
+    let got = send(
+        &app,
+        "GET",
+        "/v0/oauth/copilot/status?session=x",
+        &[("origin", "https://evil.example")],
+        "",
+    )
+    .await;
+    assert_eq!(got, (403, "cross_site_request".to_string()));
+    app.stop().await;
+}
+
+/// HTTP/2 (cleartext, as a proxy in front may speak it) names the host in `:authority`, not
+/// in a `Host` header: the same rules hold.
+#[tokio::test]
+async fn over_http2_the_authority_is_the_host() {
+    let home = Home::new("");
+    let app = home.start().await;
+    let addr: std::net::SocketAddr = host(&app).parse().unwrap();
+    let h2 = |name: &str| {
+        reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .resolve(name, addr)
+            .build()
+            .unwrap()
+    };
+    let port = addr.port();
+    let rebound = h2("rebound.evil.example")
+        .get(format!(
+            "http://rebound.evil.example:{port}/v0/management/auths"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.version(), reqwest::Version::HTTP_2);
+    assert_eq!(rebound.status(), 403);
+    let own = format!("http://127.0.0.1:{port}");
+    let ok = h2("127.0.0.1")
+        .get(format!("{own}/v0/management/auths"))
+        .header("origin", &own)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let elsewhere = h2("127.0.0.1")
+        .get(format!("{own}/v0/management/auths"))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), 403);
+    app.stop().await;
+}
+
+/// Behind a trusted proxy on this machine that rewrites `Host`, its `X-Forwarded-Host` is the
+/// name the browser used.
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_host_counts() {
+    let home = Home::new("server:\n  trusted_proxies: [\"127.0.0.1/32\"]\n");
+    let app = home.start().await;
+    let through = |forwarded_host: &'static str, origin: Option<&'static str>| {
+        let mut h = vec![
+            ("x-forwarded-for", "127.0.0.1"),
+            ("x-forwarded-host", forwarded_host),
+        ];
+        if let Some(o) = origin {
+            h.push(("origin", o));
+        }
+        h
+    };
+    let got = send(
+        &app,
+        "GET",
+        "/v0/management/auths",
+        &through("rebound.evil.example", None),
+        "",
+    )
+    .await;
+    assert_eq!(got, (403, "host_not_allowed".to_string()));
+    let got = send(
+        &app,
+        "POST",
+        "/v0/oauth/copilot/start",
+        &through("localhost:8080", Some("http://evil.example")),
+        "",
+    )
+    .await;
+    assert_eq!(got, (403, "cross_site_request".to_string()));
+    // The page behind the proxy calls its own origin: it passes.
+    let (status, code) = send(
+        &app,
+        "GET",
+        "/v0/management/auths",
+        &through("localhost:8080", Some("http://localhost:8080")),
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{code}");
     app.stop().await;
 }
 

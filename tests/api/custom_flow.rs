@@ -214,11 +214,24 @@ async fn the_example_flow_logs_in_refreshes_and_serves() {
         .await;
 
     login_refresh_chat(&app, &acme).await;
-    // The flow takes no login options.
+    // The flow takes no login options: a request the routes accept (Kiro's Builder ID) is the
+    // flow's to refuse, as the caller's mistake, and nothing reaches Acme.
+    let forms = acme.forms.lock().unwrap().len();
     let r = app
-        .call("POST", "/v0/oauth/acme/start", Some(r#"{"method": "idc"}"#))
+        .call(
+            "POST",
+            "/v0/oauth/acme/start",
+            Some(r#"{"method": "builder_id"}"#),
+        )
         .await;
-    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(
+        (r.status, r.error_code()),
+        (400, "invalid_login_request".to_string()),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("takes no method"), "{}", r.text);
+    assert_eq!(acme.forms.lock().unwrap().len(), forms);
 
     // The rotated refresh token is the one the next refresh presents.
     let r = app.post("/v0/management/auths/acme/refresh", "").await;
@@ -240,8 +253,9 @@ async fn the_example_flow_logs_in_refreshes_and_serves() {
 }
 
 /// The example program as `cargo test` builds it: `<target>/<profile>/examples/custom_flow`,
-/// beside the `deps/` folder holding this test binary. When it is missing (only `--test api`
-/// was built), it is built into that same target folder and profile.
+/// beside the `deps/` folder holding this test binary. Built (again) into that same target
+/// folder and profile, with this binary's features, so it is never older than the library
+/// it embeds (a no-op when `cargo test` just built it; a build when only `--test api` was).
 fn example_program() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
     let profile_dir = exe
@@ -249,9 +263,6 @@ fn example_program() -> PathBuf {
         .and_then(Path::parent)
         .expect("the test binary is in <target>/<profile>/deps");
     let program = profile_dir.join("examples").join("custom_flow");
-    if program.is_file() {
-        return program;
-    }
     let target_dir = profile_dir.parent().expect("<target>");
     let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") | None => "dev",
@@ -264,6 +275,9 @@ fn example_program() -> PathBuf {
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
         .arg("--target-dir")
         .arg(target_dir);
+    if cfg!(feature = "sdk-tests") {
+        cargo.args(["--features", "sdk-tests"]);
+    }
     if let Some(offline) = std::env::var_os("SQLX_OFFLINE") {
         cargo.env("SQLX_OFFLINE", offline);
     }
