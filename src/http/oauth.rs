@@ -35,8 +35,14 @@ impl From<LoginError> for ApiError {
             LoginError::Refused(_) => {
                 ApiError::new(StatusCode::BAD_GATEWAY, "login_refused", message)
             }
-            LoginError::Unreachable(_) => {
-                ApiError::new(StatusCode::BAD_GATEWAY, "provider_unreachable", message)
+            LoginError::Unreachable { retry_after, .. } => {
+                let e = ApiError::new(StatusCode::BAD_GATEWAY, "provider_unreachable", message);
+                match retry_after {
+                    // The provider's wait (bounded again: a flow an embedding program
+                    // registers may say anything).
+                    Some(wait) => e.retry_after(wait.as_secs().clamp(1, 3600)),
+                    None => e,
+                }
             }
             LoginError::Stopping => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopping", message)

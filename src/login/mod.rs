@@ -66,9 +66,13 @@ pub enum LoginError {
     /// The provider refused to start the login, in its words.
     #[error("The provider refused to start the login: {0}")]
     Refused(String),
-    /// The provider could not be reached.
-    #[error("The provider could not be reached: {0}")]
-    Unreachable(String),
+    /// The provider could not be reached, or answered a 429 or a 5xx: worth trying again,
+    /// after `retry_after` when it named a wait.
+    #[error("The provider could not start the login now (try again later): {reason}")]
+    Unreachable {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
     #[error("The server is stopping")]
     Stopping,
     #[error(transparent)]
@@ -202,7 +206,13 @@ impl Logins {
             flow.start_login(request, self.now())
                 .await
                 .map_err(|e| match e {
-                    FlowError::Transient { reason, .. } => LoginError::Unreachable(reason),
+                    FlowError::Transient {
+                        reason,
+                        retry_after,
+                    } => LoginError::Unreachable {
+                        reason,
+                        retry_after,
+                    },
                     FlowError::Rejected(r) => LoginError::Refused(r),
                     FlowError::Unrefreshable(r) => LoginError::Invalid(r),
                 })?;

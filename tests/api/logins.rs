@@ -534,6 +534,20 @@ async fn status_and_start_errors() {
         "{}",
         r.text
     );
+    assert_eq!(r.retry_after, None);
+    // A provider that named its wait (a 429's Retry-After): passed on.
+    *fake.start_error.lock().unwrap() = Some(FlowError::Transient {
+        reason: "slow down (HTTP 429)".into(),
+        retry_after: Some(Duration::from_secs(42)),
+    });
+    let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
+    assert_eq!(
+        (r.status, r.error_code(), r.retry_after.as_deref()),
+        (502, "provider_unreachable".to_string(), Some("42")),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("HTTP 429"), "{}", r.text);
     // An empty object is no body.
     *fake.start_error.lock().unwrap() = None;
     let r = app
