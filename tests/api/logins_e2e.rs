@@ -3,7 +3,8 @@
 //! exchange, and of AWS SSO OIDC: start, the code shown, a `slow_down`, approval, the
 //! credential stored sealed, status `success`, and the credential then serving. And kiro's
 //! login, refresh and lease in one chain: a refresh whose stored client's secret is about to
-//! expire registers a new client first, and the lease hands out the fresh token.
+//! expire registers a new client first, and the lease hands out the fresh token. And the real
+//! binary killed while a login is pending: the next start resumes it.
 
 use crate::common::{Api, Home, eventually};
 use axum::Json;
@@ -457,6 +458,98 @@ async fn kiro_refresh_registers_a_new_client_for_an_expiring_one_and_a_lease_get
         KIRO_REFRESHED_ACCESS,
         KIRO_ROTATED_REFRESH,
     ] {
+        assert!(!contains(&raw, secret), "{secret} in clear on disk");
+    }
+}
+
+/// What the GitHub mock of the crash test saw, and whether the user has approved yet.
+#[derive(Default)]
+struct Pending {
+    approved: std::sync::atomic::AtomicBool,
+    /// The `device_code` of every poll.
+    polls: Mutex<Vec<String>>,
+}
+
+async fn pending_token(State(p): State<Arc<Pending>>, body: String) -> Json<Value> {
+    let form: Vec<(String, String)> = serde_urlencoded::from_str(&body).unwrap_or_default();
+    let code = form
+        .iter()
+        .find(|(k, _)| k == "device_code")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    p.polls.lock().unwrap().push(code);
+    if p.approved.load(Ordering::SeqCst) {
+        Json(json!({"access_token": "gho-crash-github-token", "token_type": "bearer"}))
+    } else {
+        Json(json!({"error": "authorization_pending"}))
+    }
+}
+
+async fn crash_exchange() -> Json<Value> {
+    let now = chrono::Utc::now().timestamp();
+    Json(json!({"token": "tid=copilot-crash-token", "expires_at": now + 1800, "refresh_in": 1500}))
+}
+
+/// The server killed (`kill -9`) while a copilot login is pending: the next start polls the
+/// same device code again, and the login completes when the user approves.
+#[tokio::test]
+async fn a_login_pending_across_kill_9_resumes_and_completes() {
+    let pending = Arc::new(Pending::default());
+    let b = crate::common::serve(
+        axum::Router::new()
+            .route("/login/device/code", post(device_code))
+            .route("/login/oauth/access_token", post(pending_token))
+            .route("/copilot_internal/v2/token", get(crash_exchange))
+            .with_state(pending.clone()),
+    )
+    .await;
+    let key = EncryptionKey::generate_base64();
+    let home = Home::new(&format!(
+        "auth:\n{}oauth:\n  copilot:\n    github_base_url: \"{b}\"\n    api_base_url: \"{b}\"\n",
+        enc(&key)
+    ));
+    let server = home.spawn_binary();
+    let r = server.call("POST", "/v0/oauth/copilot/start", None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let session = r.json()["session"].as_str().unwrap().to_string();
+    // Polled at least once, then killed mid-wait.
+    eventually(WAIT, || async {
+        (!pending.polls.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    server.kill9();
+    let before = pending.polls.lock().unwrap().len();
+
+    // The user approves while the server is down; the next start resumes the poll.
+    pending.approved.store(true, Ordering::SeqCst);
+    let server = home.spawn_binary();
+    let path = format!("/v0/oauth/copilot/status?session={session}");
+    let status = eventually(WAIT, || async {
+        let s = server.get(&path).await.json();
+        (s["status"] != "pending").then_some(s)
+    })
+    .await;
+    assert_eq!(status["status"], "success", "{status}");
+    let polls = pending.polls.lock().unwrap().clone();
+    assert!(polls.len() > before, "no poll after the restart: {polls:?}");
+    assert!(
+        polls.iter().all(|c| c == "gh-device-code-e2e-0123456789"),
+        "{polls:?}"
+    );
+    let r = server.get("/v0/management/auths").await;
+    let auths = r.json()["auths"].as_array().unwrap().clone();
+    assert_eq!(auths.len(), 1, "{auths:?}");
+    assert_eq!(auths[0]["id"], status["credential_id"]);
+    assert_eq!(auths[0]["provider"], "copilot");
+    assert!(
+        home.auth_log()
+            .contains("resumed polling 1 pending login(s)"),
+        "{}",
+        home.auth_log()
+    );
+    drop(server);
+    let raw = raw_data(&home);
+    for secret in ["gh-device-code-e2e-0123456789", "gho-crash-github-token"] {
         assert!(!contains(&raw, secret), "{secret} in clear on disk");
     }
 }
