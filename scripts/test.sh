@@ -4,14 +4,26 @@
 # and then the soak on its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The OAuth pages' test (tests/api/pages.rs) drives headless Chromium through chromedriver.
-for tool in chromium chromedriver; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-        echo "scripts/test.sh: $tool is not on the PATH; the OAuth pages' browser test needs it." >&2
-        echo "  Debian/Ubuntu: sudo apt-get install -y chromium chromium-driver" >&2
+# Debian packages the tests need, installed when missing (with sudo when not root).
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "scripts/test.sh: the tests need $* (Debian/Ubuntu package names); install them first" >&2
         exit 1
     fi
-done
+    local sudo_cmd=""
+    if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
+    echo "scripts/test.sh: installing $*" >&2
+    $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+}
+# The OAuth pages' test (tests/api/pages.rs) drives headless Chromium through chromedriver.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    apt_install chromium chromium-driver
+fi
+# The SDK scenario's virtual environment (Debian splits venv out of python3).
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    apt_install python3-venv
+fi
 venv=target/sdk-venv
 if ! "$venv/bin/python" -c 'import openai, anthropic, google.genai' 2>/dev/null \
     || ! cmp -s tests/sdk/requirements.txt "$venv/requirements.txt"; then
