@@ -143,6 +143,17 @@ pub fn bound_interval(interval: Duration) -> Duration {
     interval.clamp(MIN_INTERVAL, MAX_INTERVAL)
 }
 
+/// Whether the user code and the verification links of `auth` may be shown to the user.
+fn shown_ok(auth: &DeviceAuthorization) -> bool {
+    use crate::oauth::device::{user_code_ok, web_url};
+    user_code_ok(&auth.user_code)
+        && web_url(&auth.verification_uri)
+        && auth
+            .verification_uri_complete
+            .as_deref()
+            .is_none_or(web_url)
+}
+
 /// `now + d`, saturating (the waits are bounded; nothing here may panic).
 fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     chrono::TimeDelta::from_std(d)
@@ -218,6 +229,16 @@ impl Logins {
                 })?;
         auth.interval = bound_interval(auth.interval);
         auth.expires_in = auth.expires_in.clamp(MIN_EXPIRES_IN, MAX_EXPIRES_IN);
+        // What the user is shown, checked again whatever flow answered (one an embedding
+        // program registers included): a code of printable ASCII, links the user may open.
+        if !shown_ok(&auth) {
+            return Err(LoginError::Refused(
+                "the flow's device authorization has a user code or verification link that \
+                 cannot be shown (printable ASCII up to 64 characters; https:// links without \
+                 a user or password)"
+                    .into(),
+            ));
+        }
         let provider = ProviderName::from(provider);
         let now = self.now();
         let counting = self.0.counting.lock().await;

@@ -3,7 +3,8 @@
 //! `slow_down` raises the interval for this and every later poll (to the provider's new
 //! interval, else by [`SLOW_DOWN_STEP`]), bounded to [`super::MAX_INTERVAL`];
 //! `access_denied`, `expired_token` and any other error end the session; a network error, a
-//! 429 or a 5xx polls again at the next interval. Approval stores the credential
+//! 429 or a 5xx polls again after a wait that doubles each time (up to
+//! [`super::MAX_INTERVAL`]). Approval stores the credential
 //! ([`store_credential`]) and ends the session `success`.
 
 use super::{Logins, bound_interval};
@@ -114,7 +115,7 @@ pub(super) async fn run(
                 return;
             }
             Poll::Retry(message) => {
-                tracing::warn!(session = id, %provider, reason = %message, "a login poll failed; polling again at the next interval");
+                tracing::warn!(session = id, %provider, reason = %message, "a login poll failed; polling again after a longer wait");
             }
             Poll::Success(tokens) => {
                 let end = store_credential(&this, provider, secrets, tokens).await;

@@ -118,17 +118,28 @@ fn clamp(seconds: i64, min: Duration, max: Duration) -> Duration {
 /// At most [`MAX_USER_CODE`] printable ASCII characters (spaces included), not blank: the
 /// page shows it large for the user to type, so nothing invisible or reordering (a bidi
 /// control, a control character) may hide in it.
-fn user_code_ok(code: &str) -> bool {
+pub fn user_code_ok(code: &str) -> bool {
     !code.trim().is_empty()
         && code.len() <= MAX_USER_CODE
         && code.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
 }
 
-/// An http:// or https:// URL with a host, of at most [`MAX_URI`] bytes.
+/// A link a user is sent to: an https:// URL (or http:// to this machine, a local test
+/// server) with a host and no user or password in it, of at most [`MAX_URI`] bytes.
 pub fn web_url(text: &str) -> bool {
     text.len() <= MAX_URI
-        && reqwest::Url::parse(text)
-            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        && reqwest::Url::parse(text).is_ok_and(|u| {
+            let Some(host) = u.host_str().filter(|h| !h.is_empty()) else {
+                return false;
+            };
+            let ip = host.trim_start_matches('[').trim_end_matches(']');
+            let local = host.eq_ignore_ascii_case("localhost")
+                || ip
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            let scheme_ok = u.scheme() == "https" || (u.scheme() == "http" && local);
+            scheme_ok && u.username().is_empty() && u.password().is_none()
+        })
 }
 
 /// Whether a failed answer is worth asking again: a timeout, a rate limit, a server error.
@@ -289,6 +300,13 @@ mod tests {
             ("user_code", json!("X".repeat(MAX_USER_CODE + 1))),
             ("verification_uri", json!("javascript:alert(1)")),
             ("verification_uri", json!("ftp://x.example/")),
+            ("verification_uri", json!("http://github.com/login/device")),
+            (
+                "verification_uri",
+                json!("https://user:pw@github.com/login/device"),
+            ),
+            ("verification_uri", json!("https://token@github.com/")),
+            ("verification_uri_complete", json!("http://10.0.0.1/device")),
             ("verification_uri", json!("https://")),
             ("verification_uri", json!(long_uri)),
             ("verification_uri", json!(null)),
@@ -307,10 +325,20 @@ mod tests {
         // The longest user code and link are taken; a blank complete link is none.
         let mut m = map(good);
         m.insert("user_code".into(), json!(format!("{}Z", "X Y".repeat(21))));
-        let uri = format!("http://x.example/{}", "a".repeat(MAX_URI - 17));
+        let uri = format!("https://x.example/{}", "a".repeat(MAX_URI - 18));
         m.insert("verification_uri_complete".into(), json!(uri));
         let codes = read_codes(&m, &SNAKE, &[]).unwrap();
         assert_eq!(codes.verification_uri_complete.unwrap().len(), MAX_URI);
+        // http:// to this machine (a local test server) is taken.
+        for local in [
+            "http://127.0.0.1:8080/d",
+            "http://localhost/d",
+            "http://[::1]/d",
+        ] {
+            m.insert("verification_uri_complete".into(), json!(local));
+            let codes = read_codes(&m, &SNAKE, &[]).unwrap();
+            assert_eq!(codes.verification_uri_complete.as_deref(), Some(local));
+        }
         m.insert("verification_uri_complete".into(), json!(""));
         assert!(
             read_codes(&m, &SNAKE, &[])

@@ -52,6 +52,8 @@ struct Fake {
     refuse_refresh: std::sync::atomic::AtomicBool,
     /// How long a start takes at the provider.
     start_delay: Mutex<Duration>,
+    /// The user code and verification link a start answers.
+    shown: Mutex<(String, String)>,
 }
 
 impl Fake {
@@ -69,6 +71,7 @@ impl Fake {
             requests: Mutex::new(Vec::new()),
             refuse_refresh: std::sync::atomic::AtomicBool::new(false),
             start_delay: Mutex::new(Duration::ZERO),
+            shown: Mutex::new((String::new(), "https://github.example/login/device".into())),
         })
     }
 
@@ -169,8 +172,15 @@ impl OauthFlow for Fake {
             tokio::time::sleep(delay).await;
             Ok(DeviceAuthorization {
                 device_code: Secret::new(self.device_code(n)),
-                user_code: format!("WDJB-{n:04}"),
-                verification_uri: "https://github.example/login/device".into(),
+                user_code: {
+                    let code = self.shown.lock().unwrap().0.clone();
+                    if code.is_empty() {
+                        format!("WDJB-{n:04}")
+                    } else {
+                        code
+                    }
+                },
+                verification_uri: self.shown.lock().unwrap().1.clone(),
                 verification_uri_complete: None,
                 expires_in: Duration::from_secs(900),
                 interval: Duration::from_secs(self.interval),
@@ -548,6 +558,41 @@ async fn status_and_start_errors() {
         r.text
     );
     assert!(r.text.contains("HTTP 429"), "{}", r.text);
+    // What a flow answers is checked before the user sees it: a code of printable ASCII,
+    // links to https:// (or this machine) without a user or password.
+    let shown = |code: &str, link: &str| {
+        *fake.shown.lock().unwrap() = (code.to_string(), link.to_string());
+    };
+    *fake.start_error.lock().unwrap() = None;
+    for (code, link) in [
+        ("WDJB-MJHT", "javascript:alert(1)"),
+        ("WDJB-MJHT", "http://github.example/login/device"),
+        ("WDJB-MJHT", "https://user:pw@github.example/login/device"),
+        ("WDJB-MJHT", "https://"),
+        ("WDJB\u{202e}MJHT", "https://github.example/login/device"),
+        ("WDJB\nMJHT", "https://github.example/login/device"),
+        ("   ", "https://github.example/login/device"),
+        (&"X".repeat(65), "https://github.example/login/device"),
+    ] {
+        shown(code, link);
+        let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (502, "login_refused".to_string()),
+            "{code:?} {link}: {}",
+            r.text
+        );
+    }
+    for (code, link) in [
+        (&"X".repeat(64)[..], "https://github.example/login/device"),
+        ("WDJB MJHT", "http://127.0.0.1:9/device"),
+    ] {
+        shown(code, link);
+        let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
+        assert_eq!(r.status, 200, "{code:?} {link}: {}", r.text);
+        assert_eq!(r.json()["verification_uri"], link);
+    }
+    shown("", "https://github.example/login/device");
     // An empty object is no body.
     *fake.start_error.lock().unwrap() = None;
     let r = app

@@ -636,6 +636,48 @@ async fn kiro_builder_id_flow_from_start_to_success() {
     app.stop().await;
 }
 
+/// Reloading the page mid-flow (the user's guide: "refresh the auth page") resumes the login
+/// this tab started: the same code, no second start at the provider; it ends as usual, and a
+/// reload after the end offers a new start.
+#[tokio::test]
+async fn a_reload_mid_flow_resumes_the_login() {
+    let _one = BROWSER.lock().await;
+    let mock = Mock::start().await;
+    let home = Home::new(&mock.config());
+    let app = home.start().await;
+    let driver = Chromedriver::start().await;
+    let browser = driver.browser().await;
+    let page = format!("{}/v0/oauth/copilot", app.base);
+    let starts = || {
+        mock.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| p.as_str() == "/login/device/code")
+            .count()
+    };
+
+    browser.open(&page).await;
+    browser.click("#start").await;
+    assert_eq!(code(&browser).await, "PAGE-1234");
+    assert_eq!(starts(), 1);
+    browser.client.refresh().await.unwrap();
+    assert_eq!(code(&browser).await, "PAGE-1234");
+    assert!(browser.text("#time-left").await.contains("left"));
+    assert!(!browser.is_shown("#begin").await);
+    assert_eq!(starts(), 1, "the reload started another login");
+
+    mock.answer(APPROVED);
+    let text = result(&browser, "copilot-resumed-success").await;
+    assert!(text.contains("Logged in"), "{text}");
+    browser.client.refresh().await.unwrap();
+    browser.shown("#start").await;
+    assert!(!browser.is_shown("#flow").await);
+    browser.assert_no_console_errors().await;
+    browser.close().await;
+    app.stop().await;
+}
+
 /// A denied flow ends on its reason with a retry button; retry starts a new flow.
 #[tokio::test]
 async fn a_denied_flow_shows_its_reason_and_a_retry() {

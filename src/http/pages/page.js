@@ -4,11 +4,18 @@
 // reason it failed. Everything the server or the provider says reaches the page as text
 // (textContent), links only when they are http(s). With a management key configured, the
 // page asks for it once, keeps it in sessionStorage, sends it as Authorization: Bearer, and
-// asks again when a call answers 401.
+// asks again when a call answers 401. A pending login is remembered in sessionStorage too, so
+// a reload of the page resumes it. Calls time out; failed polls wait twice as long each time
+// (up to a minute, or the server's Retry-After); an ended flow polls no more.
 'use strict';
 (function () {
   const provider = document.body.dataset.provider;
   const KEY_ITEM = 'cliproxyapi.management-key';
+  const LOGIN_ITEM = 'cliproxyapi.login.' + provider;
+  // How long a call may take before it counts as failed.
+  const CALL_TIMEOUT_MS = 15000;
+  // The longest wait between polls after failures, in seconds.
+  const MAX_BACKOFF = 60;
   const byId = (id) => document.getElementById(id);
   const show = (id, on) => { byId(id).hidden = !on; };
 
@@ -20,12 +27,38 @@
   let expiresAt = 0;
   let pollTimer = 0;
   let tickTimer = 0;
+  let failures = 0; // polls failed in a row
 
   function getKey() {
     try {
       return sessionStorage.getItem(KEY_ITEM) || memoryKey;
     } catch (e) {
       return memoryKey;
+    }
+  }
+
+  // The pending login of this tab, to resume after a reload: {session, expiresAt}.
+  function remembered() {
+    try {
+      const item = JSON.parse(sessionStorage.getItem(LOGIN_ITEM) || 'null');
+      if (item && typeof item.session === 'string' && typeof item.expiresAt === 'number' && item.expiresAt > Date.now()) {
+        return item;
+      }
+    } catch (e) {
+      // Nothing usable stored.
+    }
+    return null;
+  }
+
+  function remember(item) {
+    try {
+      if (item) {
+        sessionStorage.setItem(LOGIN_ITEM, JSON.stringify(item));
+      } else {
+        sessionStorage.removeItem(LOGIN_ITEM);
+      }
+    } catch (e) {
+      // Storage refused: a reload starts afresh.
     }
   }
 
@@ -63,14 +96,26 @@
       headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(payload);
     }
-    const response = await fetch(path, init);
-    let data = null;
+    const abort = new AbortController();
+    init.signal = abort.signal;
+    const timer = setTimeout(() => abort.abort(), CALL_TIMEOUT_MS);
     try {
-      data = await response.json();
-    } catch (e) {
-      data = null;
+      const response = await fetch(path, init);
+      let data = null;
+      try {
+        data = await response.json();
+      } catch (e) {
+        data = null;
+      }
+      const retryAfter = Number(response.headers.get('Retry-After'));
+      return {
+        status: response.status,
+        data: data && typeof data === 'object' ? data : null,
+        retryAfter: isFinite(retryAfter) && retryAfter > 0 ? Math.min(retryAfter, 3600) : 0,
+      };
+    } finally {
+      clearTimeout(timer);
     }
-    return { status: response.status, data: data && typeof data === 'object' ? data : null };
   }
 
   function errorMessage(r) {
@@ -101,7 +146,8 @@
 
   function keyGiven(event) {
     event.preventDefault();
-    const key = byId('key').value.trim();
+    // As typed: a key may begin or end with spaces.
+    const key = byId('key').value;
     if (!key) {
       byId('key-message').textContent = 'Enter the management key.';
       return;
@@ -172,9 +218,47 @@
       return unauthorized(r, start);
     }
     if (r.status < 200 || r.status > 299 || !r.data || typeof r.data.session !== 'string') {
-      return fail(gen, 'The login could not start.', errorMessage(r));
+      const wait = r.retryAfter ? ' The provider asks to wait ' + r.retryAfter + ' s before trying again.' : '';
+      return fail(gen, 'The login could not start.', errorMessage(r) + wait);
     }
     begin(gen, r.data);
+  }
+
+  // After a reload: the login this tab started, where it stands.
+  async function resume(item) {
+    const gen = ++generation;
+    session = item.session;
+    show('begin', false);
+    let r;
+    try {
+      r = await call('GET', statusPath());
+    } catch (e) {
+      r = null;
+    }
+    if (gen !== generation) {
+      return;
+    }
+    if (r && r.status === 401) {
+      return unauthorized(r, () => resume(item));
+    }
+    const d = r && r.status === 200 ? r.data : null;
+    if (!d) {
+      // Gone (ended over an hour ago) or unreadable: start afresh.
+      remember(null);
+      show('begin', true);
+      return;
+    }
+    if (d.status !== 'pending') {
+      return settle(gen, d);
+    }
+    const until = Date.parse(typeof d.expires_at === 'string' ? d.expires_at : '');
+    d.session = item.session;
+    d.expires_in = isFinite(until) ? Math.round((until - Date.now()) / 1000) : 0;
+    begin(gen, d);
+  }
+
+  function statusPath() {
+    return '/v0/oauth/' + provider + '/status?session=' + encodeURIComponent(session);
   }
 
   // Point a link at a URL from outside, if it is http(s); hide it otherwise.
@@ -197,7 +281,9 @@
   function begin(gen, d) {
     session = d.session;
     interval = num(d.interval, 1, 60, 5);
+    failures = 0;
     expiresAt = Date.now() + num(d.expires_in, 1, 3600, 900) * 1000;
+    remember({ session: session, expiresAt: expiresAt });
     byId('user-code').textContent = text(d.user_code, '');
     byId('copy-state').textContent = '';
     const link = byId('verify-link');
@@ -206,6 +292,7 @@
     setStatus('Waiting for you to approve the login…');
     show('begin', false);
     show('flow', true);
+    byId('user-code').focus();
     tick(gen);
     tickTimer = setInterval(() => tick(gen), 1000);
     later(gen);
@@ -225,9 +312,19 @@
     }
   }
 
-  function later(gen) {
+  // The next poll: one interval after an answer; after failures, twice the last wait each
+  // time (up to MAX_BACKOFF), or the server's Retry-After when longer.
+  function later(gen, retryAfter) {
+    if (gen !== generation) {
+      return;
+    }
+    let wait = interval;
+    if (failures > 0) {
+      wait = Math.min(MAX_BACKOFF, interval * Math.pow(2, Math.min(failures, 6)));
+    }
+    wait = Math.max(wait, retryAfter || 0);
     clearTimeout(pollTimer);
-    pollTimer = setTimeout(() => poll(gen), interval * 1000);
+    pollTimer = setTimeout(() => poll(gen), wait * 1000);
   }
 
   async function poll(gen) {
@@ -236,8 +333,9 @@
     }
     let r;
     try {
-      r = await call('GET', '/v0/oauth/' + provider + '/status?session=' + encodeURIComponent(session));
+      r = await call('GET', statusPath());
     } catch (e) {
+      failures += 1;
       setStatus('The server cannot be reached; trying again…');
       return later(gen);
     }
@@ -252,13 +350,19 @@
       });
     }
     if (r.status === 429 || r.status >= 500) {
+      failures += 1;
       setStatus('The server is busy; trying again…');
-      return later(gen);
+      return later(gen, r.retryAfter);
     }
     if (r.status !== 200 || !r.data) {
       return fail(gen, 'The login failed.', errorMessage(r));
     }
-    const d = r.data;
+    failures = 0;
+    settle(gen, r.data);
+  }
+
+  // A status answer: wait on, or end the flow as it ended.
+  function settle(gen, d) {
     interval = num(d.interval, 1, 60, interval);
     switch (d.status) {
       case 'pending':
@@ -279,7 +383,10 @@
     if (gen !== generation) {
       return;
     }
+    // Ended: no timer left, and answers still in flight are dropped.
+    generation += 1;
     stopTimers();
+    remember(null);
     show('flow', false);
     show('begin', false);
     const result = byId('result');
@@ -289,6 +396,7 @@
     show('success-detail', ok);
     show('retry', !ok);
     show('result', true);
+    byId('result-text').focus();
   }
 
   function succeed(gen, d) {
@@ -341,8 +449,11 @@
     byId('method-idc').addEventListener('change', method);
     method();
   }
+  const pendingLogin = remembered();
   if (document.body.dataset.key === 'required' && !getKey()) {
-    askKey('This server needs its management key.', null);
+    askKey('This server needs its management key.', pendingLogin ? () => resume(pendingLogin) : null);
+  } else if (pendingLogin) {
+    resume(pendingLogin);
   } else {
     show('begin', true);
   }
