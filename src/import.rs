@@ -234,6 +234,8 @@ impl CredentialInput {
             auth_method: self.auth_method,
             // Never from a file: only a token answer the allowlist allowed sets it.
             api_base: None,
+            // Never from a file either: only a login sets it.
+            account: None,
         };
         if provider != "kiro" {
             if !extra.is_empty() || self.client_secret.is_some() {

@@ -108,6 +108,9 @@ impl AcmeFlow {
                 // lasts until its access token expires.
                 refresh_token: refresh_token.unwrap_or_else(|| Secret::new("")),
                 expires_at: Some(expires_at),
+                // Acme names no account: a second login is recognised by its refresh token.
+                account: None,
+                label: None,
             }),
             Err(e) => Poll::Failed(e.reason().to_string()),
         }

@@ -80,4 +80,11 @@ pub struct LoginTokens {
     /// kiro: the refresh token; copilot: the GitHub token.
     pub refresh_token: Secret,
     pub expires_at: Option<DateTime<Utc>>,
+    /// Who logged in, as the provider names them for good (copilot: `github:<user id>`), when
+    /// the flow knows: a later login with the same account updates that credential instead of
+    /// adding one. `None`: only the same refresh token is recognised.
+    pub account: Option<String>,
+    /// A name to show for a new credential (copilot: the GitHub login); an existing
+    /// credential keeps its label.
+    pub label: Option<String>,
 }

@@ -66,6 +66,10 @@ pub struct OauthExtra {
     /// copilot: the API base its last token answer named, when the allowlist allowed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_base: Option<String>,
+    /// The account a login was made as (`LoginTokens::account`, copilot: `github:<user id>`):
+    /// a later login as the same account updates this credential. Not a secret.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
 }
 
 impl OauthExtra {

@@ -139,8 +139,10 @@ fn copy(secret: &Secret) -> Secret {
 }
 
 /// Store the credential of an approved login: added as a new OAuth credential of `provider`
-/// (source `oauth:<provider>`), or, when the provider and refresh token are one stored already,
-/// that credential's tokens replaced. A credential without an access token (copilot's GitHub
+/// (source `oauth:<provider>`, labelled with the name the flow gave), or, when the provider
+/// and refresh token are one stored already, or the provider and the account the flow named
+/// (copilot: the GitHub user), that credential's tokens replaced (which lifts an `invalid` or
+/// `expired` mark); its label stays. A credential without an access token (copilot's GitHub
 /// token alone) is refreshed once at once, so it is usable now; should that fail, the worker
 /// tries again, and the login still succeeded.
 async fn store_credential(
@@ -151,6 +153,7 @@ async fn store_credential(
 ) -> LoginEnd {
     let LoginSecrets { client, extra, .. } = secrets;
     let mut extra = extra;
+    extra.account = tokens.account;
     let client_secret = client.map(|c| {
         extra.client_id.get_or_insert(c.client_id);
         if extra.client_secret_expires_at.is_none() {
@@ -174,7 +177,10 @@ async fn store_credential(
         client_secret,
         extra,
         priority: 100,
-        label: None,
+        // A flow's name for the account, kept only when a label could be it.
+        label: tokens
+            .label
+            .filter(|l| crate::import::check_label(l).is_ok()),
         limit: None,
         used: 0,
         disabled: false,

@@ -9,15 +9,21 @@
 //! back as the credential's API base only when `oauth.copilot.allowed_api_hosts` allows it
 //! (https, an allowed host: [`ApiHosts::check`]); a refused one is logged by host and
 //! dropped, so the chat calls go to the default host.
+//! After a login, `GET {oauth.copilot.api_base_url}/user` names the GitHub account the token
+//! belongs to: its `id` becomes the login's account (`github:<id>`), so logging in again as the
+//! same GitHub user updates that credential, and its `login` the new credential's label. A
+//! login whose `/user` fails still succeeds, without an account.
 
 use super::client::{self, Http};
 use super::device::{self, Fields};
 use super::{BoxFuture, OauthFlow};
 use crate::config::CopilotOAuthConfig;
+use crate::crypto::Secret;
 use crate::domain::login::{DeviceAuthorization, LoginRequest, LoginTokens, Poll, PollMaterial};
 use crate::domain::refresh::{FlowError, RefreshMaterial, Refreshed};
 use crate::providers::copilot::{self as headers, ApiHosts, HeaderList};
 use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::Value;
 
 /// How much before `refresh_in` (and before expiry) the token is exchanged again.
 const MARGIN: TimeDelta = TimeDelta::seconds(60);
@@ -26,6 +32,12 @@ const SOONEST: TimeDelta = TimeDelta::seconds(30);
 /// The lifetime assumed when the answer names no `expires_at` (Copilot tokens live about
 /// 25 minutes).
 const DEFAULT_LIFETIME: i64 = 25 * 60;
+
+/// The longest GitHub login: GitHub's own limit.
+const MAX_LOGIN: usize = 39;
+/// The `user-agent` of `/user` when `oauth.copilot.headers` removes the editor's (GitHub's
+/// REST API refuses a request without one).
+const USER_AGENT: &str = concat!("cliproxyapi/", env!("CARGO_PKG_VERSION"));
 
 /// GitHub's device authorization answer (RFC 8628's names).
 const FIELDS: Fields = device::RFC8628_FIELDS;
@@ -38,6 +50,10 @@ pub struct CopilotFlow {
     device_url: String,
     /// `{github_base_url}/login/oauth/access_token`.
     poll_url: String,
+    /// `{api_base_url}/user`: who a GitHub token belongs to.
+    user_url: String,
+    /// The `user-agent` of `/user`: the editor's of `oauth.copilot.headers`, else ours.
+    user_agent: reqwest::header::HeaderValue,
     client_id: String,
     scope: String,
     /// The editor the exchange presents itself as (the endpoint is private and expects one):
@@ -49,17 +65,23 @@ pub struct CopilotFlow {
 impl CopilotFlow {
     pub fn new(http: Http, config: &CopilotOAuthConfig) -> CopilotFlow {
         let github = config.github_base_url.trim_end_matches('/');
+        let api = config.api_base_url.trim_end_matches('/');
+        let headers = headers::exchange_headers(&config.header_list());
+        let user_agent = headers
+            .iter()
+            .find(|(name, _)| *name == reqwest::header::USER_AGENT)
+            .map(|(_, value)| value.clone())
+            .unwrap_or(reqwest::header::HeaderValue::from_static(USER_AGENT));
         CopilotFlow {
             http,
-            url: format!(
-                "{}/copilot_internal/v2/token",
-                config.api_base_url.trim_end_matches('/')
-            ),
+            url: format!("{api}/copilot_internal/v2/token"),
             device_url: format!("{github}/login/device/code"),
             poll_url: format!("{github}/login/oauth/access_token"),
+            user_url: format!("{api}/user"),
+            user_agent,
             client_id: config.client_id.clone(),
             scope: config.scope.clone(),
-            headers: headers::exchange_headers(&config.header_list()),
+            headers,
             api_hosts: config.api_hosts(),
         }
     }
@@ -122,15 +144,45 @@ impl CopilotFlow {
             Err(poll) => return poll,
         };
         match client::optional_token(&map, "access_token", &secrets) {
-            Ok(Some(github_token)) => Poll::Success(LoginTokens {
-                access_token: None,
-                refresh_token: github_token,
-                expires_at: None,
-            }),
+            Ok(Some(github_token)) => {
+                let user = match self.user(&github_token).await {
+                    Ok(user) => Some(user),
+                    Err(reason) => {
+                        tracing::warn!(%reason, "the GitHub account of a copilot login is unknown; logging in again as the same user will add another credential");
+                        None
+                    }
+                };
+                Poll::Success(LoginTokens {
+                    access_token: None,
+                    refresh_token: github_token,
+                    expires_at: None,
+                    account: user.as_ref().map(|u| format!("github:{}", u.id)),
+                    label: user.map(|u| u.login),
+                })
+            }
             // A 2xx without a token is taken as pending, as ericc-ch/copilot-api does.
             Ok(None) => Poll::Pending,
             Err(e) => Poll::Failed(e.reason().to_string()),
         }
+    }
+
+    /// `GET /user` with the GitHub token: who it belongs to, or why that is unknown (never
+    /// the token).
+    async fn user(&self, github_token: &Secret) -> Result<GithubUser, String> {
+        let token = github_token.expose();
+        let secrets = [token];
+        let request = self
+            .http
+            .client()
+            .map_err(|e| e.reason().to_string())?
+            .get(&self.user_url)
+            .header(reqwest::header::AUTHORIZATION, format!("token {token}"))
+            .header(reqwest::header::ACCEPT, "application/vnd.github+json")
+            .header(reqwest::header::USER_AGENT, self.user_agent.clone());
+        let answer = client::send(request, &secrets)
+            .await
+            .map_err(|e| e.reason().to_string())?;
+        read_user(&answer, &secrets)
     }
 
     async fn run(
@@ -206,6 +258,43 @@ impl CopilotFlow {
             }
         }
     }
+}
+
+/// A GitHub user as `/user` names them.
+#[derive(Debug, PartialEq, Eq)]
+struct GithubUser {
+    /// GitHub's number for the user, which a rename does not change.
+    id: u64,
+    login: String,
+}
+
+/// `/user`'s answer: a 200 with a positive integer `id` and a `login` GitHub could have given
+/// (at most 39 letters, digits and hyphens); anything else is not read.
+fn read_user(answer: &client::Answer, secrets: &[&str]) -> Result<GithubUser, String> {
+    if answer.status != reqwest::StatusCode::OK {
+        return Err(format!("GET /user answered {}", answer.status.as_u16()));
+    }
+    let map = client::json_object(answer, secrets).map_err(|e| e.reason().to_string())?;
+    let id = map
+        .get("id")
+        .and_then(Value::as_u64)
+        .filter(|id| *id > 0)
+        .ok_or("GET /user: `id` is not a positive integer")?;
+    let login = map
+        .get("login")
+        .and_then(Value::as_str)
+        .filter(|login| {
+            !login.is_empty()
+                && login.len() <= MAX_LOGIN
+                && login
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+        .ok_or("GET /user: `login` is not a GitHub login")?;
+    Ok(GithubUser {
+        id,
+        login: login.to_string(),
+    })
 }
 
 /// `pairs` as an `application/x-www-form-urlencoded` body.
@@ -451,6 +540,7 @@ mod login_tests {
             Http::new(),
             &CopilotOAuthConfig {
                 github_base_url: format!("{base}/"),
+                api_base_url: format!("{base}/"),
                 client_id: "Iv1.test".into(),
                 ..Default::default()
             },
@@ -604,6 +694,7 @@ mod login_tests {
             token_answer(
                 j!({"access_token": "gho_new", "token_type": "bearer", "scope": "read:user"}),
             ),
+            json(200, j!({"id": 12345, "login": "octo-cat", "name": "Mona"})),
         ])
         .await;
         let flow = flow(&base);
@@ -652,10 +743,18 @@ mod login_tests {
         };
         assert_eq!(tokens.refresh_token.expose(), "gho_new");
         assert!(tokens.access_token.is_none() && tokens.expires_at.is_none());
+        assert_eq!(tokens.account.as_deref(), Some("github:12345"));
+        assert_eq!(tokens.label.as_deref(), Some("octo-cat"));
         testing::assert_no_secret(&tokens, &["gho_new"]);
 
-        let sent = mock.requests();
-        assert_eq!(sent.len(), 20);
+        let mut sent = mock.requests();
+        assert_eq!(sent.len(), 21);
+        let user = sent.pop().unwrap();
+        assert_eq!(user.method, "GET");
+        assert_eq!(user.path, "/user");
+        assert_eq!(user.header("authorization"), "token gho_new");
+        assert_eq!(user.header("accept"), "application/vnd.github+json");
+        assert_eq!(user.header("user-agent"), "GitHubCopilotChat/0.26.7");
         assert!(sent.iter().all(|r| r.path == "/login/oauth/access_token"));
         assert_eq!(sent[0].method, "POST");
         assert_eq!(sent[0].header("accept"), "application/json");
@@ -669,6 +768,102 @@ mod login_tests {
                 ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
             ]
         );
+    }
+
+    /// Each `/user` answer after an approval: the login succeeds whatever it is, with an
+    /// account only when the answer is a 200 with a positive integer `id` and a GitHub login.
+    #[tokio::test]
+    async fn the_github_user_is_read_within_bounds() {
+        let approval = || json(200, j!({"access_token": "gho_user_secret"}));
+        let user = |body| json(200, body);
+        let long_login = "a".repeat(MAX_LOGIN);
+        let answers: Vec<(testing::Scripted, Option<(&str, String)>)> = vec![
+            (
+                user(j!({"id": 1, "login": long_login.clone()})),
+                Some(("github:1", long_login.clone())),
+            ),
+            (
+                user(j!({"id": 1, "login": "A-9"})),
+                Some(("github:1", "A-9".into())),
+            ),
+            (user(j!({"id": "12345", "login": "octo"})), None),
+            (user(j!({"id": 12345.5, "login": "octo"})), None),
+            (user(j!({"id": 1.0, "login": "octo"})), None),
+            (user(j!({"id": 0, "login": "octo"})), None),
+            (user(j!({"id": -7, "login": "octo"})), None),
+            (
+                user(j!({"id": u64::MAX as f64 * 2.0, "login": "octo"})),
+                None,
+            ),
+            (user(j!({"login": "octo"})), None),
+            (user(j!({"id": 5})), None),
+            (user(j!({"id": 5, "login": ""})), None),
+            (user(j!({"id": 5, "login": {"name": "octo"}})), None),
+            (user(j!({"id": 5, "login": "octo cat"})), None),
+            (user(j!({"id": 5, "login": "octo\n"})), None),
+            (user(j!({"id": 5, "login": "ōcto"})), None),
+            (user(j!({"id": 5, "login": long_login.clone() + "a"})), None),
+            (user(j!([{"id": 5, "login": "octo"}])), None),
+            (testing::huge(1 << 20), None),
+            ((200, vec![], b"{\"id\": 5, \"login\"".to_vec()), None),
+            (json(201, j!({"id": 5, "login": "octo"})), None),
+            (
+                json(401, j!({"message": "Bad credentials gho_user_secret"})),
+                None,
+            ),
+            (json(500, j!({"id": 5, "login": "octo"})), None),
+        ];
+        let mut script = Vec::new();
+        for (answer, _) in &answers {
+            script.push(approval());
+            script.push(answer.clone());
+        }
+        let (mock, base) = Mock::start(script).await;
+        let flow = flow(&base);
+        let device_code = Secret::new("dc-github-secret");
+        let extra = OauthExtra::default();
+        for (i, (_, expected)) in answers.iter().enumerate() {
+            let material = PollMaterial {
+                device_code: &device_code,
+                client: None,
+                extra: &extra,
+            };
+            let Poll::Success(tokens) = flow.poll_login(material, now()).await else {
+                panic!("answer {i}: the login did not succeed")
+            };
+            assert_eq!(tokens.refresh_token.expose(), "gho_user_secret");
+            let got = tokens.account.as_deref().zip(tokens.label.clone());
+            let expected = expected.as_ref().map(|(a, l)| (*a, l.clone()));
+            assert_eq!(got, expected, "answer {i}");
+        }
+        let paths: Vec<String> = mock.requests().into_iter().map(|r| r.path).collect();
+        assert_eq!(paths.len(), 2 * answers.len());
+        assert!(
+            paths
+                .chunks(2)
+                .all(|p| p == ["/login/oauth/access_token", "/user"])
+        );
+    }
+
+    #[test]
+    fn a_refused_user_answer_keeps_the_token_out_of_the_reason() {
+        let answer = client::Answer {
+            status: reqwest::StatusCode::OK,
+            retry_after: None,
+            body: Some(b"gho_user_secret".to_vec()),
+            rate_limited: false,
+        };
+        let e = read_user(&answer, &["gho_user_secret"]).unwrap_err();
+        assert!(
+            e.starts_with("answer unreadable") && !e.contains("gho_"),
+            "{e}"
+        );
+        let answer = client::Answer {
+            body: None,
+            ..answer
+        };
+        let e = read_user(&answer, &["gho_user_secret"]).unwrap_err();
+        assert_eq!(e, "answer unreadable: longer than 64 KiB");
     }
 
     #[tokio::test]

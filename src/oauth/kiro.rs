@@ -172,6 +172,7 @@ impl KiroFlow {
             start_url: Some(start_url),
             auth_method: Some(method),
             api_base: None,
+            account: None,
         };
         authorization.client = Some(new);
         authorization.extra = extra;
@@ -223,6 +224,8 @@ impl KiroFlow {
                 access_token: Some(access_token),
                 refresh_token,
                 expires_at: Some(client::expiry_in(now, lifetime)),
+                account: None,
+                label: None,
             })
         })();
         match tokens {
@@ -769,6 +772,7 @@ mod login_tests {
                     start_url: Some("https://view.awsapps.com/start".into()),
                     auth_method: Some(AuthMethod::BuilderId),
                     api_base: None,
+                    account: None,
                 }
             );
             testing::assert_no_secret(&got, &["dc-aws-secret", "cs-login-secret"]);

@@ -474,7 +474,10 @@ impl Store {
     }
 
     /// Add a credential through the API. A credential with the same provider and identifying
-    /// secret is a [`StoreError::Duplicate`]; a tombstone of it is lifted.
+    /// secret, or (for a login that named one) the same provider and account
+    /// (`extra.account`), is a [`StoreError::Duplicate`]; a tombstone of it is lifted. Both
+    /// are looked for in the write transaction, so two logins as one account approved at once
+    /// make one credential.
     async fn add_locked(
         &self,
         new: &NewCredential,
@@ -485,6 +488,11 @@ impl Store {
         let fp = new.fingerprint(&self.fingerprinter);
         let mut tx = self.begin_write().await?;
         if let Some(id) = find_by_fingerprint(&mut tx, &fp).await? {
+            return Err(StoreError::Duplicate { id });
+        }
+        if let Some(account) = &new.extra.account
+            && let Some(id) = find_by_account(&mut tx, &new.provider, account).await?
+        {
             return Err(StoreError::Duplicate { id });
         }
         sqlx::query!("DELETE FROM tombstones WHERE fingerprint = ?", fp)
@@ -790,6 +798,23 @@ pub(super) async fn find_by_fingerprint(
     )
 }
 
+/// The first credential of `provider` made by a login as `account` (`extra.account`).
+pub(super) async fn find_by_account(
+    conn: &mut SqliteConnection,
+    provider: &str,
+    account: &str,
+) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar!(
+        "SELECT id FROM credentials
+         WHERE provider = ? AND json_extract(extra, '$.account') = ?
+         ORDER BY seq LIMIT 1",
+        provider,
+        account
+    )
+    .fetch_optional(conn)
+    .await?)
+}
+
 /// Insert counter rows `[credential_id, limit, used, period_start]` in one statement.
 pub(super) async fn insert_quotas(
     conn: &mut SqliteConnection,
@@ -808,4 +833,65 @@ pub(super) async fn insert_quotas(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Encryption;
+    use crate::domain::OauthExtra;
+    use crate::store::StoreOptions;
+
+    fn login(provider: &str, token: &str, account: Option<&str>) -> NewCredential {
+        NewCredential {
+            provider: provider.into(),
+            kind: CredentialKind::Oauth,
+            token: None,
+            refresh_token: Some(Secret::new(token)),
+            client_secret: None,
+            extra: OauthExtra {
+                account: account.map(str::to_string),
+                ..Default::default()
+            },
+            priority: 100,
+            label: None,
+            limit: None,
+            used: 0,
+            disabled: false,
+            expires_at: None,
+        }
+    }
+
+    /// A login naming an account its provider has a credential of is that credential's
+    /// duplicate, whatever its token; another provider's, or another account's, is not.
+    #[tokio::test]
+    async fn an_account_is_a_duplicate_within_its_provider() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreOptions {
+            path: dir.path().join("db.sqlite"),
+            encryption: Encryption::default(),
+            schedules: Default::default(),
+            default_limits: Default::default(),
+            read_connections: 1,
+        })
+        .await
+        .unwrap();
+        let now = Utc::now();
+        let add = async |new: NewCredential| store.add(&new, "oauth:test", "oauth", now).await;
+        let first = add(login("copilot", "gho-1", Some("github:7")))
+            .await
+            .unwrap();
+        match add(login("copilot", "gho-2", Some("github:7"))).await {
+            Err(StoreError::Duplicate { id }) => assert_eq!(id, first.id.as_str()),
+            other => panic!("{other:?}"),
+        }
+        for other in [
+            login("kiro", "gho-2", Some("github:7")),
+            login("copilot", "gho-3", Some("github:8")),
+            login("copilot", "gho-4", None),
+        ] {
+            add(other).await.unwrap();
+        }
+        assert_eq!(store.count_of_provider("copilot").await.unwrap(), 3);
+    }
 }

@@ -231,6 +231,8 @@ impl OauthFlow for Fake {
                     access_token: self.kiro.then(|| Secret::new(self.access_token())),
                     refresh_token: Secret::new(self.refresh_token()),
                     expires_at: self.kiro.then(|| now + chrono::TimeDelta::hours(1)),
+                    account: None,
+                    label: None,
                 }),
             }
         })

@@ -4,7 +4,8 @@
 //! credential stored sealed, status `success`, and the credential then serving. And kiro's
 //! login, refresh and lease in one chain: a refresh whose stored client's secret is about to
 //! expire registers a new client first, and the lease hands out the fresh token. And the real
-//! binary killed while a login is pending: the next start resumes it.
+//! binary killed while a login is pending: the next start resumes it. And copilot logins as
+//! one GitHub user (GitHub's `/user`) updating one credential, whatever token each brings.
 
 use crate::common::{Api, Home, eventually};
 use axum::Json;
@@ -81,6 +82,11 @@ async fn exchange(State(s): State<Arc<Seen>>, headers: HeaderMap) -> Json<Value>
     Json(json!({"token": "tid=copilot-e2e-token", "expires_at": now + 1800, "refresh_in": 1500}))
 }
 
+/// GitHub's `/user`: who the token belongs to.
+async fn github_user() -> Json<Value> {
+    Json(json!({"id": 12345, "login": "octo", "name": "The Octocat"}))
+}
+
 async fn chat(State(s): State<Arc<Seen>>, headers: HeaderMap) -> Json<Value> {
     s.chats.lock().unwrap().push(auth_header(&headers));
     Json(json!({
@@ -119,6 +125,7 @@ async fn copilot_login_against_mocks_then_a_chat_with_the_exchanged_token() {
             .route("/login/device/code", post(device_code))
             .route("/login/oauth/access_token", post(access_token))
             .route("/copilot_internal/v2/token", get(exchange))
+            .route("/user", get(github_user))
             .route("/chat/completions", post(chat))
             .with_state(seen.clone()),
     )
@@ -167,6 +174,7 @@ async fn copilot_login_against_mocks_then_a_chat_with_the_exchanged_token() {
     assert_eq!(auths.len(), 1);
     assert_eq!(auths[0]["id"], s["credential_id"]);
     assert_eq!(auths[0]["status"], "active", "{}", auths[0]);
+    assert_eq!(auths[0]["label"], "octo");
 
     let body = json!({"model": "copilot/gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
     let r = app.post_as(KEY, "/v1/chat/completions", &body).await;
@@ -184,6 +192,155 @@ async fn copilot_login_against_mocks_then_a_chat_with_the_exchanged_token() {
     ] {
         assert!(!contains(&raw, secret), "{secret} in clear on disk");
     }
+}
+
+/// What a GitHub whose every login is approved at the first poll with a new token
+/// (`gho-e2e-login-<n>`) saw; its token exchange refuses the tokens named in `refused`.
+#[derive(Default)]
+struct Relogins {
+    logins: AtomicUsize,
+    refused: Mutex<Vec<String>>,
+    exchanges: Mutex<Vec<String>>,
+}
+
+async fn relogin_token(State(s): State<Arc<Relogins>>) -> Json<Value> {
+    let n = s.logins.fetch_add(1, Ordering::SeqCst) + 1;
+    Json(json!({"access_token": format!("gho-e2e-login-{n}"), "token_type": "bearer"}))
+}
+
+async fn relogin_exchange(
+    State(s): State<Arc<Relogins>>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    let auth = auth_header(&headers);
+    s.exchanges.lock().unwrap().push(auth.clone());
+    if s.refused.lock().unwrap().contains(&auth) {
+        let body = json!({"error_details": {"message": "No Copilot seat"}});
+        return (StatusCode::FORBIDDEN, Json(body)).into_response();
+    }
+    let now = chrono::Utc::now().timestamp();
+    Json(json!({"token": "tid=copilot-relogin", "expires_at": now + 1800, "refresh_in": 1500}))
+        .into_response()
+}
+
+/// A home (encryption on) whose copilot login is a [`Relogins`] GitHub, with `/user` or
+/// without.
+async fn relogin_app(with_user: bool) -> (Arc<Relogins>, Home) {
+    let seen = Arc::new(Relogins::default());
+    let mut router = axum::Router::new()
+        .route("/login/device/code", post(device_code))
+        .route("/login/oauth/access_token", post(relogin_token))
+        .route("/copilot_internal/v2/token", get(relogin_exchange));
+    if with_user {
+        router = router.route("/user", get(github_user));
+    }
+    let b = crate::common::serve(router.with_state(seen.clone())).await;
+    let home = Home::new(&format!(
+        "auth:\n{}oauth:\n  copilot:\n    github_base_url: \"{b}\"\n    api_base_url: \"{b}\"\n",
+        enc(&EncryptionKey::generate_base64())
+    ));
+    (seen, home)
+}
+
+/// A copilot login run to its end: the final status.
+async fn copilot_login(app: &crate::common::TestApp) -> Value {
+    let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let session = r.json()["session"].as_str().unwrap().to_string();
+    let path = format!("/v0/oauth/copilot/status?session={session}");
+    eventually(WAIT, || async {
+        let s = app.get(&path).await.json();
+        (s["status"] != "pending").then_some(s)
+    })
+    .await
+}
+
+/// GitHub hands out a new token at each authorization: logins as the same GitHub user are
+/// recognised by `/user`'s id, so they update one credential (its label the first login's,
+/// an `expired` mark lifted) instead of adding one each.
+#[tokio::test]
+async fn copilot_logins_as_one_github_user_update_one_credential() {
+    let (seen, home) = relogin_app(true).await;
+    let app = home.start().await;
+    let first = copilot_login(&app).await;
+    assert_eq!(first["status"], "success", "{first}");
+    let id = first["credential_id"].as_str().unwrap().to_string();
+    // The second login's token has no Copilot seat: the login ends `error`, the credential
+    // (the same one) `expired`.
+    seen.refused
+        .lock()
+        .unwrap()
+        .push("token gho-e2e-login-2".into());
+    let second = copilot_login(&app).await;
+    assert_eq!(second["status"], "error", "{second}");
+    let auths = app.auths().await;
+    assert_eq!(auths.len(), 1, "{auths:?}");
+    assert_eq!(auths[0]["id"], id.as_str());
+    assert_eq!(auths[0]["status"], "expired", "{}", auths[0]);
+    // The third login replaces the tokens again and lifts the mark.
+    let third = copilot_login(&app).await;
+    assert_eq!(third["status"], "success", "{third}");
+    assert_eq!(third["credential_id"], id.as_str());
+    let auths = app.auths().await;
+    assert_eq!(auths.len(), 1, "{auths:?}");
+    assert_eq!(auths[0]["status"], "active", "{}", auths[0]);
+    assert_eq!(auths[0]["label"], "octo");
+    assert_eq!(auths[0]["source"], "oauth:copilot");
+    let m = app
+        .state
+        .store
+        .refresh_material(&id.as_str().into())
+        .await
+        .unwrap();
+    assert_eq!(m.refresh_token.unwrap().expose(), "gho-e2e-login-3");
+    assert_eq!(m.access_token.unwrap().expose(), "tid=copilot-relogin");
+    assert_eq!(m.extra.account.as_deref(), Some("github:12345"));
+    assert_eq!(
+        seen.exchanges.lock().unwrap().clone(),
+        [
+            "token gho-e2e-login-1",
+            "token gho-e2e-login-2",
+            "token gho-e2e-login-3"
+        ]
+    );
+    app.stop().await;
+    let raw = raw_data(&home);
+    let log = home.auth_log();
+    for n in 1..=3 {
+        let token = format!("gho-e2e-login-{n}");
+        assert!(!contains(&raw, &token), "{token} in clear on disk");
+        assert!(!log.contains(&token), "{token} in the auth log");
+    }
+}
+
+/// A GitHub whose `/user` is missing: each login still succeeds, and, with no account to
+/// recognise, a new token is a new credential, without a label.
+#[tokio::test]
+async fn copilot_logins_without_github_user_add_a_credential_each() {
+    let (_seen, home) = relogin_app(false).await;
+    let app = home.start().await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let s = copilot_login(&app).await;
+        assert_eq!(s["status"], "success", "{s}");
+        ids.push(s["credential_id"].as_str().unwrap().to_string());
+    }
+    assert_ne!(ids[0], ids[1]);
+    let auths = app.auths().await;
+    assert_eq!(auths.len(), 2, "{auths:?}");
+    assert!(
+        auths
+            .iter()
+            .all(|a| a["label"].is_null() && a["status"] == "active")
+    );
+    let m = app
+        .state
+        .store
+        .refresh_material(&ids[1].as_str().into())
+        .await
+        .unwrap();
+    assert_eq!(m.extra.account, None);
+    app.stop().await;
 }
 
 /// AWS SSO OIDC: register, device authorization, token (errors first, in order).
