@@ -54,6 +54,24 @@ impl Home {
         (!yaml.contains("refresh:")).then_some(("CLIPROXY__AUTH__REFRESH__ENABLED", "false"))
     }
 
+    /// No secret of `secrets` in clear in any file of `data/` (the database, its WAL).
+    pub fn assert_sealed(&self, secrets: &[impl AsRef<str>]) {
+        for entry in std::fs::read_dir(self.path().join("data")).unwrap() {
+            let path = entry.unwrap().path();
+            if !path.is_file() {
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            for secret in secrets.iter().map(AsRef::as_ref) {
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{secret} in clear on disk, in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+
     pub fn auth_log(&self) -> String {
         std::fs::read_to_string(self.path().join("logs/auth.log")).unwrap_or_default()
     }

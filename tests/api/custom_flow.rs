@@ -100,18 +100,6 @@ async fn chat(State(acme): State<Arc<Acme>>, headers: HeaderMap) -> Json<Value> 
     }))
 }
 
-/// Every file of `data/`, raw.
-fn raw_data(home: &Home) -> Vec<u8> {
-    let mut all = Vec::new();
-    for entry in std::fs::read_dir(home.path().join("data")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            all.extend(std::fs::read(&path).unwrap());
-        }
-    }
-    all
-}
-
 /// The mock of Acme on a free port: its device and token endpoints under `/auth/`, its chat
 /// API under `/v1/`.
 async fn acme_mock(acme: &Arc<Acme>) -> String {
@@ -187,17 +175,6 @@ async fn login_refresh_chat(server: &impl Api, acme: &Acme) {
     );
 }
 
-/// No secret of the chain in clear in `data/`.
-fn assert_sealed(home: &Home, secrets: &[&str]) {
-    let raw = raw_data(home);
-    for secret in secrets {
-        assert!(
-            !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
-            "{secret} in clear on disk"
-        );
-    }
-}
-
 #[tokio::test]
 async fn the_example_flow_logs_in_refreshes_and_serves() {
     let acme = Arc::new(Acme::default());
@@ -240,16 +217,13 @@ async fn the_example_flow_logs_in_refreshes_and_serves() {
     assert_eq!(grant["refresh_token"], "acme-refresh-2");
 
     app.stop().await;
-    assert_sealed(
-        &home,
-        &[
-            DEVICE_CODE,
-            "acme-access-1",
-            "acme-refresh-1",
-            "acme-access-2",
-            "acme-refresh-2",
-        ],
-    );
+    home.assert_sealed(&[
+        DEVICE_CODE,
+        "acme-access-1",
+        "acme-refresh-1",
+        "acme-access-2",
+        "acme-refresh-2",
+    ]);
 }
 
 /// The example program as `cargo test` builds it: `<target>/<profile>/examples/custom_flow`,
@@ -324,14 +298,11 @@ async fn the_example_program_logs_in_refreshes_and_serves() {
         reqwest::get(format!("{base}/health")).await.is_err(),
         "the example program still answers after its handle was dropped"
     );
-    assert_sealed(
-        &home,
-        &[
-            DEVICE_CODE,
-            "acme-access-1",
-            "acme-refresh-1",
-            "acme-access-2",
-            "acme-refresh-2",
-        ],
-    );
+    home.assert_sealed(&[
+        DEVICE_CODE,
+        "acme-access-1",
+        "acme-refresh-1",
+        "acme-access-2",
+        "acme-refresh-2",
+    ]);
 }

@@ -268,24 +268,6 @@ async fn ended(app: &TestApp, session: &str) -> Value {
     .await
 }
 
-/// Every file of `data/`, raw.
-fn raw_data(home: &Home) -> Vec<u8> {
-    let mut all = Vec::new();
-    for entry in std::fs::read_dir(home.path().join("data")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            all.extend(std::fs::read(&path).unwrap());
-        }
-    }
-    all
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
-}
-
 #[tokio::test]
 async fn slow_down_then_approval_stores_a_sealed_credential() {
     let key = EncryptionKey::generate_base64();
@@ -382,14 +364,11 @@ async fn slow_down_then_approval_stores_a_sealed_credential() {
     }
     app.stop().await;
     // Sealed on disk: no device code nor token in clear in any file of data/.
-    let raw = raw_data(&home);
-    for secret in [
+    home.assert_sealed(&[
         fake.device_code(0),
         fake.refresh_token(),
         fake.access_token(),
-    ] {
-        assert!(!contains(&raw, &secret), "{secret} in clear on disk");
-    }
+    ]);
 }
 
 #[tokio::test]
@@ -766,13 +745,7 @@ async fn a_login_pending_when_encryption_is_turned_on_is_sealed_and_goes_on() {
     .unwrap();
     let app = start(&home, &fake).await;
     let code = fake.device_code(0);
-    for entry in std::fs::read_dir(home.path().join("data")).unwrap() {
-        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
-        assert!(
-            !bytes.windows(code.len()).any(|w| w == code.as_bytes()),
-            "the device code in clear on disk"
-        );
-    }
+    home.assert_sealed(&[&code]);
     fake.answer(Step::Success);
     let s = ended(&app, &session).await;
     assert_eq!(s["status"], "success", "{s}");
@@ -843,16 +816,13 @@ async fn a_kiro_like_login_stores_its_client_and_a_second_login_updates_it() {
     assert_eq!(material.extra.auth_method, Some(AuthMethod::Idc));
     assert!(material.extra.client_secret_expires_at.is_some());
     app.stop().await;
-    let raw = raw_data(&home);
-    for secret in [
+    home.assert_sealed(&[
         fake.device_code(0),
         fake.device_code(1),
         fake.client_secret(),
         fake.refresh_token(),
         fake.access_token(),
-    ] {
-        assert!(!contains(&raw, &secret), "{secret} in clear on disk");
-    }
+    ]);
 }
 
 #[tokio::test]

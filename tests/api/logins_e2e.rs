@@ -96,23 +96,6 @@ async fn chat(State(s): State<Arc<Seen>>, headers: HeaderMap) -> Json<Value> {
     }))
 }
 
-fn raw_data(home: &Home) -> Vec<u8> {
-    let mut all = Vec::new();
-    for entry in std::fs::read_dir(home.path().join("data")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            all.extend(std::fs::read(&path).unwrap());
-        }
-    }
-    all
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
-}
-
 fn enc(key: &str) -> String {
     format!("  encryption:\n    enabled: true\n    key: \"{key}\"\n")
 }
@@ -184,14 +167,11 @@ async fn copilot_login_against_mocks_then_a_chat_with_the_exchanged_token() {
         vec!["Bearer tid=copilot-e2e-token".to_string()]
     );
     app.stop().await;
-    let raw = raw_data(&home);
-    for secret in [
+    home.assert_sealed(&[
         "gh-device-code-e2e-0123456789",
         "gho-e2e-github-token",
         "tid=copilot-e2e-token",
-    ] {
-        assert!(!contains(&raw, secret), "{secret} in clear on disk");
-    }
+    ]);
 }
 
 /// What a GitHub whose every login is approved at the first poll with a new token
@@ -304,12 +284,11 @@ async fn copilot_logins_as_one_github_user_update_one_credential() {
         ]
     );
     app.stop().await;
-    let raw = raw_data(&home);
+    let tokens: Vec<String> = (1..=3).map(|n| format!("gho-e2e-login-{n}")).collect();
+    home.assert_sealed(&tokens);
     let log = home.auth_log();
-    for n in 1..=3 {
-        let token = format!("gho-e2e-login-{n}");
-        assert!(!contains(&raw, &token), "{token} in clear on disk");
-        assert!(!log.contains(&token), "{token} in the auth log");
+    for token in &tokens {
+        assert!(!log.contains(token), "{token} in the auth log");
     }
 }
 
@@ -501,15 +480,12 @@ async fn kiro_logins_against_a_mock_oidc() {
         Some("https://my-org.awsapps.com/start")
     );
     app.stop().await;
-    let raw = raw_data(&home);
-    for secret in [
+    home.assert_sealed(&[
         "kiro-device-code-e2e",
         "kiro-client-secret-e2e",
         "kiro-access-token-e2e",
         "kiro-refresh-token-e2e",
-    ] {
-        assert!(!contains(&raw, secret), "{secret} in clear on disk");
-    }
+    ]);
 }
 
 /// A kiro login, then a manual refresh: the stored client's secret expires within 5 minutes,
@@ -605,8 +581,7 @@ async fn kiro_refresh_registers_a_new_client_for_an_expiring_one_and_a_lease_get
     );
 
     app.stop().await;
-    let raw = raw_data(&home);
-    for secret in [
+    home.assert_sealed(&[
         "kiro-device-code-e2e",
         "kiro-secret-short",
         "kiro-access-token-e2e",
@@ -614,9 +589,7 @@ async fn kiro_refresh_registers_a_new_client_for_an_expiring_one_and_a_lease_get
         KIRO_RENEWED_CLIENT.1,
         KIRO_REFRESHED_ACCESS,
         KIRO_ROTATED_REFRESH,
-    ] {
-        assert!(!contains(&raw, secret), "{secret} in clear on disk");
-    }
+    ]);
 }
 
 /// What the GitHub mock of the crash test saw, and whether the user has approved yet.
@@ -705,8 +678,5 @@ async fn a_login_pending_across_kill_9_resumes_and_completes() {
         home.auth_log()
     );
     drop(server);
-    let raw = raw_data(&home);
-    for secret in ["gh-device-code-e2e-0123456789", "gho-crash-github-token"] {
-        assert!(!contains(&raw, secret), "{secret} in clear on disk");
-    }
+    home.assert_sealed(&["gh-device-code-e2e-0123456789", "gho-crash-github-token"]);
 }

@@ -387,16 +387,7 @@ async fn kiro_is_refreshed_with_its_stored_client_and_the_history_survives_kill_
     assert!(first["token_expires_at"].is_string(), "{first}");
 
     // Sealed on disk: no new token in clear in the database or its WAL.
-    let data = home.path().join("data");
-    for entry in std::fs::read_dir(&data).unwrap() {
-        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
-        for needle in ["kiro-rt-new-1", "kiro-rt-new-2", "kiro-at-new-2"] {
-            assert!(
-                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
-                "{needle} in clear on disk"
-            );
-        }
-    }
+    home.assert_sealed(&["kiro-rt-new-1", "kiro-rt-new-2", "kiro-at-new-2"]);
 
     // The history survives a kill -9 and a restart.
     server.kill9();
