@@ -94,6 +94,11 @@ impl Mock {
         Mock { base, tokens }
     }
 
+    /// [`Mock::start`] with its clock fixed at `now`.
+    pub(crate) async fn start_at(now: DateTime<Utc>) -> Mock {
+        Mock::start(Arc::new(AtomicI64::new(now.timestamp()))).await
+    }
+
     pub(crate) fn mode(&self, mode: Mode) {
         *self.tokens.mode.lock().unwrap() = mode;
     }
@@ -268,6 +273,15 @@ pub(crate) async fn status(api: &impl Api) -> Value {
     r.json()
 }
 
+/// Wait for the worker's first check to end; the status then.
+pub(crate) async fn first_check(api: &impl Api) -> Value {
+    eventually(WAIT, || async {
+        let st = status(api).await;
+        st["last_check"].is_string().then_some(st)
+    })
+    .await
+}
+
 pub(crate) async fn only(api: &impl Api, provider: &str) -> Value {
     let r = api.get(&format!("/v0/management/auths/{provider}")).await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -286,7 +300,7 @@ pub(crate) async fn chat_as_client(api: &impl Api) -> crate::common::Resp {
 #[tokio::test]
 async fn kiro_is_refreshed_with_its_stored_client_and_the_history_survives_kill_9() {
     let now = Utc::now();
-    let mock = Mock::start(Arc::new(AtomicI64::new(now.timestamp()))).await;
+    let mock = Mock::start_at(now).await;
     let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
     let home = Home::new(&format!(
         "api_keys: [\"{KEY}\"]\nauth:\n  selection_strategy: priority\n  refresh:\n    check_interval: 1h\n    refresh_lead_time: 10m\n  encryption:\n    enabled: true\n    key: \"{key}\"\n{}",
@@ -314,11 +328,7 @@ async fn kiro_is_refreshed_with_its_stored_client_and_the_history_survives_kill_
     let server = home.spawn_binary();
 
     // The check at start refreshes the one that expires within the lead time.
-    let st = eventually(WAIT, || async {
-        let st = status(&server).await;
-        (st["last_check"].is_string()).then_some(st)
-    })
-    .await;
+    let st = first_check(&server).await;
     assert_eq!(st["credentials_checked"], 2, "{st}");
     assert_eq!(st["refreshed"], 1, "{st}");
     assert_eq!(st["failed"], 0, "{st}");
@@ -423,7 +433,7 @@ async fn kiro_is_refreshed_with_its_stored_client_and_the_history_survives_kill_
 #[tokio::test]
 async fn worker_manual_and_401_share_one_call_to_the_token_endpoint() {
     let now = Utc::now();
-    let mock = Mock::start(Arc::new(AtomicI64::new(now.timestamp()))).await;
+    let mock = Mock::start_at(now).await;
     *mock.tokens.delay.lock().unwrap() = Duration::from_millis(1500);
     let home = Home::new(&format!(
         "api_keys: [\"{KEY}\"]\nauth:\n  refresh:\n    check_interval: 1h\n{}",
@@ -471,7 +481,7 @@ async fn worker_manual_and_401_share_one_call_to_the_token_endpoint() {
 #[tokio::test]
 async fn invalid_grant_expires_the_credential_and_tells_the_webhooks() {
     let now = Utc::now();
-    let mock = Mock::start(Arc::new(AtomicI64::new(now.timestamp()))).await;
+    let mock = Mock::start_at(now).await;
     mock.mode(Mode::InvalidGrant);
     let receiver = Receiver::start().await;
     let hooks = webhook(&receiver.url, &["credential.expired", "refresh.failed"]);
@@ -490,11 +500,7 @@ async fn invalid_grant_expires_the_credential_and_tells_the_webhooks() {
     .await;
     let reason = cred["status_reason"].as_str().unwrap();
     assert!(reason.contains("invalid_grant"), "{cred}");
-    let st = eventually(WAIT, || async {
-        let st = status(&app).await;
-        st["last_check"].is_string().then_some(st)
-    })
-    .await;
+    let st = first_check(&app).await;
     assert_eq!(st["failed"], 1, "{st}");
     assert_eq!(st["refreshed"], 0, "{st}");
     assert!(
@@ -558,7 +564,7 @@ async fn invalid_grant_expires_the_credential_and_tells_the_webhooks() {
 #[tokio::test]
 async fn server_errors_are_retried_with_backoff_and_counted_as_failed() {
     let now = Utc::now();
-    let mock = Mock::start(Arc::new(AtomicI64::new(now.timestamp()))).await;
+    let mock = Mock::start_at(now).await;
     mock.mode(Mode::ServerError);
     let home = Home::new(&format!(
         "api_keys: [\"{KEY}\"]\nauth:\n  refresh:\n    check_interval: 1h\n    max_tries: 3\n    retry_backoff: 50ms\n{}",
@@ -566,11 +572,7 @@ async fn server_errors_are_retried_with_backoff_and_counted_as_failed() {
     ));
     myoauth_file(&home, now + chrono::TimeDelta::minutes(5));
     let app = home.start().await;
-    let st = eventually(WAIT, || async {
-        let st = status(&app).await;
-        st["last_check"].is_string().then_some(st)
-    })
-    .await;
+    let st = first_check(&app).await;
     assert_eq!(mock.tokens.grants().len(), 3, "three tries");
     assert_eq!(st["failed"], 1, "{st}");
     assert_eq!(st["refreshed"], 0, "{st}");
@@ -634,7 +636,7 @@ async fn copilot_token_is_exchanged_again_before_its_refresh_in() {
 #[tokio::test]
 async fn disabled_refresh_stops_the_worker_and_the_status_says_so() {
     let now = Utc::now();
-    let mock = Mock::start(Arc::new(AtomicI64::new(now.timestamp()))).await;
+    let mock = Mock::start_at(now).await;
     let home = Home::new(&format!(
         "auth:\n  refresh:\n    enabled: false\n    check_interval: 1s\n{}",
         mock.yaml()
@@ -658,7 +660,7 @@ async fn disabled_refresh_stops_the_worker_and_the_status_says_so() {
 /// Manual refreshes that cannot refresh anything get a clear 4xx in our error shape.
 #[tokio::test]
 async fn manual_refresh_errors_are_clear() {
-    let mock = Mock::start(Arc::new(AtomicI64::new(Utc::now().timestamp()))).await;
+    let mock = Mock::start_at(Utc::now()).await;
     let home = Home::new(&format!(
         "auth:\n  refresh:\n    check_interval: 1h\n{}",
         mock.yaml()
@@ -713,7 +715,7 @@ async fn manual_refresh_errors_are_clear() {
 #[tokio::test]
 async fn a_401_reported_on_a_lease_refreshes_the_credential() {
     let now = Utc::now();
-    let mock = Mock::start(Arc::new(AtomicI64::new(now.timestamp()))).await;
+    let mock = Mock::start_at(now).await;
     let home = Home::new(&format!(
         "api_keys: [\"{KEY}\"]\nauth:\n  refresh:\n    check_interval: 1h\n{}",
         mock.yaml()
@@ -723,10 +725,7 @@ async fn a_401_reported_on_a_lease_refreshes_the_credential() {
         "client_secret": "kiro-client-secret-stored", "region": "us-east-1"});
     home.auth_file("kiro.json", file.to_string());
     let app = home.start().await;
-    eventually(WAIT, || async {
-        status(&app).await["last_check"].is_string().then_some(())
-    })
-    .await;
+    first_check(&app).await;
     assert!(mock.tokens.grants().is_empty(), "not due at start");
     let lease = app
         .post_as(KEY, "/v1/credentials/lease", &json!({"provider": "kiro"}))

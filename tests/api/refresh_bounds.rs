@@ -4,14 +4,14 @@
 //! tests/api/refresh.rs's.
 
 use crate::common::{Api, Home, eventually};
-use crate::refresh::{KEY, Mock, WAIT, chat_as_client, myoauth_file, only, rfc, status};
+use crate::refresh::{KEY, Mock, WAIT, chat_as_client, first_check, myoauth_file, only, rfc};
 use axum::Json;
 use axum::http::StatusCode;
 use axum::routing::post;
 use chrono::Utc;
 use serde_json::json;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// A provider whose chat endpoint answers 401 to every token while its token endpoint issues
@@ -46,10 +46,7 @@ async fn a_provider_rejecting_every_token_costs_one_refresh() {
     ));
     myoauth_file(&home, Utc::now() + chrono::TimeDelta::hours(2));
     let app = home.start().await;
-    eventually(WAIT, || async {
-        status(&app).await["last_check"].is_string().then_some(())
-    })
-    .await;
+    first_check(&app).await;
     for _ in 0..4 {
         let r = chat_as_client(&app).await;
         assert!(r.status == 401 || r.status == 503, "{}", r.text);
@@ -63,17 +60,14 @@ async fn a_provider_rejecting_every_token_costs_one_refresh() {
 #[tokio::test]
 async fn lease_reports_of_401_cost_one_refresh() {
     let now = Utc::now();
-    let mock = Mock::start(Arc::new(AtomicI64::new(now.timestamp()))).await;
+    let mock = Mock::start_at(now).await;
     let home = Home::new(&format!(
         "api_keys: [\"{KEY}\"]\nauth:\n  refresh:\n    check_interval: 1h\n{}",
         mock.yaml()
     ));
     myoauth_file(&home, now + chrono::TimeDelta::hours(2));
     let app = home.start().await;
-    eventually(WAIT, || async {
-        status(&app).await["last_check"].is_string().then_some(())
-    })
-    .await;
+    first_check(&app).await;
     for _ in 0..5 {
         let lease = app
             .post_as(
@@ -104,17 +98,14 @@ async fn lease_reports_of_401_cost_one_refresh() {
 #[tokio::test]
 async fn a_new_access_token_during_a_refresh_keeps_the_rotated_refresh_token() {
     let now = Utc::now();
-    let mock = Mock::start(Arc::new(AtomicI64::new(now.timestamp()))).await;
+    let mock = Mock::start_at(now).await;
     let home = Home::new(&format!(
         "auth:\n  refresh:\n    check_interval: 1h\n{}",
         mock.yaml()
     ));
     myoauth_file(&home, now + chrono::TimeDelta::hours(2));
     let app = home.start().await;
-    eventually(WAIT, || async {
-        status(&app).await["last_check"].is_string().then_some(())
-    })
-    .await;
+    first_check(&app).await;
     let id = only(&app, "myoauth").await["id"]
         .as_str()
         .unwrap()
@@ -154,7 +145,7 @@ async fn a_new_access_token_during_a_refresh_keeps_the_rotated_refresh_token() {
 #[tokio::test]
 async fn a_changed_file_after_a_refresh_keeps_the_refreshed_tokens() {
     let now = Utc::now();
-    let mock = Mock::start(Arc::new(AtomicI64::new(now.timestamp()))).await;
+    let mock = Mock::start_at(now).await;
     let home = Home::new(&format!(
         "auth:\n  refresh:\n    check_interval: 1h\n{}",
         mock.yaml()
