@@ -433,3 +433,12 @@ pub async fn serve(app: axum::Router) -> String {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     base
 }
+
+/// A provider mock's answer to a chat completion for `model`: `hi`, 3 + 1 tokens.
+pub fn chat_completion(model: &str) -> Value {
+    serde_json::json!({
+        "id": "c1", "object": "chat.completion", "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    })
+}

@@ -67,11 +67,7 @@ async fn chat(
     Json(body): Json<Value>,
 ) -> Json<Value> {
     s.chats.lock().unwrap().push((headers, body));
-    Json(json!({
-        "id": "c1", "object": "chat.completion", "model": "gpt-4o",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
-    }))
+    Json(crate::common::chat_completion("gpt-4o"))
 }
 
 /// A server whose copilot credential (a GitHub token alone) gets its first Copilot token at

@@ -93,11 +93,7 @@ async fn chat(State(acme): State<Arc<Acme>>, headers: HeaderMap) -> Json<Value> 
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     acme.chats.lock().unwrap().push(auth.to_string());
-    Json(json!({
-        "id": "c1", "object": "chat.completion", "model": "acme-1",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
-    }))
+    Json(crate::common::chat_completion("acme-1"))
 }
 
 /// The mock of Acme on a free port: its device and token endpoints under `/auth/`, its chat

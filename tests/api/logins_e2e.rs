@@ -89,11 +89,7 @@ async fn github_user() -> Json<Value> {
 
 async fn chat(State(s): State<Arc<Seen>>, headers: HeaderMap) -> Json<Value> {
     s.chats.lock().unwrap().push(auth_header(&headers));
-    Json(json!({
-        "id": "c1", "object": "chat.completion", "model": "gpt-4o",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
-    }))
+    Json(crate::common::chat_completion("gpt-4o"))
 }
 
 fn enc(key: &str) -> String {
