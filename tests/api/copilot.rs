@@ -71,7 +71,7 @@ async fn chat(
 }
 
 /// A server whose copilot credential (a GitHub token alone) gets its first Copilot token at
-/// the refresh worker's first check; `extra` adds config lines.
+/// the refresh worker's first check, that check over; `extra` adds config lines.
 async fn start(mock: &Mock, extra: &str) -> (Home, TestApp, CredentialId) {
     let b = &mock.base;
     let home = Home::new(&format!(
@@ -89,6 +89,9 @@ async fn start(mock: &Mock, extra: &str) -> (Home, TestApp, CredentialId) {
         (c["status"] == "active").then(|| CredentialId::from(c["id"].as_str().unwrap()))
     })
     .await;
+    // Active once the token is stored, but the check's refresh is shared until it ends: a
+    // manual refresh before then joins it rather than calling the exchange again.
+    crate::refresh::first_check(&app).await;
     (home, app, id)
 }
 
