@@ -5,7 +5,7 @@
 //! is read apart. A pending session whose sealed values no longer open (the encryption
 //! settings changed) cannot be polled: the service ends it `error`.
 
-use super::{Result, Store, StoreError, random_id};
+use super::{Result, Store, StoreError, after, clip, random_id, secs};
 use crate::crypto::{Field, Secret};
 use crate::domain::login::{DeviceAuthorization, PollMaterial};
 use crate::domain::refresh::NewClient;
@@ -118,19 +118,6 @@ pub enum InsertLoginError {
 /// A fresh session id: `oas_` and 20 random lowercase letters and digits.
 pub fn new_login_id() -> String {
     random_id("oas_", 20)
-}
-
-/// `text` cut to `max` characters (whole characters).
-fn clip(text: &str, max: usize) -> String {
-    text.chars().take(max).collect()
-}
-
-fn secs(d: Duration) -> i64 {
-    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
-}
-
-fn after(now: DateTime<Utc>, d: Duration) -> i64 {
-    now.timestamp().saturating_add(secs(d))
 }
 
 struct SessionRow {

@@ -10,7 +10,7 @@
 
 use super::audit::{self, AuditEntry};
 use super::ledger::Touched;
-use super::{Result, Store, StoreError, Written};
+use super::{Result, Store, StoreError, Written, after, clip};
 use crate::crypto::Field;
 use crate::domain::refresh::{RefreshMaterial, RefreshTrigger, Refreshed};
 use crate::domain::{CredentialId, OauthExtra, ProviderName, from_unix, rfc3339};
@@ -145,20 +145,6 @@ fn trigger(text: &str) -> RefreshTrigger {
 /// A count for an INTEGER column.
 fn count(n: u64) -> i64 {
     n.min(i64::MAX as u64) as i64
-}
-
-/// At most [`MAX_REASON`] characters of `text`, cut on a character boundary.
-fn clip(text: &str) -> &str {
-    match text.char_indices().nth(MAX_REASON) {
-        Some((at, _)) => &text[..at],
-        None => text,
-    }
-}
-
-/// `now + d` in unix seconds, saturating (a duration from config may be anything).
-fn after(now: DateTime<Utc>, d: Duration) -> i64 {
-    now.timestamp()
-        .saturating_add(d.as_secs().min(i64::MAX as u64) as i64)
 }
 
 /// Whether a claim held by this process is in `conn`'s transaction.
@@ -525,7 +511,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<bool> {
         match self
-            .exclusive(self.reject_refresh_locked(id.as_str(), clip(reason), now))
+            .exclusive(self.reject_refresh_locked(id.as_str(), clip(reason, MAX_REASON), now))
             .await?
         {
             Claimed::Written => Ok(true),
@@ -608,7 +594,7 @@ impl Store {
         error: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<()> {
-        let error = error.map(clip);
+        let error = error.map(|e| clip(e, MAX_REASON));
         let ts = now.timestamp();
         let mut tx = self.begin_write().await?;
         let written = sqlx::query!(
@@ -1463,9 +1449,9 @@ mod tests {
 
     #[test]
     fn clip_cuts_on_a_character_boundary() {
-        assert_eq!(clip("short"), "short");
+        assert_eq!(clip("short", MAX_REASON), "short");
         let long = "ü".repeat(MAX_REASON + 1);
-        assert_eq!(clip(&long).chars().count(), MAX_REASON);
+        assert_eq!(clip(&long, MAX_REASON).chars().count(), MAX_REASON);
         assert_eq!(after(at(0), Duration::from_secs(u64::MAX)), i64::MAX);
     }
 }
