@@ -420,19 +420,11 @@ impl Store {
 mod tests {
     use super::*;
     use crate::crypto::{Encryption, EncryptionKey};
-    use crate::store::StoreOptions;
+    use crate::store::test_options;
     use chrono::TimeZone;
 
     async fn store(dir: &std::path::Path, encryption: Encryption) -> Store {
-        Store::open(StoreOptions {
-            path: dir.join("db.sqlite"),
-            encryption,
-            schedules: Default::default(),
-            default_limits: Default::default(),
-            read_connections: 1,
-        })
-        .await
-        .unwrap()
+        Store::open(test_options(dir, encryption)).await.unwrap()
     }
 
     fn key() -> EncryptionKey {

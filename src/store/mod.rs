@@ -423,6 +423,19 @@ pub fn new_credential_id() -> String {
     random_id("cred_", 20)
 }
 
+/// A unit test's store options: `db.sqlite` in `dir`, without schedules or default limits,
+/// one reader.
+#[cfg(test)]
+fn test_options(dir: &Path, encryption: Encryption) -> StoreOptions {
+    StoreOptions {
+        path: dir.join("db.sqlite"),
+        encryption,
+        schedules: Default::default(),
+        default_limits: Default::default(),
+        read_connections: 1,
+    }
+}
+
 /// At most `max` characters of `text`, cut on a character boundary: what a provider or a
 /// flow says is bounded before it is stored.
 fn clip(text: &str, max: usize) -> &str {

@@ -746,7 +746,7 @@ mod tests {
     use crate::crypto::{Encryption, EncryptionKey, Secret};
     use crate::domain::refresh::NewClient;
     use crate::domain::{CredentialKind, NewCredential, Status};
-    use crate::store::{CredentialPatch, StoreOptions};
+    use crate::store::{CredentialPatch, test_options};
     use chrono::TimeZone;
 
     const MINUTE: Duration = Duration::from_secs(60);
@@ -755,18 +755,10 @@ mod tests {
         Utc.timestamp_opt(1_900_000_000 + secs, 0).unwrap()
     }
 
-    fn options(dir: &tempfile::TempDir, encryption: Encryption) -> StoreOptions {
-        StoreOptions {
-            path: dir.path().join("db.sqlite"),
-            encryption,
-            schedules: Default::default(),
-            default_limits: Default::default(),
-            read_connections: 1,
-        }
-    }
-
     async fn open_store(dir: &tempfile::TempDir) -> Store {
-        Store::open(options(dir, Encryption::off())).await.unwrap()
+        Store::open(test_options(dir.path(), Encryption::off()))
+            .await
+            .unwrap()
     }
 
     /// An OAuth credential of `provider` whose access token expires at `expires` (seconds from
@@ -1049,7 +1041,7 @@ mod tests {
     async fn a_refresh_is_stored_sealed_and_the_request_path_gets_the_new_token() {
         let dir = tempfile::tempdir().unwrap();
         let key = EncryptionKey::from_base64(&EncryptionKey::generate_base64()).unwrap();
-        let store = Store::open(options(&dir, Encryption::with_key(&key)))
+        let store = Store::open(test_options(dir.path(), Encryption::with_key(&key)))
             .await
             .unwrap();
         let mut new = oauth(
@@ -1159,7 +1151,7 @@ mod tests {
             }
         }
         // And they open again after a restart.
-        let store = Store::open(options(&dir, Encryption::with_key(&key)))
+        let store = Store::open(test_options(dir.path(), Encryption::with_key(&key)))
             .await
             .unwrap();
         let m = store.refresh_material(&id).await.unwrap();
