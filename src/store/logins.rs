@@ -137,6 +137,20 @@ struct SessionRow {
     finished_at: Option<i64>,
 }
 
+/// The sessions' rows, without their secrets; `$rest` (a string literal) ends the statement.
+macro_rules! session_rows {
+    ($rest:tt $(, $arg:expr)*) => {
+        sqlx::query_as!(
+            SessionRow,
+            "SELECT id, provider, status, user_code, verification_uri, verification_uri_complete,
+                    interval_secs, expires_at, next_poll_at, credential_id, message, created_at,
+                    updated_at, finished_at
+             FROM oauth_sessions " + $rest
+            $(, $arg)*
+        )
+    };
+}
+
 impl From<SessionRow> for LoginSession {
     fn from(r: SessionRow) -> Self {
         LoginSession {
@@ -235,31 +249,18 @@ impl Store {
     /// A session, without its secrets; `None` when there is none of that id.
     #[tracing::instrument(skip_all)]
     pub async fn login(&self, id: &str) -> Result<Option<LoginSession>> {
-        let row = sqlx::query_as!(
-            SessionRow,
-            "SELECT id, provider, status, user_code, verification_uri, verification_uri_complete,
-                    interval_secs, expires_at, next_poll_at, credential_id, message, created_at,
-                    updated_at, finished_at
-             FROM oauth_sessions WHERE id = ?",
-            id
-        )
-        .fetch_optional(&self.reader)
-        .await?;
+        let row = session_rows!("WHERE id = ?", id)
+            .fetch_optional(&self.reader)
+            .await?;
         Ok(row.map(LoginSession::from))
     }
 
     /// Every pending session (for resuming their polling at start), oldest first.
     #[tracing::instrument(skip_all)]
     pub async fn pending_logins(&self) -> Result<Vec<LoginSession>> {
-        let rows = sqlx::query_as!(
-            SessionRow,
-            "SELECT id, provider, status, user_code, verification_uri, verification_uri_complete,
-                    interval_secs, expires_at, next_poll_at, credential_id, message, created_at,
-                    updated_at, finished_at
-             FROM oauth_sessions WHERE status = 'pending' ORDER BY created_at, id"
-        )
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = session_rows!("WHERE status = 'pending' ORDER BY created_at, id")
+            .fetch_all(&self.reader)
+            .await?;
         Ok(rows.into_iter().map(LoginSession::from).collect())
     }
 
