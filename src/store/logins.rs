@@ -208,13 +208,7 @@ impl Store {
         let ts = now.timestamp();
         let provider_text = provider.as_str();
         let mut tx = self.begin_write().await?;
-        let pending = sqlx::query_scalar!(
-            r#"SELECT COUNT(*) AS "n!: i64" FROM oauth_sessions WHERE status = 'pending'"#
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(StoreError::from)?;
-        let pending = u64::try_from(pending).unwrap_or(0);
+        let pending = count_pending(&mut *tx).await?;
         if pending >= max_pending {
             return Err(InsertLoginError::TooMany(pending));
         }
@@ -266,12 +260,7 @@ impl Store {
 
     /// The number of pending sessions.
     pub async fn count_pending_logins(&self) -> Result<u64> {
-        let n = sqlx::query_scalar!(
-            r#"SELECT COUNT(*) AS "n!: i64" FROM oauth_sessions WHERE status = 'pending'"#
-        )
-        .fetch_one(&self.reader)
-        .await?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        count_pending(&self.reader).await
     }
 
     /// What polling a pending session needs, opened. `Ok(None)` when the session is gone or no
@@ -415,6 +404,17 @@ impl Store {
         }
         Ok((expired, deleted))
     }
+}
+
+/// The number of pending sessions, as `conn` sees them (the reader, or the write
+/// transaction that checks the limit before an insert).
+async fn count_pending<'e>(conn: impl sqlx::SqliteExecutor<'e>) -> Result<u64> {
+    let n = sqlx::query_scalar!(
+        r#"SELECT COUNT(*) AS "n!: i64" FROM oauth_sessions WHERE status = 'pending'"#
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 #[cfg(test)]
