@@ -840,7 +840,7 @@ mod tests {
     use super::*;
     use crate::crypto::Encryption;
     use crate::domain::OauthExtra;
-    use crate::store::StoreOptions;
+    use crate::store::test_options;
 
     fn login(provider: &str, token: &str, account: Option<&str>) -> NewCredential {
         NewCredential {
@@ -867,15 +867,9 @@ mod tests {
     #[tokio::test]
     async fn an_account_is_a_duplicate_within_its_provider() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(StoreOptions {
-            path: dir.path().join("db.sqlite"),
-            encryption: Encryption::default(),
-            schedules: Default::default(),
-            default_limits: Default::default(),
-            read_connections: 1,
-        })
-        .await
-        .unwrap();
+        let store = Store::open(test_options(dir.path(), Encryption::default()))
+            .await
+            .unwrap();
         let now = Utc::now();
         let add = async |new: NewCredential| store.add(&new, "oauth:test", "oauth", now).await;
         let first = add(login("copilot", "gho-1", Some("github:7")))

@@ -5,7 +5,7 @@
 //! is read apart. A pending session whose sealed values no longer open (the encryption
 //! settings changed) cannot be polled: the service ends it `error`.
 
-use super::{Result, Store, StoreError, random_id};
+use super::{Result, Store, StoreError, after, clip, random_id, secs};
 use crate::crypto::{Field, Secret};
 use crate::domain::login::{DeviceAuthorization, PollMaterial};
 use crate::domain::refresh::NewClient;
@@ -120,19 +120,6 @@ pub fn new_login_id() -> String {
     random_id("oas_", 20)
 }
 
-/// `text` cut to `max` characters (whole characters).
-fn clip(text: &str, max: usize) -> String {
-    text.chars().take(max).collect()
-}
-
-fn secs(d: Duration) -> i64 {
-    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
-}
-
-fn after(now: DateTime<Utc>, d: Duration) -> i64 {
-    now.timestamp().saturating_add(secs(d))
-}
-
 struct SessionRow {
     id: String,
     provider: String,
@@ -148,6 +135,20 @@ struct SessionRow {
     created_at: i64,
     updated_at: i64,
     finished_at: Option<i64>,
+}
+
+/// The sessions' rows, without their secrets; `$rest` (a string literal) ends the statement.
+macro_rules! session_rows {
+    ($rest:tt $(, $arg:expr)*) => {
+        sqlx::query_as!(
+            SessionRow,
+            "SELECT id, provider, status, user_code, verification_uri, verification_uri_complete,
+                    interval_secs, expires_at, next_poll_at, credential_id, message, created_at,
+                    updated_at, finished_at
+             FROM oauth_sessions " + $rest
+            $(, $arg)*
+        )
+    };
 }
 
 impl From<SessionRow> for LoginSession {
@@ -207,13 +208,7 @@ impl Store {
         let ts = now.timestamp();
         let provider_text = provider.as_str();
         let mut tx = self.begin_write().await?;
-        let pending = sqlx::query_scalar!(
-            r#"SELECT COUNT(*) AS "n!: i64" FROM oauth_sessions WHERE status = 'pending'"#
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(StoreError::from)?;
-        let pending = u64::try_from(pending).unwrap_or(0);
+        let pending = count_pending(&mut *tx).await?;
         if pending >= max_pending {
             return Err(InsertLoginError::TooMany(pending));
         }
@@ -248,42 +243,24 @@ impl Store {
     /// A session, without its secrets; `None` when there is none of that id.
     #[tracing::instrument(skip_all)]
     pub async fn login(&self, id: &str) -> Result<Option<LoginSession>> {
-        let row = sqlx::query_as!(
-            SessionRow,
-            "SELECT id, provider, status, user_code, verification_uri, verification_uri_complete,
-                    interval_secs, expires_at, next_poll_at, credential_id, message, created_at,
-                    updated_at, finished_at
-             FROM oauth_sessions WHERE id = ?",
-            id
-        )
-        .fetch_optional(&self.reader)
-        .await?;
+        let row = session_rows!("WHERE id = ?", id)
+            .fetch_optional(&self.reader)
+            .await?;
         Ok(row.map(LoginSession::from))
     }
 
     /// Every pending session (for resuming their polling at start), oldest first.
     #[tracing::instrument(skip_all)]
     pub async fn pending_logins(&self) -> Result<Vec<LoginSession>> {
-        let rows = sqlx::query_as!(
-            SessionRow,
-            "SELECT id, provider, status, user_code, verification_uri, verification_uri_complete,
-                    interval_secs, expires_at, next_poll_at, credential_id, message, created_at,
-                    updated_at, finished_at
-             FROM oauth_sessions WHERE status = 'pending' ORDER BY created_at, id"
-        )
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = session_rows!("WHERE status = 'pending' ORDER BY created_at, id")
+            .fetch_all(&self.reader)
+            .await?;
         Ok(rows.into_iter().map(LoginSession::from).collect())
     }
 
     /// The number of pending sessions.
     pub async fn count_pending_logins(&self) -> Result<u64> {
-        let n = sqlx::query_scalar!(
-            r#"SELECT COUNT(*) AS "n!: i64" FROM oauth_sessions WHERE status = 'pending'"#
-        )
-        .fetch_one(&self.reader)
-        .await?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        count_pending(&self.reader).await
     }
 
     /// What polling a pending session needs, opened. `Ok(None)` when the session is gone or no
@@ -429,23 +406,26 @@ impl Store {
     }
 }
 
+/// The number of pending sessions, as `conn` sees them (the reader, or the write
+/// transaction that checks the limit before an insert).
+async fn count_pending<'e>(conn: impl sqlx::SqliteExecutor<'e>) -> Result<u64> {
+    let n = sqlx::query_scalar!(
+        r#"SELECT COUNT(*) AS "n!: i64" FROM oauth_sessions WHERE status = 'pending'"#
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::crypto::{Encryption, EncryptionKey};
-    use crate::store::StoreOptions;
+    use crate::store::test_options;
     use chrono::TimeZone;
 
     async fn store(dir: &std::path::Path, encryption: Encryption) -> Store {
-        Store::open(StoreOptions {
-            path: dir.join("db.sqlite"),
-            encryption,
-            schedules: Default::default(),
-            default_limits: Default::default(),
-            read_connections: 1,
-        })
-        .await
-        .unwrap()
+        Store::open(test_options(dir, encryption)).await.unwrap()
     }
 
     fn key() -> EncryptionKey {

@@ -423,6 +423,39 @@ pub fn new_credential_id() -> String {
     random_id("cred_", 20)
 }
 
+/// A unit test's store options: `db.sqlite` in `dir`, without schedules or default limits,
+/// one reader.
+#[cfg(test)]
+fn test_options(dir: &Path, encryption: Encryption) -> StoreOptions {
+    StoreOptions {
+        path: dir.join("db.sqlite"),
+        encryption,
+        schedules: Default::default(),
+        default_limits: Default::default(),
+        read_connections: 1,
+    }
+}
+
+/// At most `max` characters of `text`, cut on a character boundary: what a provider or a
+/// flow says is bounded before it is stored.
+fn clip(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => &text[..at],
+        None => text,
+    }
+}
+
+/// A duration in whole seconds for an INTEGER column, saturating.
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// `now + d` in unix seconds, saturating (a duration from config or a provider may be
+/// anything).
+fn after(now: DateTime<Utc>, d: Duration) -> i64 {
+    now.timestamp().saturating_add(secs(d))
+}
+
 /// `prefix` and `len` random lowercase letters and digits.
 fn random_id(prefix: &str, len: usize) -> String {
     use rand::Rng;

@@ -10,7 +10,7 @@
 
 use super::audit::{self, AuditEntry};
 use super::ledger::Touched;
-use super::{Result, Store, StoreError, Written};
+use super::{Result, Store, StoreError, Written, after, clip};
 use crate::crypto::Field;
 use crate::domain::refresh::{RefreshMaterial, RefreshTrigger, Refreshed};
 use crate::domain::{CredentialId, OauthExtra, ProviderName, from_unix, rfc3339};
@@ -145,20 +145,6 @@ fn trigger(text: &str) -> RefreshTrigger {
 /// A count for an INTEGER column.
 fn count(n: u64) -> i64 {
     n.min(i64::MAX as u64) as i64
-}
-
-/// At most [`MAX_REASON`] characters of `text`, cut on a character boundary.
-fn clip(text: &str) -> &str {
-    match text.char_indices().nth(MAX_REASON) {
-        Some((at, _)) => &text[..at],
-        None => text,
-    }
-}
-
-/// `now + d` in unix seconds, saturating (a duration from config may be anything).
-fn after(now: DateTime<Utc>, d: Duration) -> i64 {
-    now.timestamp()
-        .saturating_add(d.as_secs().min(i64::MAX as u64) as i64)
 }
 
 /// Whether a claim held by this process is in `conn`'s transaction.
@@ -525,7 +511,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<bool> {
         match self
-            .exclusive(self.reject_refresh_locked(id.as_str(), clip(reason), now))
+            .exclusive(self.reject_refresh_locked(id.as_str(), clip(reason, MAX_REASON), now))
             .await?
         {
             Claimed::Written => Ok(true),
@@ -608,7 +594,7 @@ impl Store {
         error: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<()> {
-        let error = error.map(clip);
+        let error = error.map(|e| clip(e, MAX_REASON));
         let ts = now.timestamp();
         let mut tx = self.begin_write().await?;
         let written = sqlx::query!(
@@ -760,7 +746,7 @@ mod tests {
     use crate::crypto::{Encryption, EncryptionKey, Secret};
     use crate::domain::refresh::NewClient;
     use crate::domain::{CredentialKind, NewCredential, Status};
-    use crate::store::{CredentialPatch, StoreOptions};
+    use crate::store::{CredentialPatch, test_options};
     use chrono::TimeZone;
 
     const MINUTE: Duration = Duration::from_secs(60);
@@ -769,18 +755,10 @@ mod tests {
         Utc.timestamp_opt(1_900_000_000 + secs, 0).unwrap()
     }
 
-    fn options(dir: &tempfile::TempDir, encryption: Encryption) -> StoreOptions {
-        StoreOptions {
-            path: dir.path().join("db.sqlite"),
-            encryption,
-            schedules: Default::default(),
-            default_limits: Default::default(),
-            read_connections: 1,
-        }
-    }
-
     async fn open_store(dir: &tempfile::TempDir) -> Store {
-        Store::open(options(dir, Encryption::off())).await.unwrap()
+        Store::open(test_options(dir.path(), Encryption::off()))
+            .await
+            .unwrap()
     }
 
     /// An OAuth credential of `provider` whose access token expires at `expires` (seconds from
@@ -1063,7 +1041,7 @@ mod tests {
     async fn a_refresh_is_stored_sealed_and_the_request_path_gets_the_new_token() {
         let dir = tempfile::tempdir().unwrap();
         let key = EncryptionKey::from_base64(&EncryptionKey::generate_base64()).unwrap();
-        let store = Store::open(options(&dir, Encryption::with_key(&key)))
+        let store = Store::open(test_options(dir.path(), Encryption::with_key(&key)))
             .await
             .unwrap();
         let mut new = oauth(
@@ -1173,7 +1151,7 @@ mod tests {
             }
         }
         // And they open again after a restart.
-        let store = Store::open(options(&dir, Encryption::with_key(&key)))
+        let store = Store::open(test_options(dir.path(), Encryption::with_key(&key)))
             .await
             .unwrap();
         let m = store.refresh_material(&id).await.unwrap();
@@ -1463,9 +1441,9 @@ mod tests {
 
     #[test]
     fn clip_cuts_on_a_character_boundary() {
-        assert_eq!(clip("short"), "short");
+        assert_eq!(clip("short", MAX_REASON), "short");
         let long = "ü".repeat(MAX_REASON + 1);
-        assert_eq!(clip(&long).chars().count(), MAX_REASON);
+        assert_eq!(clip(&long, MAX_REASON).chars().count(), MAX_REASON);
         assert_eq!(after(at(0), Duration::from_secs(u64::MAX)), i64::MAX);
     }
 }

@@ -358,15 +358,9 @@ mod tests {
 
     /// A store in `dir` without encryption, schedules or default limits.
     async fn open_store(dir: &tempfile::TempDir) -> Store {
-        Store::open(super::super::StoreOptions {
-            path: dir.path().join("db.sqlite"),
-            encryption: Encryption::off(),
-            schedules: Default::default(),
-            default_limits: Default::default(),
-            read_connections: 1,
-        })
-        .await
-        .unwrap()
+        Store::open(crate::store::test_options(dir.path(), Encryption::off()))
+            .await
+            .unwrap()
     }
 
     /// A reservation whose caller is gone by the time its group commits (a lease call whose

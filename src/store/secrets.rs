@@ -361,19 +361,15 @@ pub(super) async fn prepare(writer: &SqlitePool, encryption: &Encryption) -> Res
     })
 }
 
-/// Seal under `sealer` every stored value in clear (credential secrets and fingerprint keys),
-/// as turning encryption on does. A value that does not open stays as it is, for
-/// `mark_unopenable` to report. Returns how many credentials changed.
 /// The device codes and client secrets of pending logins, sealed like the credentials' (each
 /// bound to its session id), so a login under way when encryption is turned on goes on.
-async fn seal_logins_in_clear(conn: &mut SqliteConnection, sealer: &Sealer) -> Result<usize> {
+async fn seal_logins_in_clear(conn: &mut SqliteConnection, sealer: &Sealer) -> Result<()> {
     let rows = sqlx::query!(
         "SELECT id, device_code_sealed, client_secret_sealed FROM oauth_sessions
          WHERE device_code_sealed IS NOT NULL OR client_secret_sealed IS NOT NULL"
     )
     .fetch_all(&mut *conn)
     .await?;
-    let mut changed = 0;
     for row in rows {
         let id = row.id;
         let reseal = |field: Field, value: Option<Vec<u8>>| -> Result<Option<Vec<u8>>> {
@@ -395,11 +391,13 @@ async fn seal_logins_in_clear(conn: &mut SqliteConnection, sealer: &Sealer) -> R
         )
         .execute(&mut *conn)
         .await?;
-        changed += 1;
     }
-    Ok(changed)
+    Ok(())
 }
 
+/// Seal under `sealer` every stored value in clear (credential secrets, fingerprint keys and
+/// the secrets of logins under way), as turning encryption on does. A value that does not open stays as it is, for
+/// `mark_unopenable` to report. Returns how many credentials changed.
 async fn seal_values_in_clear(conn: &mut SqliteConnection, sealer: &Sealer) -> Result<usize> {
     let mut changed = 0;
     for row in sealed_rows(conn).await? {

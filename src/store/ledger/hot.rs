@@ -38,6 +38,13 @@ pub(super) struct HotCred {
 }
 
 impl HotCred {
+    /// Its access token's expiry: an OAuth credential's `expires_at`, never an API key's.
+    pub(super) fn token_expires_at(&self) -> Option<DateTime<Utc>> {
+        self.expires_at
+            .filter(|_| self.oauth)
+            .map(crate::domain::from_unix)
+    }
+
     /// An active, unlimited credential with a token, created `seq`th at `priority`, at rest
     /// (no reservation, no mark): what the ledger's tests build their mirrors from.
     #[cfg(test)]
@@ -173,8 +180,7 @@ impl Hot {
 
     /// The access-token expiry of credential `id` (an OAuth credential's `expires_at`).
     pub(in crate::store) fn token_expires_at(&self, id: &str) -> Option<DateTime<Utc>> {
-        let c = self.creds.get(id).filter(|c| c.oauth)?;
-        c.expires_at.map(crate::domain::from_unix)
+        self.creds.get(id)?.token_expires_at()
     }
 
     /// Pick a usable credential with room for `tokens`, not in `exclude`.

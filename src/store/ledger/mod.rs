@@ -442,10 +442,7 @@ fn renew_in(hot: &mut Hot, id: &str, ts: i64, e: &mut Effects) -> Renewal {
         credential_id: res.credential_id.clone().into(),
         provider: res.provider.clone().into(),
         expires_at: crate::domain::from_unix(renewed),
-        token_expires_at: c
-            .expires_at
-            .filter(|_| c.oauth)
-            .map(crate::domain::from_unix),
+        token_expires_at: c.token_expires_at(),
     })
 }
 
