@@ -145,14 +145,10 @@ impl KiroFlow {
             "clientSecret": secret,
             "startUrl": start_url,
         });
-        let request = self
+        let answer = self
             .http
-            .client()?
-            .post(format!("{base}/device_authorization"))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "application/json")
-            .body(body.to_string());
-        let answer = client::send(request, &secrets).await?;
+            .post_json(&format!("{base}/device_authorization"), &body, &secrets)
+            .await?;
         if let Some(failure) = device::start_failure(&answer, &secrets) {
             let reason = format!("device authorization: {}", failure.reason());
             return Err(match failure {
@@ -201,16 +197,10 @@ impl KiroFlow {
             "grantType": device::GRANT_TYPE,
             "deviceCode": device_code,
         });
-        let http = match self.http.client() {
-            Ok(c) => c,
-            Err(e) => return Poll::Retry(e.reason().to_string()),
-        };
-        let request = http
-            .post(format!("{base}/token"))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "application/json")
-            .body(body.to_string());
-        let answer = client::send(request, &secrets).await;
+        let answer = self
+            .http
+            .post_json(&format!("{base}/token"), &body, &secrets)
+            .await;
         let map = match device::poll_answer(answer, "interval", &secrets) {
             Ok(map) => map,
             Err(poll) => return poll,
@@ -349,14 +339,9 @@ impl KiroFlow {
             "grantType": "refresh_token",
             "refreshToken": refresh_token,
         });
-        let request = self
-            .http
-            .client()?
-            .post(format!("{base}/token"))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "application/json")
-            .body(body.to_string());
-        client::send(request, secrets).await
+        self.http
+            .post_json(&format!("{base}/token"), &body, secrets)
+            .await
     }
 
     /// `POST {base}/client/register`: a new public client, or why not (a refusal is final:
@@ -373,14 +358,10 @@ impl KiroFlow {
             "scopes": SCOPES,
             "grantTypes": GRANT_TYPES,
         });
-        let request = self
+        let answer = self
             .http
-            .client()?
-            .post(format!("{base}/client/register"))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "application/json")
-            .body(body.to_string());
-        let answer = client::send(request, secrets).await?;
+            .post_json(&format!("{base}/client/register"), &body, secrets)
+            .await?;
         if !answer.status.is_success() {
             // A refusal (a 4xx but a timeout or a rate limit) is final: without a client the
             // credential cannot be refreshed.
