@@ -62,14 +62,6 @@ pub struct KiroFlow {
     start_url: String,
 }
 
-/// A region goes into a host name: nothing but `^[a-z0-9-]{1,32}$`.
-fn valid_region(region: &str) -> bool {
-    (1..=32).contains(&region.len())
-        && region
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 /// The client a token call presents: the stored one, or one just registered.
 struct Client<'m> {
     id: &'m str,
@@ -86,9 +78,26 @@ impl KiroFlow {
         }
     }
 
+    /// `oidc_base_url` in `region`, or why not: a region goes into a host name, so nothing
+    /// but `^[a-z0-9-]{1,32}$` is taken.
+    fn base_for(&self, region: &str) -> Result<String, String> {
+        let valid = (1..=32).contains(&region.len())
+            && region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            return Err(client::scrub(
+                &format!("`{region}` is not an AWS region"),
+                &[],
+            ));
+        }
+        Ok(self.base_url.replace("{region}", region))
+    }
+
     /// The method, start URL and region a login asks for, or `Unrefreshable` without a call:
     /// Builder ID takes the config's (and nothing from the request); Identity Center needs
-    /// an https start URL and takes a region of `^[a-z0-9-]{1,32}$` (the config's when none).
+    /// an https start URL and takes a region (the config's when none; [`KiroFlow::base_for`]
+    /// checks it).
     fn target(&self, request: &LoginRequest) -> Result<(AuthMethod, String, String), FlowError> {
         let method = request.method.unwrap_or(AuthMethod::BuilderId);
         let (start_url, region) = match method {
@@ -120,12 +129,6 @@ impl KiroFlow {
                 (start_url.to_string(), region.to_string())
             }
         };
-        if !valid_region(&region) {
-            return Err(FlowError::Unrefreshable(client::scrub(
-                &format!("`{region}` is not an AWS region"),
-                &[],
-            )));
-        }
         Ok((method, start_url, region))
     }
 
@@ -136,7 +139,7 @@ impl KiroFlow {
         now: DateTime<Utc>,
     ) -> Result<DeviceAuthorization, FlowError> {
         let (method, start_url, region) = self.target(request)?;
-        let base = self.base_url.replace("{region}", &region);
+        let base = self.base_for(&region).map_err(FlowError::Unrefreshable)?;
         let new = self.register(&base, now, &[]).await?;
         let secret = new.client_secret.expose();
         let secrets = [secret];
@@ -181,13 +184,10 @@ impl KiroFlow {
             return Poll::Failed("the login has no registered client".into());
         };
         let region = material.extra.region.as_deref().unwrap_or(&self.region);
-        if !valid_region(region) {
-            return Poll::Failed(client::scrub(
-                &format!("`{region}` is not an AWS region"),
-                &[],
-            ));
-        }
-        let base = self.base_url.replace("{region}", region);
+        let base = match self.base_for(region) {
+            Ok(base) => base,
+            Err(reason) => return Poll::Failed(reason),
+        };
         let device_code = material.device_code.expose();
         let client_secret = new.client_secret.expose();
         let secrets = [device_code, client_secret];
@@ -231,13 +231,7 @@ impl KiroFlow {
     ) -> Result<Refreshed, FlowError> {
         let refresh_token = super::refresh_token(material, "refresh token")?;
         let region = material.extra.region.as_deref().unwrap_or(&self.region);
-        if !valid_region(region) {
-            return Err(FlowError::Unrefreshable(client::scrub(
-                &format!("`{region}` is not an AWS region"),
-                &[],
-            )));
-        }
-        let base = self.base_url.replace("{region}", region);
+        let base = self.base_for(region).map_err(FlowError::Unrefreshable)?;
         let stored = material
             .extra
             .client_id
