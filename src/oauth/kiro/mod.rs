@@ -254,23 +254,21 @@ impl KiroFlow {
             .chain(material.access_token.as_ref().map(|s| s.expose()))
             .collect();
 
-        let (answer, registered) = match stored.filter(|_| fresh) {
-            Some((id, secret)) => {
-                let answer = self
-                    .token(&base, Client { id, secret }, refresh_token, &secrets)
-                    .await?;
-                let refused = !answer.status.is_success()
-                    && ErrorBody::read(&answer).error.as_deref() == Some("invalid_client");
-                if refused {
-                    let new = self.register(&base, now, &secrets).await?;
-                    let answer = self
-                        .token_with(&base, &new, refresh_token, &secrets)
-                        .await?;
-                    (answer, Some(new))
-                } else {
-                    (answer, None)
-                }
-            }
+        // The token call with the stored client when it is still good; without one, or when
+        // it is refused with `invalid_client`, with a client registered now (once).
+        let first = match stored.filter(|_| fresh) {
+            Some((id, secret)) => Some(
+                self.token(&base, Client { id, secret }, refresh_token, &secrets)
+                    .await?,
+            ),
+            None => None,
+        };
+        let refused = |answer: &Answer| {
+            !answer.status.is_success()
+                && ErrorBody::read(answer).error.as_deref() == Some("invalid_client")
+        };
+        let (answer, registered) = match first.filter(|answer| !refused(answer)) {
+            Some(answer) => (answer, None),
             None => {
                 let new = self.register(&base, now, &secrets).await?;
                 let answer = self
