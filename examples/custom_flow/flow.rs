@@ -140,13 +140,8 @@ fn read_tokens(
 ) -> Result<(Secret, Option<Secret>, DateTime<Utc>), FlowError> {
     let access_token = client::token(map, "access_token", secrets)?;
     let refresh_token = client::optional_token(map, "refresh_token", secrets)?;
-    let lifetime = client::seconds(map, "expires_in", secrets)?
-        .unwrap_or(client::DEFAULT_LIFETIME.num_seconds());
-    Ok((
-        access_token,
-        refresh_token,
-        client::expiry_in(now, lifetime),
-    ))
+    let expires_at = client::expiry_from(map, "expires_in", now, secrets)?;
+    Ok((access_token, refresh_token, expires_at))
 }
 
 /// The trait's methods return boxed futures (the trait is object-safe: the server holds

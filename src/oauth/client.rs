@@ -356,6 +356,19 @@ pub fn expiry_in(now: DateTime<Utc>, seconds: i64) -> DateTime<Utc> {
     now + TimeDelta::seconds(lifetime)
 }
 
+/// When a new token expires: `now` plus the lifetime in seconds an answer's `field` names
+/// ([`seconds`]), or [`DEFAULT_LIFETIME`] when it names none, within the bounds of
+/// [`expiry_in`].
+pub fn expiry_from(
+    map: &serde_json::Map<String, Value>,
+    field: &str,
+    now: DateTime<Utc>,
+    secrets: &[&str],
+) -> Result<DateTime<Utc>, FlowError> {
+    let lifetime = seconds(map, field, secrets)?.unwrap_or(DEFAULT_LIFETIME.num_seconds());
+    Ok(expiry_in(now, lifetime))
+}
+
 /// A unix time in seconds, within the same bounds as [`expiry_in`].
 pub fn expiry_at(now: DateTime<Utc>, unix_seconds: i64) -> DateTime<Utc> {
     expiry_in(now, unix_seconds.saturating_sub(now.timestamp()))

@@ -53,13 +53,12 @@ impl GrantFlow {
         }
         let map = client::json_object(&answer, &secrets)?;
         let access_token = client::token(&map, "access_token", &secrets)?;
-        let lifetime = client::seconds(&map, "expires_in", &secrets)?
-            .unwrap_or(client::DEFAULT_LIFETIME.num_seconds());
+        let expires_at = client::expiry_from(&map, "expires_in", now, &secrets)?;
         let rotated = client::optional_token(&map, "refresh_token", &secrets)?
             .filter(|t| t.expose() != refresh_token);
         Ok(Refreshed {
             access_token,
-            expires_at: client::expiry_in(now, lifetime),
+            expires_at,
             refresh_token: rotated,
             client: None,
             refresh_after: None,

@@ -208,12 +208,11 @@ impl KiroFlow {
         let tokens = (|| {
             let access_token = client::token(&map, "accessToken", &secrets)?;
             let refresh_token = client::token(&map, "refreshToken", &secrets)?;
-            let lifetime = client::seconds(&map, "expiresIn", &secrets)?
-                .unwrap_or(client::DEFAULT_LIFETIME.num_seconds());
+            let expires_at = client::expiry_from(&map, "expiresIn", now, &secrets)?;
             Ok::<_, FlowError>(LoginTokens {
                 access_token: Some(access_token),
                 refresh_token,
-                expires_at: Some(client::expiry_in(now, lifetime)),
+                expires_at: Some(expires_at),
                 account: None,
                 label: None,
             })
@@ -286,13 +285,12 @@ impl KiroFlow {
         }
         let map = client::json_object(&answer, &secrets)?;
         let access_token = client::token(&map, "accessToken", &secrets)?;
-        let lifetime = client::seconds(&map, "expiresIn", &secrets)?
-            .unwrap_or(client::DEFAULT_LIFETIME.num_seconds());
+        let expires_at = client::expiry_from(&map, "expiresIn", now, &secrets)?;
         let rotated = client::optional_token(&map, "refreshToken", &secrets)?
             .filter(|t| t.expose() != refresh_token);
         Ok(Refreshed {
             access_token,
-            expires_at: client::expiry_in(now, lifetime),
+            expires_at,
             refresh_token: rotated,
             client: registered,
             refresh_after: None,
