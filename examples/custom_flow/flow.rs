@@ -45,30 +45,6 @@ impl AcmeFlow {
         }
     }
 
-    /// POST `form` to `url`, and read the answer (at most 64 KiB). A failure to get an answer
-    /// is `Transient`; what the answer says is the caller's to read.
-    async fn post_form(
-        &self,
-        url: &str,
-        form: &[(&str, &str)],
-        secrets: &[&str],
-    ) -> Result<client::Answer, FlowError> {
-        let body = form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(form)
-            .finish();
-        let request = self
-            .http
-            .client()?
-            .post(url)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body(body);
-        client::send(request, secrets).await
-    }
-
     /// Step 1 of a login: ask for a device code and the user code to show.
     async fn start(&self, request: &LoginRequest) -> Result<DeviceAuthorization, FlowError> {
         // The start body's fields are Kiro's; Acme takes none.
@@ -78,7 +54,7 @@ impl AcmeFlow {
             ));
         }
         let form = [("client_id", self.client_id.as_str())];
-        let answer = self.post_form(&self.device_url, &form, &[]).await?;
+        let answer = self.http.post_form(&self.device_url, &form, &[]).await?;
         if let Some(failure) = device::start_failure(&answer, &[]) {
             return Err(failure);
         }
@@ -94,7 +70,7 @@ impl AcmeFlow {
             ("device_code", device_code),
             ("client_id", self.client_id.as_str()),
         ];
-        let answer = self.post_form(&self.token_url, &form, &secrets).await;
+        let answer = self.http.post_form(&self.token_url, &form, &secrets).await;
         // authorization_pending, slow_down, access_denied, expired_token, a 5xx...
         let map = match device::poll_answer(answer, "interval", &secrets) {
             Ok(map) => map,
@@ -134,7 +110,10 @@ impl AcmeFlow {
             ("refresh_token", refresh_token),
             ("client_id", self.client_id.as_str()),
         ];
-        let answer = self.post_form(&self.token_url, &form, &secrets).await?;
+        let answer = self
+            .http
+            .post_form(&self.token_url, &form, &secrets)
+            .await?;
         if !answer.status.is_success() {
             // invalid_grant or a 401: Rejected (the credential is expired); else Transient.
             return Err(client::failure(&answer, &secrets, false));
@@ -161,13 +140,8 @@ fn read_tokens(
 ) -> Result<(Secret, Option<Secret>, DateTime<Utc>), FlowError> {
     let access_token = client::token(map, "access_token", secrets)?;
     let refresh_token = client::optional_token(map, "refresh_token", secrets)?;
-    let lifetime = client::seconds(map, "expires_in", secrets)?
-        .unwrap_or(client::DEFAULT_LIFETIME.num_seconds());
-    Ok((
-        access_token,
-        refresh_token,
-        client::expiry_in(now, lifetime),
-    ))
+    let expires_at = client::expiry_from(map, "expires_in", now, secrets)?;
+    Ok((access_token, refresh_token, expires_at))
 }
 
 /// The trait's methods return boxed futures (the trait is object-safe: the server holds

@@ -83,6 +83,45 @@ impl Http {
             retry_after: None,
         })
     }
+
+    /// POST `pairs` to `url` as an `application/x-www-form-urlencoded` body (RFC 6749's and
+    /// RFC 8628's requests), asking for JSON, and read the answer as [`send`] does.
+    pub async fn post_form(
+        &self,
+        url: &str,
+        pairs: &[(&str, &str)],
+        secrets: &[&str],
+    ) -> Result<Answer, FlowError> {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish();
+        let request = self
+            .client()?
+            .post(url)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(body);
+        send(request, secrets).await
+    }
+
+    /// POST `body` to `url` as JSON, asking for JSON, and read the answer as [`send`] does.
+    pub async fn post_json(
+        &self,
+        url: &str,
+        body: &Value,
+        secrets: &[&str],
+    ) -> Result<Answer, FlowError> {
+        let request = self
+            .client()?
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(body.to_string());
+        send(request, secrets).await
+    }
 }
 
 /// A token endpoint's answer, read to at most [`MAX_ANSWER`] bytes.
@@ -315,6 +354,19 @@ pub fn seconds(
 pub fn expiry_in(now: DateTime<Utc>, seconds: i64) -> DateTime<Utc> {
     let lifetime = seconds.clamp(MIN_LIFETIME.num_seconds(), MAX_LIFETIME.num_seconds());
     now + TimeDelta::seconds(lifetime)
+}
+
+/// When a new token expires: `now` plus the lifetime in seconds an answer's `field` names
+/// ([`seconds`]), or [`DEFAULT_LIFETIME`] when it names none, within the bounds of
+/// [`expiry_in`].
+pub fn expiry_from(
+    map: &serde_json::Map<String, Value>,
+    field: &str,
+    now: DateTime<Utc>,
+    secrets: &[&str],
+) -> Result<DateTime<Utc>, FlowError> {
+    let lifetime = seconds(map, field, secrets)?.unwrap_or(DEFAULT_LIFETIME.num_seconds());
+    Ok(expiry_in(now, lifetime))
 }
 
 /// A unix time in seconds, within the same bounds as [`expiry_in`].

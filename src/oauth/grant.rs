@@ -33,43 +33,32 @@ impl GrantFlow {
             .into_iter()
             .flatten()
             .collect();
-        // Built before any await: the serializer is not `Send`.
-        let body = {
-            let mut form = form_urlencoded::Serializer::new(String::new());
-            form.append_pair("grant_type", "refresh_token")
-                .append_pair("refresh_token", refresh_token)
-                .append_pair("client_id", &self.settings.client_id);
-            if let Some(secret) = client_secret {
-                form.append_pair("client_secret", secret);
-            }
-            if let Some(scope) = &self.settings.scope {
-                form.append_pair("scope", scope);
-            }
-            form.finish()
-        };
-        let request = self
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+            ("client_id", self.settings.client_id.as_str()),
+        ];
+        if let Some(secret) = client_secret {
+            form.push(("client_secret", secret));
+        }
+        if let Some(scope) = &self.settings.scope {
+            form.push(("scope", scope));
+        }
+        let answer = self
             .http
-            .client()?
-            .post(&self.settings.token_url)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .header(reqwest::header::ACCEPT, "application/json")
-            .body(body);
-        let answer = client::send(request, &secrets).await?;
+            .post_form(&self.settings.token_url, &form, &secrets)
+            .await?;
         if !answer.status.is_success() {
             return Err(client::failure(&answer, &secrets, false));
         }
         let map = client::json_object(&answer, &secrets)?;
         let access_token = client::token(&map, "access_token", &secrets)?;
-        let lifetime = client::seconds(&map, "expires_in", &secrets)?
-            .unwrap_or(client::DEFAULT_LIFETIME.num_seconds());
+        let expires_at = client::expiry_from(&map, "expires_in", now, &secrets)?;
         let rotated = client::optional_token(&map, "refresh_token", &secrets)?
             .filter(|t| t.expose() != refresh_token);
         Ok(Refreshed {
             access_token,
-            expires_at: client::expiry_in(now, lifetime),
+            expires_at,
             refresh_token: rotated,
             client: None,
             refresh_after: None,

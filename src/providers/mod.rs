@@ -169,9 +169,15 @@ impl Provider {
     /// (copilot): under that base when the provider follows credentials' bases and the base
     /// still passes the allowlist, else `None` (the provider's own target).
     pub fn target_under(&self, api_base: &str, path: &str) -> Option<Target> {
-        let hosts = self.copilot.as_ref()?.follow_api_base.as_ref()?;
-        let base = hosts.check(api_base).ok()?;
+        let base = self.followed_base(api_base)?;
         Target::new(reqwest::Url::parse(&format!("{base}{path}")).ok()?)
+    }
+
+    /// `api_base` as checked by the allowlist, when the provider follows credentials' bases
+    /// and the allowlist still allows it.
+    fn followed_base(&self, api_base: &str) -> Option<String> {
+        let hosts = self.copilot.as_ref()?.follow_api_base.as_ref()?;
+        hosts.check(api_base).ok()
     }
 
     /// The base URL a lease holder calls with a credential whose stored API base is
@@ -179,14 +185,7 @@ impl Provider {
     /// provider's own.
     pub fn base_url_with(&self, api_base: Option<&str>) -> String {
         api_base
-            .and_then(|b| {
-                self.copilot
-                    .as_ref()?
-                    .follow_api_base
-                    .as_ref()?
-                    .check(b)
-                    .ok()
-            })
+            .and_then(|b| self.followed_base(b))
             .unwrap_or_else(|| self.base_url.clone())
     }
 

@@ -97,17 +97,7 @@ impl CopilotFlow {
             ("client_id", self.client_id.as_str()),
             ("scope", self.scope.as_str()),
         ];
-        let request = self
-            .http
-            .client()?
-            .post(&self.device_url)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body(form_body(&form));
-        let answer = client::send(request, &[]).await?;
+        let answer = self.http.post_form(&self.device_url, &form, &[]).await?;
         if let Some(failure) = device::start_failure(&answer, &[]) {
             return Err(failure);
         }
@@ -123,23 +113,8 @@ impl CopilotFlow {
             ("device_code", device_code),
             ("grant_type", device::GRANT_TYPE),
         ];
-        let client = match self.http.client() {
-            Ok(c) => c,
-            Err(e) => return Poll::Retry(e.reason().to_string()),
-        };
-        let request = client
-            .post(&self.poll_url)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body(form_body(&form));
-        let map = match device::poll_answer(
-            client::send(request, &secrets).await,
-            "interval",
-            &secrets,
-        ) {
+        let answer = self.http.post_form(&self.poll_url, &form, &secrets).await;
+        let map = match device::poll_answer(answer, "interval", &secrets) {
             Ok(map) => map,
             Err(poll) => return poll,
         };
@@ -297,12 +272,6 @@ fn read_user(answer: &client::Answer, secrets: &[&str]) -> Result<GithubUser, St
     })
 }
 
-/// `pairs` as an `application/x-www-form-urlencoded` body.
-fn form_body(pairs: &[(&str, &str)]) -> String {
-    form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(pairs)
-        .finish()
-}
 /// The longest `endpoints.api` read (a base URL; anything longer is not one).
 const MAX_API_URL: usize = 2048;
 

@@ -62,14 +62,6 @@ pub struct KiroFlow {
     start_url: String,
 }
 
-/// A region goes into a host name: nothing but `^[a-z0-9-]{1,32}$`.
-fn valid_region(region: &str) -> bool {
-    (1..=32).contains(&region.len())
-        && region
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 /// The client a token call presents: the stored one, or one just registered.
 struct Client<'m> {
     id: &'m str,
@@ -86,9 +78,26 @@ impl KiroFlow {
         }
     }
 
+    /// `oidc_base_url` in `region`, or why not: a region goes into a host name, so nothing
+    /// but `^[a-z0-9-]{1,32}$` is taken.
+    fn base_for(&self, region: &str) -> Result<String, String> {
+        let valid = (1..=32).contains(&region.len())
+            && region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            return Err(client::scrub(
+                &format!("`{region}` is not an AWS region"),
+                &[],
+            ));
+        }
+        Ok(self.base_url.replace("{region}", region))
+    }
+
     /// The method, start URL and region a login asks for, or `Unrefreshable` without a call:
     /// Builder ID takes the config's (and nothing from the request); Identity Center needs
-    /// an https start URL and takes a region of `^[a-z0-9-]{1,32}$` (the config's when none).
+    /// an https start URL and takes a region (the config's when none; [`KiroFlow::base_for`]
+    /// checks it).
     fn target(&self, request: &LoginRequest) -> Result<(AuthMethod, String, String), FlowError> {
         let method = request.method.unwrap_or(AuthMethod::BuilderId);
         let (start_url, region) = match method {
@@ -120,12 +129,6 @@ impl KiroFlow {
                 (start_url.to_string(), region.to_string())
             }
         };
-        if !valid_region(&region) {
-            return Err(FlowError::Unrefreshable(client::scrub(
-                &format!("`{region}` is not an AWS region"),
-                &[],
-            )));
-        }
         Ok((method, start_url, region))
     }
 
@@ -136,7 +139,7 @@ impl KiroFlow {
         now: DateTime<Utc>,
     ) -> Result<DeviceAuthorization, FlowError> {
         let (method, start_url, region) = self.target(request)?;
-        let base = self.base_url.replace("{region}", &region);
+        let base = self.base_for(&region).map_err(FlowError::Unrefreshable)?;
         let new = self.register(&base, now, &[]).await?;
         let secret = new.client_secret.expose();
         let secrets = [secret];
@@ -145,14 +148,10 @@ impl KiroFlow {
             "clientSecret": secret,
             "startUrl": start_url,
         });
-        let request = self
+        let answer = self
             .http
-            .client()?
-            .post(format!("{base}/device_authorization"))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "application/json")
-            .body(body.to_string());
-        let answer = client::send(request, &secrets).await?;
+            .post_json(&format!("{base}/device_authorization"), &body, &secrets)
+            .await?;
         if let Some(failure) = device::start_failure(&answer, &secrets) {
             let reason = format!("device authorization: {}", failure.reason());
             return Err(match failure {
@@ -185,13 +184,10 @@ impl KiroFlow {
             return Poll::Failed("the login has no registered client".into());
         };
         let region = material.extra.region.as_deref().unwrap_or(&self.region);
-        if !valid_region(region) {
-            return Poll::Failed(client::scrub(
-                &format!("`{region}` is not an AWS region"),
-                &[],
-            ));
-        }
-        let base = self.base_url.replace("{region}", region);
+        let base = match self.base_for(region) {
+            Ok(base) => base,
+            Err(reason) => return Poll::Failed(reason),
+        };
         let device_code = material.device_code.expose();
         let client_secret = new.client_secret.expose();
         let secrets = [device_code, client_secret];
@@ -201,16 +197,10 @@ impl KiroFlow {
             "grantType": device::GRANT_TYPE,
             "deviceCode": device_code,
         });
-        let http = match self.http.client() {
-            Ok(c) => c,
-            Err(e) => return Poll::Retry(e.reason().to_string()),
-        };
-        let request = http
-            .post(format!("{base}/token"))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "application/json")
-            .body(body.to_string());
-        let answer = client::send(request, &secrets).await;
+        let answer = self
+            .http
+            .post_json(&format!("{base}/token"), &body, &secrets)
+            .await;
         let map = match device::poll_answer(answer, "interval", &secrets) {
             Ok(map) => map,
             Err(poll) => return poll,
@@ -218,12 +208,11 @@ impl KiroFlow {
         let tokens = (|| {
             let access_token = client::token(&map, "accessToken", &secrets)?;
             let refresh_token = client::token(&map, "refreshToken", &secrets)?;
-            let lifetime = client::seconds(&map, "expiresIn", &secrets)?
-                .unwrap_or(client::DEFAULT_LIFETIME.num_seconds());
+            let expires_at = client::expiry_from(&map, "expiresIn", now, &secrets)?;
             Ok::<_, FlowError>(LoginTokens {
                 access_token: Some(access_token),
                 refresh_token,
-                expires_at: Some(client::expiry_in(now, lifetime)),
+                expires_at: Some(expires_at),
                 account: None,
                 label: None,
             })
@@ -241,13 +230,7 @@ impl KiroFlow {
     ) -> Result<Refreshed, FlowError> {
         let refresh_token = super::refresh_token(material, "refresh token")?;
         let region = material.extra.region.as_deref().unwrap_or(&self.region);
-        if !valid_region(region) {
-            return Err(FlowError::Unrefreshable(client::scrub(
-                &format!("`{region}` is not an AWS region"),
-                &[],
-            )));
-        }
-        let base = self.base_url.replace("{region}", region);
+        let base = self.base_for(region).map_err(FlowError::Unrefreshable)?;
         let stored = material
             .extra
             .client_id
@@ -270,23 +253,21 @@ impl KiroFlow {
             .chain(material.access_token.as_ref().map(|s| s.expose()))
             .collect();
 
-        let (answer, registered) = match stored.filter(|_| fresh) {
-            Some((id, secret)) => {
-                let answer = self
-                    .token(&base, Client { id, secret }, refresh_token, &secrets)
-                    .await?;
-                let refused = !answer.status.is_success()
-                    && ErrorBody::read(&answer).error.as_deref() == Some("invalid_client");
-                if refused {
-                    let new = self.register(&base, now, &secrets).await?;
-                    let answer = self
-                        .token_with(&base, &new, refresh_token, &secrets)
-                        .await?;
-                    (answer, Some(new))
-                } else {
-                    (answer, None)
-                }
-            }
+        // The token call with the stored client when it is still good; without one, or when
+        // it is refused with `invalid_client`, with a client registered now (once).
+        let first = match stored.filter(|_| fresh) {
+            Some((id, secret)) => Some(
+                self.token(&base, Client { id, secret }, refresh_token, &secrets)
+                    .await?,
+            ),
+            None => None,
+        };
+        let refused = |answer: &Answer| {
+            !answer.status.is_success()
+                && ErrorBody::read(answer).error.as_deref() == Some("invalid_client")
+        };
+        let (answer, registered) = match first.filter(|answer| !refused(answer)) {
+            Some(answer) => (answer, None),
             None => {
                 let new = self.register(&base, now, &secrets).await?;
                 let answer = self
@@ -304,13 +285,12 @@ impl KiroFlow {
         }
         let map = client::json_object(&answer, &secrets)?;
         let access_token = client::token(&map, "accessToken", &secrets)?;
-        let lifetime = client::seconds(&map, "expiresIn", &secrets)?
-            .unwrap_or(client::DEFAULT_LIFETIME.num_seconds());
+        let expires_at = client::expiry_from(&map, "expiresIn", now, &secrets)?;
         let rotated = client::optional_token(&map, "refreshToken", &secrets)?
             .filter(|t| t.expose() != refresh_token);
         Ok(Refreshed {
             access_token,
-            expires_at: client::expiry_in(now, lifetime),
+            expires_at,
             refresh_token: rotated,
             client: registered,
             refresh_after: None,
@@ -349,14 +329,9 @@ impl KiroFlow {
             "grantType": "refresh_token",
             "refreshToken": refresh_token,
         });
-        let request = self
-            .http
-            .client()?
-            .post(format!("{base}/token"))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "application/json")
-            .body(body.to_string());
-        client::send(request, secrets).await
+        self.http
+            .post_json(&format!("{base}/token"), &body, secrets)
+            .await
     }
 
     /// `POST {base}/client/register`: a new public client, or why not (a refusal is final:
@@ -373,14 +348,10 @@ impl KiroFlow {
             "scopes": SCOPES,
             "grantTypes": GRANT_TYPES,
         });
-        let request = self
+        let answer = self
             .http
-            .client()?
-            .post(format!("{base}/client/register"))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "application/json")
-            .body(body.to_string());
-        let answer = client::send(request, secrets).await?;
+            .post_json(&format!("{base}/client/register"), &body, secrets)
+            .await?;
         if !answer.status.is_success() {
             // A refusal (a 4xx but a timeout or a rate limit) is final: without a client the
             // credential cannot be refreshed.
