@@ -35,18 +35,12 @@ pub(super) async fn exchange(path: RequestPath, call: Call) -> Result<Forwarded,
             Err(PathError::Unavailable { .. }) if last_failure.is_some() => break,
             Err(e) => return Err(e),
         };
-        let sent = attempt(&path, &call, &target, &prepared, granted).await?;
-        let Some((held, answer, token)) = sent else {
+        let Some(sent) = attempt(&path, &call, &target, &prepared, granted).await? else {
             continue;
         };
-        if answer.status.is_success() {
-            return deliver(held, answer, &call, prepared.hide_usage_chunk).await;
+        if sent.answer.status.is_success() {
+            return deliver(sent.held, sent.answer, &call, prepared.hide_usage_chunk).await;
         }
-        let sent = Sent {
-            held,
-            answer,
-            token,
-        };
         let (failure, then) = read_failure(&path, &call, sent, &mut overloaded).await;
         match then {
             Then::Answer => return Ok(failure),
@@ -98,7 +92,7 @@ async fn attempt(
     target: &Target,
     prepared: &Prepared,
     granted: Granted,
-) -> Result<Option<(Held, Answer, Arc<Secret>)>, PathError> {
+) -> Result<Option<Sent>, PathError> {
     let Granted { held, token } = granted;
     let mut headers =
         match format::headers(call.provider.format, &call.pass_headers, token.expose()) {
@@ -128,7 +122,11 @@ async fn attempt(
         .post(target, headers, prepared.body.clone())
         .await
     {
-        Ok(answer) => Ok(Some((held, answer, token))),
+        Ok(answer) => Ok(Some(Sent {
+            held,
+            answer,
+            token,
+        })),
         Err(e) => {
             // Nothing reached the provider, or nothing came back by the deadline: the
             // provider's state, not the key's. Its other keys go to the same host, so
