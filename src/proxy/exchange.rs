@@ -7,11 +7,9 @@ use super::attempts::{Attempts, Granted, Then, after_failure};
 use super::settle::{Held, Tapped};
 use super::{AnswerBody, Call, Forwarded, PathError, RequestPath, TokenRenewal};
 use crate::crypto::Secret;
-use crate::providers::classify::Verdict;
 use crate::providers::exchange::{self as format, Prepared};
 use crate::providers::wire;
 use crate::upstream::{Answer, Target};
-use axum::http::StatusCode;
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -166,17 +164,15 @@ async fn read_failure(
     let format = call.provider.format;
     let verdict = (path.0.classify)(format, status, &headers, &body, path.now());
     let (mut mark, mut then) = after_failure(&verdict, overloaded, path.now());
-    if status == StatusCode::UNAUTHORIZED && matches!(verdict, Verdict::Invalid(_)) {
-        let name = &call.provider.name;
-        let rejected = crate::refresh::Rejected::Token(&token);
-        match path.renew_rejected(held.credential(), name, rejected).await {
-            TokenRenewal::Renewed => {
-                mark = None;
-                then = Then::TryAgain(held.credential().clone());
-            }
-            TokenRenewal::Unmarked => mark = None,
-            TokenRenewal::Not => {}
+    let (name, rejected) = (&call.provider.name, crate::refresh::Rejected::Token(&token));
+    let renewal = path.renew_rejected(status, &verdict, held.credential(), name, rejected);
+    match renewal.await {
+        TokenRenewal::Renewed => {
+            mark = None;
+            then = Then::TryAgain(held.credential().clone());
         }
+        TokenRenewal::Unmarked => mark = None,
+        TokenRenewal::Not => {}
     }
     held.give_back(mark, "").await;
     let failure = Forwarded {
