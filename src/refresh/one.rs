@@ -27,10 +27,8 @@ pub(super) async fn refresh(
             rejected: false,
         };
     };
-    match inner.store.claim_refresh(id, this.now(), CLAIM_TTL).await {
-        Ok(true) => {}
-        Ok(false) => return Outcome::Elsewhere,
-        Err(e) => return store_failure(id, "claiming it", &e),
+    if let Err(outcome) = claim(this, id).await {
+        return outcome;
     }
     let material = match inner.store.refresh_material(id).await {
         Ok(m) => m,
@@ -50,12 +48,10 @@ pub(super) async fn refresh(
         // The claim is taken afresh before every try after the first: a refresh with long
         // retries outlasts no claim, and one whose claim was taken over stops here, before
         // it sends a refresh token the other may have rotated.
-        if tried > 1 {
-            match inner.store.claim_refresh(id, this.now(), CLAIM_TTL).await {
-                Ok(true) => {}
-                Ok(false) => return Outcome::Elsewhere,
-                Err(e) => return store_failure(id, "claiming it", &e),
-            }
+        if tried > 1
+            && let Err(outcome) = claim(this, id).await
+        {
+            return outcome;
         }
         match flow.refresh(&material, this.now()).await {
             Err(FlowError::Transient {
@@ -221,6 +217,15 @@ fn failed(
         this.now(),
     );
     inner.notifier.send(event);
+}
+
+/// Take (or take afresh) the claim on `id`; the outcome to return when it cannot be had.
+async fn claim(this: &Refresher, id: &CredentialId) -> Result<(), Outcome> {
+    match this.0.store.claim_refresh(id, this.now(), CLAIM_TTL).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Outcome::Elsewhere),
+        Err(e) => Err(store_failure(id, "claiming it", &e)),
+    }
 }
 
 async fn release(this: &Refresher, id: &CredentialId) {
