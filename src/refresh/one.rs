@@ -124,17 +124,14 @@ async fn stored(
                 trigger.as_str(),
                 rfc3339(expires_at)
             );
-            inner
-                .auth_log
-                .record(&format!("credential {id} ({provider}) {reason}"));
-            let event = Event::new(
+            tell(
+                this,
                 EventKind::CredentialRefreshed,
-                provider.as_str(),
-                Some(id.as_str()),
-                reason,
-                this.now(),
+                id,
+                provider,
+                &reason,
+                &reason,
             );
-            inner.notifier.send(event);
             return Outcome::Refreshed { expires_at };
         }
         // Its tokens were replaced through the API or an import while it was refreshed (or,
@@ -169,17 +166,16 @@ async fn rejected(
     match inner.store.reject_refresh(id, &reason, this.now()).await {
         Err(crate::store::StoreError::NotFound) => return deleted(),
         Ok(true) => {
-            inner.auth_log.record(&format!(
-                "credential {id} ({provider}) marked expired: refresh refused: {reason}"
-            ));
-            let event = Event::new(
+            let refused = format!("refresh refused: {reason}");
+            let line = format!("marked expired: {refused}");
+            tell(
+                this,
                 EventKind::CredentialExpired,
-                provider.as_str(),
-                Some(id.as_str()),
-                format!("refresh refused: {reason}"),
-                this.now(),
+                id,
+                provider,
+                &line,
+                &refused,
             );
-            inner.notifier.send(event);
         }
         Ok(false) => {}
         Err(e) => {
@@ -203,14 +199,27 @@ fn failed(
     reason: &str,
     rejected: bool,
 ) {
-    let inner = &this.0;
     let what = if rejected { "refused" } else { "failed" };
-    inner.auth_log.record(&format!(
-        "credential {id} ({provider}) refresh {what} ({}): {reason}",
-        trigger.as_str()
-    ));
+    let line = format!("refresh {what} ({}): {reason}", trigger.as_str());
+    tell(this, EventKind::RefreshFailed, id, provider, &line, reason);
+}
+
+/// Tell of a refresh of `id`: `line` in the auth log after the credential's name, and a `kind`
+/// event saying `reason` to the webhooks.
+fn tell(
+    this: &Refresher,
+    kind: EventKind,
+    id: &CredentialId,
+    provider: &ProviderName,
+    line: &str,
+    reason: &str,
+) {
+    let inner = &this.0;
+    inner
+        .auth_log
+        .record(&format!("credential {id} ({provider}) {line}"));
     let event = Event::new(
-        EventKind::RefreshFailed,
+        kind,
         provider.as_str(),
         Some(id.as_str()),
         reason,
