@@ -5,7 +5,7 @@
 use super::error::ApiError;
 use super::extract::{Path, Query};
 use crate::domain::{ProviderName, rfc3339};
-use crate::refresh::{Manual, ManualError, Outcome};
+use crate::refresh::{Manual, ManualError, Outcome, tally};
 use crate::state::AppState;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -98,16 +98,14 @@ pub async fn refresh(
             id: id.as_ref(),
         })
         .await?;
-    let (mut refreshed, mut failed) = (0u64, 0u64);
+    let (refreshed, failed) = tally(results.iter().map(|r| &r.outcome));
     let results: Vec<Value> = results
         .iter()
         .map(|r| match &r.outcome {
             Outcome::Refreshed { expires_at } => {
-                refreshed += 1;
                 json!({"id": r.id, "status": "refreshed", "expires_at": rfc3339(*expires_at)})
             }
             Outcome::Failed { reason, rejected } => {
-                failed += 1;
                 json!({"id": r.id, "status": if *rejected { "expired" } else { "failed" }, "error": reason})
             }
             Outcome::Elsewhere => json!({

@@ -293,7 +293,7 @@ impl Logins {
     /// At start: end the pending sessions past their time `expired`, and poll the others again
     /// from their stored next poll. Returns how many pollers it started.
     pub async fn resume(&self) -> Result<usize, StoreError> {
-        self.cleanup(self.now()).await?;
+        self.prune(self.now()).await?;
         let mut started = 0;
         for session in self.0.store.pending_logins().await? {
             match self.login_flow(session.provider.as_str()) {
@@ -320,6 +320,20 @@ impl Logins {
     /// more than [`FINISHED_KEPT`] ago are deleted; a pending session nobody polls gets its
     /// poller.
     pub async fn cleanup(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.prune(now).await?;
+        // A pending session without a poller (its start was cancelled between storing it and
+        // spawning the poller) gets one; `spawn` leaves a polled session alone.
+        for session in self.0.store.pending_logins().await? {
+            if let Ok(flow) = self.login_flow(session.provider.as_str()) {
+                self.spawn(&session, flow, session.next_poll_at);
+            }
+        }
+        Ok(())
+    }
+
+    /// Pending sessions past their time at `now` end `expired`; sessions ended more than
+    /// [`FINISHED_KEPT`] ago are deleted.
+    async fn prune(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
         let kept = chrono::TimeDelta::from_std(FINISHED_KEPT).unwrap_or_default();
         let before = now.checked_sub_signed(kept).unwrap_or(now);
         let (expired, deleted) = self.0.store.prune_logins(now, before).await?;
@@ -330,13 +344,6 @@ impl Logins {
         }
         if deleted > 0 {
             tracing::debug!(deleted, "deleted ended logins");
-        }
-        // A pending session without a poller (its start was cancelled between storing it and
-        // spawning the poller) gets one; `spawn` leaves a polled session alone.
-        for session in self.0.store.pending_logins().await? {
-            if let Ok(flow) = self.login_flow(session.provider.as_str()) {
-                self.spawn(&session, flow, session.next_poll_at);
-            }
         }
         Ok(())
     }

@@ -7,11 +7,9 @@ use super::attempts::{Attempts, Granted, Then, after_failure};
 use super::settle::{Held, Tapped};
 use super::{AnswerBody, Call, Forwarded, PathError, RequestPath, TokenRenewal};
 use crate::crypto::Secret;
-use crate::providers::classify::Verdict;
 use crate::providers::exchange::{self as format, Prepared};
 use crate::providers::wire;
 use crate::upstream::{Answer, Target};
-use axum::http::StatusCode;
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -35,18 +33,12 @@ pub(super) async fn exchange(path: RequestPath, call: Call) -> Result<Forwarded,
             Err(PathError::Unavailable { .. }) if last_failure.is_some() => break,
             Err(e) => return Err(e),
         };
-        let sent = attempt(&path, &call, &target, &prepared, granted).await?;
-        let Some((held, answer, token)) = sent else {
+        let Some(sent) = attempt(&path, &call, &target, &prepared, granted).await? else {
             continue;
         };
-        if answer.status.is_success() {
-            return deliver(held, answer, &call, prepared.hide_usage_chunk).await;
+        if sent.answer.status.is_success() {
+            return deliver(sent.held, sent.answer, &call, prepared.hide_usage_chunk).await;
         }
-        let sent = Sent {
-            held,
-            answer,
-            token,
-        };
         let (failure, then) = read_failure(&path, &call, sent, &mut overloaded).await;
         match then {
             Then::Answer => return Ok(failure),
@@ -98,7 +90,7 @@ async fn attempt(
     target: &Target,
     prepared: &Prepared,
     granted: Granted,
-) -> Result<Option<(Held, Answer, Arc<Secret>)>, PathError> {
+) -> Result<Option<Sent>, PathError> {
     let Granted { held, token } = granted;
     let mut headers =
         match format::headers(call.provider.format, &call.pass_headers, token.expose()) {
@@ -128,7 +120,11 @@ async fn attempt(
         .post(target, headers, prepared.body.clone())
         .await
     {
-        Ok(answer) => Ok(Some((held, answer, token))),
+        Ok(answer) => Ok(Some(Sent {
+            held,
+            answer,
+            token,
+        })),
         Err(e) => {
             // Nothing reached the provider, or nothing came back by the deadline: the
             // provider's state, not the key's. Its other keys go to the same host, so
@@ -168,17 +164,15 @@ async fn read_failure(
     let format = call.provider.format;
     let verdict = (path.0.classify)(format, status, &headers, &body, path.now());
     let (mut mark, mut then) = after_failure(&verdict, overloaded, path.now());
-    if status == StatusCode::UNAUTHORIZED && matches!(verdict, Verdict::Invalid(_)) {
-        let name = &call.provider.name;
-        let rejected = crate::refresh::Rejected::Token(&token);
-        match path.renew_rejected(held.credential(), name, rejected).await {
-            TokenRenewal::Renewed => {
-                mark = None;
-                then = Then::TryAgain(held.credential().clone());
-            }
-            TokenRenewal::Unmarked => mark = None,
-            TokenRenewal::Not => {}
+    let (name, rejected) = (&call.provider.name, crate::refresh::Rejected::Token(&token));
+    let renewal = path.renew_rejected(status, &verdict, held.credential(), name, rejected);
+    match renewal.await {
+        TokenRenewal::Renewed => {
+            mark = None;
+            then = Then::TryAgain(held.credential().clone());
         }
+        TokenRenewal::Unmarked => mark = None,
+        TokenRenewal::Not => {}
     }
     held.give_back(mark, "").await;
     let failure = Forwarded {

@@ -10,7 +10,6 @@ use super::settle::Held;
 use super::{PathError, RequestPath};
 use crate::crypto::Secret;
 use crate::domain::{CredentialId, ReservationId};
-use crate::providers::classify::Verdict;
 use crate::providers::wire::Usage;
 use crate::providers::{Format, Provider};
 use crate::quota::RequestTokens;
@@ -194,14 +193,12 @@ impl RequestPath {
             // a 401 on an OAuth credential refreshes it instead (the application renews its
             // lease for the new token).
             let mut mark = mark_for(&verdict, now);
-            if status == StatusCode::UNAUTHORIZED && matches!(verdict, Verdict::Invalid(_)) {
-                let rejected = crate::refresh::Rejected::HeldAt(token_at);
-                let renewal = self
-                    .renew_rejected(held.credential(), &provider, rejected)
-                    .await;
-                if renewal != super::TokenRenewal::Not {
-                    mark = None;
-                }
+            let rejected = crate::refresh::Rejected::HeldAt(token_at);
+            let renewal = self
+                .renew_rejected(status, &verdict, held.credential(), &provider, rejected)
+                .await;
+            if renewal != super::TokenRenewal::Not {
+                mark = None;
             }
             held.release(mark, " by a lease report").await?;
             return Ok(Reported::Released);

@@ -224,15 +224,20 @@ impl RequestPath {
         }
     }
 
-    /// A provider answered 401 to `rejected`, a token of `credential`: have the refresh
-    /// service renew it (see [`TokenRenewal`]).
+    /// A provider answered `status` with `verdict` to `rejected`, a token of `credential`:
+    /// when that is a 401 that rejects the token, have the refresh service renew it (see
+    /// [`TokenRenewal`]); any other failure is [`TokenRenewal::Not`].
     async fn renew_rejected(
         &self,
+        status: StatusCode,
+        verdict: &Verdict,
         credential: &CredentialId,
         provider: &ProviderName,
         rejected: crate::refresh::Rejected<'_>,
     ) -> TokenRenewal {
-        let Some(refresher) = &self.0.refresher else {
+        let token_rejected =
+            status == StatusCode::UNAUTHORIZED && matches!(verdict, Verdict::Invalid(_));
+        let Some(refresher) = self.0.refresher.as_ref().filter(|_| token_rejected) else {
             return TokenRenewal::Not;
         };
         use crate::refresh::Renewed;

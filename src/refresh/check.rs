@@ -60,7 +60,7 @@ pub struct Status {
 
 /// How many of `outcomes` count as refreshed and as failed (a credential another process
 /// refreshes is neither).
-fn tally<'a>(outcomes: impl IntoIterator<Item = &'a Outcome>) -> (u64, u64) {
+pub fn tally<'a>(outcomes: impl IntoIterator<Item = &'a Outcome>) -> (u64, u64) {
     outcomes
         .into_iter()
         .fold((0, 0), |(ok, failed), o| match o {

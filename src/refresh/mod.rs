@@ -22,7 +22,7 @@
 mod check;
 mod one;
 
-pub use check::{Manual, ManualError, ManualResult, Status};
+pub use check::{Manual, ManualError, ManualResult, Status, tally};
 
 use crate::config::Config;
 use crate::crypto::Secret;

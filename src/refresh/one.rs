@@ -27,10 +27,8 @@ pub(super) async fn refresh(
             rejected: false,
         };
     };
-    match inner.store.claim_refresh(id, this.now(), CLAIM_TTL).await {
-        Ok(true) => {}
-        Ok(false) => return Outcome::Elsewhere,
-        Err(e) => return store_failure(id, "claiming it", &e),
+    if let Err(outcome) = claim(this, id).await {
+        return outcome;
     }
     let material = match inner.store.refresh_material(id).await {
         Ok(m) => m,
@@ -50,12 +48,10 @@ pub(super) async fn refresh(
         // The claim is taken afresh before every try after the first: a refresh with long
         // retries outlasts no claim, and one whose claim was taken over stops here, before
         // it sends a refresh token the other may have rotated.
-        if tried > 1 {
-            match inner.store.claim_refresh(id, this.now(), CLAIM_TTL).await {
-                Ok(true) => {}
-                Ok(false) => return Outcome::Elsewhere,
-                Err(e) => return store_failure(id, "claiming it", &e),
-            }
+        if tried > 1
+            && let Err(outcome) = claim(this, id).await
+        {
+            return outcome;
         }
         match flow.refresh(&material, this.now()).await {
             Err(FlowError::Transient {
@@ -128,17 +124,14 @@ async fn stored(
                 trigger.as_str(),
                 rfc3339(expires_at)
             );
-            inner
-                .auth_log
-                .record(&format!("credential {id} ({provider}) {reason}"));
-            let event = Event::new(
+            tell(
+                this,
                 EventKind::CredentialRefreshed,
-                provider.as_str(),
-                Some(id.as_str()),
-                reason,
-                this.now(),
+                id,
+                provider,
+                &reason,
+                &reason,
             );
-            inner.notifier.send(event);
             return Outcome::Refreshed { expires_at };
         }
         // Its tokens were replaced through the API or an import while it was refreshed (or,
@@ -173,17 +166,16 @@ async fn rejected(
     match inner.store.reject_refresh(id, &reason, this.now()).await {
         Err(crate::store::StoreError::NotFound) => return deleted(),
         Ok(true) => {
-            inner.auth_log.record(&format!(
-                "credential {id} ({provider}) marked expired: refresh refused: {reason}"
-            ));
-            let event = Event::new(
+            let refused = format!("refresh refused: {reason}");
+            let line = format!("marked expired: {refused}");
+            tell(
+                this,
                 EventKind::CredentialExpired,
-                provider.as_str(),
-                Some(id.as_str()),
-                format!("refresh refused: {reason}"),
-                this.now(),
+                id,
+                provider,
+                &line,
+                &refused,
             );
-            inner.notifier.send(event);
         }
         Ok(false) => {}
         Err(e) => {
@@ -207,20 +199,42 @@ fn failed(
     reason: &str,
     rejected: bool,
 ) {
-    let inner = &this.0;
     let what = if rejected { "refused" } else { "failed" };
-    inner.auth_log.record(&format!(
-        "credential {id} ({provider}) refresh {what} ({}): {reason}",
-        trigger.as_str()
-    ));
+    let line = format!("refresh {what} ({}): {reason}", trigger.as_str());
+    tell(this, EventKind::RefreshFailed, id, provider, &line, reason);
+}
+
+/// Tell of a refresh of `id`: `line` in the auth log after the credential's name, and a `kind`
+/// event saying `reason` to the webhooks.
+fn tell(
+    this: &Refresher,
+    kind: EventKind,
+    id: &CredentialId,
+    provider: &ProviderName,
+    line: &str,
+    reason: &str,
+) {
+    let inner = &this.0;
+    inner
+        .auth_log
+        .record(&format!("credential {id} ({provider}) {line}"));
     let event = Event::new(
-        EventKind::RefreshFailed,
+        kind,
         provider.as_str(),
         Some(id.as_str()),
         reason,
         this.now(),
     );
     inner.notifier.send(event);
+}
+
+/// Take (or take afresh) the claim on `id`; the outcome to return when it cannot be had.
+async fn claim(this: &Refresher, id: &CredentialId) -> Result<(), Outcome> {
+    match this.0.store.claim_refresh(id, this.now(), CLAIM_TTL).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Outcome::Elsewhere),
+        Err(e) => Err(store_failure(id, "claiming it", &e)),
+    }
 }
 
 async fn release(this: &Refresher, id: &CredentialId) {
