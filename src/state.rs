@@ -15,8 +15,7 @@ use chrono::{DateTime, Utc};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// The clock the application reads; tests may replace it.
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+pub use crate::domain::Clock;
 
 /// What the handlers and the commands share (the request path holds its own handles to the
 /// same store, registry, auth log and clock).

@@ -17,6 +17,10 @@ use crate::crypto::{Fingerprinter, Secret};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+/// What the application reads as now: one clock for the state, the request path, the
+/// refresher and the logins; tests replace it.
+pub type Clock = std::sync::Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CredentialKind {

@@ -32,7 +32,7 @@ impl Actor {
     }
 }
 
-fn known_provider(state: &AppState, provider: &str) -> AppResult<()> {
+pub(super) fn known_provider(state: &AppState, provider: &str) -> AppResult<()> {
     if state.registry.contains(provider) {
         Ok(())
     } else {

@@ -161,9 +161,7 @@ pub async fn status(
     Path(provider): Path<String>,
     Query(q): Query<StatusQuery>,
 ) -> AppResult<axum::Json<Value>> {
-    if !state.registry.contains(&provider) {
-        return Err(ApiError::unknown_provider(&provider));
-    }
+    super::management::known_provider(&state, &provider)?;
     let Some(s) = state.logins.status(&provider, &q.session).await? else {
         return Err(ApiError::not_found(
             "session_not_found",

@@ -83,9 +83,7 @@ pub async fn refresh(
     Path(provider): Path<String>,
     Query(q): Query<RefreshQuery>,
 ) -> AppResult<axum::Json<Value>> {
-    if !state.registry.contains(&provider) {
-        return Err(ApiError::unknown_provider(&provider));
-    }
+    super::management::known_provider(&state, &provider)?;
     let provider = ProviderName::from(provider);
     let id = match q.id.filter(|k| !k.is_empty()) {
         Some(key) => Some(state.store.resolve(&provider, &key).await?),

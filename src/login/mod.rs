@@ -14,9 +14,9 @@
 
 mod poll;
 
-use crate::domain::ProviderName;
 use crate::domain::login::{DeviceAuthorization, LoginRequest};
 use crate::domain::refresh::FlowError;
+use crate::domain::{Clock, ProviderName};
 use crate::events::AuthLog;
 use crate::oauth::{Flows, OauthFlow};
 use crate::providers::Registry;
@@ -46,9 +46,6 @@ pub const STOP_GRACE: Duration = Duration::from_secs(15);
 /// How long a login waits for the first refresh of a credential stored without an access
 /// token (copilot) before it reports success; the refresh goes on in its own task.
 pub const FIRST_REFRESH_PATIENCE: Duration = Duration::from_secs(10);
-
-/// What the application reads as now (the state's clock; tests set it).
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
 /// Why a login did not start.
 #[derive(Debug, thiserror::Error)]

@@ -27,7 +27,7 @@ pub use check::{Manual, ManualError, ManualResult, Status, tally};
 use crate::config::Config;
 use crate::crypto::Secret;
 use crate::domain::refresh::RefreshTrigger;
-use crate::domain::{CredentialId, ProviderName};
+use crate::domain::{Clock, CredentialId, ProviderName};
 use crate::events::AuthLog;
 use crate::notify::Notifier;
 use crate::oauth::Flows;
@@ -119,9 +119,6 @@ pub const REJECTED_GAP: Duration = Duration::from_secs(60);
 /// How long a request whose token was rejected waits for the refresh before it moves on (it
 /// holds its reservation meanwhile).
 pub const REJECTED_PATIENCE: Duration = Duration::from_secs(10);
-
-/// What the application reads as now (the state's clock; tests set it).
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
 /// Removes a flight's entry when its task ends.
 struct Landed<'a>(&'a Refresher, &'a CredentialId);
