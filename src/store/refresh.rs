@@ -417,10 +417,10 @@ impl Store {
         // The client's id and its secret's expiry, and copilot's API base, join the other
         // extra fields, kept as they are (read as a JSON object, so a field this version does
         // not know is not lost). An API base the answer no longer names is removed.
-        let stale_base = current.extra.contains("\"api_base\"");
+        let mut extra: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&current.extra).unwrap_or_default();
+        let stale_base = extra.contains_key("api_base");
         let extra = if refreshed.client.is_some() || refreshed.api_base.is_some() || stale_base {
-            let mut extra: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_str(&current.extra).unwrap_or_default();
             if let Some(client) = &refreshed.client {
                 extra.insert("client_id".into(), json!(client.client_id));
                 match client.client_secret_expires_at {
