@@ -151,6 +151,23 @@ fn shown_ok(auth: &DeviceAuthorization) -> bool {
             .is_none_or(web_url)
 }
 
+/// The most a flow's non-secret extra fields may take, as JSON.
+const MAX_EXTRA_JSON: usize = 8 * 1024;
+
+/// Whether what a session keeps of `auth` is within bounds: a device code (not empty) as the
+/// built-in flows read one, a client's id and secret as long as a token, the extra fields.
+fn stored_ok(auth: &DeviceAuthorization) -> bool {
+    use crate::oauth::client::MAX_TOKEN;
+    use crate::oauth::device::MAX_DEVICE_CODE;
+    let code = auth.device_code.expose();
+    !code.is_empty()
+        && code.len() <= MAX_DEVICE_CODE
+        && auth.client.as_ref().is_none_or(|c| {
+            c.client_id.len() <= MAX_TOKEN && c.client_secret.expose().len() <= MAX_TOKEN
+        })
+        && serde_json::to_string(&auth.extra).is_ok_and(|j| j.len() <= MAX_EXTRA_JSON)
+}
+
 /// `now + d`, saturating (the waits are bounded; nothing here may panic).
 fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     chrono::TimeDelta::from_std(d)
@@ -227,12 +244,20 @@ impl Logins {
         auth.interval = bound_interval(auth.interval);
         auth.expires_in = auth.expires_in.clamp(MIN_EXPIRES_IN, MAX_EXPIRES_IN);
         // What the user is shown, checked again whatever flow answered (one an embedding
-        // program registers included): a code of printable ASCII, links the user may open.
+        // program registers included): a code of printable ASCII, links the user may open;
+        // and what is stored, within the bounds the built-in flows read it with.
         if !shown_ok(&auth) {
             return Err(LoginError::Refused(
                 "the flow's device authorization has a user code or verification link that \
                  cannot be shown (printable ASCII up to 64 characters; https:// links without \
                  a user or password)"
+                    .into(),
+            ));
+        }
+        if !stored_ok(&auth) {
+            return Err(LoginError::Refused(
+                "the flow's device authorization is too large to keep (a device code of at \
+                 most 4 KiB, a client of at most 32 KiB, extra fields of at most 8 KiB)"
                     .into(),
             ));
         }

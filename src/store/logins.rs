@@ -15,7 +15,8 @@ use std::time::Duration;
 
 /// The most characters of a session's message kept: what a provider says is bounded.
 pub const MAX_LOGIN_MESSAGE: usize = 300;
-/// The longest user code, verification link or extra fields a session keeps.
+/// The longest user code, verification link or client id a session keeps (the login service
+/// bounds the device code, the client and the extra fields before they get here).
 const MAX_FIELD: usize = 2048;
 
 /// Where a login stands.

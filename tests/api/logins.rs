@@ -54,6 +54,8 @@ struct Fake {
     start_delay: Mutex<Duration>,
     /// The user code and verification link a start answers.
     shown: Mutex<(String, String)>,
+    /// The device code a start answers, instead of the numbered one.
+    device_code_override: Mutex<Option<String>>,
 }
 
 impl Fake {
@@ -72,6 +74,7 @@ impl Fake {
             refuse_refresh: std::sync::atomic::AtomicBool::new(false),
             start_delay: Mutex::new(Duration::ZERO),
             shown: Mutex::new((String::new(), "https://github.example/login/device".into())),
+            device_code_override: Mutex::new(None),
         })
     }
 
@@ -171,7 +174,13 @@ impl OauthFlow for Fake {
             let delay = *self.start_delay.lock().unwrap();
             tokio::time::sleep(delay).await;
             Ok(DeviceAuthorization {
-                device_code: Secret::new(self.device_code(n)),
+                device_code: Secret::new(
+                    self.device_code_override
+                        .lock()
+                        .unwrap()
+                        .clone()
+                        .unwrap_or_else(|| self.device_code(n)),
+                ),
                 user_code: {
                     let code = self.shown.lock().unwrap().0.clone();
                     if code.is_empty() {
@@ -574,6 +583,16 @@ async fn status_and_start_errors() {
         assert_eq!(r.json()["verification_uri"], link);
     }
     shown("", "https://github.example/login/device");
+    // What a session keeps is bounded whatever the flow: a device code up to 4 KiB.
+    for (len, want) in [(0, 502), (4097, 502), (1 << 20, 502), (4096, 200), (1, 200)] {
+        *fake.device_code_override.lock().unwrap() = Some("d".repeat(len));
+        let r = app.call("POST", "/v0/oauth/copilot/start", None).await;
+        assert_eq!(r.status, want, "a device code of {len}: {}", r.text);
+        if want != 200 {
+            assert_eq!(r.error_code(), "login_refused");
+        }
+    }
+    *fake.device_code_override.lock().unwrap() = None;
     // An empty object is no body.
     *fake.start_error.lock().unwrap() = None;
     let r = app
@@ -734,7 +753,19 @@ async fn a_login_pending_when_encryption_is_turned_on_is_sealed_and_goes_on() {
     let fake = Fake::new(1, "turnon");
     let app = start(&home, &fake).await;
     let session = login(&app).await["session"].as_str().unwrap().to_string();
+    let broken = login(&app).await["session"].as_str().unwrap().to_string();
     app.stop().await;
+    // A second pending login's code, stored in clear, no longer reads (not UTF-8): the start
+    // goes on all the same, and that login ends `error`.
+    let db = rusqlite::Connection::open(home.path().join("data/cliproxy.db")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE oauth_sessions SET device_code_sealed = ?1 WHERE id = ?2",
+            rusqlite::params![vec![0u8, 0xff, 0xfe], broken],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
     // Encryption turned on while the login was pending: its code, stored in clear, is sealed
     // at the start like every secret, and polling goes on with it.
     let key = EncryptionKey::generate_base64();
@@ -751,6 +782,8 @@ async fn a_login_pending_when_encryption_is_turned_on_is_sealed_and_goes_on() {
     assert_eq!(s["status"], "success", "{s}");
     assert!(fake.polls().iter().all(|(_, c)| *c == code));
     assert_eq!(app.auths().await.len(), 1);
+    let s = ended(&app, &broken).await;
+    assert_eq!(s["status"], "error", "{s}");
     app.stop().await;
 }
 
